@@ -1,0 +1,1 @@
+//! pgoutput (the built-in logical replication output plugin) decoder.

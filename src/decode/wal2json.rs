@@ -1,0 +1,1 @@
+//! wal2json format-version 2 decoder.

@@ -1,0 +1,24 @@
+//! walbridge: PostgreSQL active-active replication.
+//!
+//! Every node's changes are read from a logical replication slot (pgoutput or wal2json) or,
+//! where logical decoding is unavailable, from a trigger-fed change table, decoded into one
+//! event model ([`event`]) and applied to every peer under a replication origin, so nothing
+//! echoes back and progress commits atomically with the data.
+//!
+//! ```text
+//!   node A ──slot──▶ protocol ──▶ decode ──▶ apply ──origin──▶ node B
+//!   node B ──slot──▶ protocol ──▶ decode ──▶ apply ──origin──▶ node A
+//! ```
+//!
+//! The binary (`walbridge`) is a thin shell over [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod dsn;
+pub mod event;
+pub mod localpg;
+pub mod lsn;
+pub mod protocol;
+pub mod telemetry;
+pub mod tls;

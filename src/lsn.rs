@@ -1,0 +1,183 @@
+//! WAL positions and PostgreSQL timestamps, the two coordinates every replication message carries.
+//!
+//! An [`Lsn`] is a byte offset into the write-ahead log. PostgreSQL prints it as two hex halves,
+//! `16/B374D848`; walbridge parses and prints that form everywhere (config, logs, `tail`).
+//!
+//! A [`PgTimestamp`] is what the wire protocol and the catalogs use: microseconds since
+//! 2000-01-01 00:00:00 UTC. Keeping the raw integer means commit times pass from the source's
+//! Begin message to `pg_replication_origin_xact_setup` on the target without any rounding.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+/// A position in the write-ahead log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// The invalid position `0/0`, which the protocol uses for "none" or "from the slot's start".
+    pub const ZERO: Lsn = Lsn(0);
+
+    /// True for `0/0`.
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Bytes from `self` forward to `later`, zero when `later` is not ahead.
+    pub fn bytes_until(self, later: Lsn) -> u64 {
+        later.0.saturating_sub(self.0)
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// The text was not an LSN of the form `XXXXXXXX/XXXXXXXX`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an LSN; expected two hexadecimal halves like 0/16B3748")]
+pub struct ParseLsnError(pub String);
+
+impl FromStr for Lsn {
+    type Err = ParseLsnError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseLsnError(s.to_string());
+        let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
+        if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
+            return Err(bad());
+        }
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
+
+/// A PostgreSQL `timestamptz` as it travels on the wire: microseconds since 2000-01-01 UTC.
+///
+/// `i64::MAX` / `i64::MIN` are PostgreSQL's `infinity` / `-infinity`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PgTimestamp(pub i64);
+
+impl PgTimestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        Self::from_datetime(Utc::now())
+    }
+
+    /// Converts from a chrono UTC time.
+    pub fn from_datetime(t: DateTime<Utc>) -> Self {
+        PgTimestamp(t.timestamp_micros() - PG_EPOCH_OFFSET_MICROS)
+    }
+
+    /// Converts to a chrono UTC time; `None` for the infinities or out-of-range values.
+    pub fn to_datetime(self) -> Option<DateTime<Utc>> {
+        if self.0 == i64::MAX || self.0 == i64::MIN {
+            return None;
+        }
+        DateTime::<Utc>::from_timestamp_micros(self.0.checked_add(PG_EPOCH_OFFSET_MICROS)?)
+    }
+
+    /// Seconds from `self` to `later` (negative when `later` is earlier).
+    pub fn seconds_until(self, later: PgTimestamp) -> f64 {
+        (later.0 as f64 - self.0 as f64) / 1_000_000.0
+    }
+
+    /// Parses PostgreSQL's ISO output (`2026-11-21 10:00:00.123456+00`, `+05:30`, `infinity`),
+    /// and RFC 3339 (`2026-11-21T10:00:00Z`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "infinity" => return Some(PgTimestamp(i64::MAX)),
+            "-infinity" => return Some(PgTimestamp(i64::MIN)),
+            _ => {}
+        }
+        let s = s.trim();
+        if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+            return Some(Self::from_datetime(t.with_timezone(&Utc)));
+        }
+        // PostgreSQL prints offsets as +HH, +HH:MM or +HH:MM:SS; normalise to +HH:MM:SS.
+        let split = s.rfind(['+', '-']).filter(|&i| i > 10)?;
+        let (local, offset) = s.split_at(split);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let mut parts = offset[1..].split(':');
+        let hours: i64 = parts.next()?.parse().ok()?;
+        let minutes: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+        let seconds: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+        let local = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").ok()?;
+        let utc = local.and_utc().timestamp_micros()
+            - sign * (hours * 3600 + minutes * 60 + seconds) * 1_000_000;
+        Some(PgTimestamp(utc - PG_EPOCH_OFFSET_MICROS))
+    }
+}
+
+impl fmt::Display for PgTimestamp {
+    /// RFC 3339 in UTC with microseconds, or `infinity` / `-infinity`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            i64::MAX => f.write_str("infinity"),
+            i64::MIN => f.write_str("-infinity"),
+            _ => match self.to_datetime() {
+                Some(t) => write!(f, "{}", t.format("%Y-%m-%dT%H:%M:%S%.6fZ")),
+                None => write!(f, "{}", self.0),
+            },
+        }
+    }
+}
+
+impl serde::Serialize for PgTimestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips_through_text() {
+        for text in ["0/0", "0/16B3748", "16/B374D848", "FFFFFFFF/FFFFFFFF"] {
+            let lsn: Lsn = text.parse().unwrap();
+            assert_eq!(lsn.to_string(), text);
+        }
+        assert_eq!("16/B374D848".parse::<Lsn>().unwrap().0, 0x16_B374_D848);
+    }
+
+    #[test]
+    fn lsn_rejects_garbage() {
+        for text in ["", "/", "0/", "/0", "12345", "G/0", "123456789/0"] {
+            assert!(text.parse::<Lsn>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn timestamp_parses_postgres_iso_output() {
+        let t = PgTimestamp::parse("2000-01-01 00:00:01.5+00").unwrap();
+        assert_eq!(t.0, 1_500_000);
+        let t = PgTimestamp::parse("2000-01-01 05:30:00+05:30").unwrap();
+        assert_eq!(t.0, 0);
+        let t = PgTimestamp::parse("1999-12-31 19:00:00-05").unwrap();
+        assert_eq!(t.0, 0);
+        assert_eq!(PgTimestamp::parse("infinity").unwrap().0, i64::MAX);
+    }
+
+    #[test]
+    fn timestamp_displays_rfc3339_utc() {
+        assert_eq!(PgTimestamp(1_500_000).to_string(), "2000-01-01T00:00:01.500000Z");
+        let now = PgTimestamp::now();
+        assert_eq!(PgTimestamp::parse(&now.to_string()), Some(now));
+    }
+}
