@@ -1,1 +1,3 @@
 //! Integration tests against real PostgreSQL clusters.
+
+mod cli;
