@@ -19,6 +19,7 @@ pub mod dsn;
 pub mod event;
 pub mod localpg;
 pub mod lsn;
+pub mod pgconn;
 pub mod protocol;
 pub mod telemetry;
 pub mod tls;
