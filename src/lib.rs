@@ -12,6 +12,7 @@
 //!
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod decode;

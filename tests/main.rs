@@ -1,1 +1,5 @@
-//! Integration tests against real PostgreSQL clusters.
+//! Integration tests against real PostgreSQL clusters; one binary, one module per area.
+
+mod support;
+
+mod localpg;
