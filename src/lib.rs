@@ -12,6 +12,7 @@
 //!
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod decode;
@@ -19,6 +20,7 @@ pub mod dsn;
 pub mod event;
 pub mod localpg;
 pub mod lsn;
+pub mod pgconn;
 pub mod protocol;
 pub mod telemetry;
 pub mod tls;

@@ -1,1 +1,597 @@
 //! Throwaway local PostgreSQL clusters for `walbridge demo`, the tests and the benchmarks.
+//!
+//! A cluster lives in its own temporary directory, listens on 127.0.0.1 at a free port and on a
+//! Unix socket inside that directory, and is stopped and deleted when the [`LocalCluster`] is
+//! dropped (also when a test panics). PostgreSQL refuses to run as root, so when walbridge runs
+//! as root every server binary is started as the `postgres` user through `runuser`, on
+//! directories that user owns.
+//!
+//! `initdb` is slow on small machines, so the first cluster of a given PostgreSQL version
+//! builds a template data directory once (under a file lock, shared by concurrent test
+//! processes) and every cluster after that starts from a copy of it.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A local cluster could not be created, started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    /// No PostgreSQL server binaries were found.
+    #[error(
+        "no PostgreSQL server binaries found (looked in $WALBRIDGE_PG_BIN, /usr/lib/postgresql/*/bin \
+         and $PATH); install the postgresql package or set WALBRIDGE_PG_BIN to the directory holding initdb"
+    )]
+    NoBinaries,
+    /// Running as root, but there is no `postgres` user to run the server as.
+    #[error("running as root and there is no 'postgres' user to run PostgreSQL as; create one or run as an ordinary user")]
+    NoPostgresUser,
+    /// A file-system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PostgreSQL tool failed.
+    #[error("{tool} failed ({status}): {output}")]
+    Tool {
+        /// The command.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed (and the server log tail, for start failures).
+        output: String,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError {
+    let path = path.to_path_buf();
+    move |source| LocalPgError::Io { what, path, source }
+}
+
+/// How to set up a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` lines (`name = value`), appended after walbridge's defaults.
+    pub conf: Vec<String>,
+    /// Complete `pg_hba.conf` contents; `None` trusts every local and loopback connection.
+    pub hba: Option<String>,
+    /// Files to place into the data directory before the server starts (name, contents,
+    /// mode): TLS certificates and keys for tests.
+    pub files: Vec<(String, Vec<u8>, u32)>,
+    /// Tuned for speed over durability (`fsync = off` etc.); right for tests, not for data.
+    pub fast_and_unsafe: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            conf: Vec::new(),
+            hba: None,
+            files: Vec::new(),
+            fast_and_unsafe: true,
+        }
+    }
+}
+
+/// How to stop a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// Wait for sessions to end and checkpoint (`-m fast`).
+    Fast,
+    /// Crash stop without a checkpoint (`-m immediate`); recovery runs at the next start.
+    Immediate,
+}
+
+/// A running (or stopped) throwaway cluster; dropped means stopped and deleted.
+#[derive(Debug)]
+pub struct LocalCluster {
+    base: PathBuf,
+    data: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    run_as_postgres: bool,
+    running: bool,
+    keep: bool,
+}
+
+impl LocalCluster {
+    /// Creates and starts a cluster with `wal_level = logical` and `track_commit_timestamp = on`.
+    pub fn start(options: &ClusterOptions) -> Result<Self, LocalPgError> {
+        let bin = bin_dir()?;
+        let run_as_postgres = is_root();
+        let owner = if run_as_postgres {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
+        let template = ensure_template(&bin, owner)?;
+
+        let base = make_temp_dir("walbridge-pg-")?;
+        if let Some((uid, gid)) = owner {
+            chown(&base, uid, gid)?;
+        }
+        let data = base.join("data");
+        copy_tree(&template, &data)?;
+        let mut cluster = LocalCluster {
+            base,
+            data,
+            bin,
+            port: 0,
+            run_as_postgres,
+            running: false,
+            keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
+        };
+        cluster.write_files(options, owner)?;
+
+        // A free port can be taken by someone else between probing and binding: retry.
+        let mut last_error = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            cluster.write_conf(options)?;
+            match cluster.start_server() {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or(LocalPgError::NoBinaries))
+    }
+
+    fn write_files(
+        &self,
+        options: &ClusterOptions,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), LocalPgError> {
+        let hba = options.hba.clone().unwrap_or_else(|| {
+            "local all all trust\nlocal replication all trust\n\
+             host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n\
+             host all all ::1/128 trust\nhost replication all ::1/128 trust\n"
+                .to_string()
+        });
+        let mut files = vec![("pg_hba.conf".to_string(), hba.into_bytes(), 0o600)];
+        files.extend(options.files.iter().cloned());
+        for (name, contents, mode) in files {
+            let path = self.data.join(&name);
+            fs::write(&path, contents).map_err(io_err("cannot write", &path))?;
+            set_mode(&path, mode)?;
+            if let Some((uid, gid)) = owner {
+                chown(&path, uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_conf(&self, options: &ClusterOptions) -> Result<(), LocalPgError> {
+        let mut conf = format!(
+            "# written by walbridge localpg\n\
+             listen_addresses = '127.0.0.1'\n\
+             port = {port}\n\
+             unix_socket_directories = '{sock}'\n\
+             wal_level = logical\n\
+             track_commit_timestamp = on\n\
+             max_replication_slots = 32\n\
+             max_wal_senders = 32\n\
+             max_connections = 100\n\
+             shared_buffers = 64MB\n\
+             logging_collector = off\n\
+             log_min_messages = warning\n\
+             log_line_prefix = '%m [%p] %q%a '\n",
+            port = self.port,
+            sock = self.base.display(),
+        );
+        if options.fast_and_unsafe {
+            conf.push_str("fsync = off\nfull_page_writes = off\n");
+        }
+        for line in &options.conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let path = self.data.join("postgresql.auto.conf");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err("cannot write", &path))?;
+        f.write_all(conf.as_bytes())
+            .map_err(io_err("cannot write", &path))?;
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<(), LocalPgError> {
+        let log = self.base.join("server.log");
+        let out = self.pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ],
+        )?;
+        if !out.status.success() {
+            let tail = fs::read_to_string(&log).unwrap_or_default();
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(tool_error("pg_ctl start", &out, &tail));
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Starts the server again after [`LocalCluster::stop`], on the same port.
+    pub fn restart(&mut self) -> Result<(), LocalPgError> {
+        if self.running {
+            return Ok(());
+        }
+        self.start_server()
+    }
+
+    /// Stops the server (the data stays until drop).
+    pub fn stop(&mut self, mode: StopMode) -> Result<(), LocalPgError> {
+        if !self.running {
+            return Ok(());
+        }
+        let m = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        let out = self.pg_tool(
+            "pg_ctl",
+            &["-D", &self.data.to_string_lossy(), "-m", m, "-w", "stop"],
+        )?;
+        if !out.status.success() {
+            return Err(tool_error("pg_ctl stop", &out, ""));
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    /// Reloads the configuration (`pg_ctl reload`) after editing it.
+    pub fn reload(&self) -> Result<(), LocalPgError> {
+        let out = self.pg_tool("pg_ctl", &["-D", &self.data.to_string_lossy(), "reload"])?;
+        if !out.status.success() {
+            return Err(tool_error("pg_ctl reload", &out, ""));
+        }
+        Ok(())
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the server is running.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// The directory holding the Unix socket, the log and the data directory.
+    pub fn base_dir(&self) -> &Path {
+        &self.base
+    }
+
+    /// The server log file.
+    pub fn log_file(&self) -> PathBuf {
+        self.base.join("server.log")
+    }
+
+    /// The PostgreSQL binaries in use.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS.
+    pub fn dsn(&self, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={} sslmode=disable",
+            self.port, dbname
+        )
+    }
+
+    /// Runs SQL through `psql` as the superuser and returns its unaligned, tuples-only output
+    /// (fields separated by `|`, one row per line), failing on the first error.
+    pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, LocalPgError> {
+        let psql = self.bin.join("psql");
+        let port = self.port.to_string();
+        let out = Command::new(&psql)
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ])
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSERVICE")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("cannot run", &psql))?;
+        if !out.status.success() {
+            return Err(tool_error("psql", &out, ""));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+
+    /// Creates a database (owned by `postgres`).
+    pub fn create_database(&self, name: &str) -> Result<(), LocalPgError> {
+        self.psql(
+            "postgres",
+            &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\"")),
+        )
+        .map(|_| ())
+    }
+
+    /// Keeps the directory on drop (the server is still stopped), for post-mortems.
+    pub fn keep_on_drop(&mut self) {
+        self.keep = true;
+    }
+
+    fn pg_tool(&self, tool: &str, args: &[&str]) -> Result<Output, LocalPgError> {
+        run_pg_tool(&self.bin, tool, args, self.run_as_postgres)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self.stop(StopMode::Immediate);
+        }
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.base);
+        }
+    }
+}
+
+fn tool_error(tool: &str, out: &Output, extra: &str) -> LocalPgError {
+    let mut output = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.trim().is_empty() {
+        output.push_str(&format!(" / {}", stdout.trim()));
+    }
+    if !extra.is_empty() {
+        output.push_str(&format!("\nserver log:\n{extra}"));
+    }
+    LocalPgError::Tool {
+        tool: tool.to_string(),
+        status: out.status.to_string(),
+        output,
+    }
+}
+
+fn run_pg_tool(
+    bin: &Path,
+    tool: &str,
+    args: &[&str],
+    as_postgres: bool,
+) -> Result<Output, LocalPgError> {
+    let exe = bin.join(tool);
+    let mut cmd = if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    cmd.args(args)
+        .stdin(Stdio::null())
+        // Clients inherit nothing that could point them at another server.
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGDATA")
+        .env("LC_ALL", "C");
+    cmd.output().map_err(io_err("cannot run", &exe))
+}
+
+/// The directory with `initdb`, `pg_ctl`, `postgres` and `psql`: `$WALBRIDGE_PG_BIN`, else the
+/// newest `/usr/lib/postgresql/<version>/bin`, else the directory of `initdb` on `$PATH`.
+pub fn bin_dir() -> Result<PathBuf, LocalPgError> {
+    if let Some(dir) = std::env::var_os("WALBRIDGE_PG_BIN") {
+        let dir = PathBuf::from(dir);
+        if dir.join("initdb").is_file() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
+        .ok_or(LocalPgError::NoBinaries)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn postgres_ids() -> Result<(u32, u32), LocalPgError> {
+    let name = CString::new("postgres").map_err(|_| LocalPgError::NoPostgresUser)?;
+    // SAFETY: getpwnam receives a valid NUL-terminated string; the returned pointer is only
+    // read immediately, before any other call that could overwrite the static buffer.
+    unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        if pw.is_null() {
+            return Err(LocalPgError::NoPostgresUser);
+        }
+        Ok(((*pw).pw_uid, (*pw).pw_gid))
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), LocalPgError> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err("cannot chown", path))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), LocalPgError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot chmod", path))
+}
+
+fn make_temp_dir(prefix: &str) -> Result<PathBuf, LocalPgError> {
+    let root = std::env::temp_dir();
+    for _ in 0..100 {
+        let path = root.join(format!("{prefix}{:016x}", rand::random::<u64>()));
+        match fs::create_dir(&path) {
+            Ok(()) => {
+                set_mode(&path, 0o700)?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("cannot create", &path)(e)),
+        }
+    }
+    Err(io_err("cannot create a temporary directory in", &root)(
+        std::io::Error::other("too many collisions"),
+    ))
+}
+
+/// Copies a directory tree preserving modes and owners (`cp -a`).
+fn copy_tree(from: &Path, to: &Path) -> Result<(), LocalPgError> {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(io_err("cannot run cp for", from))?;
+    if !out.status.success() {
+        return Err(tool_error("cp -a", &out, ""));
+    }
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1 (free when probed).
+pub fn free_port() -> Result<u16, LocalPgError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err(
+        "cannot bind a probe socket on",
+        Path::new("127.0.0.1"),
+    ))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_err(
+            "cannot read the probe socket of",
+            Path::new("127.0.0.1"),
+        ))?
+        .port();
+    Ok(port)
+}
+
+/// Builds (once per PostgreSQL version and user) the initdb template that clusters copy.
+fn ensure_template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, LocalPgError> {
+    let version = bin
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pg".into());
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let root = std::env::temp_dir().join(format!("walbridge-pgtemplate-{version}-{uid}"));
+    fs::create_dir_all(&root).map_err(io_err("cannot create", &root))?;
+    let lock_path = root.join("lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("cannot open", &lock_path))?;
+    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+
+    let template = root.join("data");
+    let ready = root.join("ready");
+    if ready.exists() {
+        return Ok(template);
+    }
+    let _ = fs::remove_dir_all(&template);
+    if let Some((uid, gid)) = owner {
+        chown(&root, uid, gid)?;
+    }
+    let started = Instant::now();
+    let out = run_pg_tool(
+        bin,
+        "initdb",
+        &[
+            "-D",
+            &template.to_string_lossy(),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        owner.is_some(),
+    )?;
+    if !out.status.success() {
+        return Err(tool_error("initdb", &out, ""));
+    }
+    fs::write(&ready, format!("{:?}\n", started.elapsed()))
+        .map_err(io_err("cannot write", &ready))?;
+    Ok(template)
+}
+
+/// Polls `condition` every 20 ms until it returns true or `timeout` passes; returns whether it
+/// became true. The synchronisation primitive for tests and the demo: never a bare sleep.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

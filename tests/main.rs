@@ -1,3 +1,6 @@
-//! Integration tests against real PostgreSQL clusters.
+//! Integration tests against real PostgreSQL clusters; one binary, one module per area.
+
+mod support;
 
 mod cli;
+mod localpg;
