@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Inside validation each node's `dsn` is interpolated (`${NAME}` from the environment, `$$` for
-//! a literal `$`), parsed with [`Dsn::parse`], given the password from `password_file` when the
-//! DSN has none, then [`Dsn::resolve_password`] fills it from `PGPASSWORD` or the passfile.
+//! a literal `$`) and parsed with [`Dsn::parse`]; when it has no password,
+//! [`Dsn::resolve_password`] takes it from `password_file` (first line), `PGPASSWORD` or the
+//! passfile. A password both in the DSN and in a `password_file` is an error.
 //! Passwords only ever live in [`crate::dsn::Secret`], so `Debug` of a [`Config`] never shows
 //! them, and errors name variables and files, never their content.
 //!
@@ -30,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::dsn::{Dsn, Secret};
+use crate::dsn::{Dsn, DsnError};
 
 pub use interpolate::InterpolateError;
 pub use pattern::{
@@ -653,28 +654,23 @@ fn validate_node(
         Some(dir) if p.is_relative() => dir.join(p),
         _ => p,
     });
-    if let Some(file) = &password_file {
-        let file_key = format!("{key}.password_file");
-        match read_password_file(file) {
-            Err(message) => {
-                problems.add(file_key, format!("node {name:?}: {message}"));
-                return None;
-            }
-            Ok(_) if dsn.password.is_some() => {
-                problems.add(
-                    file_key,
-                    format!(
-                        "node {name:?}: the dsn already contains a password; keep only one of \
-                         dsn password and password_file"
-                    ),
-                );
-                return None;
-            }
-            Ok(password) => dsn.password = Some(password),
-        }
+    let file_key = format!("{key}.password_file");
+    if password_file.is_some() && dsn.password.is_some() {
+        problems.add(
+            file_key,
+            format!(
+                "node {name:?}: the dsn already contains a password; keep only one of dsn \
+                 password and password_file"
+            ),
+        );
+        return None;
     }
     if let Err(e) = dsn.resolve_password(password_file.as_deref()) {
-        problems.add(dsn_key, format!("node {name:?}: {e}"));
+        let key = match e {
+            DsnError::PasswordFile { .. } | DsnError::EmptyPasswordFile(_) => file_key,
+            _ => dsn_key,
+        };
+        problems.add(key, format!("node {name:?}: {e}"));
         return None;
     }
     Some(NodeConfig {
@@ -682,23 +678,6 @@ fn validate_node(
         dsn,
         password_file,
     })
-}
-
-/// The password in `file`, without its trailing line break. Errors name the file, never
-/// its content.
-fn read_password_file(file: &Path) -> Result<Secret, String> {
-    let content = std::fs::read_to_string(file).map_err(|e| {
-        let what = match e.kind() {
-            std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_string(),
-            _ => e.to_string(),
-        };
-        format!("cannot read password file {}: {what}", file.display())
-    })?;
-    let password = content.trim_end_matches(['\n', '\r']);
-    if password.is_empty() {
-        return Err(format!("password file {} is empty", file.display()));
-    }
-    Ok(Secret::new(password))
 }
 
 fn validate_replication(

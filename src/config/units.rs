@@ -41,7 +41,8 @@ pub fn format_size(bytes: u64) -> String {
         ("kB", 1 << 10),
     ];
     for (unit, size) in UNITS {
-        if bytes != 0 && bytes % size == 0 {
+        // Every unit is a power of two: a multiple has no bits below it.
+        if bytes != 0 && bytes & (size - 1) == 0 {
             return format!("{}{unit}", bytes / size);
         }
     }
