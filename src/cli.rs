@@ -361,7 +361,6 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
 // Handlers not wired yet: each becomes a call into its module.
 
 /// `walbridge setup`.
-#[allow(clippy::unused_async)] // until wired
 async fn setup(
     config: Config,
     args: SetupArgs,
@@ -370,7 +369,32 @@ async fn setup(
     if let Some(node) = &args.copy_from {
         require_node(&config, "--copy-from", node)?;
     }
-    Err(not_implemented("setup"))
+    let options = crate::setup::SetupOptions {
+        copy_from: args.copy_from.clone(),
+        jobs: usize::from(args.jobs),
+        truncate: args.truncate,
+    };
+    let mut out = std::io::stdout();
+    crate::setup::setup(&config, &options, &mut out)
+        .await
+        .map_err(setup_failure)
+}
+
+/// Setup and teardown errors: missing prerequisites print one line each.
+fn setup_failure(e: crate::setup::SetupError) -> Failure {
+    match e {
+        crate::setup::SetupError::Prerequisites(problems) => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            eprintln!(
+                "error: {} prerequisite(s) missing; nothing was changed",
+                problems.len()
+            );
+            Failure::Exit(1)
+        }
+        other => Failure::Fatal(other.into()),
+    }
 }
 
 /// `walbridge run`.
@@ -396,9 +420,11 @@ async fn verify(
 }
 
 /// `walbridge teardown`.
-#[allow(clippy::unused_async)] // until wired
-async fn teardown(_config: Config) -> Result<(), Failure> {
-    Err(not_implemented("teardown"))
+async fn teardown(config: Config) -> Result<(), Failure> {
+    let mut out = std::io::stdout();
+    crate::setup::teardown(&config, &mut out)
+        .await
+        .map_err(setup_failure)
 }
 
 /// `walbridge tail`.
