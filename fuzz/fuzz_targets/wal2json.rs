@@ -36,11 +36,19 @@ fn decoder() -> Wal2JsonDecoder {
     let default = ReplicaIdentity::Default;
     // Tables of the fixtures, so seeds reach the tuple code.
     decoder.register_relation(
-        table("comp_key", default, &[("a", 23, true), ("b", 25, true), ("v", 25, false)]),
+        table(
+            "comp_key",
+            default,
+            &[("a", 23, true), ("b", 25, true), ("v", 25, false)],
+        ),
         vec![],
     );
     decoder.register_relation(
-        table("toasty", default, &[("id", 23, true), ("big", 25, false), ("other", 23, false)]),
+        table(
+            "toasty",
+            default,
+            &[("id", 23, true), ("big", 25, false), ("other", 23, false)],
+        ),
         vec![],
     );
     decoder.register_relation(
@@ -52,7 +60,11 @@ fn decoder() -> Wal2JsonDecoder {
         vec![],
     );
     decoder.register_relation(
-        table("gen_t", default, &[("id", 23, true), ("a", 23, false), ("ident", 20, false)]),
+        table(
+            "gen_t",
+            default,
+            &[("id", 23, true), ("a", 23, false), ("ident", 20, false)],
+        ),
         vec!["doubled".into()],
     );
     decoder.register_relation(table("parent", default, &[("id", 23, true)]), vec![]);
@@ -61,7 +73,11 @@ fn decoder() -> Wal2JsonDecoder {
         vec![],
     );
     decoder.register_relation(
-        table("t", default, &[("id", 23, true), ("by", 17, false), ("n", 1700, false)]),
+        table(
+            "t",
+            default,
+            &[("id", 23, true), ("by", 17, false), ("n", 1700, false)],
+        ),
         vec![],
     );
     decoder.register_origin(1, "walbridge_from_east");
