@@ -24,6 +24,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
 pub mod protocol;
+pub mod runtime;
 pub mod setup;
 pub mod telemetry;
 pub mod tls;
