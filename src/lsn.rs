@@ -176,7 +176,10 @@ mod tests {
 
     #[test]
     fn timestamp_displays_rfc3339_utc() {
-        assert_eq!(PgTimestamp(1_500_000).to_string(), "2000-01-01T00:00:01.500000Z");
+        assert_eq!(
+            PgTimestamp(1_500_000).to_string(),
+            "2000-01-01T00:00:01.500000Z"
+        );
         let now = PgTimestamp::now();
         assert_eq!(PgTimestamp::parse(&now.to_string()), Some(now));
     }

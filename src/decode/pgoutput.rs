@@ -2083,6 +2083,16 @@ mod tests {
             Event::Relation(Arc::clone(&k_rel2)),
             insert(&k_rel2, vec![t("2"), t("y"), t("7")]),
             commit(0x1556390, 0x15563c0, ts(0x3ccd48ca)),
+            // Written under a replication origin: the commit time is the one the applying
+            // session gave, and the Origin message carries the origin's own commit LSN.
+            begin(0x15eefe0, ts(0x5aaea400), 763),
+            Event::Origin(Origin {
+                name: "walbridge_from_east".into(),
+                lsn: Lsn(0xABCDEF0),
+            }),
+            Event::Relation(Arc::clone(&k_rel2)),
+            insert(&k_rel2, vec![t("3"), t("from east"), Value::Null]),
+            commit(0x15eefe0, 0x15ef028, ts(0x5aaea400)),
         ];
         assert_eq!(got.len(), expected.len());
         for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
@@ -2092,6 +2102,10 @@ mod tests {
             panic!("expected begin");
         };
         assert_eq!(b.commit_time.to_string(), "2026-11-21T08:51:38.683636Z");
+        let Some(Event::Commit(c)) = got.last() else {
+            panic!("expected commit");
+        };
+        assert_eq!(c.commit_time.to_string(), "2026-11-21T09:00:00.000000Z");
     }
 
     fn bench_relation() -> Arc<Relation> {
