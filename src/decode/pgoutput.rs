@@ -311,9 +311,9 @@ impl PgOutputDecoder {
     /// Decodes one XLogData payload.
     ///
     /// `wal_start` is the XLogData header's start LSN of this message; it is only used to
-    /// say where a malformed message is. Returns `Ok(None)` for nothing today (every
-    /// well-formed proto_version 1 message is an event); the `Option` leaves room for
-    /// messages that only update decoder state.
+    /// say where a malformed message is. Every well-formed proto_version 1 message yields
+    /// an event today; the `Option` leaves room for messages that only update decoder state.
+    /// Relation and Type messages update the caches before their event is returned.
     pub fn decode(&mut self, wal_start: Lsn, data: &Bytes) -> Result<Option<Event>, PgOutputError> {
         match self.decode_message(wal_start, data)? {
             Decoded::Event(event) => Ok(Some(event)),
