@@ -3,3 +3,5 @@
 mod support;
 
 mod localpg;
+mod protocol;
+mod tls;
