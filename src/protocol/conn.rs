@@ -312,6 +312,21 @@ async fn attempt(
 }
 
 impl RawConnection {
+    /// A session over an already connected socket, past startup (for tests with a scripted
+    /// server on the other end).
+    #[cfg(test)]
+    pub(crate) fn for_test(socket: UnixStream) -> Self {
+        RawConnection {
+            socket: Socket::Unix(socket),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            address: "test@scripted:5432/db".into(),
+            parameters: HashMap::new(),
+            backend_key: None,
+            tls: false,
+        }
+    }
+
     /// Sends the startup message, authenticates and waits for ReadyForQuery.
     async fn startup(&mut self, dsn: &Dsn, options: &ConnectOptions) -> Result<(), ProtocolError> {
         let app = dsn

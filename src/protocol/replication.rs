@@ -132,7 +132,8 @@ impl ReplicationStream {
         self.rx.recv().await
     }
 
-    /// Bytes of the budget not in use right now (for metrics and tests).
+    /// Bytes of the budget not claimed right now (for metrics and tests); a message waiting
+    /// for room claims freed bytes as they come, so this can read 0 before it is sent.
     pub fn available_budget(&self) -> usize {
         self.budget.available_permits()
     }
@@ -602,5 +603,279 @@ impl Driver {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver against a scripted server on the other end of a socket pair: exact
+    //! control over what the "server" sends and when, no timing assumptions.
+
+    use super::*;
+    use bytes::BufMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The server side: reads frontend messages, writes backend messages.
+    struct Server {
+        sock: UnixStream,
+        buf: BytesMut,
+    }
+
+    impl Server {
+        async fn send(&mut self, tag: u8, body: &[u8]) {
+            let mut b = BytesMut::new();
+            b.put_u8(tag);
+            b.put_i32(4 + body.len() as i32);
+            b.put_slice(body);
+            self.sock.write_all(&b).await.unwrap();
+        }
+
+        async fn xlogdata(&mut self, lsn: u64, payload: &[u8]) {
+            let mut b = BytesMut::new();
+            b.put_u8(b'w');
+            b.put_u64(lsn);
+            b.put_u64(lsn);
+            b.put_i64(0);
+            b.put_slice(payload);
+            self.send(b'd', &b).await;
+        }
+
+        async fn keepalive(&mut self, wal_end: u64, reply: bool) {
+            let mut b = BytesMut::new();
+            b.put_u8(b'k');
+            b.put_u64(wal_end);
+            b.put_i64(0);
+            b.put_u8(u8::from(reply));
+            self.send(b'd', &b).await;
+        }
+
+        /// The next frontend message: (tag, body).
+        async fn recv(&mut self) -> (u8, Bytes) {
+            loop {
+                if let Some(f) = codec::split_frame(&mut self.buf).unwrap() {
+                    let tag = f[0];
+                    return (tag, frame_body(f));
+                }
+                let n = tokio::time::timeout(WAIT, self.sock.read_buf(&mut self.buf))
+                    .await
+                    .expect("client silent")
+                    .unwrap();
+                assert!(n > 0, "client closed");
+            }
+        }
+
+        /// The next standby status update: (write, flush, apply, reply requested).
+        async fn status(&mut self) -> (u64, u64, u64, u8) {
+            let (tag, mut body) = self.recv().await;
+            assert_eq!(tag, b'd');
+            use bytes::Buf;
+            assert_eq!(body.get_u8(), b'r');
+            let (w, f, a) = (body.get_u64(), body.get_u64(), body.get_u64());
+            let _clock = body.get_i64();
+            (w, f, a, body.get_u8())
+        }
+    }
+
+    /// A started stream with a scripted server.
+    async fn start(config: StreamConfig) -> (Server, ReplicationStream, Feedback, DriverFuture) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let mut server = Server {
+            sock: server,
+            buf: BytesMut::new(),
+        };
+        let rc = ReplicationClient::new(RawConnection::for_test(client));
+        let opts = [("proto_version".to_string(), "1".to_string())];
+        let script = async {
+            let (tag, body) = server.recv().await;
+            assert_eq!(tag, b'Q');
+            assert_eq!(
+                &body[..],
+                b"START_REPLICATION SLOT \"s\" LOGICAL 0/10 (\"proto_version\" '1')\0"
+            );
+            server.send(b'W', &[0, 0, 0]).await;
+        };
+        let (started, ()) = tokio::join!(rc.start_logical("s", Lsn(0x10), &opts, config), script);
+        let (stream, feedback, driver) = started.unwrap();
+        (server, stream, feedback, driver)
+    }
+
+    fn quiet() -> StreamConfig {
+        StreamConfig {
+            // Only the immediate first tick; later updates must come from elsewhere.
+            status_interval: Duration::from_secs(3600),
+            ..StreamConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn keepalive_asking_for_a_reply_is_answered_at_once() {
+        let (mut server, mut stream, _feedback, driver) = start(quiet()).await;
+        let driver = tokio::spawn(driver);
+        server.status().await; // the timer's first tick
+        server.keepalive(0x500, true).await;
+        let (write, flush, _, _) = server.status().await;
+        assert_eq!((write, flush), (0x500, 0));
+        match stream.recv().await {
+            Some(Ok(StreamItem::Keepalive { wal_end })) => assert_eq!(wal_end, Lsn(0x500)),
+            other => panic!("{other:?}"),
+        }
+        drop(stream);
+        server.recv().await; // final status
+        assert_eq!(server.recv().await.0, b'c');
+        server.send(b'c', &[]).await;
+        server.send(b'C', b"COPY 0\0").await;
+        server.send(b'Z', b"I").await;
+        assert_eq!(server.recv().await.0, b'X');
+        driver.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn confirm_and_request_now_report_flush_and_never_go_back() {
+        let (mut server, _stream, feedback, driver) = start(quiet()).await;
+        let _driver = tokio::spawn(driver);
+        server.status().await;
+        feedback.confirm(Lsn(0x900));
+        feedback.confirm(Lsn(0x800));
+        feedback.request_now();
+        let (write, flush, apply, reply) = server.status().await;
+        assert_eq!((write, flush, apply, reply), (0x900, 0x900, 0x900, 0));
+        assert_eq!(feedback.confirmed(), Lsn(0x900));
+    }
+
+    #[tokio::test]
+    async fn backpressure_stops_reading_and_status_updates_continue() {
+        let config = StreamConfig {
+            status_interval: Duration::from_millis(20),
+            channel_capacity: 8,
+            max_buffered_bytes: 10,
+            ..StreamConfig::default()
+        };
+        let (mut server, mut stream, feedback, driver) = start(config).await;
+        let _driver = tokio::spawn(driver);
+        for i in 0..4u64 {
+            server.xlogdata(0x100 + i, b"12345678").await;
+        }
+        // One 8-byte message fits the 10-byte budget; the second waits for it.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !(stream.queued() == 1 && feedback.last_received() >= Lsn(0x101)) {
+            assert!(tokio::time::Instant::now() < deadline, "never saturated");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The waiting message has already claimed the 2 bytes left (tokio's semaphore hands
+        // permits to a waiter as they free up).
+        assert_eq!(stream.available_budget(), 0);
+        // Stalled, yet status updates keep coming.
+        for _ in 0..3 {
+            server.status().await;
+        }
+        assert_eq!(stream.queued(), 1);
+        // Consuming (and dropping) releases the budget for the next one, in order.
+        for i in 0..4u64 {
+            match stream.recv().await {
+                Some(Ok(StreamItem::XLogData(x))) => {
+                    assert_eq!(x.wal_start, Lsn(0x100 + i));
+                    assert_eq!(&x.data[..], b"12345678");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while stream.available_budget() != 10 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_budget_still_passes() {
+        let config = StreamConfig {
+            max_buffered_bytes: 4,
+            ..quiet()
+        };
+        let (mut server, mut stream, _feedback, driver) = start(config).await;
+        let _driver = tokio::spawn(driver);
+        server.xlogdata(1, b"much more than four bytes").await;
+        server.xlogdata(2, b"again").await;
+        for lsn in [1, 2] {
+            match stream.recv().await {
+                Some(Ok(StreamItem::XLogData(x))) => assert_eq!(x.wal_start, Lsn(lsn)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_an_error_not_a_panic() {
+        for bad in [&b"w\0\0"[..], b"", b"z", b"k\0\0\0\0\0\0\0\0"] {
+            let (mut server, mut stream, _feedback, driver) = start(quiet()).await;
+            let driver = tokio::spawn(driver);
+            server.send(b'd', bad).await;
+            let err = match stream.recv().await {
+                Some(Err(e)) => e,
+                other => panic!("{bad:?}: {other:?}"),
+            };
+            assert!(matches!(err.kind(), ErrorKind::Protocol(_)), "{err}");
+            assert!(!err.is_transient());
+            assert!(driver.await.unwrap().is_err());
+            assert!(stream.recv().await.is_none());
+        }
+        // A length below 4 in the frame header.
+        let (mut server, mut stream, _feedback, driver) = start(quiet()).await;
+        let _driver = tokio::spawn(driver);
+        server.sock.write_all(b"d\0\0\0\x01").await.unwrap();
+        assert!(matches!(stream.recv().await, Some(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn server_error_and_closed_socket_reach_the_consumer() {
+        let (mut server, mut stream, _feedback, driver) = start(quiet()).await;
+        let driver = tokio::spawn(driver);
+        server
+            .send(
+                b'E',
+                b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0",
+            )
+            .await;
+        let err = match stream.recv().await {
+            Some(Err(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(err.code(), Some("57P01"));
+        assert!(err.is_transient());
+        assert!(driver.await.unwrap().is_err());
+
+        let (server, mut stream, _feedback, driver) = start(quiet()).await;
+        let driver = tokio::spawn(driver);
+        drop(server);
+        let err = match stream.recv().await {
+            Some(Err(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(err.is_transient(), "{err}");
+        assert!(driver.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn cancellation_sends_final_status_and_copy_done() {
+        let config = quiet();
+        let cancel = config.cancel.clone();
+        let (mut server, _stream, feedback, driver) = start(config).await;
+        let driver = tokio::spawn(driver);
+        server.status().await;
+        feedback.confirm(Lsn(0x42));
+        cancel.cancel();
+        let (_, flush, _, _) = server.status().await;
+        assert_eq!(flush, 0x42);
+        assert_eq!(server.recv().await.0, b'c');
+        // Data still in flight before the server's CopyDone is dropped.
+        server.xlogdata(0x50, b"late").await;
+        server.send(b'c', &[]).await;
+        server.send(b'C', b"COPY 0\0").await;
+        server.send(b'Z', b"I").await;
+        assert_eq!(server.recv().await.0, b'X');
+        driver.await.unwrap().unwrap();
     }
 }
