@@ -194,8 +194,9 @@ fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error
 
 /// Opens an ordinary SQL session on the node, trying its hosts in order.
 ///
-/// `application_name` is used unless the DSN sets its own. The connection driver is spawned
-/// on the current tokio runtime and ends when the client is dropped.
+/// `application_name` is used unless the DSN sets its own. The DSN's password must already
+/// be resolved ([`Dsn::resolve_password`]). The connection driver is spawned on the current
+/// tokio runtime and ends when the client is dropped.
 pub async fn connect(
     dsn: &Dsn,
     application_name: &str,

@@ -385,3 +385,55 @@ async fn allow_falls_back_to_tls_and_disable_is_refused_by_a_hostssl_server() {
         );
     }
 }
+
+#[test]
+fn client_keys_load_in_every_pem_form_and_errors_name_the_file() {
+    let pki = Pki::new();
+    pki.issue("ca", "client", "someone", None, false);
+    let d = pki.dir.path();
+    // PKCS#8 (genpkey's form), PKCS#1 ("BEGIN RSA PRIVATE KEY") and an encrypted key.
+    openssl(
+        d,
+        &[
+            "rsa",
+            "-in",
+            "client.key",
+            "-traditional",
+            "-out",
+            "pkcs1.key",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-in",
+            "client.key",
+            "-passout",
+            "pass:x",
+            "-out",
+            "encrypted.key",
+        ],
+    );
+    assert!(String::from_utf8(pki.read("pkcs1.key"))
+        .unwrap()
+        .contains("BEGIN RSA PRIVATE KEY"));
+    let with_key = |key: &str| {
+        let mut d = dsn("host=h sslmode=require");
+        d.sslcert = Some(pki.path("client.crt"));
+        d.sslkey = Some(pki.path(key));
+        walbridge::tls::client_config(&d)
+    };
+    assert!(with_key("client.key").unwrap().is_some());
+    assert!(with_key("pkcs1.key").unwrap().is_some());
+    let e = with_key("encrypted.key").unwrap_err().to_string();
+    assert!(
+        e.contains("encrypted.key") && e.contains("decrypted"),
+        "{e}"
+    );
+    // A key that does not belong to the certificate.
+    pki.issue("ca", "other", "other", None, true);
+    let e = with_key("other.key").unwrap_err().to_string();
+    assert!(e.contains("client.crt") && e.contains("other.key"), "{e}");
+}

@@ -90,7 +90,9 @@ impl Default for StreamConfig {
 
 /// One WAL message of the stream: for logical replication, one output-plugin message.
 ///
-/// Holds a share of the stream's byte budget until dropped.
+/// Holds a share of the stream's byte budget (its payload size) until dropped. A consumer
+/// that keeps `data` (a cheap `Bytes` clone) beyond the `XLogData` takes that memory
+/// outside the budget, so decode and drop rather than hoard.
 #[derive(Debug)]
 pub struct XLogData {
     /// WAL position the message belongs to.
