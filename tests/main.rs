@@ -4,4 +4,6 @@ mod support;
 
 mod cli;
 mod localpg;
+mod protocol;
 mod setup;
+mod tls;
