@@ -12,6 +12,7 @@
 //!
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
+pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod conflict;
 pub mod decode;
 pub mod dsn;
 pub mod event;
+pub mod http;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
@@ -26,5 +28,6 @@ pub mod pgconn;
 pub mod protocol;
 pub mod runtime;
 pub mod setup;
+pub mod source;
 pub mod telemetry;
 pub mod tls;

@@ -5,5 +5,6 @@ mod support;
 mod cli;
 mod localpg;
 mod protocol;
+mod replication;
 mod setup;
 mod tls;

@@ -20,6 +20,7 @@
 pub mod codec;
 mod conn;
 mod error;
+pub mod pipeline;
 mod replication;
 
 pub use codec::SnapshotAction;
