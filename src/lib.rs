@@ -15,12 +15,16 @@
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod conflict;
 pub mod decode;
 pub mod dsn;
 pub mod event;
 pub mod localpg;
 pub mod lsn;
+pub mod metrics;
 pub mod pgconn;
 pub mod protocol;
+pub mod runtime;
+pub mod setup;
 pub mod telemetry;
 pub mod tls;

@@ -2,6 +2,8 @@
 
 mod support;
 
+mod cli;
 mod localpg;
 mod protocol;
+mod setup;
 mod tls;

@@ -23,3 +23,224 @@ pub fn cluster_with(conf: &[&str]) -> LocalCluster {
     })
     .expect("start a local PostgreSQL cluster")
 }
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The `walbridge` binary under test.
+pub fn walbridge_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_walbridge")
+}
+
+/// A set of nodes (one cluster each) with a walbridge configuration file for them.
+pub struct Deployment {
+    /// Node names, in configuration order.
+    pub names: Vec<String>,
+    /// The clusters, same order.
+    pub clusters: Vec<LocalCluster>,
+    /// Holds the config file and logs.
+    pub dir: tempfile::TempDir,
+    /// The configuration file.
+    pub config: PathBuf,
+    extra_toml: String,
+}
+
+impl Deployment {
+    /// Starts one cluster per name, runs `schema` on each (database `postgres`), and writes a
+    /// configuration with `extra_toml` appended under `[replication]` defaults.
+    pub fn new(names: &[&str], schema: &str, replication_toml: &str) -> Self {
+        Self::with_conf(names, schema, replication_toml, &[])
+    }
+
+    /// As [`Deployment::new`] with extra `postgresql.conf` lines for every cluster.
+    pub fn with_conf(names: &[&str], schema: &str, replication_toml: &str, conf: &[&str]) -> Self {
+        let clusters: Vec<LocalCluster> = names.iter().map(|_| cluster_with(conf)).collect();
+        for c in &clusters {
+            if !schema.is_empty() {
+                c.psql("postgres", schema).expect("create the test schema");
+            }
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("walbridge.toml");
+        let d = Deployment {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            clusters,
+            dir,
+            config,
+            extra_toml: replication_toml.to_string(),
+        };
+        d.write_config();
+        d
+    }
+
+    /// Rewrites the configuration file (after changing `extra_toml`).
+    pub fn write_config(&self) {
+        let mut toml = String::new();
+        for (name, c) in self.names.iter().zip(&self.clusters) {
+            toml.push_str(&format!(
+                "[[nodes]]\nname = \"{name}\"\ndsn = \"{}\"\n\n",
+                c.dsn("postgres")
+            ));
+        }
+        toml.push_str("[replication]\n");
+        toml.push_str(&self.extra_toml);
+        toml.push_str("\n\n[metrics]\nlisten = \"\"\n");
+        std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    /// Replaces the `[replication]` body and rewrites the file.
+    pub fn set_replication_toml(&mut self, toml: &str) {
+        self.extra_toml = toml.to_string();
+        self.write_config();
+    }
+
+    /// The cluster of node `name`.
+    pub fn node(&self, name: &str) -> &LocalCluster {
+        let i = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .expect("known node");
+        &self.clusters[i]
+    }
+
+    /// The cluster of node `name`, mutable (to stop and restart it).
+    pub fn node_mut(&mut self, name: &str) -> &mut LocalCluster {
+        let i = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .expect("known node");
+        &mut self.clusters[i]
+    }
+
+    /// Runs SQL on a node's `postgres` database through psql.
+    pub fn sql(&self, node: &str, sql: &str) -> String {
+        self.node(node)
+            .psql("postgres", sql)
+            .unwrap_or_else(|e| panic!("SQL on {node} failed: {e}\n{sql}"))
+    }
+
+    /// Runs `walbridge <args> --config <file>` to completion.
+    pub fn walbridge(&self, args: &[&str]) -> Output {
+        Command::new(walbridge_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run walbridge")
+    }
+
+    /// Runs a walbridge command that must succeed; returns stdout.
+    pub fn walbridge_ok(&self, args: &[&str]) -> String {
+        let out = self.walbridge(args);
+        assert!(
+            out.status.success(),
+            "walbridge {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `walbridge run` in the background, logging to `<dir>/<log_name>`.
+    pub fn spawn_run(&self, log_name: &str) -> Runner {
+        let log = self.dir.path().join(log_name);
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(walbridge_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,walbridge=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn walbridge run");
+        Runner { child, log }
+    }
+
+    /// Waits until `sql` returns `expected` on `node`; panics with the last value otherwise.
+    pub fn wait_for(&self, node: &str, sql: &str, expected: &str) {
+        let mut last = String::new();
+        let ok = wait_until(WAIT, || {
+            last = self
+                .node(node)
+                .psql("postgres", sql)
+                .unwrap_or_else(|e| e.to_string());
+            last == expected
+        });
+        assert!(
+            ok,
+            "on {node}, `{sql}` returned {last:?}, expected {expected:?}"
+        );
+    }
+}
+
+/// A background `walbridge run`, killed on drop.
+pub struct Runner {
+    /// The process.
+    pub child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Runner {
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`libc::SIGTERM`, `libc::SIGKILL`, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for exit up to `timeout`; the exit code, `None` if it did not exit.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let mut code = None;
+        wait_until(timeout, || match self.child.try_wait() {
+            Ok(Some(status)) => {
+                code = Some(status.code().unwrap_or(-1));
+                true
+            }
+            _ => false,
+        });
+        code
+    }
+
+    /// Asserts the process is still running (it did not die on an error).
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "walbridge run exited early ({status}); log:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- walbridge run log ({}) ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// Paths are shown in assertion messages.
+pub fn show(p: &Path) -> String {
+    p.display().to_string()
+}

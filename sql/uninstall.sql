@@ -1,0 +1,28 @@
+-- Removes walbridge's objects from one node by hand (what `walbridge teardown` does), for a
+-- node that walbridge can no longer reach with its configuration. User data is left alone.
+-- Run it in the replicated database as a superuser. Slots first, so no WAL stays pinned.
+
+SELECT pg_catalog.pg_terminate_backend(active_pid)
+  FROM pg_catalog.pg_replication_slots
+ WHERE slot_name LIKE 'walbridge\_%\_to\_%' AND active_pid IS NOT NULL;
+SELECT pg_catalog.pg_drop_replication_slot(slot_name)
+  FROM pg_catalog.pg_replication_slots
+ WHERE slot_name LIKE 'walbridge\_%\_to\_%' AND database = current_database();
+SELECT pg_catalog.pg_replication_origin_drop(roname)
+  FROM pg_catalog.pg_replication_origin
+ WHERE roname LIKE 'walbridge\_from\_%' OR roname = 'walbridge_skip';
+DROP PUBLICATION IF EXISTS walbridge_pub;
+
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT tgrelid::regclass AS rel, tgname FROM pg_catalog.pg_trigger
+              WHERE tgname IN ('walbridge_tombstones', 'walbridge_capture')
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
+    END LOOP;
+END
+$$;
+
+DROP SCHEMA IF EXISTS walbridge CASCADE;

@@ -1,0 +1,442 @@
+//! SQL text for applying changes to one target table. Pure string building, no I/O.
+//!
+//! Every identifier is quoted and every value is a `$n` parameter sent in text format and cast
+//! to the target column's type, so nothing a source row contains can change a statement's
+//! meaning. Statements come in two families:
+//!
+//! * **optimistic** (the common path, pipelined): each statement asserts that exactly the
+//!   expected rows changed and that no conflict is possible (`walbridge.expect_rows`); if not,
+//!   it raises, the whole transaction rolls back, and apply redoes it carefully;
+//! * **careful**: read the target's row version under lock, let `conflict::decide` choose,
+//!   then run a plain statement and log the conflict.
+
+use std::fmt::Write;
+
+use crate::catalog::{quote_ident, TableInfo};
+use crate::event::Relation;
+
+/// How a source relation's columns land on a target table.
+#[derive(Clone, Debug)]
+pub struct TableMap {
+    /// The target's catalog description.
+    pub target: TableInfo,
+    /// Per source column: the target column index, `None` when not written (a column the
+    /// configuration skips, or one the target generates itself).
+    pub target_column: Vec<Option<usize>>,
+    /// Source column positions that find a row: the stream's replica identity columns.
+    pub key: Vec<usize>,
+    /// Source positions of the target's unique key (for tombstones and conflict logs), when
+    /// the target has one and every part of it is replicated.
+    pub unique_key: Option<Vec<usize>>,
+    /// Whether the key is every column (REPLICA IDENTITY FULL without a primary key): rows are
+    /// then matched with `IS NOT DISTINCT FROM` and one at a time.
+    pub full_identity: bool,
+    /// Some written column is `GENERATED ALWAYS AS IDENTITY`.
+    pub overriding: bool,
+}
+
+/// The source relation cannot be applied to the target table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// A published column does not exist on the target.
+    #[error(
+        "column {column:?} of table {table} exists on the source but not on the target; \
+         add it on the target (DDL is not replicated) or list it in replication.skip_columns"
+    )]
+    MissingColumn {
+        /// `schema.table`.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// Updates and deletes cannot find rows.
+    #[error(
+        "table {table} has no replica identity columns in the stream; give it a primary key, \
+         REPLICA IDENTITY USING INDEX or REPLICA IDENTITY FULL"
+    )]
+    NoIdentity {
+        /// `schema.table`.
+        table: String,
+    },
+}
+
+impl TableMap {
+    /// Maps `relation` (as the stream describes it) onto `target`; `skip` lists source columns
+    /// never written to peers.
+    pub fn new(relation: &Relation, target: TableInfo, skip: &[String]) -> Result<Self, MapError> {
+        let table = relation.qualified_name();
+        let mut target_column = Vec::with_capacity(relation.columns.len());
+        let mut overriding = false;
+        for col in &relation.columns {
+            if skip.contains(&col.name) {
+                target_column.push(None);
+                continue;
+            }
+            let Some(idx) = target.columns.iter().position(|c| c.name == col.name) else {
+                return Err(MapError::MissingColumn {
+                    table,
+                    column: col.name.clone(),
+                });
+            };
+            let info = &target.columns[idx];
+            if info.generated {
+                target_column.push(None);
+                continue;
+            }
+            overriding |= info.identity_always;
+            target_column.push(Some(idx));
+        }
+        let key: Vec<usize> = relation
+            .key_positions()
+            .filter(|&i| target_column[i].is_some())
+            .collect();
+        let full_identity = relation.replica_identity == crate::event::ReplicaIdentity::Full
+            && target.primary_key.is_empty()
+            && target.identity_index.is_empty();
+        let unique_key = target.unique_key().and_then(|cols| {
+            cols.iter()
+                .map(|name| {
+                    relation
+                        .position(name)
+                        .filter(|&i| target_column[i].is_some())
+                })
+                .collect::<Option<Vec<usize>>>()
+        });
+        // With FULL identity but a unique key on the target, find rows by that key: cheaper,
+        // and it works for types without an equality operator.
+        let key = match (&unique_key, relation.replica_identity) {
+            (Some(uk), crate::event::ReplicaIdentity::Full) => uk.clone(),
+            _ => key,
+        };
+        Ok(TableMap {
+            target,
+            target_column,
+            key,
+            unique_key,
+            full_identity,
+            overriding,
+        })
+    }
+
+    /// Fails when updates and deletes could not find their rows.
+    pub fn require_identity(&self) -> Result<(), MapError> {
+        if self.key.is_empty() {
+            return Err(MapError::NoIdentity {
+                table: self.target.qualified_name(),
+            });
+        }
+        Ok(())
+    }
+
+    fn col(&self, source_pos: usize) -> Option<&crate::catalog::ColumnInfo> {
+        self.target_column[source_pos].map(|i| &self.target.columns[i])
+    }
+
+    /// Source positions of the written columns.
+    pub fn written(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.target_column.len()).filter(|&i| self.target_column[i].is_some())
+    }
+
+    fn cast(&self, source_pos: usize, param: usize) -> String {
+        match self.col(source_pos) {
+            Some(c) => format!("${param}::{}", c.type_sql),
+            None => format!("${param}"),
+        }
+    }
+
+    fn name(&self, source_pos: usize) -> String {
+        self.col(source_pos)
+            .map(|c| quote_ident(&c.name))
+            .unwrap_or_default()
+    }
+
+    /// `cur."k1" = $n::t AND ...` (or `IS NOT DISTINCT FROM`, comparing as text when the type
+    /// has no equality), parameters numbered from `first`.
+    fn key_match(&self, alias: &str, first: usize) -> String {
+        let mut out = String::new();
+        for (n, &pos) in self.key.iter().enumerate() {
+            if n > 0 {
+                out.push_str(" AND ");
+            }
+            let name = self.name(pos);
+            let eq = self.col(pos).is_none_or(|c| c.has_equality);
+            if self.full_identity {
+                if eq {
+                    let _ = write!(
+                        out,
+                        "{alias}.{name} IS NOT DISTINCT FROM {}",
+                        self.cast(pos, first + n)
+                    );
+                } else {
+                    let _ = write!(
+                        out,
+                        "{alias}.{name}::text IS NOT DISTINCT FROM ${}::text",
+                        first + n
+                    );
+                }
+            } else {
+                let _ = write!(out, "{alias}.{name} = {}", self.cast(pos, first + n));
+            }
+        }
+        out
+    }
+
+    /// `jsonb_build_array($a::t, ...)` over the unique key, parameters from `first`.
+    fn key_json(&self, positions: &[usize], first: usize) -> String {
+        let parts: Vec<String> = positions
+            .iter()
+            .enumerate()
+            .map(|(n, &pos)| self.cast(pos, first + n))
+            .collect();
+        format!("jsonb_build_array({})", parts.join(", "))
+    }
+
+    /// Optimistic multi-row INSERT of `rows` rows (parameters: the written columns of each row
+    /// in order). Fails with WB001 when a key exists or a tombstone has the key (a possible
+    /// conflict), and with 23505 on a unique violation.
+    pub fn insert_optimistic(&self, rows: usize) -> String {
+        let cols: Vec<usize> = self.written().collect();
+        let names: Vec<String> = cols.iter().map(|&p| self.name(p)).collect();
+        let mut values = String::new();
+        let mut param = 1;
+        for r in 0..rows {
+            if r > 0 {
+                values.push_str(", ");
+            }
+            values.push('(');
+            for (n, &pos) in cols.iter().enumerate() {
+                if n > 0 {
+                    values.push_str(", ");
+                }
+                values.push_str(&self.cast(pos, param));
+                param += 1;
+            }
+            values.push(')');
+        }
+        let overriding = if self.overriding {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        };
+        let tombstone_check = match &self.unique_key {
+            Some(uk) => {
+                let key: Vec<String> = uk.iter().map(|&p| format!("v.{}", self.name(p))).collect();
+                format!(
+                    " WHERE NOT EXISTS (SELECT 1 FROM walbridge.tombstones tb \
+                     WHERE tb.relid = {} AND tb.key = jsonb_build_array({}))",
+                    self.target.oid,
+                    key.join(", ")
+                )
+            }
+            None => String::new(),
+        };
+        format!(
+            "WITH ins AS (INSERT INTO {table} ({names}){overriding} \
+             SELECT * FROM (VALUES {values}) AS v ({names}){tombstone_check} RETURNING 1) \
+             SELECT walbridge.expect_rows(count(*), {rows}) FROM ins",
+            table = self.target.quoted_name(),
+            names = names.join(", "),
+        )
+    }
+
+    /// Guard that holds when the row's current version cannot be in conflict with the
+    /// incoming change: written by a node whose origin id is in the array `$o` (the source
+    /// itself, and under node_priority the nodes it outranks) or, when `by_time`, committed
+    /// strictly before the incoming change (`$t`).
+    fn guard(&self, origin_param: usize, time_param: usize, by_time: bool) -> String {
+        let time = if by_time {
+            format!(" OR o.timestamp < ${time_param}::timestamptz")
+        } else {
+            String::new()
+        };
+        format!(
+            "(SELECT o.roident = ANY(${origin_param}::oid[]){time} \
+             FROM pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o) IS NOT FALSE"
+        )
+    }
+
+    /// Optimistic UPDATE of one row. Parameters: the present written columns (`present` =
+    /// source positions whose value is not unchanged-TOAST), then the key values, then the
+    /// origin ids it may overwrite (an `oid[]`) and its commit time. `by_time`: whether an older target version may be
+    /// overwritten without a conflict check (last_write_wins, error).
+    pub fn update_optimistic(&self, present: &[usize], by_time: bool) -> String {
+        let (set, next) = self.set_list(present);
+        let key = self.key_match("cur", next);
+        let guard = self.guard(next + self.key.len(), next + self.key.len() + 1, by_time);
+        format!(
+            "WITH upd AS (UPDATE {table} AS cur SET {set} WHERE {target} AND {guard} RETURNING 1) \
+             SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+            table = self.target.quoted_name(),
+            target = self.row_target(&key),
+        )
+    }
+
+    /// Optimistic DELETE of one row. Parameters: key values, the origin ids it may overwrite
+    /// (`oid[]`), commit time.
+    pub fn delete_optimistic(&self, by_time: bool) -> String {
+        let key = self.key_match("cur", 1);
+        let guard = self.guard(1 + self.key.len(), 2 + self.key.len(), by_time);
+        format!(
+            "WITH del AS (DELETE FROM {table} AS cur WHERE {target} AND {guard} RETURNING 1) \
+             SELECT walbridge.expect_rows(count(*), 1) FROM del",
+            table = self.target.quoted_name(),
+            target = self.row_target(&key),
+        )
+    }
+
+    /// Rows are found by key; with FULL identity and no unique key, one arbitrary matching
+    /// row (duplicates are indistinguishable).
+    fn row_target(&self, key_match: &str) -> String {
+        if self.full_identity {
+            format!(
+                "cur.ctid = (SELECT c2.ctid FROM {} AS c2 WHERE {} LIMIT 1)",
+                self.target.quoted_name(),
+                key_match.replace("cur.", "c2.")
+            )
+        } else {
+            key_match.to_string()
+        }
+    }
+
+    fn set_list(&self, present: &[usize]) -> (String, usize) {
+        let mut set = String::new();
+        let mut param = 1;
+        for &pos in present {
+            if self.target_column[pos].is_none() {
+                continue;
+            }
+            if param > 1 {
+                set.push_str(", ");
+            }
+            let _ = write!(set, "{} = {}", self.name(pos), self.cast(pos, param));
+            param += 1;
+        }
+        (set, param)
+    }
+
+    /// Careful path: the target's current row for a key, locked, with its version and whether
+    /// it equals the change's old row. Parameters: key values, then (when `old_columns` is
+    /// non-empty) the old row's values of those columns. Returns one row or none:
+    /// `(row as json text, commit time, origin id, equals_old)`.
+    pub fn lookup_row(&self, old_columns: &[usize]) -> String {
+        let key = self.key_match("cur", 1);
+        let mut equals = String::from("NULL::boolean");
+        if !old_columns.is_empty() {
+            let mut param = 1 + self.key.len();
+            let parts: Vec<String> = old_columns
+                .iter()
+                .filter(|&&p| self.target_column[p].is_some())
+                .map(|&p| {
+                    let s = format!("cur.{}::text IS NOT DISTINCT FROM ${param}::text", self.name(p));
+                    param += 1;
+                    s
+                })
+                .collect();
+            if !parts.is_empty() {
+                equals = format!("({})", parts.join(" AND "));
+            }
+        }
+        format!(
+            "SELECT to_jsonb(cur)::text, o.timestamp, o.roident::int8, {equals} \
+             FROM {table} AS cur \
+             LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o ON true \
+             WHERE {target} LIMIT 1 FOR UPDATE OF cur",
+            table = self.target.quoted_name(),
+            target = self.row_target(&key),
+        )
+    }
+
+    /// Careful path: the key's tombstone version, if any. Parameters: unique key values.
+    pub fn lookup_tombstone(&self) -> Option<String> {
+        let uk = self.unique_key.as_ref()?;
+        Some(format!(
+            "SELECT o.timestamp, o.roident::int8 FROM walbridge.tombstones tb \
+             LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) o ON true \
+             WHERE tb.relid = {} AND tb.key = {}",
+            self.target.oid,
+            self.key_json(uk, 1)
+        ))
+    }
+
+    /// Careful path: record a deletion that found no row. Parameters: unique key values.
+    pub fn record_tombstone(&self) -> Option<String> {
+        let uk = self.unique_key.as_ref()?;
+        Some(format!(
+            "INSERT INTO walbridge.tombstones (relid, key) VALUES ({}, {}) \
+             ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
+            self.target.oid,
+            self.key_json(uk, 1)
+        ))
+    }
+
+    /// Careful path: plain single-row INSERT of the written columns.
+    pub fn insert_plain(&self) -> String {
+        let cols: Vec<usize> = self.written().collect();
+        let names: Vec<String> = cols.iter().map(|&p| self.name(p)).collect();
+        let values: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(n, &p)| self.cast(p, n + 1))
+            .collect();
+        format!(
+            "INSERT INTO {} ({}){} VALUES ({})",
+            self.target.quoted_name(),
+            names.join(", "),
+            if self.overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            values.join(", ")
+        )
+    }
+
+    /// Careful path: plain UPDATE of the present columns; parameters as
+    /// [`TableMap::update_optimistic`] without origin and time.
+    pub fn update_plain(&self, present: &[usize]) -> String {
+        let (set, next) = self.set_list(present);
+        let key = self.key_match("cur", next);
+        format!(
+            "UPDATE {} AS cur SET {set} WHERE {}",
+            self.target.quoted_name(),
+            self.row_target(&key)
+        )
+    }
+
+    /// Careful path: plain DELETE by key.
+    pub fn delete_plain(&self) -> String {
+        let key = self.key_match("cur", 1);
+        format!(
+            "DELETE FROM {} AS cur WHERE {}",
+            self.target.quoted_name(),
+            self.row_target(&key)
+        )
+    }
+}
+
+/// Careful path: one row of `walbridge.conflicts`. Parameters: source, target, table, key
+/// (json text), kind, resolution, local row (json text), remote row (json text), local commit
+/// time, remote commit time.
+pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
+    (source, target, table_name, key, kind, resolution, local_row, remote_row, \
+     local_commit_ts, remote_commit_ts) \
+    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz)";
+
+/// `TRUNCATE` of the given quoted table names with the source's options.
+pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> String {
+    format!(
+        "TRUNCATE {}{}{}",
+        tables.join(", "),
+        if restart_identity {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        },
+        if cascade { " CASCADE" } else { "" }
+    )
+}
+
+/// First statement of every applied transaction: checks the pipeline's position and stamps
+/// the source's commit. Parameters: expected origin progress, end LSN, commit time.
+pub const APPLY_BEGIN: &str =
+    "SELECT walbridge.apply_begin($1::pg_lsn, $2::pg_lsn, $3::timestamptz)";

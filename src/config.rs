@@ -1,1 +1,0 @@
-//! The TOML configuration file: parsing, `${ENV}` interpolation and validation.

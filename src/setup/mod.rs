@@ -1,0 +1,527 @@
+//! `walbridge setup` and `walbridge teardown`: prepare every node, and remove it all again.
+//!
+//! Setup is idempotent: every object is created only when missing and adjusted when it differs,
+//! so running it twice changes nothing. Prerequisites are checked on every node before
+//! anything is created, and all problems are reported together.
+//!
+//! Stream mode creates, per node, the `walbridge` schema (`sql/schema.sql`), the skip origin,
+//! the publication and delete-tombstone triggers; per direction S→T, the slot
+//! `<prefix>_S_to_T` on S and the origin `<prefix>_from_S` on T. The slot is created last: its
+//! consistent point is where replication of S→T starts, so everything committed after setup
+//! is replicated.
+
+pub mod prereq;
+mod teardown;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use tokio_postgres::Client;
+
+use crate::catalog::{self, quote_ident, TableInfo, TableKind};
+use crate::config::{Config, ConflictPolicy, Mode};
+use crate::event::ReplicaIdentity;
+use crate::pgconn;
+pub use prereq::Problem;
+pub use teardown::teardown;
+
+/// The SQL that creates walbridge's schema objects on a node.
+pub const SCHEMA_SQL: &str = include_str!("../../sql/schema.sql");
+
+/// Name of the statement-level trigger that records delete tombstones.
+pub const TOMBSTONE_TRIGGER: &str = "walbridge_tombstones";
+
+/// Options of `walbridge setup`.
+#[derive(Clone, Debug, Default)]
+pub struct SetupOptions {
+    /// `--copy-from NODE`.
+    pub copy_from: Option<String>,
+    /// `--jobs N`.
+    pub jobs: usize,
+    /// `--truncate`.
+    pub truncate: bool,
+}
+
+/// Setup or teardown failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A node could not be reached.
+    #[error("node {node}: {source}")]
+    Connect {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: pgconn::ConnectError,
+    },
+    /// Nodes lack prerequisites; nothing was changed.
+    #[error("{} prerequisite(s) missing, nothing was changed:\n  {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Prerequisites(Vec<Problem>),
+    /// A statement failed on a node.
+    #[error("node {node}: {what}: {}", pg_message(source))]
+    Sql {
+        /// The node.
+        node: String,
+        /// What was being done.
+        what: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The catalog could not be read.
+    #[error("node {node}: {source}")]
+    Catalog {
+        /// The node.
+        node: String,
+        /// The cause.
+        #[source]
+        source: catalog::CatalogError,
+    },
+    /// Something else that the message explains.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The server's message (and detail/hint) rather than tokio-postgres's generic "db error".
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = db.message().to_string();
+            if let Some(d) = db.detail() {
+                let _ = write!(s, " ({d})");
+            }
+            if let Some(h) = db.hint() {
+                let _ = write!(s, "; hint: {h}");
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+fn sql_err(
+    node: &str,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    let node = node.to_string();
+    let what = what.into();
+    move |source| SetupError::Sql { node, what, source }
+}
+
+/// An open connection to a configured node.
+pub struct NodeSession {
+    /// The node's name.
+    pub name: String,
+    /// The SQL connection.
+    pub client: Client,
+}
+
+/// Connects to every node, in configuration order.
+pub async fn connect_all(config: &Config, purpose: &str) -> Result<Vec<NodeSession>, SetupError> {
+    let mut out = Vec::with_capacity(config.nodes.len());
+    for node in &config.nodes {
+        let client = pgconn::connect(&node.dsn, &format!("walbridge-{purpose}"))
+            .await
+            .map_err(|source| SetupError::Connect {
+                node: node.name.clone(),
+                source,
+            })?;
+        out.push(NodeSession {
+            name: node.name.clone(),
+            client,
+        });
+    }
+    Ok(out)
+}
+
+/// The replicated tables, identical on every node: resolved from the patterns on each node,
+/// and a problem for each table some node lacks.
+pub async fn resolve_tables(
+    config: &Config,
+    nodes: &[NodeSession],
+) -> Result<(Vec<TableInfo>, Vec<Problem>), SetupError> {
+    let mut per_node: BTreeMap<&str, BTreeMap<(String, String), TableInfo>> = BTreeMap::new();
+    for n in nodes {
+        let tables = prereq::selected_tables(&n.client, config)
+            .await
+            .map_err(|source| SetupError::Catalog {
+                node: n.name.clone(),
+                source,
+            })?;
+        per_node.insert(
+            &n.name,
+            tables
+                .into_iter()
+                .map(|t| ((t.schema.clone(), t.name.clone()), t))
+                .collect(),
+        );
+    }
+    let all: BTreeSet<(String, String)> =
+        per_node.values().flat_map(|m| m.keys().cloned()).collect();
+    let mut problems = Vec::new();
+    for (schema, name) in &all {
+        let has: Vec<&str> = nodes
+            .iter()
+            .filter(|n| per_node[n.name.as_str()].contains_key(&(schema.clone(), name.clone())))
+            .map(|n| n.name.as_str())
+            .collect();
+        for n in nodes {
+            if !has.contains(&n.name.as_str()) {
+                problems.push(Problem {
+                    node: n.name.clone(),
+                    message: format!(
+                        "table {schema}.{name} exists on {} but not here; create it with the same \
+                         columns (DDL is not replicated) or add it to replication.exclude",
+                        has.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    let first = nodes
+        .first()
+        .map(|n| per_node[n.name.as_str()].clone())
+        .unwrap_or_default();
+    let tables = first.into_values().collect();
+    Ok((tables, problems))
+}
+
+/// Runs `walbridge setup`: checks, then creates what is missing. Progress lines go to `out`.
+pub async fn setup(
+    config: &Config,
+    options: &SetupOptions,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<(), SetupError> {
+    if options.copy_from.is_some() {
+        return Err(SetupError::Other(
+            "setup --copy-from is not available in this build".to_string(),
+        ));
+    }
+    if config.replication.mode != Mode::Stream {
+        return Err(SetupError::Other(format!(
+            "replication.mode = \"{}\" is not available in this build; use \"stream\"",
+            config.replication.mode.as_str()
+        )));
+    }
+    let nodes = connect_all(config, "setup").await?;
+
+    // 1. Everything every node needs, checked before anything changes.
+    let mut problems = Vec::new();
+    for n in &nodes {
+        let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
+            .await
+            .map_err(sql_err(&n.name, "reading server settings"))?;
+        problems.extend(prereq::common_problems(&n.name, &facts));
+        problems.extend(prereq::stream_problems(&n.name, &facts, nodes.len()));
+        if facts.stream_blocker().is_none() {
+            if let Some(p) = prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
+                .await
+                .map_err(sql_err(&n.name, "probing the output plugin"))?
+            {
+                problems.push(p);
+            }
+        }
+    }
+    let (tables, missing) = resolve_tables(config, &nodes).await?;
+    problems.extend(missing);
+    for n in &nodes {
+        for t in &tables {
+            if let Some(info) = catalog::table_info(&n.client, &t.schema, &t.name)
+                .await
+                .map_err(|source| SetupError::Catalog {
+                    node: n.name.clone(),
+                    source,
+                })?
+            {
+                problems.extend(prereq::identity_problem(&n.name, &info));
+            }
+        }
+    }
+    if tables.is_empty() {
+        problems.push(Problem {
+            node: nodes.first().map(|n| n.name.clone()).unwrap_or_default(),
+            message: format!(
+                "no table matches replication.tables {:?}; create the tables first (on every node)",
+                config
+                    .replication
+                    .tables
+                    .include()
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+            ),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(SetupError::Prerequisites(problems));
+    }
+    let _ = writeln!(
+        out,
+        "replicating {} table(s): {}",
+        tables.len(),
+        tables
+            .iter()
+            .map(|t| t.qualified_name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // 2. Per node: schema, settings, skip origin, publication, tombstone triggers.
+    for n in &nodes {
+        install_schema(config, n).await?;
+        let created = ensure_origin(&n.client, &n.name, &config.skip_origin_name()).await?;
+        if created {
+            let _ = writeln!(
+                out,
+                "{}: created origin {}",
+                n.name,
+                config.skip_origin_name()
+            );
+        }
+        let pub_line = ensure_publication(config, n, &tables).await?;
+        let _ = writeln!(out, "{}: {pub_line}", n.name);
+        for t in &tables {
+            let info = catalog::table_info(&n.client, &t.schema, &t.name)
+                .await
+                .map_err(|source| SetupError::Catalog {
+                    node: n.name.clone(),
+                    source,
+                })?
+                .ok_or_else(|| {
+                    SetupError::Other(format!(
+                        "node {}: table {} disappeared during setup",
+                        n.name,
+                        t.qualified_name()
+                    ))
+                })?;
+            if config.conflict_policy_for(&t.schema, &t.name) == ConflictPolicy::NodePriority
+                && info.replica_identity != ReplicaIdentity::Full
+            {
+                n.client
+                    .batch_execute(&format!(
+                        "ALTER TABLE {} REPLICA IDENTITY FULL",
+                        info.quoted_name()
+                    ))
+                    .await
+                    .map_err(sql_err(
+                        &n.name,
+                        format!("setting REPLICA IDENTITY FULL on {}", info.qualified_name()),
+                    ))?;
+                let _ = writeln!(
+                    out,
+                    "{}: set REPLICA IDENTITY FULL on {} (node_priority compares old rows to tell \
+                     concurrent writes from later ones)",
+                    n.name,
+                    info.qualified_name()
+                );
+            }
+            ensure_tombstone_trigger(n, &info).await?;
+        }
+    }
+
+    // 3. Per direction: the origin on the target, then the slot on the source.
+    for d in config.directions() {
+        let source = node_session(&nodes, &d.source)?;
+        let target = node_session(&nodes, &d.target)?;
+        let origin = config.origin_name(&d.source);
+        let slot = config.slot_name(&d.source, &d.target);
+        let origin_created = ensure_origin(&target.client, &target.name, &origin).await?;
+        let slot_created = ensure_slot(config, source, &slot).await?;
+        if slot_created && !origin_created {
+            // A new slot starts a new stream: progress recorded for an old one would skip it.
+            reset_origin(&target.client, &target.name, &origin).await?;
+        }
+        let _ = writeln!(
+            out,
+            "{} -> {}: slot {slot} on {} {}, origin {origin} on {} {}",
+            d.source,
+            d.target,
+            d.source,
+            if slot_created { "created" } else { "exists" },
+            d.target,
+            if origin_created { "created" } else { "exists" },
+        );
+    }
+    let _ = writeln!(out, "setup complete; start replication with: walbridge run");
+    Ok(())
+}
+
+fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {
+    nodes
+        .iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| SetupError::Other(format!("node {name} is not configured")))
+}
+
+async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupError> {
+    n.client.batch_execute(SCHEMA_SQL).await.map_err(sql_err(
+        &n.name,
+        "creating the walbridge schema (sql/schema.sql)",
+    ))?;
+    for (name, value) in [
+        ("node_name", n.name.as_str()),
+        ("skip_origin", &config.skip_origin_name()),
+        ("slot_prefix", &config.replication.slot_prefix),
+    ] {
+        n.client
+            .execute(
+                "INSERT INTO walbridge.settings (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&name, &value],
+            )
+            .await
+            .map_err(sql_err(&n.name, "recording walbridge.settings"))?;
+    }
+    Ok(())
+}
+
+/// Creates a replication origin when missing; true when created.
+async fn ensure_origin(client: &Client, node: &str, origin: &str) -> Result<bool, SetupError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1",
+            &[&origin],
+        )
+        .await
+        .map_err(sql_err(node, format!("looking up origin {origin}")))?
+        .is_some();
+    if !exists {
+        client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_create($1)",
+                &[&origin],
+            )
+            .await
+            .map_err(sql_err(node, format!("creating origin {origin}")))?;
+    }
+    Ok(!exists)
+}
+
+async fn reset_origin(client: &Client, node: &str, origin: &str) -> Result<(), SetupError> {
+    client
+        .batch_execute(&format!(
+            "SELECT pg_catalog.pg_replication_origin_drop({o}); \
+             SELECT pg_catalog.pg_replication_origin_create({o});",
+            o = catalog::quote_literal(origin)
+        ))
+        .await
+        .map_err(sql_err(node, format!("resetting origin {origin}")))
+}
+
+async fn ensure_slot(
+    config: &Config,
+    source: &NodeSession,
+    slot: &str,
+) -> Result<bool, SetupError> {
+    let plugin = config.replication.plugin.as_str();
+    let existing = source
+        .client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database() FROM pg_catalog.pg_replication_slots
+              WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(&source.name, format!("looking up slot {slot}")))?;
+    match existing {
+        Some(row) => {
+            let have: Option<String> = row.get(0);
+            let same_db: Option<bool> = row.get(1);
+            if have.as_deref() != Some(plugin) || same_db != Some(true) {
+                return Err(SetupError::Other(format!(
+                    "node {}: slot {slot} exists with plugin {} for another configuration; run \
+                     walbridge teardown (or pg_drop_replication_slot('{slot}')) first",
+                    source.name,
+                    have.unwrap_or_else(|| "?".into())
+                )));
+            }
+            Ok(false)
+        }
+        None => {
+            source
+                .client
+                .query_one(
+                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)",
+                    &[&slot, &plugin],
+                )
+                .await
+                .map_err(sql_err(&source.name, format!("creating slot {slot}")))?;
+            Ok(true)
+        }
+    }
+}
+
+async fn ensure_publication(
+    config: &Config,
+    n: &NodeSession,
+    tables: &[TableInfo],
+) -> Result<String, SetupError> {
+    let name = config.publication_name();
+    let list = tables
+        .iter()
+        .map(|t| t.quoted_name())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let exists = n
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(sql_err(&n.name, format!("looking up publication {name}")))?
+        .is_some();
+    let partitioned = tables.iter().any(|t| t.kind == TableKind::Partitioned);
+    let sql = if exists {
+        format!(
+            "ALTER PUBLICATION {p} SET TABLE {list}; \
+             ALTER PUBLICATION {p} SET (publish_via_partition_root = true, publish = 'insert, update, delete, truncate')",
+            p = quote_ident(&name)
+        )
+    } else {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} \
+             WITH (publish_via_partition_root = true, publish = 'insert, update, delete, truncate')",
+            quote_ident(&name)
+        )
+    };
+    n.client
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_err(&n.name, format!("creating publication {name}")))?;
+    Ok(format!(
+        "publication {name} {} ({} tables{})",
+        if exists { "updated" } else { "created" },
+        tables.len(),
+        if partitioned {
+            ", partitioned tables through their root"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// A statement-level AFTER DELETE trigger recording deleted keys, firing for local deletes and
+/// for deletes walbridge applies (ENABLE ALWAYS), on tables with a unique key.
+async fn ensure_tombstone_trigger(n: &NodeSession, t: &TableInfo) -> Result<(), SetupError> {
+    let Some(key) = t.unique_key() else {
+        return Ok(());
+    };
+    let args = key
+        .iter()
+        .map(|k| catalog::quote_literal(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "CREATE OR REPLACE TRIGGER {trg} AFTER DELETE ON {table} \
+         REFERENCING OLD TABLE AS walbridge_deleted_rows \
+         FOR EACH STATEMENT EXECUTE FUNCTION walbridge.record_tombstones({args}); \
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trg};",
+        trg = quote_ident(TOMBSTONE_TRIGGER),
+        table = t.quoted_name(),
+    );
+    n.client.batch_execute(&sql).await.map_err(sql_err(
+        &n.name,
+        format!("creating the tombstone trigger on {}", t.qualified_name()),
+    ))
+}
