@@ -325,7 +325,7 @@ pub fn is_definite(err: &rustls::Error) -> bool {
 }
 
 /// Puts a rustls failure into words an operator can act on. Certificate verification
-/// failures read "certificate verification failed: <why>".
+/// failures read "certificate verification failed: `why`".
 pub fn explain(err: &rustls::Error) -> String {
     TlsExplanation(err).to_string()
 }
