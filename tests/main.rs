@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod heavy_resilience;
 mod localpg;
 mod protocol;
 mod replication;
