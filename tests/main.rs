@@ -3,6 +3,8 @@
 mod support;
 
 mod cli;
+mod conflicts;
+mod heavy_convergence;
 mod heavy_resilience;
 mod localpg;
 mod protocol;
