@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod conflict;
 pub mod decode;
+pub mod demo;
 pub mod dsn;
 pub mod event;
 pub mod http;

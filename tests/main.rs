@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod conflicts;
+mod demo;
 mod heavy_convergence;
 mod heavy_resilience;
 mod localpg;

@@ -346,6 +346,77 @@ pub async fn setup(
     Ok(())
 }
 
+/// `check-config --connect`: every node reachable and ready for the configured mode.
+/// Returns the problems found (empty = ready); prints one line per node to `out`.
+pub async fn check(
+    config: &Config,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<Vec<Problem>, SetupError> {
+    let mut problems = Vec::new();
+    let mut nodes = Vec::new();
+    for node in &config.nodes {
+        match pgconn::connect(&node.dsn, "walbridge-check").await {
+            Ok(client) => {
+                let _ = writeln!(out, "{}: reachable ({})", node.name, node.dsn.describe());
+                nodes.push(NodeSession {
+                    name: node.name.clone(),
+                    client,
+                });
+            }
+            Err(e) => problems.push(Problem {
+                node: node.name.clone(),
+                message: format!("unreachable: {e}"),
+            }),
+        }
+    }
+    for n in &nodes {
+        let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
+            .await
+            .map_err(sql_err(&n.name, "reading server settings"))?;
+        problems.extend(prereq::common_problems(&n.name, &facts));
+        match config.replication.mode {
+            Mode::Stream => {
+                problems.extend(prereq::stream_problems(&n.name, &facts, config.nodes.len()));
+                if facts.stream_blocker().is_none() {
+                    problems.extend(
+                        prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
+                            .await
+                            .map_err(sql_err(&n.name, "probing the output plugin"))?,
+                    );
+                }
+            }
+            Mode::Trigger | Mode::Auto => {
+                if !facts.track_commit_timestamp {
+                    let _ = writeln!(
+                        out,
+                        "{}: note: track_commit_timestamp is off; conflicts cannot compare commit times",
+                        n.name
+                    );
+                }
+            }
+        }
+    }
+    if nodes.len() == config.nodes.len() {
+        let (tables, missing) = resolve_tables(config, &nodes).await?;
+        problems.extend(missing);
+        for n in &nodes {
+            for t in &tables {
+                if let Some(info) = catalog::table_info(&n.client, &t.schema, &t.name)
+                    .await
+                    .map_err(|source| SetupError::Catalog {
+                        node: n.name.clone(),
+                        source,
+                    })?
+                {
+                    problems.extend(prereq::identity_problem(&n.name, &info));
+                }
+            }
+        }
+        let _ = writeln!(out, "tables resolved: {}", tables.len());
+    }
+    Ok(problems)
+}
+
 fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {
     nodes
         .iter()
