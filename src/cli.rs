@@ -409,14 +409,31 @@ async fn status(_config: Config, _args: StatusArgs) -> Result<(), Failure> {
     Err(not_implemented("status"))
 }
 
-/// `walbridge verify`.
-#[allow(clippy::unused_async)] // until wired
+/// `walbridge verify`: the report on stdout; exit 0 identical, 1 differences, 2 usage.
 async fn verify(
-    _config: Config,
-    _args: VerifyArgs,
-    _shutdown: CancellationToken,
+    config: Config,
+    args: VerifyArgs,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
-    Err(not_implemented("verify"))
+    let options = crate::verify::VerifyOptions {
+        table: args.table,
+        ..Default::default()
+    };
+    let report = match crate::verify::verify(&config, &options, &shutdown).await {
+        Ok(report) => report,
+        Err(e) if e.is_usage() => return Err(Failure::Usage(e.into())),
+        Err(e) => return Err(Failure::Fatal(e.into())),
+    };
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.identical {
+        Ok(())
+    } else {
+        Err(Failure::Exit(1))
+    }
 }
 
 /// `walbridge teardown`.

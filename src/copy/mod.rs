@@ -1,0 +1,1 @@
+//! `walbridge setup --copy-from NODE`: the initial copy.
