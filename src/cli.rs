@@ -398,9 +398,10 @@ fn setup_failure(e: crate::setup::SetupError) -> Failure {
 }
 
 /// `walbridge run`.
-#[allow(clippy::unused_async)] // until wired
-async fn run(_config: Config, _shutdown: CancellationToken) -> Result<(), Failure> {
-    Err(not_implemented("run"))
+async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure> {
+    crate::runtime::run(std::sync::Arc::new(config), shutdown)
+        .await
+        .map_err(|e| Failure::Fatal(e.into()))
 }
 
 /// `walbridge status`.

@@ -12,6 +12,7 @@
 //!
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
+pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod copy;
 pub mod decode;
 pub mod dsn;
 pub mod event;
+pub mod http;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
@@ -27,6 +29,7 @@ pub mod pgconn;
 pub mod protocol;
 pub mod runtime;
 pub mod setup;
+pub mod source;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;

@@ -4,4 +4,7 @@ mod support;
 
 mod cli;
 mod localpg;
+mod protocol;
+mod replication;
 mod setup;
+mod tls;

@@ -327,7 +327,10 @@ impl TableMap {
                 .iter()
                 .filter(|&&p| self.target_column[p].is_some())
                 .map(|&p| {
-                    let s = format!("cur.{}::text IS NOT DISTINCT FROM ${param}::text", self.name(p));
+                    let s = format!(
+                        "cur.{}::text IS NOT DISTINCT FROM ${param}::text",
+                        self.name(p)
+                    );
                     param += 1;
                     s
                 })
@@ -364,6 +367,17 @@ impl TableMap {
         Some(format!(
             "INSERT INTO walbridge.tombstones (relid, key) VALUES ({}, {}) \
              ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
+            self.target.oid,
+            self.key_json(uk, 1)
+        ))
+    }
+
+    /// Careful path: forget a tombstone once a later insert recreated the key. Parameters:
+    /// unique key values.
+    pub fn delete_tombstone(&self) -> Option<String> {
+        let uk = self.unique_key.as_ref()?;
+        Some(format!(
+            "DELETE FROM walbridge.tombstones WHERE relid = {} AND key = {}",
             self.target.oid,
             self.key_json(uk, 1)
         ))
@@ -436,7 +450,11 @@ pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> Str
     )
 }
 
-/// First statement of every applied transaction: checks the pipeline's position and stamps
-/// the source's commit. Parameters: expected origin progress, end LSN, commit time.
-pub const APPLY_BEGIN: &str =
-    "SELECT walbridge.apply_begin($1::pg_lsn, $2::pg_lsn, $3::timestamptz)";
+/// Last statement of every applied transaction: checks the pipeline's position and stamps the
+/// source's commit. Parameters: expected origin progress, end LSN, commit time.
+pub const APPLY_FINISH: &str =
+    "SELECT walbridge.apply_finish($1::pg_lsn, $2::pg_lsn, $3::timestamptz)";
+
+/// The origin progress that is durable on the target (flushes WAL up to the last applied
+/// commit first), which is what may be confirmed to the source.
+pub const FLUSHED_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_session_progress(true)";

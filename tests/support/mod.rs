@@ -244,3 +244,31 @@ impl Drop for Runner {
 pub fn show(p: &Path) -> String {
     p.display().to_string()
 }
+
+impl Deployment {
+    /// Waits until walbridge has consumed and confirmed everything written so far on every
+    /// node: each slot's `confirmed_flush_lsn` passes the node's WAL position as of now. Run
+    /// twice, this also covers anything the first round caused on the peers (an echo).
+    pub fn wait_caught_up(&self) {
+        for _round in 0..2 {
+            for (name, c) in self.names.iter().zip(&self.clusters) {
+                let lsn = c
+                    .psql("postgres", "SELECT pg_current_wal_lsn()")
+                    .expect("current WAL position");
+                let sql = format!(
+                    "SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots \
+                     WHERE slot_name LIKE 'walbridge\\_%'"
+                );
+                self.wait_for(name, &sql, "t");
+            }
+        }
+    }
+
+    /// Row versions of a table (`xmin` per key), to prove nothing rewrote rows.
+    pub fn row_versions(&self, node: &str, table: &str, key: &str) -> String {
+        self.sql(
+            node,
+            &format!("SELECT string_agg({key}::text || '@' || xmin::text, ',' ORDER BY {key}) FROM {table}"),
+        )
+    }
+}
