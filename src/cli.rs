@@ -364,7 +364,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
 async fn setup(
     config: Config,
     args: SetupArgs,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
     if let Some(node) = &args.copy_from {
         require_node(&config, "--copy-from", node)?;
@@ -373,6 +373,7 @@ async fn setup(
         copy_from: args.copy_from.clone(),
         jobs: usize::from(args.jobs),
         truncate: args.truncate,
+        shutdown,
     };
     let mut out = std::io::stdout();
     crate::setup::setup(&config, &options, &mut out)

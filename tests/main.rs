@@ -3,8 +3,10 @@
 mod support;
 
 mod cli;
+mod copy;
 mod localpg;
 mod protocol;
 mod replication;
 mod setup;
 mod tls;
+mod verify;

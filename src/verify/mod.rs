@@ -611,23 +611,25 @@ async fn compare(
         }
         let rows: Vec<i64> = stats.iter().map(|s| s.rows).collect();
         let most = rows.iter().copied().max().unwrap_or(0);
-        let budget_left = options
-            .max_differences
-            .saturating_sub(differences.len() + stack.len());
-        let whole_range_missing = rows.contains(&0);
-        if most <= leaf_rows && budget_left > 0 {
+        let room = options.max_differences.saturating_sub(differences.len());
+        if room == 0 {
+            truncated = true;
+            differences.push(range_difference(nodes, &range, &rows));
+            continue;
+        }
+        // A range some node has no row of at all is named as a range (unless it is one row).
+        if rows.contains(&0) && most > 1 {
+            differences.push(range_difference(nodes, &range, &rows));
+            continue;
+        }
+        if most <= leaf_rows {
             let keys = compare_keys(nodes, table, &range).await?;
-            if keys.len() > budget_left {
+            if keys.len() > room {
                 truncated = true;
                 differences.push(range_difference(nodes, &range, &rows));
             } else {
                 differences.extend(keys);
             }
-            continue;
-        }
-        if whole_range_missing || budget_left == 0 {
-            truncated |= budget_left == 0;
-            differences.push(range_difference(nodes, &range, &rows));
             continue;
         }
         // Split at quantiles of the node with the most rows here.
@@ -658,7 +660,32 @@ async fn compare(
             }
         }
     }
-    Ok((totals, differences, truncated))
+    Ok((totals, merge_adjacent(differences), truncated))
+}
+
+/// Joins consecutive ranges that say the same thing (a block missing on a node, cut into
+/// pieces by the bisection) into one range.
+fn merge_adjacent(differences: Vec<Difference>) -> Vec<Difference> {
+    let mut out: Vec<Difference> = Vec::with_capacity(differences.len());
+    for d in differences {
+        if let Some(prev) = out.last_mut() {
+            let joinable = prev.key.is_none()
+                && d.key.is_none()
+                && prev.detail == d.detail
+                && prev.to.is_some()
+                && prev.to == d.from
+                && prev.rows.keys().eq(d.rows.keys());
+            if joinable {
+                prev.to = d.to;
+                for (node, n) in d.rows {
+                    *prev.rows.entry(node).or_insert(0) += n;
+                }
+                continue;
+            }
+        }
+        out.push(d);
+    }
+    out
 }
 
 /// `range` cut at `boundaries` into `boundaries.len() + 1` consecutive pieces.
@@ -862,6 +889,29 @@ mod tests {
         assert_eq!(pieces[0].upper, Some(vec!["10".into()]));
         assert_eq!(pieces[1].lower, Some(vec!["10".into()]));
         assert_eq!(pieces[2].upper, None);
+    }
+
+    #[test]
+    fn adjacent_missing_ranges_merge() {
+        let range = |from: Option<&str>, to: Option<&str>, east: i64| Difference {
+            from: from.map(String::from),
+            to: to.map(String::from),
+            key: None,
+            rows: [("east".to_string(), east), ("west".to_string(), 0)]
+                .into_iter()
+                .collect(),
+            detail: "every row of the range missing on west".into(),
+        };
+        let merged = merge_adjacent(vec![
+            range(Some("1"), Some("5"), 4),
+            range(Some("5"), Some("9"), 4),
+            range(Some("20"), None, 7),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].from.as_deref(), Some("1"));
+        assert_eq!(merged[0].to.as_deref(), Some("9"));
+        assert_eq!(merged[0].rows["east"], 8);
+        assert_eq!(merged[1].from.as_deref(), Some("20"));
     }
 
     #[test]
