@@ -335,3 +335,101 @@ fn interrupt_during_copy_leaves_no_slot_and_no_rows() {
     d.walbridge_ok(&["setup", "--copy-from", "east", "--jobs", "2"]);
     verify_ok(&d);
 }
+
+#[test]
+fn interrupt_while_the_slot_waits_for_a_running_transaction() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
+    // A transaction with an xid (and no lock on a replicated table, which setup's triggers
+    // would wait for) keeps the slot from reaching its consistent point.
+    let c = d.node("east");
+    let mut blocker = Command::new(c.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p"])
+        .arg(c.port().to_string())
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            "BEGIN; SELECT txid_current(); SELECT pg_sleep(120); COMMIT",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the open transaction");
+    assert!(wait_until(WAIT, || d.sql(
+        "east",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND granted"
+    ) != "0"));
+
+    let log = d.dir.path().join("setup.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let child = Command::new(walbridge_bin())
+        .args(["setup", "--copy-from", "east"])
+        .arg("--config")
+        .arg(&d.config)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn setup");
+    let mut setup = Runner { child, log };
+    let waiting = wait_until(WAIT, || {
+        d.sql(
+            "east",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walbridge-copy-slot%' \
+             AND query LIKE 'CREATE_REPLICATION_SLOT%' AND state = 'active'",
+        ) != "0"
+    });
+    assert!(waiting, "slot creation never started:\n{}", setup.log());
+    setup.signal(libc::SIGINT);
+    let code = setup.wait_exit(WAIT);
+    let _ = blocker.kill();
+    let _ = blocker.wait();
+    assert_eq!(code, Some(1), "{}", setup.log());
+    assert!(setup.log().contains("interrupted"), "{}", setup.log());
+    assert!(wait_until(WAIT, || d
+        .sql("east", "SELECT count(*) FROM pg_replication_slots")
+        == "0"));
+    assert_eq!(d.sql("west", "SELECT count(*) FROM public.items"), "0");
+}
+
+#[test]
+fn copy_to_two_peers_then_replicate_among_three() {
+    let d = Deployment::new(
+        &["east", "west", "north"],
+        "CREATE TABLE public.t (id int PRIMARY KEY, v text);",
+        "tables = [\"public.*\"]\nplugin = \"wal2json\"",
+    );
+    d.sql(
+        "east",
+        "INSERT INTO public.t SELECT g, 'v' || g FROM generate_series(1, 20000) g",
+    );
+    let out = d.walbridge_ok(&["setup", "--copy-from", "east", "--jobs", "2"]);
+    assert!(out.contains("copied 40000 rows"), "{out}");
+    verify_ok(&d);
+
+    let mut run = d.spawn_run("run.log");
+    d.sql("west", "UPDATE public.t SET v = 'from west' WHERE id = 1");
+    d.sql("north", "DELETE FROM public.t WHERE id = 2");
+    d.sql("east", "INSERT INTO public.t VALUES (20001, 'late')");
+    for node in ["east", "west", "north"] {
+        d.wait_for(
+            node,
+            "SELECT count(*) || ':' || max(id) || ':' || (SELECT v FROM public.t WHERE id = 1) FROM public.t",
+            "20000:20001:from west",
+        );
+    }
+    d.wait_caught_up();
+    verify_ok(&d);
+    for node in ["east", "west", "north"] {
+        assert_eq!(
+            d.sql(node, "SELECT count(*) FROM walbridge.conflicts"),
+            "0",
+            "{node}"
+        );
+    }
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+}

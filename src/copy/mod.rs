@@ -906,7 +906,7 @@ async fn undo(config: &Config, plan: &CopyPlan, done: &Done) -> String {
         }
     }
     if said.is_empty() {
-        "nothing had been changed".to_string()
+        "the copy had not changed anything yet".to_string()
     } else {
         said.join(", ")
     }

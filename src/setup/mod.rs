@@ -254,7 +254,7 @@ pub async fn setup(
     }
     // The copy's own checks (empty targets, no slot yet, columns), before anything changes.
     let copy_plan = match &options.copy_from {
-        Some(source) if problems.is_empty() => {
+        Some(source) => {
             let refs: Vec<crate::copy::NodeRef> = nodes
                 .iter()
                 .map(|n| crate::copy::NodeRef {
@@ -271,7 +271,7 @@ pub async fn setup(
             problems.extend(refusals);
             Some(plan)
         }
-        _ => None,
+        None => None,
     };
     if !problems.is_empty() {
         return Err(SetupError::Prerequisites(problems));
