@@ -10,6 +10,15 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// How often a plain log line reports a table still being copied.
 const LINE_EVERY: Duration = Duration::from_secs(5);
 
+/// How often a bar is updated: counting happens per row, drawing ten times a second (updating
+/// the bar for every row costs more than copying it).
+const BAR_EVERY: Duration = Duration::from_millis(100);
+
+/// `{rate}`: rows per second, without decimals.
+fn rate_key(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{:.0} rows/s", state.per_sec());
+}
+
 /// Where progress goes.
 #[derive(Clone)]
 pub enum Progress {
@@ -38,9 +47,10 @@ impl Progress {
                         let bar = ProgressBar::new(n);
                         bar.set_style(
                             ProgressStyle::with_template(
-                                "{prefix:40!} [{bar:25}] {human_pos}/~{human_len} rows {msg} \
-                                 {per_sec} eta {eta}",
+                                "{prefix:40!} [{bar:25}] {human_pos}/~{human_len} rows, {msg}, \
+                                 {rate}, eta {eta}",
                             )
+                            .map(|s| s.with_key("rate", rate_key))
                             .unwrap_or_else(|_| ProgressStyle::default_bar())
                             .progress_chars("=> "),
                         );
@@ -50,14 +60,16 @@ impl Progress {
                         let bar = ProgressBar::new_spinner();
                         bar.set_style(
                             ProgressStyle::with_template(
-                                "{prefix:40!} {spinner} {human_pos} rows {msg} {per_sec}",
+                                "{prefix:40!} {spinner} {human_pos} rows, {msg}, {rate}",
                             )
+                            .map(|s| s.with_key("rate", rate_key))
                             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                         );
                         bar
                     }
                 };
                 bar.set_prefix(label.clone());
+                bar.set_message(human_bytes(0));
                 let bar = multi.add(bar);
                 bar.enable_steady_tick(Duration::from_millis(200));
                 Some(bar)
@@ -98,7 +110,11 @@ impl TableProgress {
         self.bytes += bytes;
         match &self.bar {
             Some(bar) => {
-                bar.inc(rows);
+                if self.last_line.elapsed() < BAR_EVERY {
+                    return;
+                }
+                self.last_line = Instant::now();
+                bar.set_position(self.rows);
                 if let Some(len) = bar.length() {
                     if self.rows > len {
                         // The estimate was low (reltuples is a sample): stretch the bar.
