@@ -3,7 +3,10 @@
 mod support;
 
 mod cli;
+mod conflicts;
 mod copy;
+mod heavy_convergence;
+mod heavy_resilience;
 mod localpg;
 mod protocol;
 mod replication;
