@@ -392,7 +392,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
 async fn setup(
     config: Config,
     args: SetupArgs,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
     if let Some(node) = &args.copy_from {
         require_node(&config, "--copy-from", node)?;
@@ -401,6 +401,7 @@ async fn setup(
         copy_from: args.copy_from.clone(),
         jobs: usize::from(args.jobs),
         truncate: args.truncate,
+        shutdown,
     };
     let mut out = std::io::stdout();
     crate::setup::setup(&config, &options, &mut out)
@@ -438,14 +439,31 @@ async fn status(_config: Config, _args: StatusArgs) -> Result<(), Failure> {
     Err(not_implemented("status"))
 }
 
-/// `walbridge verify`.
-#[allow(clippy::unused_async)] // until wired
+/// `walbridge verify`: the report on stdout; exit 0 identical, 1 differences, 2 usage.
 async fn verify(
-    _config: Config,
-    _args: VerifyArgs,
-    _shutdown: CancellationToken,
+    config: Config,
+    args: VerifyArgs,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
-    Err(not_implemented("verify"))
+    let options = crate::verify::VerifyOptions {
+        table: args.table,
+        ..Default::default()
+    };
+    let report = match crate::verify::verify(&config, &options, &shutdown).await {
+        Ok(report) => report,
+        Err(e) if e.is_usage() => return Err(Failure::Usage(e.into())),
+        Err(e) => return Err(Failure::Fatal(e.into())),
+    };
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.identical {
+        Ok(())
+    } else {
+        Err(Failure::Exit(1))
+    }
 }
 
 /// `walbridge teardown`.

@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod conflicts;
+mod copy;
 mod demo;
 mod heavy_convergence;
 mod heavy_resilience;
@@ -12,3 +13,4 @@ mod protocol;
 mod replication;
 mod setup;
 mod tls;
+mod verify;

@@ -40,6 +40,8 @@ pub struct SetupOptions {
     pub jobs: usize,
     /// `--truncate`.
     pub truncate: bool,
+    /// Cancelled on SIGINT/SIGTERM: the copy stops and undoes itself.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Setup or teardown failed.
@@ -77,6 +79,9 @@ pub enum SetupError {
         #[source]
         source: catalog::CatalogError,
     },
+    /// The initial copy (`--copy-from`) failed; it says what it undid.
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
     /// Something else that the message explains.
     #[error("{0}")]
     Other(String),
@@ -192,11 +197,6 @@ pub async fn setup(
     options: &SetupOptions,
     out: &mut (dyn std::io::Write + Send),
 ) -> Result<(), SetupError> {
-    if options.copy_from.is_some() {
-        return Err(SetupError::Other(
-            "setup --copy-from is not available in this build".to_string(),
-        ));
-    }
     if config.replication.mode != Mode::Stream {
         return Err(SetupError::Other(format!(
             "replication.mode = \"{}\" is not available in this build; use \"stream\"",
@@ -252,6 +252,27 @@ pub async fn setup(
             ),
         });
     }
+    // The copy's own checks (empty targets, no slot yet, columns), before anything changes.
+    let copy_plan = match &options.copy_from {
+        Some(source) => {
+            let refs: Vec<crate::copy::NodeRef> = nodes
+                .iter()
+                .map(|n| crate::copy::NodeRef {
+                    name: &n.name,
+                    client: &n.client,
+                })
+                .collect();
+            let request = crate::copy::CopyRequest {
+                source: source.clone(),
+                jobs: options.jobs,
+                truncate: options.truncate,
+            };
+            let (plan, refusals) = crate::copy::plan(config, &request, &refs, &tables).await?;
+            problems.extend(refusals);
+            Some(plan)
+        }
+        None => None,
+    };
     if !problems.is_empty() {
         return Err(SetupError::Prerequisites(problems));
     }
@@ -317,6 +338,11 @@ pub async fn setup(
             }
             ensure_tombstone_trigger(n, &info).await?;
         }
+    }
+
+    // The copy creates the slots <copy_from>→P with their snapshots and fills the peers.
+    if let Some(plan) = &copy_plan {
+        crate::copy::run(config, plan, &options.shutdown, out).await?;
     }
 
     // 3. Per direction: the origin on the target, then the slot on the source.
