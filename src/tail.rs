@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   slot (temporary, or --slot) ──▶ Source (pgoutput | wal2json) ──Event──▶ Renderer ──▶ stdout
-//!                                        ▲                                    │ one line per
-//!                                        └──── confirm(commit end LSN) ◀──────┘ event, flushed
+//!                                        ▲                                    │ flushed before
+//!                                        └──── confirm(commit end LSN) ◀──────┘ every wait
 //! ```
 //!
 //! Every line is one self-contained JSON object whose `op` says what it is (`begin`,
@@ -15,6 +15,9 @@
 //! names, types and key flags (from the Relation message before it), so a consumer never has
 //! to keep state.
 //!
+//! Output: lines go out as soon as nothing more is waiting to be read (so a live reader sees
+//! each change at once), in batches of up to 64 kB while a large transaction streams.
+//!
 //! Progress: after a commit line is written and flushed, its end LSN is confirmed to the
 //! slot, so a `--slot` feed resumes after the last transaction it printed (at-least-once: a
 //! transaction cut off by a stop is printed again). The temporary slot used without `--slot`
@@ -22,20 +25,25 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use futures::FutureExt as _;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::quote_ident;
 use crate::config::{Config, NodeConfig, Plugin};
-use crate::event::{Begin, Change, Column, Commit, Event, LogicalMessage, Truncate, Value};
+use crate::event::{
+    Begin, Change, Column, Commit, Event, LogicalMessage, Relation, Truncate, Value,
+};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgconn;
-use crate::protocol::StreamConfig;
+use crate::protocol::{ProtocolError, StreamConfig, StreamItem};
 use crate::source::{Source, SourceError, SourceItem, SourceOptions};
 
 /// What `walbridge tail` reads.
@@ -133,7 +141,7 @@ pub enum TailError {
         node: String,
         /// What failed.
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     /// The server ended the stream without being asked to.
     #[error("node {0}: the replication stream ended; is the server shutting down?")]
@@ -259,7 +267,7 @@ pub async fn tail(
     };
     let source_err = |source| TailError::Source {
         node: name.to_string(),
-        source,
+        source: Box::new(source),
     };
     let slot = source_opts.slot.clone();
     let (mut source, driver) = if opts.slot.is_some() {
@@ -352,7 +360,15 @@ async fn check_existing_slot(
     }
 }
 
+/// Output is written in batches of up to this many bytes while input is ready.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// Reads, renders and writes until shutdown, a stream error, or a closed standard output.
+///
+/// Lines are flushed whenever tail is about to wait for the server, so a reader sees every
+/// line as soon as nothing more is immediately available; under load, the lines of many
+/// messages go out in one write. Positions are confirmed to the slot only once the lines
+/// they cover are flushed.
 async fn pump(
     node: &str,
     source: &mut Source,
@@ -360,63 +376,96 @@ async fn pump(
     out: &mut (dyn Write + Send),
     shutdown: &CancellationToken,
 ) -> Result<(), TailError> {
-    let source_err = |source| TailError::Source {
-        node: node.to_string(),
-        source,
+    let mut printer = Printer {
+        node,
+        catalog,
+        renderer: Renderer::default(),
+        buf: Vec::with_capacity(2 * BATCH_BYTES),
+        confirm: None,
     };
-    let mut renderer = Renderer::default();
-    let mut buf = Vec::with_capacity(4096);
     loop {
-        tokio::select! {
+        // Everything so far is printed before waiting.
+        match out.write_all(&printer.buf).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // `walbridge tail | head`: the reader is done, so are we.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(TailError::Output(e)),
+        }
+        printer.buf.clear();
+        if let Some(lsn) = printer.confirm.take() {
+            source.feedback().confirm(lsn);
+        }
+        let item = tokio::select! {
             biased;
             // 1. Ctrl-C / SIGTERM: stop; the caller ends the stream.
             _ = shutdown.cancelled() => return Ok(()),
-            // 2. The next message (cancel-safe receive; the work happens below).
-            item = source.recv() => {
-                let Some(item) = item else {
-                    return if shutdown.is_cancelled() {
-                        Ok(())
-                    } else {
-                        Err(TailError::StreamEnded(node.to_string()))
-                    };
-                };
-                let item = item.map_err(|e| source_err(e.into()))?;
-                for decoded in source.decode(item).await.map_err(source_err)? {
-                    match decoded {
-                        SourceItem::Keepalive { wal_end } => {
-                            // Nothing of a transaction is pending: everything the server has
-                            // sent is printed, so the slot need not keep it.
-                            if renderer.idle() {
-                                source.feedback().confirm(wal_end);
-                            }
+            // 2. The next message (a cancel-safe receive; the work happens below).
+            item = source.recv() => item,
+        };
+        printer.handle(source, item, shutdown).await?;
+        // Whatever else is already here, without waiting, up to a batch.
+        while printer.buf.len() < BATCH_BYTES && !shutdown.is_cancelled() {
+            let Some(item) = source.recv().now_or_never() else {
+                break;
+            };
+            printer.handle(source, item, shutdown).await?;
+        }
+    }
+}
+
+/// Rendering state of [`pump`].
+struct Printer<'a> {
+    node: &'a str,
+    catalog: &'a tokio_postgres::Client,
+    renderer: Renderer,
+    buf: Vec<u8>,
+    /// Position to confirm once `buf` is flushed.
+    confirm: Option<Lsn>,
+}
+
+impl Printer<'_> {
+    async fn handle(
+        &mut self,
+        source: &mut Source,
+        item: Option<Result<StreamItem, ProtocolError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), TailError> {
+        let source_err = |source| TailError::Source {
+            node: self.node.to_string(),
+            source: Box::new(source),
+        };
+        let Some(item) = item else {
+            return if shutdown.is_cancelled() {
+                Ok(())
+            } else {
+                Err(TailError::StreamEnded(self.node.to_string()))
+            };
+        };
+        let item = item.map_err(|e| source_err(e.into()))?;
+        for decoded in source.decode(item).await.map_err(source_err)? {
+            match decoded {
+                SourceItem::Keepalive { wal_end } => {
+                    // No transaction is open: everything the server has sent is printed
+                    // (once flushed), so the slot need not keep it.
+                    if self.renderer.idle() {
+                        self.confirm = self.confirm.max(Some(wal_end));
+                    }
+                }
+                SourceItem::Event { event, wal_start } => {
+                    let unknown = self.renderer.unknown_types(&event);
+                    if !unknown.is_empty() {
+                        for (oid, name) in lookup_types(self.catalog, &unknown).await {
+                            self.renderer.learn_type(oid, name);
                         }
-                        SourceItem::Event { event, wal_start } => {
-                            let unknown = renderer.unknown_types(&event);
-                            if !unknown.is_empty() {
-                                for (oid, name) in lookup_types(catalog, &unknown).await {
-                                    renderer.learn_type(oid, name);
-                                }
-                            }
-                            renderer.render(&event, wal_start, &mut buf);
-                            if !buf.is_empty() {
-                                match out.write_all(&buf).and_then(|()| out.flush()) {
-                                    Ok(()) => {}
-                                    // `walbridge tail | head`: the reader is done, so are we.
-                                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                                        return Ok(())
-                                    }
-                                    Err(e) => return Err(TailError::Output(e)),
-                                }
-                                buf.clear();
-                            }
-                            if let Event::Commit(c) = &event {
-                                source.feedback().confirm(c.end_lsn);
-                            }
-                        }
+                    }
+                    self.renderer.render(&event, wal_start, &mut self.buf);
+                    if let Event::Commit(c) = &event {
+                        self.confirm = self.confirm.max(Some(c.end_lsn));
                     }
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -473,6 +522,9 @@ pub struct Renderer {
     /// Type names the stream announced or the catalog gave (`None`: not found).
     types: HashMap<u32, Option<String>>,
     open: Option<OpenTransaction>,
+    /// The `columns` array of each table's lines, rendered once per relation description
+    /// (by OID; a new description of the table replaces it).
+    columns: HashMap<u32, (Arc<Relation>, Box<RawValue>)>,
 }
 
 impl Renderer {
@@ -591,8 +643,13 @@ impl Renderer {
         );
     }
 
-    fn change_line(&self, c: &Change, wal_start: Lsn, out: &mut Vec<u8>) {
-        let rel = &c.relation;
+    /// The rendered `columns` array of `rel`, from the cache when it holds this description.
+    fn columns_json(&mut self, rel: &Arc<Relation>) -> Box<RawValue> {
+        if let Some((cached, json)) = self.columns.get(&rel.oid) {
+            if Arc::ptr_eq(cached, rel) || **cached == **rel {
+                return json.clone();
+            }
+        }
         let columns: Vec<ColumnOut<'_>> = rel
             .columns
             .iter()
@@ -604,6 +661,15 @@ impl Renderer {
                 key: col.is_key,
             })
             .collect();
+        // Serializing names, strings and numbers cannot fail; the default is `null`.
+        let json = serde_json::value::to_raw_value(&columns).unwrap_or_default();
+        self.columns.insert(rel.oid, (rel.clone(), json.clone()));
+        json
+    }
+
+    fn change_line(&mut self, c: &Change, wal_start: Lsn, out: &mut Vec<u8>) {
+        let rel = &c.relation;
+        let columns = self.columns_json(rel);
         let key = (rel.columns.iter().any(|col| col.is_key))
             .then(|| c.identity_tuple())
             .flatten()
@@ -732,7 +798,7 @@ struct ChangeLine<'a> {
     lsn: Lsn,
     schema: &'a str,
     table: &'a str,
-    columns: Vec<ColumnOut<'a>>,
+    columns: Box<RawValue>,
     key: Option<Row<'a>>,
     new: Option<Row<'a>>,
     old: Option<Row<'a>>,
@@ -810,5 +876,293 @@ impl Serialize for ValueOut<'_> {
             &base64::engine::general_purpose::STANDARD.encode(bytes),
         )?;
         map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChangeOp, OldKind, OldTuple, Origin, ReplicaIdentity, Tuple, TypeInfo};
+    use bytes::Bytes;
+    use serde_json::json;
+
+    fn relation(identity: ReplicaIdentity, keys: &[&str]) -> Arc<Relation> {
+        let col = |name: &str, type_oid| Column {
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+            is_key: keys.contains(&name),
+        };
+        Arc::new(Relation {
+            oid: 16400,
+            schema: "public".into(),
+            table: "t".into(),
+            replica_identity: identity,
+            columns: vec![col("id", 23), col("body", 25), col("m", 70000)],
+        })
+    }
+
+    fn lines(r: &mut Renderer, events: &[Event]) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for e in events {
+            r.render(e, Lsn(0x10), &mut out);
+        }
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn begin() -> Event {
+        Event::Begin(Begin {
+            xid: 7,
+            final_lsn: Lsn(0x100),
+            commit_time: PgTimestamp(0),
+        })
+    }
+
+    fn commit() -> Event {
+        Event::Commit(Commit {
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x130),
+            commit_time: PgTimestamp(0),
+        })
+    }
+
+    fn text(s: &str) -> Value {
+        Value::text(s)
+    }
+
+    #[test]
+    fn origin_is_folded_into_begin_and_commit() {
+        let mut r = Renderer::default();
+        assert!(r.idle());
+        let rel = relation(ReplicaIdentity::Default, &["id"]);
+        let out = lines(
+            &mut r,
+            &[
+                begin(),
+                Event::Origin(Origin {
+                    name: "walbridge_from_b".into(),
+                    lsn: Lsn(5),
+                }),
+                Event::Relation(rel.clone()),
+                Event::Change(Change {
+                    op: ChangeOp::Insert,
+                    relation: rel,
+                    new: Some(Tuple(vec![text("1"), Value::Null, text("x")])),
+                    old: None,
+                }),
+            ],
+        );
+        assert!(!r.idle());
+        assert_eq!(
+            out[0],
+            json!({"op": "begin", "xid": 7, "commit_lsn": "0/100",
+                   "commit_time": "2000-01-01T00:00:00.000000Z", "origin": "walbridge_from_b"})
+        );
+        assert_eq!(out[1]["op"], "insert");
+        assert_eq!(out[1]["xid"], 7);
+        assert_eq!(out[1]["lsn"], "0/10");
+        let out = lines(&mut r, &[commit()]);
+        assert_eq!(
+            out,
+            vec![
+                json!({"op": "commit", "xid": 7, "commit_lsn": "0/100", "end_lsn": "0/130",
+                        "commit_time": "2000-01-01T00:00:00.000000Z",
+                        "origin": "walbridge_from_b"})
+            ]
+        );
+        assert!(r.idle());
+        // Without an origin, begin waits only for the next printed event.
+        let out = lines(&mut r, &[begin(), commit()]);
+        assert_eq!(out[0]["origin"], serde_json::Value::Null);
+        assert_eq!(out[1]["origin"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn unchanged_toast_is_left_out_and_listed_and_old_key_has_only_keys() {
+        let mut r = Renderer::default();
+        r.learn_type(70000, Some("public.mood".into()));
+        let rel = relation(ReplicaIdentity::Default, &["id"]);
+        let out = lines(
+            &mut r,
+            &[
+                begin(),
+                Event::Change(Change {
+                    op: ChangeOp::Update,
+                    relation: rel,
+                    new: Some(Tuple(vec![text("2"), Value::UnchangedToast, Value::Null])),
+                    old: Some(OldTuple {
+                        kind: OldKind::Key,
+                        tuple: Tuple(vec![text("1"), Value::Null, Value::Null]),
+                    }),
+                }),
+            ],
+        );
+        assert_eq!(
+            out[1],
+            json!({
+                "op": "update", "xid": 7, "lsn": "0/10", "schema": "public", "table": "t",
+                "columns": [
+                    {"name": "id", "type": "int4", "type_oid": 23, "typmod": -1, "key": true},
+                    {"name": "body", "type": "text", "type_oid": 25, "typmod": -1, "key": false},
+                    {"name": "m", "type": "public.mood", "type_oid": 70000, "typmod": -1,
+                     "key": false},
+                ],
+                "key": {"id": "1"},
+                "new": {"id": "2", "m": null},
+                "old": {"id": "1"},
+                "unchanged_toast": ["body"],
+            })
+        );
+    }
+
+    #[test]
+    fn full_identity_old_row_and_tables_without_a_key() {
+        let mut r = Renderer::default();
+        let full = relation(ReplicaIdentity::Full, &["id", "body", "m"]);
+        let out = lines(
+            &mut r,
+            &[
+                begin(),
+                Event::Change(Change {
+                    op: ChangeOp::Delete,
+                    relation: full,
+                    new: None,
+                    old: Some(OldTuple {
+                        kind: OldKind::Full,
+                        tuple: Tuple(vec![text("1"), Value::Null, text("x")]),
+                    }),
+                }),
+            ],
+        );
+        assert_eq!(out[1]["key"], json!({"id": "1", "body": null, "m": "x"}));
+        assert_eq!(out[1]["old"], json!({"id": "1", "body": null, "m": "x"}));
+        assert_eq!(out[1]["new"], serde_json::Value::Null);
+        // The custom type was never named: null.
+        assert_eq!(out[1]["columns"][2]["type"], serde_json::Value::Null);
+
+        let nothing = relation(ReplicaIdentity::Nothing, &[]);
+        let out = lines(
+            &mut r,
+            &[Event::Change(Change {
+                op: ChangeOp::Insert,
+                relation: nothing,
+                new: Some(Tuple(vec![
+                    text("1"),
+                    Value::Text(Bytes::from_static(b"\xff")),
+                    Value::Binary(Bytes::from_static(b"\x00\x01")),
+                ])),
+                old: None,
+            })],
+        );
+        assert_eq!(out[0]["key"], serde_json::Value::Null);
+        assert_eq!(
+            out[0]["new"],
+            json!({"id": "1", "body": {"base64": "/w=="}, "m": {"base64": "AAE="}})
+        );
+    }
+
+    #[test]
+    fn messages_truncates_and_type_names() {
+        let mut r = Renderer::default();
+        let rel = relation(ReplicaIdentity::Default, &["id"]);
+        assert_eq!(r.unknown_types(&Event::Relation(rel.clone())), vec![70000]);
+        r.render(
+            &Event::Type(TypeInfo {
+                oid: 70000,
+                schema: "app".into(),
+                name: "mood".into(),
+            }),
+            Lsn(1),
+            &mut Vec::new(),
+        );
+        assert!(r.unknown_types(&Event::Relation(rel.clone())).is_empty());
+        assert_eq!(r.type_name(70000).as_deref(), Some("app.mood"));
+        assert_eq!(r.type_name(1007).as_deref(), Some("_int4"));
+
+        let out = lines(
+            &mut r,
+            &[
+                Event::Message(LogicalMessage {
+                    transactional: false,
+                    lsn: Lsn(0x20),
+                    prefix: "p".into(),
+                    content: Bytes::from_static(b"\xfe\x41"),
+                }),
+                begin(),
+                Event::Message(LogicalMessage {
+                    transactional: true,
+                    lsn: Lsn(0x30),
+                    prefix: "p".into(),
+                    content: Bytes::from_static("✓".as_bytes()),
+                }),
+                Event::Truncate(Truncate {
+                    relations: vec![rel],
+                    cascade: true,
+                    restart_identity: false,
+                }),
+                commit(),
+            ],
+        );
+        assert_eq!(
+            out[0],
+            json!({"op": "message", "xid": null, "lsn": "0/20", "transactional": false,
+                   "prefix": "p", "content_base64": "/kE="})
+        );
+        assert_eq!(out[1]["op"], "begin");
+        assert_eq!(
+            out[2],
+            json!({"op": "message", "xid": 7, "lsn": "0/30", "transactional": true,
+                   "prefix": "p", "content": "✓"})
+        );
+        assert_eq!(
+            out[3],
+            json!({"op": "truncate", "xid": 7,
+                   "relations": [{"schema": "public", "table": "t"}],
+                   "cascade": true, "restart_identity": false})
+        );
+        assert_eq!(out[4]["op"], "commit");
+    }
+
+    #[test]
+    fn a_new_description_of_a_table_replaces_its_columns() {
+        let mut r = Renderer::default();
+        let change = |rel: &Arc<Relation>| {
+            Event::Change(Change {
+                op: ChangeOp::Insert,
+                relation: rel.clone(),
+                new: Some(Tuple(vec![text("1"); rel.columns.len()])),
+                old: None,
+            })
+        };
+        let v1 = relation(ReplicaIdentity::Default, &["id"]);
+        let mut v2 = (*v1).clone();
+        v2.columns.truncate(1);
+        let v2 = Arc::new(v2);
+        let out = lines(&mut r, &[change(&v1), change(&v2), change(&v1)]);
+        let widths: Vec<usize> = out
+            .iter()
+            .map(|l| l["columns"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(widths, [3, 1, 3]);
+    }
+
+    #[test]
+    fn walbridges_own_slots_are_refused() {
+        let config = Config::from_toml_str(
+            "[[nodes]]\nname = \"a\"\ndsn = \"host=h dbname=d user=u\"\n\
+             [[nodes]]\nname = \"b\"\ndsn = \"host=h2 dbname=d user=u\"\n",
+        )
+        .unwrap();
+        for slot in ["walbridge_a_to_b", "walbridge_b_to_a", "walbridge_a_to_c"] {
+            let e = check_slot_is_not_walbridges(&config, "a", slot, Plugin::PgOutput).unwrap_err();
+            assert!(e.is_usage(), "{slot}");
+            assert!(e.to_string().contains("Omit --slot"), "{e}");
+        }
+        assert!(check_slot_is_not_walbridges(&config, "a", "feed", Plugin::PgOutput).is_ok());
+        assert!(temporary_slot_name(&config).starts_with("walbridge_tail_"));
     }
 }

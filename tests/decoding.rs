@@ -871,16 +871,14 @@ fn normalise(pg: &mut [Event], w2j: &[Event]) -> Normalised {
                     n.truncate_flags += 1;
                 }
             }
-            (Event::Message(p), Event::Message(w)) => {
-                if std::str::from_utf8(&p.content).is_err() {
-                    assert_eq!(
-                        w.content,
-                        String::from_utf8_lossy(&p.content).as_bytes(),
-                        "wal2json's lossy copy of a binary message"
-                    );
-                    p.content = w.content.clone();
-                    n.binary_messages += 1;
-                }
+            (Event::Message(p), Event::Message(w)) if std::str::from_utf8(&p.content).is_err() => {
+                assert_eq!(
+                    w.content,
+                    String::from_utf8_lossy(&p.content).as_bytes(),
+                    "wal2json's lossy copy of a binary message"
+                );
+                p.content = w.content.clone();
+                n.binary_messages += 1;
             }
             _ => {}
         }

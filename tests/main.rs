@@ -3,8 +3,11 @@
 mod support;
 
 mod cli;
+mod decoding;
+mod heavy;
 mod localpg;
 mod protocol;
 mod replication;
 mod setup;
+mod tail;
 mod tls;
