@@ -20,7 +20,12 @@ pub struct Tail {
 impl Tail {
     /// Starts `walbridge tail <args> --config <d.config>`.
     pub fn spawn(d: &Deployment, args: &[&str]) -> Tail {
-        let stderr = d.dir.path().join(format!("tail-{}.log", args.join("_")));
+        let name: String = args
+            .join("_")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let stderr = d.dir.path().join(format!("tail-{name}.log"));
         let mut child = Command::new(walbridge_bin())
             .arg("tail")
             .args(args)
@@ -373,4 +378,26 @@ fn tail_argument_errors() {
         err.contains("it was created with wal2json, not pgoutput"),
         "{err}"
     );
+}
+
+/// --from starts past what committed before that position (the slot still holds it).
+#[test]
+fn tail_from_skips_what_committed_before() {
+    let d = Deployment::new(
+        &["a"],
+        &format!("{SCHEMA} CREATE PUBLICATION walbridge_pub FOR ALL TABLES;"),
+        "",
+    );
+    d.sql(
+        "a",
+        "SELECT pg_create_logical_replication_slot('feed', 'pgoutput')",
+    );
+    d.sql("a", "INSERT INTO items VALUES (1, 'skipped', 'ok')");
+    let from = d.sql("a", "SELECT pg_current_wal_lsn()");
+    d.sql("a", "INSERT INTO items VALUES (2, 'shown', 'ok')");
+    let mut tail = Tail::spawn(&d, &["--node", "a", "--slot", "feed", "--from", &from]);
+    let lines = tail.take(3);
+    check_frame(&lines);
+    assert_eq!(lines[1]["new"]["name"], "shown", "{lines:#?}");
+    tail.interrupt();
 }
