@@ -474,11 +474,26 @@ async fn teardown(config: Config) -> Result<(), Failure> {
         .map_err(setup_failure)
 }
 
-/// `walbridge tail`.
-#[allow(clippy::unused_async)] // until wired
-async fn tail(config: Config, args: TailArgs, _shutdown: CancellationToken) -> Result<(), Failure> {
+/// `walbridge tail`: JSON lines on stdout until SIGINT/SIGTERM (exit 0).
+async fn tail(config: Config, args: TailArgs, shutdown: CancellationToken) -> Result<(), Failure> {
     require_node(&config, "--node", &args.node)?;
-    Err(not_implemented("tail"))
+    let options = crate::tail::TailOptions {
+        node: args.node,
+        plugin: args.plugin,
+        from: args.from,
+        slot: args.slot,
+        publication: args.publication,
+    };
+    let mut out = std::io::stdout();
+    crate::tail::tail(&config, &options, &mut out, shutdown)
+        .await
+        .map_err(|e| {
+            if e.is_usage() {
+                Failure::Usage(e.into())
+            } else {
+                Failure::Fatal(e.into())
+            }
+        })
 }
 
 /// `walbridge demo`.

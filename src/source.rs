@@ -23,7 +23,8 @@ use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::pgconn;
 use crate::protocol::{
-    self, DriverFuture, Feedback, ProtocolError, ReplicationStream, StreamConfig, StreamItem,
+    self, CreatedSlot, DriverFuture, Feedback, ProtocolError, ReplicationClient, ReplicationStream,
+    SnapshotAction, StreamConfig, StreamItem,
 };
 
 /// What to stream.
@@ -42,7 +43,9 @@ pub struct SourceOptions {
     /// Origin ids whose changes the server should drop (wal2json `filter-origins`); echo
     /// suppression also drops any transaction with an origin after decoding.
     pub filter_origins: Vec<u16>,
-    /// Ask for `pg_logical_emit_message` records too.
+    /// Pass `pg_logical_emit_message` records on: pgoutput is started with `messages 'true'`;
+    /// wal2json sends them regardless (2.5 has no option for it) and the source drops them
+    /// unless this is set.
     pub messages: bool,
     /// `application_name` of the replication session.
     pub application_name: String,
@@ -110,7 +113,9 @@ pub struct Source {
     feedback: Feedback,
     decoder: Decoder,
     catalog: Option<Client>,
-    pending: VecDeque<Event>,
+    pending: VecDeque<(Event, Lsn)>,
+    /// Pass `pg_logical_emit_message` records on (wal2json sends them whether asked or not).
+    messages: bool,
     /// wal2json 2.5 has no `numeric-data-types-as-string`: NaN/Infinity arrive as null.
     pub numeric_as_string: bool,
 }
@@ -166,18 +171,50 @@ fn wal2json_options(opts: &SourceOptions, numeric_as_string: bool) -> Vec<(Strin
             wal2json::origin_list_option(opts.filter_origins.iter().copied()),
         ));
     }
-    if opts.messages {
-        v.push(("include-messages".into(), "1".into()));
-    }
+    // wal2json has no option to turn messages on: 2.5 rejects `include-messages` as unknown
+    // and always sends them; without `SourceOptions::messages` the source drops them.
     v
 }
 
 impl Source {
-    /// Opens the replication session and starts streaming; the driver future must be spawned.
+    /// Opens the replication session on the existing slot `opts.slot` and starts streaming;
+    /// the driver future must be spawned.
     pub async fn start(
         dsn: &Dsn,
         opts: SourceOptions,
     ) -> Result<(Source, DriverFuture), SourceError> {
+        let (source, driver, _) = Self::open(dsn, opts, false).await?;
+        Ok((source, driver))
+    }
+
+    /// Creates the temporary slot `opts.slot` (plugin `opts.plugin`, no snapshot) and streams
+    /// it; the driver future must be spawned.
+    ///
+    /// A temporary slot belongs to the session that created it and only that session may
+    /// stream it, so both happen on the one replication session the driver then owns. The
+    /// server drops the slot when the stream ends, however it ends (also on a crash of
+    /// walbridge or the connection). Returns where decoding starts (the slot's consistent
+    /// point): changes committed after it are streamed.
+    pub async fn start_temporary(
+        dsn: &Dsn,
+        opts: SourceOptions,
+    ) -> Result<(Source, DriverFuture, CreatedSlot), SourceError> {
+        let (source, driver, created) = Self::open(dsn, opts, true).await?;
+        match created {
+            Some(created) => Ok((source, driver, created)),
+            // `open` with `temporary` always creates the slot.
+            None => Err(SourceError::Protocol(ProtocolError::protocol(
+                &dsn.describe(),
+                "the temporary slot was not created",
+            ))),
+        }
+    }
+
+    async fn open(
+        dsn: &Dsn,
+        opts: SourceOptions,
+        temporary: bool,
+    ) -> Result<(Source, DriverFuture, Option<CreatedSlot>), SourceError> {
         let (decoder, catalog) = match opts.plugin {
             Plugin::PgOutput => (Decoder::PgOutput(PgOutputDecoder::new()), None),
             Plugin::Wal2Json => {
@@ -197,20 +234,40 @@ impl Source {
             }
         };
         let mut numeric_as_string = opts.plugin == Plugin::Wal2Json;
-        let (stream, feedback, driver) = loop {
+        let mut retried = false;
+        let (stream, feedback, driver, created) = loop {
             let mut client = protocol::connect_replication(dsn, &opts.application_name).await?;
-            let exists = client
-                .simple_query(&format!(
-                    "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
-                    catalog::quote_literal(&opts.slot)
-                ))
-                .await?;
-            if exists.rows.is_empty() {
-                return Err(SourceError::NoSlot {
-                    slot: opts.slot.clone(),
-                    node: dsn.describe(),
-                });
-            }
+            let created = if temporary {
+                if retried {
+                    // The failed attempt's session drops its temporary slot while it
+                    // cleans up, which may finish after its error reached us.
+                    wait_slot_gone(&mut client, &opts.slot).await?;
+                }
+                Some(
+                    client
+                        .create_logical_slot(
+                            &opts.slot,
+                            opts.plugin.as_str(),
+                            true,
+                            SnapshotAction::NoExport,
+                        )
+                        .await?,
+                )
+            } else {
+                let exists = client
+                    .simple_query(&format!(
+                        "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                        catalog::quote_literal(&opts.slot)
+                    ))
+                    .await?;
+                if exists.rows.is_empty() {
+                    return Err(SourceError::NoSlot {
+                        slot: opts.slot.clone(),
+                        node: dsn.describe(),
+                    });
+                }
+                None
+            };
             let options = match opts.plugin {
                 Plugin::PgOutput => pgoutput_options(&opts),
                 Plugin::Wal2Json => wal2json_options(&opts, numeric_as_string),
@@ -219,7 +276,7 @@ impl Source {
                 .start_logical(&opts.slot, opts.start, &options, opts.stream.clone())
                 .await
             {
-                Ok(parts) => break parts,
+                Ok((stream, feedback, driver)) => break (stream, feedback, driver, created),
                 Err(e)
                     if numeric_as_string
                         && e.to_string().contains("numeric-data-types-as-string") =>
@@ -231,6 +288,7 @@ impl Source {
                          (upgrade wal2json or use plugin = \"pgoutput\")"
                     );
                     numeric_as_string = false;
+                    retried = true;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -242,9 +300,11 @@ impl Source {
                 decoder,
                 catalog,
                 pending: VecDeque::new(),
+                messages: opts.messages,
                 numeric_as_string,
             },
             driver,
+            created,
         ))
     }
 
@@ -257,11 +317,8 @@ impl Source {
     /// Not cancel-safe while decoding: in a `select!`, use [`Source::recv`] + [`Source::decode`].
     pub async fn next(&mut self) -> Result<Option<SourceItem>, SourceError> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Ok(Some(SourceItem::Event {
-                    event,
-                    wal_start: Lsn::ZERO,
-                }));
+            if let Some((event, wal_start)) = self.pending.pop_front() {
+                return Ok(Some(SourceItem::Event { event, wal_start }));
             }
             let Some(item) = self.recv().await else {
                 return Ok(None);
@@ -269,8 +326,8 @@ impl Source {
             let mut items = self.decode(item?).await?.into_iter();
             if let Some(first) = items.next() {
                 for rest in items {
-                    if let SourceItem::Event { event, .. } = rest {
-                        self.pending.push_back(event);
+                    if let SourceItem::Event { event, wal_start } = rest {
+                        self.pending.push_back((event, wal_start));
                     }
                 }
                 return Ok(Some(first));
@@ -330,8 +387,10 @@ impl Source {
                             }
                         }
                     }
+                    let messages = self.messages;
                     Ok(events
                         .into_iter()
+                        .filter(|event| messages || !matches!(event, Event::Message(_)))
                         .map(|event| SourceItem::Event {
                             event,
                             wal_start: data.wal_start,
@@ -364,6 +423,22 @@ async fn learn(
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Polls until no slot called `slot` exists (at most a few seconds; then creating it fails
+/// with the server's own "already exists" error).
+async fn wait_slot_gone(client: &mut ReplicationClient, slot: &str) -> Result<(), SourceError> {
+    let sql = format!(
+        "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+        catalog::quote_literal(slot)
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !client.simple_query(&sql).await?.rows.is_empty()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(())
 }
