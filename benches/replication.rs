@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use walbridge::localpg::{ClusterOptions, LocalCluster};
 
-const TABLE: &str = "CREATE TABLE public.bench (id bigint PRIMARY KEY, payload text NOT NULL, n int NOT NULL);
+const TABLE: &str =
+    "CREATE TABLE public.bench (id bigint PRIMARY KEY, payload text NOT NULL, n int NOT NULL);
                      CREATE SEQUENCE public.bench_seq;";
 
 struct Pair {
@@ -30,7 +31,10 @@ struct Pair {
 
 fn pair(extra_b: &str) -> Pair {
     let opts = ClusterOptions {
-        conf: vec!["max_wal_size = 4GB".into(), "checkpoint_timeout = 30min".into()],
+        conf: vec![
+            "max_wal_size = 4GB".into(),
+            "checkpoint_timeout = 30min".into(),
+        ],
         ..ClusterOptions::default()
     };
     let a = LocalCluster::start(&opts).expect("cluster a");
@@ -94,7 +98,11 @@ fn prepare(p: &Pair, r: &Replicator) -> PathBuf {
                 .arg(&config)
                 .output()
                 .expect("walbridge setup");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             config
         }
     }
@@ -151,7 +159,19 @@ struct Poller {
 impl Poller {
     fn new(c: &LocalCluster) -> Self {
         let child = Command::new(c.bin_dir().join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string(), "-U", "postgres", "postgres"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &c.port().to_string(),
+                "-U",
+                "postgres",
+                "postgres",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -190,16 +210,31 @@ impl Drop for Poller {
 }
 
 fn pgbench(c: &LocalCluster, script: &str, args: &[&str]) -> String {
-    let path = c.base_dir().join(format!("bench-{}.sql", rand::random::<u32>()));
+    let path = c
+        .base_dir()
+        .join(format!("bench-{}.sql", rand::random::<u32>()));
     std::fs::write(&path, script).expect("script");
     let out = Command::new(c.bin_dir().join("pgbench"))
-        .args(["-n", "-h", "127.0.0.1", "-p", &c.port().to_string(), "-U", "postgres", "-f"])
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &c.port().to_string(),
+            "-U",
+            "postgres",
+            "-f",
+        ])
         .arg(&path)
         .args(args)
         .arg("postgres")
         .output()
         .expect("pgbench");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -210,13 +245,23 @@ const INSERT_ONE: &str =
 fn backlog_drain(r: &Replicator, txns: usize) -> f64 {
     let p = pair("");
     let config = prepare(&p, r);
-    pgbench(&p.a, INSERT_ONE, &["-c", "4", "-j", "2", "-t", &(txns / 4).to_string()]);
+    pgbench(
+        &p.a,
+        INSERT_ONE,
+        &["-c", "4", "-j", "2", "-t", &(txns / 4).to_string()],
+    );
     sql(&p.a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
     let started = Instant::now();
     let child = resume(&p, r, &config);
-    wait_true(&p.b, "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)", Duration::from_secs(600));
+    wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)",
+        Duration::from_secs(600),
+    );
     let secs = started.elapsed().as_secs_f64();
-    let rows: f64 = sql(&p.b, "SELECT count(*) FROM bench").parse().unwrap_or(0.0);
+    let rows: f64 = sql(&p.b, "SELECT count(*) FROM bench")
+        .parse()
+        .unwrap_or(0.0);
     stop(child);
     rows / secs
 }
@@ -244,7 +289,11 @@ fn big_transaction(r: &Replicator, rows: usize) -> (f64, f64) {
     sql(&p.a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
     let started = Instant::now();
     let child = resume(&p, r, &config);
-    wait_true(&p.b, "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)", Duration::from_secs(900));
+    wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)",
+        Duration::from_secs(900),
+    );
     let secs = started.elapsed().as_secs_f64();
     let rss = child.as_ref().map_or(0.0, |c| peak_rss_mb(c.id()));
     stop(child);
@@ -274,14 +323,29 @@ fn latency(r: &Replicator, rate: u32, seconds: u32) -> (f64, f64) {
     let child = resume(&p, r, &config);
     // Warm up: wait for the stream to be established.
     sql(&p.a, "INSERT INTO lat VALUES (0, NULL)");
-    wait_true(&p.b, "SELECT EXISTS (SELECT 1 FROM lat WHERE id = 0)", Duration::from_secs(60));
+    wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM lat WHERE id = 0)",
+        Duration::from_secs(60),
+    );
     pgbench(
         &p.a,
         "INSERT INTO lat VALUES (nextval('bench_seq'), NULL);\n",
-        &["-c", "1", "-R", &rate.to_string(), "-T", &seconds.to_string()],
+        &[
+            "-c",
+            "1",
+            "-R",
+            &rate.to_string(),
+            "-T",
+            &seconds.to_string(),
+        ],
     );
     let last = sql(&p.a, "SELECT max(id) FROM lat");
-    wait_true(&p.b, &format!("SELECT EXISTS (SELECT 1 FROM lat WHERE id = {last})"), Duration::from_secs(60));
+    wait_true(
+        &p.b,
+        &format!("SELECT EXISTS (SELECT 1 FROM lat WHERE id = {last})"),
+        Duration::from_secs(60),
+    );
     let out = sql(
         &p.b,
         "SELECT round((percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::numeric, 3) || ' ' || \
@@ -290,7 +354,9 @@ fn latency(r: &Replicator, rate: u32, seconds: u32) -> (f64, f64) {
                    FROM lat WHERE id > 0) s",
     );
     stop(child);
-    let mut it = out.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+    let mut it = out
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
     (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN))
 }
 
@@ -300,12 +366,24 @@ fn trailing(r: &Replicator, txns: usize) -> (f64, f64) {
     let config = prepare(&p, r);
     let child = resume(&p, r, &config);
     sql(&p.a, "INSERT INTO bench VALUES (-2, 'warmup', 0)");
-    wait_true(&p.b, "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -2)", Duration::from_secs(60));
+    wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -2)",
+        Duration::from_secs(60),
+    );
     let started = Instant::now();
-    let out = pgbench(&p.a, INSERT_ONE, &["-c", "4", "-j", "2", "-t", &(txns / 4).to_string()]);
+    let out = pgbench(
+        &p.a,
+        INSERT_ONE,
+        &["-c", "4", "-j", "2", "-t", &(txns / 4).to_string()],
+    );
     let load_secs = started.elapsed().as_secs_f64();
     sql(&p.a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
-    let trail = wait_true(&p.b, "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)", Duration::from_secs(600));
+    let trail = wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)",
+        Duration::from_secs(600),
+    );
     stop(child);
     let tps = out
         .lines()
@@ -316,7 +394,10 @@ fn trailing(r: &Replicator, txns: usize) -> (f64, f64) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--bench"))
+        .collect();
     let quick = args.iter().any(|a| a == "--quick");
     let wanted = |s: &str| {
         let picked: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
@@ -336,7 +417,12 @@ fn main() {
         println!("    {:<20} {:>10.0} rows/s", "native", native);
         for r in &replicators[1..] {
             let v = backlog_drain(r, n);
-            println!("    {:<20} {:>10.0} rows/s   ratio {:.2}", r.name(), v, v / native);
+            println!(
+                "    {:<20} {:>10.0} rows/s   ratio {:.2}",
+                r.name(),
+                v,
+                v / native
+            );
         }
     }
     if wanted("b") {
@@ -359,7 +445,10 @@ fn main() {
         let secs = if quick { 5 } else { 15 };
         println!("(c) commit-to-visible latency at 200 transactions/s for {secs} s");
         let (n50, n99) = latency(&replicators[0], 200, secs);
-        println!("    {:<20} p50 {:>7.3} ms  p99 {:>7.3} ms", "native", n50, n99);
+        println!(
+            "    {:<20} p50 {:>7.3} ms  p99 {:>7.3} ms",
+            "native", n50, n99
+        );
         for r in &replicators[1..] {
             let (p50, p99) = latency(r, 200, secs);
             println!(
@@ -376,7 +465,10 @@ fn main() {
         let n = 100_000 / scale;
         println!("(d) pgbench, 4 clients, {n} single-row transactions while replicating");
         let (native, tps) = trailing(&replicators[0], n);
-        println!("    {:<20} trails {:>6.2} s after the load ends (load {:.0} tps)", "native", native, tps);
+        println!(
+            "    {:<20} trails {:>6.2} s after the load ends (load {:.0} tps)",
+            "native", native, tps
+        );
         for r in &replicators[1..] {
             let (v, tps) = trailing(r, n);
             println!(

@@ -308,6 +308,11 @@ impl Source {
         ))
     }
 
+    /// Whether more is already received and waiting (decoded or not).
+    pub fn has_queued(&self) -> bool {
+        !self.pending.is_empty() || self.stream.queued() > 0
+    }
+
     /// Progress shared with the stream driver: confirm applied positions here.
     pub fn feedback(&self) -> &Feedback {
         &self.feedback

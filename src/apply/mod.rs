@@ -1,22 +1,32 @@
 //! Applying a source's transactions to a target, in order, exactly once.
 //!
-//! Every source transaction becomes one *Sync group* on the target's pipelined session: its
-//! statements, then `walbridge.apply_finish(expected, end_lsn, commit_time)`, then `Sync`,
-//! which commits the group as one implicit transaction. `apply_finish` stamps the transaction
-//! with the source's end LSN and commit time through the session's replication origin, so
-//! progress commits atomically with the data and rows keep their source commit time.
+//! Source transactions are applied in *Sync groups* on the target's pipelined session: the
+//! statements of one or more consecutive source transactions, then
+//! `walbridge.apply_finish(expected, end_lsn, commit_time)`, then `Sync`, which commits the
+//! group as one implicit transaction. `apply_finish` stamps it with the source's end LSN and
+//! commit time through the session's replication origin, so progress commits atomically with
+//! the data and a restart resumes exactly after the last committed group.
 //!
 //! ```text
-//!   source txn k   ──▶ [stmt, stmt, ..., apply_finish(end(k-1), end(k), t(k))] Sync
-//!   source txn k+1 ──▶ [stmt, ..., apply_finish(end(k), end(k+1), t(k+1))] Sync     (pipelined)
+//!   txns k..m   ──▶ [stmts of k .. stmts of m, apply_finish(end(k-1), end(m), t(m))] Sync
+//!   txns m+1..n ──▶ [stmts ..., apply_finish(end(m), end(n), t(n))] Sync        (pipelined)
 //! ```
+//!
+//! A group holds what the source has already delivered (it closes as soon as the source has
+//! nothing queued, so a quiet stream applies each transaction alone, at once); consecutive
+//! INSERTs into one table become multi-row INSERTs across its transactions. Conflict checks
+//! compare each change's own commit time; the rows a group writes carry its last commit time,
+//! at most one group span later than their own. With two nodes that cannot change an outcome
+//! (every other version of those rows is the target's own, whose times are exact); with three
+//! or more, a group spans at most `ApplyLimits::group_span` of source commit time, so only
+//! writes that close together on a third node could be ordered differently.
 //!
 //! Many groups are in flight at once. Statements are *optimistic*: each asserts that exactly
 //! the expected rows changed and that no conflict was possible. If one fails, its group rolls
-//! back; every later in-flight group then fails in `apply_finish` because the origin's progress
-//! is not what it expects, so nothing commits out of order. Apply then redoes the failed
-//! transaction *carefully* (read the row under lock, let [`crate::conflict::decide`] choose,
-//! execute, log the conflict) and re-sends the rest.
+//! back; every later group in flight then fails in `apply_finish` because the origin's
+//! progress is not what it expects, so nothing commits out of order. Apply then sends those
+//! transactions again one by one, and the one that conflicts is redone *carefully* (read the
+//! row under lock, let [`crate::conflict::decide`] choose, execute, log the conflict).
 //!
 //! What the source may be told (flush LSN) is only what the target has made durable:
 //! `pg_replication_origin_session_progress(true)` flushes the target's WAL up to the last
@@ -27,8 +37,9 @@ pub mod sql;
 mod writers;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_postgres::Client;
@@ -48,10 +59,14 @@ pub use writers::Writers;
 /// Tunables of the apply pipeline.
 #[derive(Clone, Debug)]
 pub struct ApplyLimits {
-    /// Transactions in flight (sent, not yet acknowledged).
+    /// Groups in flight (sent, not yet acknowledged).
     pub max_in_flight: usize,
-    /// Changes of one transaction kept for a careful redo; a larger transaction is applied
-    /// alone and, if it conflicts, re-read from the source.
+    /// Source transactions per group at most.
+    pub max_group_transactions: usize,
+    /// With three or more nodes, source commit time one group may span.
+    pub group_span: Duration,
+    /// Changes of one transaction kept for a careful redo; a larger transaction that
+    /// conflicts is read again from the source and applied change by change.
     pub max_buffered_changes: usize,
     /// Rows per multi-row INSERT.
     pub insert_batch_rows: usize,
@@ -62,7 +77,9 @@ pub struct ApplyLimits {
 impl Default for ApplyLimits {
     fn default() -> Self {
         ApplyLimits {
-            max_in_flight: 512,
+            max_in_flight: 64,
+            max_group_transactions: 2_000,
+            group_span: Duration::from_millis(2),
             max_buffered_changes: 20_000,
             insert_batch_rows: 128,
             flush_bytes: 256 * 1024,
@@ -83,7 +100,7 @@ struct TableState {
     resolving: Option<sql::Resolving>,
     /// The table has had such conflicts: use the resolving statements from now on (they cost
     /// a little more than the plain ones, so only contended tables get them).
-    hot: std::sync::atomic::AtomicBool,
+    hot: AtomicBool,
 }
 
 impl TableState {
@@ -91,7 +108,7 @@ impl TableState {
     fn resolving_now(&self) -> Option<&sql::Resolving> {
         self.resolving
             .as_ref()
-            .filter(|_| self.hot.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|_| self.hot.load(Ordering::Relaxed))
     }
 }
 
@@ -107,20 +124,15 @@ struct OpenTxn {
     begin: Begin,
     echo: bool,
     items: Option<Vec<Item>>,
-    statements: usize,
-    batch: Vec<Tuple>,
-    batch_table: Option<u32>,
+    changes: usize,
     counts: HashMap<(String, ChangeOp), u64>,
     truncates: u64,
     started: Instant,
     /// Careful mode from the first change on (after a conflict in a huge transaction).
     careful: bool,
-    /// Statements first parsed inside this transaction's group: if the group fails, whether
-    /// the server kept them is unknown, so they are closed and parsed again.
-    parsed: Vec<String>,
 }
 
-/// A transaction sent and not yet acknowledged.
+/// A received transaction, waiting for its group to commit.
 struct Sent {
     end_lsn: Lsn,
     commit_time: PgTimestamp,
@@ -130,13 +142,23 @@ struct Sent {
     counts: HashMap<(String, ChangeOp), u64>,
     truncates: u64,
     started: Instant,
+}
+
+/// The group being encoded (statements sent or buffered, no `Sync` yet).
+struct OpenGroup {
+    members: Vec<Sent>,
+    first_commit_time: PgTimestamp,
+    /// Statements first parsed inside this group: if the group fails, whether the server kept
+    /// them is unknown, so they are closed and parsed again.
     parsed: Vec<String>,
+    batch: Vec<Tuple>,
+    batch_table: Option<u32>,
 }
 
 enum Group {
-    Txn(Box<Sent>),
+    Txns(Vec<Sent>, Vec<String>),
     Progress,
-    /// An open transaction abandoned on shutdown: made to fail so it never commits.
+    /// An open group abandoned on shutdown: made to fail so it never commits.
     Abort,
     /// Closing statements of failed groups.
     Close,
@@ -163,14 +185,16 @@ pub struct Applier {
     metrics: Metrics,
     writers: Writers,
     limits: ApplyLimits,
+    group_span: Option<Duration>,
     tables: HashMap<u32, Arc<TableState>>,
     relations: HashMap<u32, Arc<Relation>>,
     prepared: HashMap<String, String>,
     statement_seq: u64,
     open: Option<OpenTxn>,
+    group: Option<OpenGroup>,
     in_flight: VecDeque<Group>,
     progress_pending: bool,
-    /// Origin progress the next transaction expects (end LSN of the last one sent).
+    /// Origin progress the next group expects (end LSN of the last transaction sent).
     expected: Lsn,
     /// End LSN of the last acknowledged transaction.
     committed: Lsn,
@@ -178,17 +202,17 @@ pub struct Applier {
     flushed: Lsn,
     /// A keepalive position that may be confirmed once everything sent before it is durable.
     idle_point: Option<(Lsn, Lsn)>,
-    /// Transactions to apply one at a time after a conflict.
+    /// Groups to apply one transaction at a time, one at a time, after a conflict.
     cautious: usize,
     /// Apply the next transaction carefully (after a restream).
     careful_next: bool,
     last_commit_time: Option<PgTimestamp>,
-    /// A pipelined transaction failed while another was open: resolved at that one's commit,
-    /// because a `Sync` must never fall inside an open transaction.
-    pending_failure: Option<(Box<Sent>, ServerError)>,
-    /// A progress query was asked for while a transaction was open.
+    /// A group failed while another was being encoded: resolved when that one closes, because
+    /// a `Sync` must never fall inside an open group.
+    pending_failure: Option<(Vec<Sent>, Vec<String>, ServerError)>,
+    /// A progress query was asked for while a group was open.
     progress_wanted: bool,
-    /// Buffered transactions to send again after a careful redo.
+    /// Buffered transactions to send again, one per group.
     redo: VecDeque<Sent>,
     /// Replies of the oldest group in flight, collected until its `ReadyForQuery`.
     acc_rows: Vec<Vec<Option<Bytes>>>,
@@ -316,6 +340,7 @@ impl Applier {
                 _ => {}
             }
         }
+        let group_span = (config.nodes.len() > 2).then_some(limits.group_span);
         Ok((
             Applier {
                 pipe,
@@ -327,11 +352,13 @@ impl Applier {
                 metrics,
                 writers,
                 limits,
+                group_span,
                 tables: HashMap::new(),
                 relations: HashMap::new(),
                 prepared,
                 statement_seq: 0,
                 open: None,
+                group: None,
                 in_flight: VecDeque::new(),
                 progress_pending: false,
                 expected: progress,
@@ -354,27 +381,18 @@ impl Applier {
 
     /// Whether the applier can take more source events now (bounded in-flight window).
     pub fn ready_for_more(&self) -> bool {
-        if !self.redo.is_empty() {
-            return false;
+        if self.pending_failure.is_some() {
+            // Only to finish the transaction being received, so its group can close.
+            return self.open.is_some();
         }
-        self.txns_in_flight() < self.window()
+        self.redo.is_empty() && self.groups_in_flight() < self.window()
     }
 
-    fn txns_in_flight(&self) -> usize {
+    fn groups_in_flight(&self) -> usize {
         self.in_flight
             .iter()
-            .filter(|g| matches!(g, Group::Txn(_)))
+            .filter(|g| matches!(g, Group::Txns(..)))
             .count()
-    }
-
-    /// Whether replies are awaited (and may be read now).
-    pub fn has_in_flight(&self) -> bool {
-        !self.in_flight.is_empty() && self.pending_failure.is_none()
-    }
-
-    /// Whether buffered transactions wait to be sent again.
-    pub fn has_redo(&self) -> bool {
-        !self.redo.is_empty() && self.txns_in_flight() < self.window()
     }
 
     fn window(&self) -> usize {
@@ -385,7 +403,17 @@ impl Applier {
         }
     }
 
-    /// Sends the next buffered transaction again.
+    /// Whether replies are awaited (and may be read now).
+    pub fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty() && self.pending_failure.is_none()
+    }
+
+    /// Whether buffered transactions wait to be sent again.
+    pub fn has_redo(&self) -> bool {
+        !self.redo.is_empty() && self.groups_in_flight() < self.window()
+    }
+
+    /// Sends the next buffered transaction again, in a group of its own.
     pub async fn redo_one(&mut self) -> Result<(), DirectionError> {
         if let Some(sent) = self.redo.pop_front() {
             self.resend(sent).await?;
@@ -393,19 +421,10 @@ impl Applier {
         Ok(())
     }
 
-    /// Whether a source transaction is open (received partly).
-    pub fn in_transaction(&self) -> bool {
-        self.open.is_some()
-    }
-
     /// Durable progress: what may be confirmed to the source.
     pub fn confirmable(&self) -> Lsn {
         match self.idle_point {
-            Some((wal_end, sent_before))
-                if self.open.is_none()
-                    && self.txns_in_flight() == 0
-                    && self.flushed >= sent_before =>
-            {
+            Some((wal_end, sent_before)) if self.idle() && self.flushed >= sent_before => {
                 wal_end.max(self.flushed)
             }
             _ => self.flushed,
@@ -423,9 +442,12 @@ impl Applier {
         self.last_commit_time
     }
 
-    /// True when nothing is open or in flight.
+    /// True when nothing is open, buffered or in flight.
     pub fn idle(&self) -> bool {
-        self.open.is_none() && self.txns_in_flight() == 0
+        self.open.is_none()
+            && self.group.is_none()
+            && self.groups_in_flight() == 0
+            && self.redo.is_empty()
     }
 
     /// Apply the next transaction carefully (the source was restarted after a conflict in a
@@ -434,20 +456,22 @@ impl Applier {
         self.careful_next = true;
     }
 
-    /// A keepalive: everything before `wal_end` has been received.
-    pub fn on_keepalive(&mut self, wal_end: Lsn) {
-        if self.open.is_none() {
+    /// A keepalive: the source has nothing before `wal_end` left to send.
+    pub async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<Outcome, DirectionError> {
+        let outcome = self.close_group().await?;
+        if self.open.is_none() && self.group.is_none() {
             self.idle_point = Some((wal_end, self.expected));
         }
+        Ok(outcome)
     }
 
-    /// Queues a durable-progress query (at most one at a time).
+    /// Queues a durable-progress query (at most one at a time, never inside a group).
     pub async fn request_progress(&mut self) -> Result<(), DirectionError> {
         if self.progress_pending {
             return Ok(());
         }
-        if self.open.is_some() || self.streaming_careful.is_some() {
-            // A Sync now would commit the open transaction's statements so far.
+        if self.group.is_some() || self.streaming_careful.is_some() {
+            // A Sync now would commit the open group's statements so far.
             self.progress_wanted = true;
             return Ok(());
         }
@@ -476,8 +500,8 @@ impl Applier {
         let name = format!("wb{}", self.statement_seq);
         self.enc.parse(&name, sql).map_err(proto)?;
         self.prepared.insert(sql.to_string(), name.clone());
-        if let Some(open) = &mut self.open {
-            open.parsed.push(name.clone());
+        if let Some(group) = &mut self.group {
+            group.parsed.push(name.clone());
         }
         Ok(name)
     }
@@ -527,30 +551,44 @@ impl Applier {
             policy,
             map,
             resolving,
-            hot: std::sync::atomic::AtomicBool::new(false),
+            hot: AtomicBool::new(false),
         });
         self.tables.insert(relation.oid, state.clone());
         Ok(state)
     }
 
-    /// Feeds one source event.
-    pub async fn on_event(&mut self, event: Event) -> Result<Outcome, DirectionError> {
+    /// Feeds one source event. `more_pending`: the source has more already queued (so a group
+    /// may stay open to take it).
+    pub async fn on_event(
+        &mut self,
+        event: Event,
+        more_pending: bool,
+    ) -> Result<Outcome, DirectionError> {
         match event {
             Event::Begin(begin) => {
+                // A third node's writes may race these rows: bound the group's time span.
+                let span_exceeded = match (&self.group, self.group_span) {
+                    (Some(g), Some(span)) => {
+                        begin.commit_time.0 - g.first_commit_time.0 > span.as_micros() as i64
+                    }
+                    _ => false,
+                };
+                let mut outcome = Outcome::Continue;
+                if span_exceeded {
+                    outcome = self.close_group().await?;
+                }
                 let careful = std::mem::take(&mut self.careful_next);
                 self.open = Some(OpenTxn {
                     begin,
                     echo: false,
                     items: Some(Vec::new()),
-                    statements: 0,
-                    batch: Vec::new(),
-                    batch_table: None,
+                    changes: 0,
                     counts: HashMap::new(),
                     truncates: 0,
                     started: Instant::now(),
                     careful,
-                    parsed: Vec::new(),
                 });
+                return Ok(outcome);
             }
             Event::Origin(_) => {
                 if let Some(open) = &mut self.open {
@@ -565,7 +603,7 @@ impl Applier {
             Event::Type(_) | Event::Message(_) => {}
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
-            Event::Commit(commit) => return self.on_commit(commit).await,
+            Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
         }
         Ok(Outcome::Continue)
     }
@@ -576,6 +614,20 @@ impl Applier {
                 "the stream from {} sent a change outside a transaction",
                 self.source
             ))
+        })
+    }
+
+    fn open_group(&mut self) -> &mut OpenGroup {
+        let commit_time = self
+            .open
+            .as_ref()
+            .map_or(PgTimestamp(0), |o| o.begin.commit_time);
+        self.group.get_or_insert_with(|| OpenGroup {
+            members: Vec::new(),
+            first_commit_time: commit_time,
+            parsed: Vec::new(),
+            batch: Vec::new(),
+            batch_table: None,
         })
     }
 
@@ -601,7 +653,6 @@ impl Applier {
                 counts: HashMap::new(),
                 truncates: 0,
                 started: open.started,
-                parsed: Vec::new(),
             };
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
@@ -621,6 +672,7 @@ impl Applier {
             if open.echo {
                 return Ok(());
             }
+            open.changes += 1;
             *open
                 .counts
                 .entry((change.relation.qualified_name(), change.op))
@@ -639,23 +691,24 @@ impl Applier {
                 DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
             })?;
         }
+        self.open_group();
         match change.op {
             ChangeOp::Insert => {
                 let oid = change.relation.oid;
                 let flush_first = self
-                    .open
+                    .group
                     .as_ref()
-                    .is_some_and(|o| o.batch_table.is_some_and(|t| t != oid));
+                    .is_some_and(|g| g.batch_table.is_some_and(|t| t != oid));
                 if flush_first {
                     self.flush_batch().await?;
                 }
                 let full = {
-                    let open = self.open_txn()?;
-                    open.batch_table = Some(oid);
+                    let group = self.open_group();
+                    group.batch_table = Some(oid);
                     if let Some(new) = change.new {
-                        open.batch.push(new);
+                        group.batch.push(new);
                     }
-                    open.batch.len()
+                    group.batch.len()
                 };
                 if full >= self.limits.insert_batch_rows {
                     self.flush_batch().await?;
@@ -707,7 +760,6 @@ impl Applier {
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
             .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
-        self.open_txn()?.statements += 1;
         Ok(())
     }
 
@@ -731,20 +783,19 @@ impl Applier {
             .map(|&p| value_param(key_tuple, p))
             .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
-        self.open_txn()?.statements += 1;
         Ok(())
     }
 
-    /// Sends the pending multi-row INSERT of the open transaction, in power-of-two chunks so
-    /// a handful of prepared statements serve every batch size.
+    /// Sends the group's pending multi-row INSERT, in power-of-two chunks so a handful of
+    /// prepared statements serve every batch size.
     async fn flush_batch(&mut self) -> Result<(), DirectionError> {
-        let Some(open) = self.open.as_mut() else {
+        let Some(group) = self.group.as_mut() else {
             return Ok(());
         };
-        let Some(oid) = open.batch_table.take() else {
+        let Some(oid) = group.batch_table.take() else {
             return Ok(());
         };
-        let rows = std::mem::take(&mut open.batch);
+        let rows = std::mem::take(&mut group.batch);
         if rows.is_empty() {
             return Ok(());
         }
@@ -770,7 +821,6 @@ impl Applier {
                 .iter()
                 .flat_map(|t| written.iter().map(move |&p| value_param(t, p)));
             self.enc.execute(&name, params).map_err(proto)?;
-            self.open_txn()?.statements += 1;
             rest = later;
         }
         if self.enc.len() >= self.limits.flush_bytes {
@@ -788,16 +838,17 @@ impl Applier {
             if open.echo {
                 return Ok(());
             }
+            open.changes += 1;
             open.truncates += 1;
             if let Some(items) = &mut open.items {
                 items.push(Item::Truncate(t.clone()));
             }
         }
+        self.open_group();
         self.flush_batch().await?;
         let sql = self.truncate_sql(&t).await?;
         self.enc.parse("", &sql).map_err(proto)?;
         self.enc.execute("", std::iter::empty()).map_err(proto)?;
-        self.open_txn()?.statements += 1;
         Ok(())
     }
 
@@ -809,8 +860,11 @@ impl Applier {
         Ok(sql::truncate(&names, t.restart_identity, t.cascade))
     }
 
-    async fn on_commit(&mut self, commit: Commit) -> Result<Outcome, DirectionError> {
-        self.flush_batch().await?;
+    async fn on_commit(
+        &mut self,
+        commit: Commit,
+        more_pending: bool,
+    ) -> Result<Outcome, DirectionError> {
         let Some(open) = self.open.take() else {
             return Err(DirectionError::definite(format!(
                 "the stream from {} sent a commit without a begin",
@@ -822,20 +876,67 @@ impl Applier {
                 .echo_suppressed
                 .with_label_values(&[self.source.as_str()])
                 .inc();
-            return Ok(Outcome::Continue);
+            return self.maybe_close(more_pending).await;
         }
         if self.streaming_careful.is_some() {
             self.careful_stream_commit(commit).await?;
             return Ok(Outcome::Continue);
         }
-        let empty = open.items.as_ref().is_some_and(|i| i.is_empty()) && open.statements == 0;
-        if empty || open.careful {
+        if open.changes == 0 || open.careful {
+            return self.maybe_close(more_pending).await;
+        }
+        let sent = Sent {
+            end_lsn: commit.end_lsn,
+            commit_time: commit.commit_time,
+            begin: open.begin,
+            commit,
+            items: open.items,
+            counts: open.counts,
+            truncates: open.truncates,
+            started: open.started,
+        };
+        self.open_group().members.push(sent);
+        self.maybe_close(more_pending).await
+    }
+
+    async fn maybe_close(&mut self, more_pending: bool) -> Result<Outcome, DirectionError> {
+        let full = self
+            .group
+            .as_ref()
+            .is_some_and(|g| g.members.len() >= self.limits.max_group_transactions);
+        if !more_pending || full || self.cautious > 0 || self.pending_failure.is_some() {
+            return self.close_group().await;
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// Ends the open group (between transactions only): `apply_finish` for its last
+    /// transaction, `Sync`, send.
+    pub async fn close_group(&mut self) -> Result<Outcome, DirectionError> {
+        if self.open.is_some() {
             return Ok(Outcome::Continue);
         }
+        if self.group.as_ref().is_some_and(|g| g.members.is_empty()) {
+            // Only possible with nothing encoded (changes open a group inside a transaction).
+            self.group = None;
+        }
+        if self.group.is_none() {
+            if let Some((failed, parsed, error)) = self.pending_failure.take() {
+                return self.recover(failed, parsed, error).await;
+            }
+            return Ok(Outcome::Continue);
+        }
+        self.flush_batch().await?;
+        let Some(group) = self.group.take() else {
+            return Ok(Outcome::Continue);
+        };
+        let Some(last) = group.members.last() else {
+            return Ok(Outcome::Continue);
+        };
         let name = self.statement(sql::APPLY_FINISH)?;
         let expected = self.expected.to_string();
-        let end = commit.end_lsn.to_string();
-        let ts = commit.commit_time.to_string();
+        let end = last.end_lsn.to_string();
+        let ts = last.commit_time.to_string();
         self.enc
             .execute(
                 &name,
@@ -847,21 +948,12 @@ impl Applier {
             )
             .map_err(proto)?;
         self.enc.sync();
-        self.expected = commit.end_lsn;
-        self.in_flight.push_back(Group::Txn(Box::new(Sent {
-            end_lsn: commit.end_lsn,
-            commit_time: commit.commit_time,
-            begin: open.begin,
-            commit,
-            items: open.items,
-            counts: open.counts,
-            truncates: open.truncates,
-            started: open.started,
-            parsed: open.parsed,
-        })));
+        self.expected = last.end_lsn;
+        self.in_flight
+            .push_back(Group::Txns(group.members, group.parsed));
         self.flush().await?;
-        if let Some((failed, error)) = self.pending_failure.take() {
-            return self.recover(*failed, error).await;
+        if let Some((failed, parsed, error)) = self.pending_failure.take() {
+            return self.recover(failed, parsed, error).await;
         }
         if self.progress_wanted {
             self.request_progress().await?;
@@ -905,6 +997,17 @@ impl Applier {
         Ok(Outcome::Continue)
     }
 
+    fn note_progress(&mut self, rows: &[Vec<Option<Bytes>>]) {
+        if let Some(lsn) = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(text)
+            .and_then(|t| t.parse::<Lsn>().ok())
+        {
+            self.flushed = self.flushed.max(lsn);
+        }
+    }
+
     async fn complete_group(
         &mut self,
         group: Group,
@@ -917,45 +1020,27 @@ impl Applier {
                 if let Some(e) = error {
                     return Err(server(&self.target, "reading the origin's progress", e));
                 }
-                if let Some(lsn) = rows
-                    .first()
-                    .and_then(|r| r.first())
-                    .and_then(text)
-                    .and_then(|t| t.parse::<Lsn>().ok())
-                {
-                    self.flushed = self.flushed.max(lsn);
-                }
+                self.note_progress(&rows);
                 Ok(Outcome::Continue)
             }
             Group::Abort | Group::Close => Ok(Outcome::Continue),
-            Group::Txn(sent) => match error {
+            Group::Txns(members, parsed) => match error {
                 None => {
                     let resolved = resolved_in_sql(&rows, &self.source, &self.target);
-                    self.acknowledge(&sent, &resolved);
+                    for (i, sent) in members.iter().enumerate() {
+                        self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
+                    }
+                    self.cautious = self.cautious.saturating_sub(1);
                     Ok(Outcome::Continue)
                 }
-                Some(e) if self.open.is_some() => {
-                    self.pending_failure = Some((sent, e));
-                    Ok(Outcome::Continue)
+                Some(e) if self.group.is_some() || self.open.is_some() => {
+                    // A Sync must not fall inside the group being encoded: close it first
+                    // (at once between transactions, else when the open one commits).
+                    self.pending_failure = Some((members, parsed, e));
+                    self.close_group().await
                 }
-                Some(e) => self.recover(*sent, e).await,
+                Some(e) => self.recover(members, parsed, e).await,
             },
-        }
-    }
-
-    /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
-    async fn read_group(
-        &mut self,
-    ) -> Result<(Vec<Vec<Option<Bytes>>>, Option<ServerError>), DirectionError> {
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.pipe.recv().await.map_err(proto)? {
-                Response::Row(r) => rows.push(r),
-                Response::Error(e) => error = Some(e),
-                Response::Ready(_) => return Ok((rows, error)),
-                _ => {}
-            }
         }
     }
 
@@ -993,50 +1078,49 @@ impl Applier {
             .lag_seconds
             .with_label_values(&[s, t])
             .set(sent.commit_time.seconds_until(PgTimestamp::now()).max(0.0));
-        if self.cautious > 0 {
-            self.cautious -= 1;
-        }
     }
 
-    /// A pipelined transaction failed: drain the rest (they fail too), redo it carefully,
-    /// then re-send what followed.
+    /// A group failed: drain the rest (they fail too), then send its transactions again one
+    /// at a time; a lone failing transaction is redone carefully.
     async fn recover(
         &mut self,
-        failed: Sent,
+        failed: Vec<Sent>,
+        parsed: Vec<String>,
         error: ServerError,
     ) -> Result<Outcome, DirectionError> {
         let class = &error.code[..2.min(error.code.len())];
         let conflict_like = error.code == "WB001" || class == "23";
         if !conflict_like && error.code != "40001" && error.code != "40P01" {
+            let first = failed.first();
             return Err(DirectionError::definite(format!(
                 "{} -> {}: applying the transaction of {} (xid {}, end {}) failed: {error}",
-                self.source, self.target, failed.commit_time, failed.begin.xid, failed.end_lsn
+                self.source,
+                self.target,
+                first.map_or_else(String::new, |s| s.commit_time.to_string()),
+                first.map_or(0, |s| s.begin.xid),
+                failed.last().map_or(Lsn::ZERO, |s| s.end_lsn)
             )));
         }
         // Everything after the failed group fails in apply_finish (progress mismatch).
         let mut followers = Vec::new();
+        let mut uncertain = parsed;
         while let Some(group) = self.in_flight.pop_front() {
             let (rows, _) = self.read_group().await?;
             match group {
-                Group::Txn(s) => followers.push(*s),
+                Group::Txns(members, parsed) => {
+                    followers.extend(members);
+                    uncertain.extend(parsed);
+                }
                 Group::Abort | Group::Close => {}
                 Group::Progress => {
                     self.progress_pending = false;
-                    if let Some(lsn) = rows
-                        .first()
-                        .and_then(|r| r.first())
-                        .and_then(text)
-                        .and_then(|t| t.parse::<Lsn>().ok())
-                    {
-                        self.flushed = self.flushed.max(lsn);
-                    }
+                    self.note_progress(&rows);
                 }
             }
         }
         self.expected = self.committed;
-        self.forget_statements(std::iter::once(&failed).chain(&followers))
-            .await?;
-        if failed.items.is_none() || followers.iter().any(|f| f.items.is_none()) {
+        self.forget_statements(uncertain).await?;
+        if failed.iter().chain(&followers).any(|f| f.items.is_none()) {
             tracing::info!(
                 source = %self.source, target = %self.target,
                 "a large transaction needs conflict resolution; re-reading it from the source"
@@ -1045,18 +1129,36 @@ impl Applier {
             return Ok(Outcome::Restream);
         }
         self.cautious = 64;
-        self.apply_carefully(failed).await?;
+        let mut failed = failed;
+        if failed.len() == 1 {
+            if let Some(one) = failed.pop() {
+                self.apply_carefully(one).await?;
+            }
+        }
+        self.redo.extend(failed);
         self.redo.extend(followers);
         Ok(Outcome::Continue)
     }
 
+    /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
+    async fn read_group(
+        &mut self,
+    ) -> Result<(Vec<Vec<Option<Bytes>>>, Option<ServerError>), DirectionError> {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.pipe.recv().await.map_err(proto)? {
+                Response::Row(r) => rows.push(r),
+                Response::Error(e) => error = Some(e),
+                Response::Ready(_) => return Ok((rows, error)),
+                _ => {}
+            }
+        }
+    }
+
     /// Closes statements first parsed in failed groups (the server may or may not have them)
     /// so they are parsed afresh under new names.
-    async fn forget_statements<'a>(
-        &mut self,
-        groups: impl Iterator<Item = &'a Sent>,
-    ) -> Result<(), DirectionError> {
-        let names: Vec<String> = groups.flat_map(|g| g.parsed.iter().cloned()).collect();
+    async fn forget_statements(&mut self, names: Vec<String>) -> Result<(), DirectionError> {
         if names.is_empty() {
             return Ok(());
         }
@@ -1068,29 +1170,27 @@ impl Applier {
         self.in_flight.push_back(Group::Close);
         self.flush().await?;
         while let Some(group) = self.in_flight.pop_front() {
-            self.read_group().await?;
+            let (rows, _) = self.read_group().await?;
             if let Group::Progress = group {
                 self.progress_pending = false;
+                self.note_progress(&rows);
             }
         }
         Ok(())
     }
 
-    /// Sends a buffered transaction again, optimistically (one at a time while cautious).
+    /// Sends a buffered transaction again, optimistically, in a group of its own.
     async fn resend(&mut self, sent: Sent) -> Result<(), DirectionError> {
         let items = sent.items.clone().unwrap_or_default();
         self.open = Some(OpenTxn {
             begin: sent.begin.clone(),
             echo: false,
             items: Some(Vec::new()),
-            statements: 0,
-            batch: Vec::new(),
-            batch_table: None,
+            changes: 0,
             counts: HashMap::new(),
             truncates: 0,
             started: sent.started,
             careful: false,
-            parsed: Vec::new(),
         });
         for item in items {
             match item {
@@ -1098,14 +1198,15 @@ impl Applier {
                 Item::Truncate(t) => self.on_truncate(t).await?,
             }
         }
-        self.on_commit(sent.commit.clone()).await?;
+        self.on_commit(sent.commit.clone(), false).await?;
         Ok(())
     }
 
-    /// Finishes cleanly on shutdown: abandons an open transaction (it was never committed),
+    /// Finishes cleanly on shutdown: abandons an open transaction or group (never committed),
     /// waits for what was sent, and makes progress durable. Returns what may be confirmed.
     pub async fn finish(&mut self) -> Result<Lsn, DirectionError> {
-        if self.open.take().is_some() || self.streaming_careful.is_some() {
+        let had_open = self.open.take().is_some();
+        if had_open || self.group.is_some() || self.streaming_careful.is_some() {
             self.abort_open().await?;
         }
         self.pending_failure = None;
@@ -1122,11 +1223,12 @@ impl Applier {
         Ok(self.confirmable())
     }
 
-    /// Makes the open transaction's statements (sent without `Sync`) fail, so they roll back.
+    /// Makes the open group's statements (sent without `Sync`) fail, so they roll back.
     async fn abort_open(&mut self) -> Result<(), DirectionError> {
         if let Some(txn) = self.streaming_careful.take() {
             return self.careful_abort(txn).await;
         }
+        self.group = None;
         self.enc
             .parse("", "SELECT walbridge.expect_rows(0, 1)")
             .map_err(proto)?;

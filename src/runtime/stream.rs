@@ -257,18 +257,26 @@ async fn pump(
                     )));
                 };
                 let item = item.map_err(|e| source_err(s, e.into()))?;
-                for decoded in source.decode(item).await.map_err(|e| source_err(s, e))? {
-                    match decoded {
+                let decoded = source.decode(item).await.map_err(|e| source_err(s, e))?;
+                let count = decoded.len();
+                for (i, decoded) in decoded.into_iter().enumerate() {
+                    let outcome = match decoded {
                         SourceItem::Keepalive { wal_end } => {
                             last_wal_end = wal_end;
-                            applier.on_keepalive(wal_end);
+                            applier.on_keepalive(wal_end).await?
                         }
                         SourceItem::Event { event, .. } => {
-                            if applier.on_event(event).await? == Outcome::Restream {
-                                return Ok(Pumped::Restream);
-                            }
+                            let more = i + 1 < count || source.has_queued();
+                            applier.on_event(event, more).await?
                         }
+                    };
+                    if outcome == Outcome::Restream {
+                        return Ok(Pumped::Restream);
                     }
+                }
+                // Nothing more delivered yet: do not hold a group open waiting for it.
+                if !source.has_queued() && applier.close_group().await? == Outcome::Restream {
+                    return Ok(Pumped::Restream);
                 }
             }
         }
