@@ -404,10 +404,20 @@ async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure>
         .map_err(|e| Failure::Fatal(e.into()))
 }
 
-/// `walbridge status`.
-#[allow(clippy::unused_async)] // until wired
-async fn status(_config: Config, _args: StatusArgs) -> Result<(), Failure> {
-    Err(not_implemented("status"))
+/// `walbridge status`: 0 when every node is reachable, 1 otherwise.
+async fn status(config: Config, args: StatusArgs) -> Result<(), Failure> {
+    let report = crate::status::gather(&config).await;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Fatal(anyhow::Error::new(e).context("encoding the status")))?;
+        println!("{text}");
+    } else {
+        print!("{}", crate::status::render_text(&report));
+    }
+    match report.exit_code() {
+        0 => Ok(()),
+        code => Err(Failure::Exit(code)),
+    }
 }
 
 /// `walbridge verify`.

@@ -29,5 +29,6 @@ pub mod protocol;
 pub mod runtime;
 pub mod setup;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 pub mod tls;

@@ -4,7 +4,9 @@ mod support;
 
 mod cli;
 mod localpg;
+mod observability;
 mod protocol;
 mod replication;
 mod setup;
+mod status;
 mod tls;

@@ -932,10 +932,6 @@ impl Applier {
             .apply_duration
             .with_label_values(&[s, t])
             .observe(sent.started.elapsed().as_secs_f64());
-        self.metrics
-            .lag_seconds
-            .with_label_values(&[s, t])
-            .set(sent.commit_time.seconds_until(PgTimestamp::now()).max(0.0));
         if self.cautious > 0 {
             self.cautious -= 1;
         }

@@ -43,6 +43,7 @@ pub struct Deployment {
     /// The configuration file.
     pub config: PathBuf,
     extra_toml: String,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl Deployment {
@@ -68,6 +69,7 @@ impl Deployment {
             dir,
             config,
             extra_toml: replication_toml.to_string(),
+            metrics: None,
         };
         d.write_config();
         d
@@ -84,8 +86,19 @@ impl Deployment {
         }
         toml.push_str("[replication]\n");
         toml.push_str(&self.extra_toml);
-        toml.push_str("\n\n[metrics]\nlisten = \"\"\n");
+        let listen = self.metrics.map(|a| a.to_string()).unwrap_or_default();
+        toml.push_str(&format!("\n\n[metrics]\nlisten = \"{listen}\"\n"));
         std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    /// Serves `/metrics` etc. on a free loopback port (instead of `listen = ""`) and rewrites
+    /// the file; returns the address.
+    pub fn enable_metrics(&mut self) -> std::net::SocketAddr {
+        let port = walbridge::localpg::free_port().expect("a free port");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        self.metrics = Some(addr);
+        self.write_config();
+        addr
     }
 
     /// Replaces the `[replication]` body and rewrites the file.
