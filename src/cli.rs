@@ -407,13 +407,16 @@ async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure>
 /// `walbridge status`: 0 when every node is reachable, 1 otherwise.
 async fn status(config: Config, args: StatusArgs) -> Result<(), Failure> {
     let report = crate::status::gather(&config).await;
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
+    let text = if args.json {
+        let mut text = serde_json::to_string_pretty(&report)
             .map_err(|e| Failure::Fatal(anyhow::Error::new(e).context("encoding the status")))?;
-        println!("{text}");
+        text.push('\n');
+        text
     } else {
-        print!("{}", crate::status::render_text(&report));
-    }
+        crate::status::render_text(&report)
+    };
+    // A closed pipe (`walbridge status | head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     match report.exit_code() {
         0 => Ok(()),
         code => Err(Failure::Exit(code)),

@@ -450,7 +450,7 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
     let mut d = Deployment::new(
         &["east", "west"],
         "CREATE TABLE public.items (id int PRIMARY KEY, pad text);",
-        "plugin = \"wal2json\"\nmax_retained_wal = \"64MB\"",
+        "plugin = \"wal2json\"\nmax_retained_wal = \"3MB\"",
     );
     let addr = d.enable_metrics();
     d.walbridge_ok(&["setup"]);
@@ -497,7 +497,7 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
         .value("walbridge_slot_wal_budget_ratio", &slot)
         .unwrap_or(0.0);
     assert!(
-        (ratio - peak / (64.0 * 1024.0 * 1024.0)).abs() < 1e-9,
+        (ratio - peak / (3.0 * 1024.0 * 1024.0)).abs() < 1e-9,
         "ratio {ratio} for {peak} bytes"
     );
     // Lag grows while the target is down.
@@ -509,6 +509,22 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
         grown.samples
     );
     run.assert_running();
+
+    // The WAL guardrail: over max_retained_wal, /readyz and the log name the slot and the
+    // peer that holds it back.
+    let (_, body) = http_get(addr, "/readyz").expect("/readyz answers");
+    assert!(
+        body.contains("slot walbridge_east_to_west on east retains")
+            && body.contains("west is not confirming"),
+        "{body}"
+    );
+    let _ = wait_until(WAIT, || run.log().contains("west is not confirming"));
+    assert!(
+        run.log()
+            .contains("slot walbridge_east_to_west on east retains"),
+        "no guardrail warning in the log:\n{}",
+        run.log()
+    );
 
     d.node_mut("west").restart().expect("start west");
     wait_readyz(addr, 200, &mut run);

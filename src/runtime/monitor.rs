@@ -212,6 +212,7 @@ struct Watch {
     samples: HashMap<String, VecDeque<(Instant, u64)>>,
     warned: HashMap<String, u8>,
     exported: HashSet<String>,
+    lost: HashSet<String>,
     was_up: Option<bool>,
 }
 
@@ -231,6 +232,7 @@ pub async fn run(
             samples: HashMap::new(),
             warned: HashMap::new(),
             exported: HashSet::new(),
+            lost: HashSet::new(),
             was_up: None,
         })
         .collect();
@@ -331,7 +333,8 @@ fn record(
             budget,
             w.warned.entry(s.name.clone()).or_default(),
         );
-        if s.wal_status.as_deref() == Some("lost") {
+        let lost = s.wal_status.as_deref() == Some("lost");
+        if lost && w.lost.insert(s.name.clone()) {
             warn!(node = %name, slot = %s.name,
                 "slot lost the WAL it needed (max_slot_wal_keep_size); its direction cannot \
                  resume: run walbridge teardown and setup again, then re-copy the peer");
@@ -346,6 +349,7 @@ fn record(
             .remove_label_values(&[name, gone]);
         w.samples.remove(gone);
         w.warned.remove(gone);
+        w.lost.remove(gone);
     }
     w.exported = seen;
     if let Some(depth) = probe.trigger_queue_depth {

@@ -460,7 +460,7 @@ pub fn slot_sentence(node: &str, s: &SlotStatus, budget: u64) -> String {
         "slot {} on {node} retains {percent:.0}% of max_retained_wal ({} of {}): {peer}",
         s.name,
         human_bytes(retained),
-        crate::config::format_size(budget)
+        human_bytes(budget)
     );
     if let Some(secs) = s.seconds_until_budget.filter(|v| *v > 0.0) {
         text.push_str(&format!(
