@@ -3,6 +3,11 @@
 mod support;
 
 mod cli;
+mod conflicts;
+mod copy;
+mod demo;
+mod heavy_convergence;
+mod heavy_resilience;
 mod localpg;
 mod observability;
 mod protocol;
@@ -10,3 +15,4 @@ mod replication;
 mod setup;
 mod status;
 mod tls;
+mod verify;

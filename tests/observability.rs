@@ -283,7 +283,7 @@ fn dir<'a>(s: &'a str, t: &'a str) -> [(&'a str, &'a str); 2] {
 #[test]
 fn metrics_count_exactly_the_rows_changed() {
     let mut d = Deployment::new(&["east", "west"], SCHEMA, "plugin = \"pgoutput\"");
-    let addr = d.enable_metrics();
+    let addr = SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
 
@@ -452,7 +452,7 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
         "CREATE TABLE public.items (id int PRIMARY KEY, pad text);",
         "plugin = \"wal2json\"\nmax_retained_wal = \"3MB\"",
     );
-    let addr = d.enable_metrics();
+    let addr = SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
     let body = wait_readyz(addr, 200, &mut run);

@@ -1,6 +1,8 @@
 //! `walbridge status [--json]`: the contract's JSON shape, the exit codes, the numbers from
 //! the databases without a process and from the running process's board with one.
 
+use std::net::SocketAddr;
+
 use serde_json::Value;
 
 use crate::observability::{scrape, wait_readyz};
@@ -214,7 +216,7 @@ fn status_exits_2_on_a_configuration_error() {
 #[test]
 fn status_shows_the_running_process_numbers() {
     let mut d = Deployment::new(&["east", "west"], SCHEMA, "plugin = \"pgoutput\"");
-    let addr = d.enable_metrics();
+    let addr = SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
     wait_readyz(addr, 200, &mut run);

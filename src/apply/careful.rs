@@ -420,6 +420,10 @@ impl Applier {
                 key = %key_json, kind = %kind, resolution = %resolution,
                 "conflict resolved"
             );
+            if matches!(kind, ConflictKind::UpdateOlder | ConflictKind::DeleteOlder) {
+                // Contended table: let its statements settle these in SQL from now on.
+                table.hot.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             conflicts.push((kind, resolution, table.label.clone()));
         }
         Ok(())

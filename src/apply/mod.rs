@@ -79,6 +79,20 @@ struct TableState {
     overwritable: String,
     /// Whether an older target version may be overwritten without a check.
     by_time: bool,
+    /// last_write_wins only: how statements resolve `update_older`/`delete_older` in SQL.
+    resolving: Option<sql::Resolving>,
+    /// The table has had such conflicts: use the resolving statements from now on (they cost
+    /// a little more than the plain ones, so only contended tables get them).
+    hot: std::sync::atomic::AtomicBool,
+}
+
+impl TableState {
+    /// The resolving statements' settings, once the table is contended.
+    fn resolving_now(&self) -> Option<&sql::Resolving> {
+        self.resolving
+            .as_ref()
+            .filter(|_| self.hot.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// One item of a transaction, kept for a careful redo.
@@ -274,6 +288,34 @@ impl Applier {
             })
             .collect::<Vec<_>>();
         let writers = Writers::new(&config, target, &origins);
+        // The statements every transaction uses are prepared up front, in a group of their
+        // own: a Parse inside a transaction's group is skipped when an earlier statement of
+        // that group fails.
+        let mut enc = Encoder::default();
+        let mut prepared = HashMap::new();
+        for (i, sql) in [sql::APPLY_FINISH, sql::FLUSHED_PROGRESS]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("wb_fixed{i}");
+            enc.parse(&name, sql).map_err(proto)?;
+            prepared.insert(sql.to_string(), name);
+        }
+        enc.sync();
+        pipe.send(enc.take()).await.map_err(proto)?;
+        loop {
+            match pipe.recv().await.map_err(proto)? {
+                Response::Error(e) => {
+                    return Err(server(
+                        target,
+                        "preparing walbridge.apply_finish (run walbridge setup to install it)",
+                        e,
+                    ))
+                }
+                Response::Ready(_) => break,
+                _ => {}
+            }
+        }
         Ok((
             Applier {
                 pipe,
@@ -287,7 +329,7 @@ impl Applier {
                 limits,
                 tables: HashMap::new(),
                 relations: HashMap::new(),
-                prepared: HashMap::new(),
+                prepared,
                 statement_seq: 0,
                 open: None,
                 in_flight: VecDeque::new(),
@@ -472,12 +514,20 @@ impl Applier {
         let policy = self
             .config
             .conflict_policy_for(&relation.schema, &relation.table);
+        let resolving = (policy == ConflictPolicy::LastWriteWins).then(|| sql::Resolving {
+            rank_case: self.writers.rank_case_sql(),
+            source_rank: self.writers.rank(&self.source),
+            source: self.source.clone(),
+            target: self.target.clone(),
+        });
         let state = Arc::new(TableState {
             label: relation.qualified_name(),
             overwritable: self.writers.overwritable(policy, &self.source),
             by_time: policy != ConflictPolicy::NodePriority,
             policy,
             map,
+            resolving,
+            hot: std::sync::atomic::AtomicBool::new(false),
         });
         self.tables.insert(relation.oid, state.clone());
         Ok(state)
@@ -645,14 +695,17 @@ impl Applier {
             .filter(|&p| !matches!(new.0.get(p), Some(Value::UnchangedToast)))
             .collect();
         let key_tuple = change.identity_tuple().unwrap_or(new);
-        let sql = table.map.update_optimistic(&present, table.by_time);
+        let sql = match table.resolving_now() {
+            Some(r) => table.map.update_resolving(&present, r),
+            None => table.map.update_optimistic(&present, table.by_time),
+        };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
         let params = present
             .iter()
             .map(|&p| value_param(new, p))
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
-            .chain([Some(table.overwritable.as_bytes()), Some(ts.as_bytes())]);
+            .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
         self.open_txn()?.statements += 1;
         Ok(())
@@ -665,7 +718,10 @@ impl Applier {
                 self.source, table.label
             )));
         };
-        let sql = table.map.delete_optimistic(table.by_time);
+        let sql = match table.resolving_now() {
+            Some(r) => table.map.delete_resolving(r),
+            None => table.map.delete_optimistic(table.by_time),
+        };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
         let params = table
@@ -673,7 +729,7 @@ impl Applier {
             .key
             .iter()
             .map(|&p| value_param(key_tuple, p))
-            .chain([Some(table.overwritable.as_bytes()), Some(ts.as_bytes())]);
+            .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
         self.open_txn()?.statements += 1;
         Ok(())
@@ -874,7 +930,8 @@ impl Applier {
             Group::Abort | Group::Close => Ok(Outcome::Continue),
             Group::Txn(sent) => match error {
                 None => {
-                    self.acknowledge(&sent, &[]);
+                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    self.acknowledge(&sent, &resolved);
                     Ok(Outcome::Continue)
                 }
                 Some(e) if self.open.is_some() => {
@@ -1074,6 +1131,40 @@ impl Applier {
         self.in_flight.push_back(Group::Abort);
         self.flush().await
     }
+}
+
+/// Conflicts that resolving statements settled in SQL: rows `(_, key, table, kind)` whose key
+/// is set. Logged here, counted by `acknowledge` once the transaction committed.
+fn resolved_in_sql(
+    rows: &[Vec<Option<Bytes>>],
+    source: &str,
+    target: &str,
+) -> Vec<(ConflictKind, Resolution, String)> {
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| r.len() == 4) {
+        let (Some(key), Some(table), Some(kind)) = (text(&row[1]), text(&row[2]), text(&row[3]))
+        else {
+            continue;
+        };
+        let kind = match kind {
+            "update_older" => ConflictKind::UpdateOlder,
+            "delete_older" => ConflictKind::DeleteOlder,
+            _ => continue,
+        };
+        tracing::info!(
+            source = %source, target = %target, table = %table, key = %key, kind = %kind,
+            resolution = "skipped", "conflict resolved"
+        );
+        out.push((kind, Resolution::Skipped, table.to_string()));
+    }
+    out
+}
+
+/// The optimistic guard's parameters: the overwritable origin ids, and the commit time when
+/// the guard compares times (a statement must not receive parameters it does not use).
+fn guard_params<'a>(table: &'a TableState, ts: &'a str) -> impl Iterator<Item = Option<&'a [u8]>> {
+    std::iter::once(Some(table.overwritable.as_bytes()))
+        .chain(table.by_time.then_some(Some(ts.as_bytes())))
 }
 
 /// The text-format parameter for column `pos` of `tuple` (`None` = NULL).

@@ -61,6 +61,19 @@ impl Writers {
         self.ranks.get(node).copied().unwrap_or(usize::MAX)
     }
 
+    /// `CASE {ro} WHEN <origin id> THEN <rank> ... ELSE <target's rank> END`: a row
+    /// version's writer rank computed in SQL from its origin id (`{ro}` is replaced by the
+    /// column holding it).
+    pub fn rank_case_sql(&self) -> String {
+        let mut ids: Vec<(&i64, &String)> = self.by_roident.iter().collect();
+        ids.sort();
+        let arms: String = ids
+            .iter()
+            .map(|(id, node)| format!(" WHEN {id} THEN {}", self.rank(node)))
+            .collect();
+        format!("(CASE {{ro}}{arms} ELSE {} END)", self.rank(&self.target))
+    }
+
     /// Origin ids whose row versions a change from `source` may overwrite without a conflict
     /// check, as a PostgreSQL `oid[]` literal: the source's own, and under `node_priority`
     /// those of every node the source outranks (0 when that includes the target).

@@ -43,7 +43,7 @@ pub struct Deployment {
     /// The configuration file.
     pub config: PathBuf,
     extra_toml: String,
-    metrics: Option<std::net::SocketAddr>,
+    metrics_listen: Option<String>,
 }
 
 impl Deployment {
@@ -69,7 +69,7 @@ impl Deployment {
             dir,
             config,
             extra_toml: replication_toml.to_string(),
-            metrics: None,
+            metrics_listen: None,
         };
         d.write_config();
         d
@@ -86,19 +86,11 @@ impl Deployment {
         }
         toml.push_str("[replication]\n");
         toml.push_str(&self.extra_toml);
-        let listen = self.metrics.map(|a| a.to_string()).unwrap_or_default();
-        toml.push_str(&format!("\n\n[metrics]\nlisten = \"{listen}\"\n"));
+        toml.push_str(&format!(
+            "\n\n[metrics]\nlisten = \"{}\"\n",
+            self.metrics_listen.as_deref().unwrap_or("")
+        ));
         std::fs::write(&self.config, toml).expect("write config");
-    }
-
-    /// Serves `/metrics` etc. on a free loopback port (instead of `listen = ""`) and rewrites
-    /// the file; returns the address.
-    pub fn enable_metrics(&mut self) -> std::net::SocketAddr {
-        let port = walbridge::localpg::free_port().expect("a free port");
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        self.metrics = Some(addr);
-        self.write_config();
-        addr
     }
 
     /// Replaces the `[replication]` body and rewrites the file.
@@ -263,6 +255,11 @@ impl Deployment {
     /// node: each slot's `confirmed_flush_lsn` passes the node's WAL position as of now. Run
     /// twice, this also covers anything the first round caused on the peers (an echo).
     pub fn wait_caught_up(&self) {
+        self.wait_caught_up_within(WAIT);
+    }
+
+    /// [`Deployment::wait_caught_up`] with a longer bound, for deliberately large backlogs.
+    pub fn wait_caught_up_within(&self, timeout: std::time::Duration) {
         for _round in 0..2 {
             for (name, c) in self.names.iter().zip(&self.clusters) {
                 let lsn = c
@@ -272,7 +269,15 @@ impl Deployment {
                     "SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots \
                      WHERE slot_name LIKE 'walbridge\\_%'"
                 );
-                self.wait_for(name, &sql, "t");
+                let mut last = String::new();
+                let ok = wait_until(timeout, || {
+                    last = c.psql("postgres", &sql).unwrap_or_else(|e| e.to_string());
+                    last == "t"
+                });
+                assert!(
+                    ok,
+                    "{name} did not catch up with {lsn} within {timeout:?} ({last})"
+                );
             }
         }
     }
@@ -284,4 +289,58 @@ impl Deployment {
             &format!("SELECT string_agg({key}::text || '@' || xmin::text, ',' ORDER BY {key}) FROM {table}"),
         )
     }
+}
+
+impl Deployment {
+    /// Rewrites the configuration with `[metrics] listen` on a free port; returns the port.
+    pub fn enable_metrics(&mut self) -> u16 {
+        let port = walbridge::localpg::free_port().expect("free port");
+        self.metrics_listen = Some(format!("127.0.0.1:{port}"));
+        self.write_config();
+        port
+    }
+
+    /// Runs walbridge until everything written so far has been applied everywhere, then stops
+    /// it with SIGTERM (exit 0 expected).
+    pub fn replicate_once(&self, log: &str) {
+        let mut run = self.spawn_run(log);
+        self.wait_caught_up();
+        run.signal(libc::SIGTERM);
+        assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+    }
+
+    /// A table's content as `count|md5` in key order, to compare nodes.
+    pub fn fingerprint(&self, node: &str, table: &str, key: &str) -> String {
+        self.sql(
+            node,
+            &format!("SELECT count(*) || '|' || coalesce(md5(string_agg(t::text, ',' ORDER BY {key})), '') FROM {table} t"),
+        )
+    }
+}
+
+/// Fetches `/metrics` from a running walbridge (plain HTTP/1.0 over loopback).
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Sum of a metric's samples whose label set contains every `(name, value)` in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
