@@ -193,11 +193,6 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// The error for a subcommand that is not wired yet (exit 1).
-fn not_implemented(what: &str) -> Failure {
-    Failure::Fatal(anyhow::anyhow!("walbridge {what} is not implemented yet"))
-}
-
 /// Parses the command line, runs the subcommand and maps the outcome to the contract's exit codes.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -433,10 +428,23 @@ async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure>
         .map_err(|e| Failure::Fatal(e.into()))
 }
 
-/// `walbridge status`.
-#[allow(clippy::unused_async)] // until wired
-async fn status(_config: Config, _args: StatusArgs) -> Result<(), Failure> {
-    Err(not_implemented("status"))
+/// `walbridge status`: 0 when every node is reachable, 1 otherwise.
+async fn status(config: Config, args: StatusArgs) -> Result<(), Failure> {
+    let report = crate::status::gather(&config).await;
+    let text = if args.json {
+        let mut text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Fatal(anyhow::Error::new(e).context("encoding the status")))?;
+        text.push('\n');
+        text
+    } else {
+        crate::status::render_text(&report)
+    };
+    // A closed pipe (`walbridge status | head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    match report.exit_code() {
+        0 => Ok(()),
+        code => Err(Failure::Exit(code)),
+    }
 }
 
 /// `walbridge verify`: the report on stdout; exit 0 identical, 1 differences, 2 usage.

@@ -31,6 +31,7 @@ pub mod protocol;
 pub mod runtime;
 pub mod setup;
 pub mod source;
+pub mod status;
 pub mod tail;
 pub mod telemetry;
 pub mod tls;

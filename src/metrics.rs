@@ -35,6 +35,8 @@ pub mod names {
     pub const RECONNECTS: &str = "walbridge_reconnects_total";
     /// Errors per direction and kind.
     pub const ERRORS: &str = "walbridge_errors_total";
+    /// 1 while a direction is connected and streaming, else 0 (what `/readyz` checks).
+    pub const DIRECTION_UP: &str = "walbridge_direction_up";
     /// Rows waiting in a trigger-mode change table.
     pub const TRIGGER_QUEUE_DEPTH: &str = "walbridge_trigger_queue_depth";
     /// Trigger-mode rows moved to the dead-letter table.
@@ -69,6 +71,8 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// `walbridge_errors_total{source,target,kind}`.
     pub errors: IntCounterVec,
+    /// `walbridge_direction_up{source,target}`.
+    pub direction_up: IntGaugeVec,
     /// `walbridge_trigger_queue_depth{node}`.
     pub trigger_queue_depth: IntGaugeVec,
     /// `walbridge_trigger_dead_rows_total{node}`.
@@ -177,8 +181,15 @@ impl Metrics {
         );
         let errors = counter(
             ERRORS,
-            "Errors per direction, by kind (transient, definite, conflict, decode, trigger_row).",
+            "Errors that interrupted a direction, by kind: transient (connection lost, node \
+             restarting; retried with backoff) or definite (the direction stopped; see \
+             walbridge status).",
             &["source", "target", "kind"],
+        );
+        let direction_up = int_gauge(
+            DIRECTION_UP,
+            "1 while the direction is connected and streaming, else 0.",
+            &["source", "target"],
         );
         let trigger_queue_depth = int_gauge(
             TRIGGER_QUEUE_DEPTH,
@@ -204,13 +215,14 @@ impl Metrics {
             node_up,
             reconnects,
             errors,
+            direction_up,
             trigger_queue_depth,
             trigger_dead_rows,
         }
     }
 
     /// Exports the series whose labels are known at start at 0: per direction reconnects,
-    /// errors and transactions, lag; per node echo suppression and up.
+    /// errors and transactions, lag and up; per node echo suppression and up.
     pub fn register_topology<'a>(
         &self,
         nodes: impl IntoIterator<Item = &'a str>,
@@ -225,6 +237,7 @@ impl Metrics {
             self.transactions_applied.with_label_values(&[s, t]);
             self.lag_seconds.with_label_values(&[s, t]);
             self.lag_bytes.with_label_values(&[s, t]);
+            self.direction_up.with_label_values(&[s, t]);
             for kind in ["transient", "definite"] {
                 self.errors.with_label_values(&[s, t, kind]);
             }

@@ -1,4 +1,9 @@
-//! Logging setup: human (coloured on a terminal) or JSON lines on stderr, filtered by `RUST_LOG`.
+//! Logging setup: human (coloured on a terminal unless `NO_COLOR` is set) or JSON lines on
+//! stderr, filtered by `RUST_LOG`. Each direction's work runs in a `direction{source,target}`
+//! span, so every line says which direction it concerns (in JSON: the `span` object).
+//!
+//! Nothing logged carries a password or a full connection string: nodes appear as
+//! `user@host:port/dbname` (`Dsn::describe`), and connection errors are built from that form.
 //!
 //! stdout belongs to command output (`tail`'s JSON lines, `status --json`, `check-config`'s
 //! plan), so logs always go to stderr.
@@ -15,6 +20,11 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set (<https://no-color.org>).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The filter used when `RUST_LOG` is unset.
@@ -35,9 +45,7 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let installed = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(colour()).try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -180,8 +180,10 @@ impl Applier {
                         .counts
                         .entry((c.relation.qualified_name(), c.op))
                         .or_default() += 1;
-                } else {
-                    txn.sent.truncates += 1;
+                } else if let Item::Truncate(t) = &item {
+                    for rel in &t.relations {
+                        *txn.sent.truncates.entry(rel.qualified_name()).or_default() += 1;
+                    }
                 }
                 self.streaming_careful = Some(txn);
                 Ok(())

@@ -126,7 +126,8 @@ struct OpenTxn {
     items: Option<Vec<Item>>,
     changes: usize,
     counts: HashMap<(String, ChangeOp), u64>,
-    truncates: u64,
+    /// Truncated tables (`schema.table`) and how often.
+    truncates: HashMap<String, u64>,
     started: Instant,
     /// Careful mode from the first change on (after a conflict in a huge transaction).
     careful: bool,
@@ -140,7 +141,8 @@ struct Sent {
     commit: Commit,
     items: Option<Vec<Item>>,
     counts: HashMap<(String, ChangeOp), u64>,
-    truncates: u64,
+    /// Truncated tables (`schema.table`) and how often.
+    truncates: HashMap<String, u64>,
     started: Instant,
 }
 
@@ -584,7 +586,7 @@ impl Applier {
                     items: Some(Vec::new()),
                     changes: 0,
                     counts: HashMap::new(),
-                    truncates: 0,
+                    truncates: HashMap::new(),
                     started: Instant::now(),
                     careful,
                 });
@@ -651,7 +653,7 @@ impl Applier {
                 },
                 items: None,
                 counts: HashMap::new(),
-                truncates: 0,
+                truncates: HashMap::new(),
                 started: open.started,
             };
             let begin = open.begin.clone();
@@ -839,7 +841,9 @@ impl Applier {
                 return Ok(());
             }
             open.changes += 1;
-            open.truncates += 1;
+            for rel in &t.relations {
+                *open.truncates.entry(rel.qualified_name()).or_default() += 1;
+            }
             if let Some(items) = &mut open.items {
                 items.push(Item::Truncate(t.clone()));
             }
@@ -1058,11 +1062,11 @@ impl Applier {
                 .with_label_values(&[s, t, table, op.as_str()])
                 .inc_by(*n);
         }
-        if sent.truncates > 0 {
+        for (table, n) in &sent.truncates {
             self.metrics
                 .changes_applied
-                .with_label_values(&[s, t, "", "truncate"])
-                .inc_by(sent.truncates);
+                .with_label_values(&[s, t, table, "truncate"])
+                .inc_by(*n);
         }
         for (kind, resolution, _) in conflicts {
             self.metrics
@@ -1074,10 +1078,6 @@ impl Applier {
             .apply_duration
             .with_label_values(&[s, t])
             .observe(sent.started.elapsed().as_secs_f64());
-        self.metrics
-            .lag_seconds
-            .with_label_values(&[s, t])
-            .set(sent.commit_time.seconds_until(PgTimestamp::now()).max(0.0));
     }
 
     /// A group failed: drain the rest (they fail too), then send its transactions again one
@@ -1188,7 +1188,7 @@ impl Applier {
             items: Some(Vec::new()),
             changes: 0,
             counts: HashMap::new(),
-            truncates: 0,
+            truncates: HashMap::new(),
             started: sent.started,
             careful: false,
         });

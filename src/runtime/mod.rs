@@ -1,7 +1,7 @@
 //! The runtime: the only place that spawns tasks. One worker per direction, each its own
 //! failure domain, restarted with backoff on transient errors and parked on definite ones.
 
-mod monitor;
+pub mod monitor;
 pub mod state;
 mod stream;
 

@@ -1,21 +1,220 @@
-//! Watches the nodes on an interval that does not load them: reachability (`walbridge_node_up`)
-//! and, per slot, the WAL it retains against `max_retained_wal` (the classic way replication
-//! fills a disk), warning at 80 % and 100 % with the peer that holds it back.
+//! Watches the nodes on an interval that does not load them (one short catalog query per node
+//! every 5 s, all nodes at once, each bounded by a timeout so a hung node delays nobody):
+//! reachability (`walbridge_node_up`), the node's current WAL position (the head that lag in
+//! bytes is measured against) and, per slot, the WAL it retains against `max_retained_wal`.
+//!
+//! The WAL guardrail: a slot whose peer stops confirming pins WAL until the disk fills, the
+//! classic way logical replication takes a primary down. The monitor exports
+//! `walbridge_slot_retained_wal_bytes` and `walbridge_slot_wal_budget_ratio`, warns once when a
+//! slot crosses 80 % and again at 100 % naming the peer that holds it back, and estimates from
+//! the growth over the last two minutes how long until the budget is reached.
+//!
+//! [`probe`] is the same query `walbridge status` runs when no process is running, so both
+//! report the same numbers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
-use super::{SlotStatus, StatusBoard};
-use crate::config::Config;
+use super::state::{slot_sentence, NodeStatus, SlotStatus, StatusBoard, BUDGET_WARN_RATIO};
+use crate::config::{Config, Mode, NodeConfig};
+use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::pgconn;
 
 /// How often nodes are polled.
-const INTERVAL: Duration = Duration::from_secs(5);
+pub const INTERVAL: Duration = Duration::from_secs(5);
+
+/// Bound on connecting to and querying one node.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Growth of retained WAL is measured over this window.
+const GROWTH_WINDOW: Duration = Duration::from_secs(120);
+
+/// Shortest span of samples a growth rate is computed from.
+const GROWTH_MIN_SPAN: Duration = Duration::from_secs(9);
+
+/// One slot as read from `pg_replication_slots`.
+#[derive(Clone, Debug)]
+pub struct ProbedSlot {
+    /// `slot_name`.
+    pub name: String,
+    /// `active`.
+    pub active: bool,
+    /// `pg_current_wal_lsn() - restart_lsn`, `None` when the slot has no `restart_lsn` (lost).
+    pub retained_wal_bytes: Option<u64>,
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// `wal_status`.
+    pub wal_status: Option<String>,
+    /// `plugin`.
+    pub plugin: Option<String>,
+}
+
+/// What one look at a node shows.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// `pg_current_wal_lsn()`.
+    pub current_wal_lsn: Lsn,
+    /// walbridge's slots (named `<prefix>_<source>_to_<target>`) in the node's database.
+    pub slots: Vec<ProbedSlot>,
+    /// Trigger mode: rows in the change table, when the table exists.
+    pub trigger_queue_depth: Option<i64>,
+}
+
+const SLOTS_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text, s.slot_name::text, s.active,
+        (pg_catalog.pg_current_wal_lsn() - s.restart_lsn)::int8,
+        s.confirmed_flush_lsn::text, s.wal_status, s.plugin::text
+   FROM (SELECT 1) AS one
+   LEFT JOIN pg_catalog.pg_replication_slots s
+          ON s.database = current_database()
+         AND s.slot_type = 'logical'
+         AND starts_with(s.slot_name::text, $1 || '_')
+         AND strpos(s.slot_name::text, '_to_') > 0
+  ORDER BY 2";
+
+/// Reads the node's WAL position, walbridge's slots and (outside pure stream mode) the
+/// trigger queue depth, in at most two short queries.
+pub async fn probe(client: &Client, config: &Config) -> Result<Probe, tokio_postgres::Error> {
+    let rows = client
+        .query(SLOTS_SQL, &[&config.replication.slot_prefix])
+        .await?;
+    let mut current = Lsn::ZERO;
+    let mut slots = Vec::new();
+    for r in rows {
+        let wal: Option<String> = r.get(0);
+        current = wal.and_then(|w| w.parse().ok()).unwrap_or(current);
+        let Some(name) = r.get::<_, Option<String>>(1) else {
+            continue;
+        };
+        slots.push(ProbedSlot {
+            name,
+            active: r.get::<_, Option<bool>>(2).unwrap_or(false),
+            retained_wal_bytes: r
+                .get::<_, Option<i64>>(3)
+                .map(|v| u64::try_from(v).unwrap_or(0)),
+            confirmed_flush_lsn: r.get::<_, Option<String>>(4).and_then(|l| l.parse().ok()),
+            wal_status: r.get(5),
+            plugin: r.get(6),
+        });
+    }
+    let trigger_queue_depth = if config.replication.mode == Mode::Stream {
+        None
+    } else {
+        let table = &config.trigger.table;
+        let exists = client
+            .query_one(
+                "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                &[&table.quoted()],
+            )
+            .await?
+            .get::<_, bool>(0);
+        if exists {
+            let n: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
+                .await?
+                .get(0);
+            Some(n)
+        } else {
+            None
+        }
+    };
+    Ok(Probe {
+        current_wal_lsn: current,
+        slots,
+        trigger_queue_depth,
+    })
+}
+
+/// The capture mode a node shows: `stream` when walbridge has slots there, else what the
+/// configuration asks for (`auto` resolves to `trigger` once a change table exists).
+pub fn node_mode(config: &Config, probe: &Probe) -> &'static str {
+    match config.replication.mode {
+        Mode::Stream => "stream",
+        Mode::Trigger => "trigger",
+        Mode::Auto if !probe.slots.is_empty() => "stream",
+        Mode::Auto if probe.trigger_queue_depth.is_some() => "trigger",
+        Mode::Auto => "auto",
+    }
+}
+
+/// The target of the configured direction that owns `slot` on `node`, if any.
+pub fn slot_peer(config: &Config, node: &str, slot: &str) -> Option<String> {
+    config
+        .nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .find(|t| *t != node && config.slot_name(node, t) == slot)
+        .map(str::to_string)
+}
+
+/// Retained WAL divided by the budget (`None` without a budget).
+pub fn budget_ratio(retained: u64, budget: u64) -> Option<f64> {
+    (budget > 0).then(|| retained as f64 / budget as f64)
+}
+
+/// Seconds until `retained` reaches `budget` at `growth` bytes/s.
+pub fn seconds_until_budget(retained: u64, budget: u64, growth: Option<f64>) -> Option<f64> {
+    if budget == 0 {
+        return None;
+    }
+    if retained >= budget {
+        return Some(0.0);
+    }
+    growth
+        .filter(|g| *g > 0.0)
+        .map(|g| (budget - retained) as f64 / g)
+}
+
+/// Connects (if needed) and probes one node within [`PROBE_TIMEOUT`].
+pub async fn probe_node(
+    node: &NodeConfig,
+    config: &Config,
+    client: &mut Option<Client>,
+    application_name: &str,
+) -> Result<Probe, String> {
+    let attempt = async {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            *client = Some(
+                pgconn::connect(&node.dsn, application_name)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(c) = client.as_ref() else {
+            return Err("no connection".to_string());
+        };
+        probe(c, config)
+            .await
+            .map_err(|e| crate::setup::pg_message(&e))
+    };
+    let result = match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "node {} did not answer within {}s",
+            node.name,
+            PROBE_TIMEOUT.as_secs()
+        )),
+    };
+    if result.is_err() {
+        *client = None;
+    }
+    result
+}
+
+/// Per-node memory between polls.
+struct Watch {
+    client: Option<Client>,
+    samples: HashMap<String, VecDeque<(Instant, u64)>>,
+    warned: HashMap<String, u8>,
+    exported: HashSet<String>,
+    lost: HashSet<String>,
+    was_up: Option<bool>,
+}
 
 /// Polls every node until shutdown.
 pub async fn run(
@@ -24,113 +223,227 @@ pub async fn run(
     status: StatusBoard,
     shutdown: CancellationToken,
 ) {
-    let mut clients: HashMap<String, tokio_postgres::Client> = HashMap::new();
-    let mut previous: HashMap<(String, String), (u64, Instant)> = HashMap::new();
-    let mut warned: HashMap<(String, String), u8> = HashMap::new();
-    let prefix = config.replication.slot_prefix.clone();
-    let budget = config.replication.max_retained_wal;
+    status.set_wal_budget(config.replication.max_retained_wal);
+    let mut watches: Vec<Watch> = config
+        .nodes
+        .iter()
+        .map(|_| Watch {
+            client: None,
+            samples: HashMap::new(),
+            warned: HashMap::new(),
+            exported: HashSet::new(),
+            lost: HashSet::new(),
+            was_up: None,
+        })
+        .collect();
     loop {
-        for node in &config.nodes {
-            if clients.get(&node.name).is_none_or(|c| c.is_closed()) {
-                match pgconn::connect(&node.dsn, &format!("walbridge-monitor-{}", node.name)).await
-                {
-                    Ok(c) => {
-                        clients.insert(node.name.clone(), c);
-                    }
-                    Err(_) => {
-                        clients.remove(&node.name);
-                    }
+        let polls = config
+            .nodes
+            .iter()
+            .zip(watches.iter_mut())
+            .map(|(node, w)| {
+                let app = format!("walbridge-monitor-{}", node.name);
+                let config = &config;
+                async move {
+                    let result = probe_node(node, config, &mut w.client, &app).await;
+                    (node, w, result)
                 }
-            }
-            let rows = match clients.get(&node.name) {
-                Some(c) => c
-                    .query(
-                        "SELECT slot_name::text, active,
-                                (pg_catalog.pg_current_wal_lsn() - restart_lsn)::int8
-                           FROM pg_catalog.pg_replication_slots
-                          WHERE slot_name LIKE $1 || '\\_%\\_to\\_%' AND database = current_database()
-                          ORDER BY 1",
-                        &[&prefix],
-                    )
-                    .await
-                    .ok(),
-                None => None,
-            };
-            let up = rows.is_some();
-            metrics
-                .node_up
-                .with_label_values(&[&node.name])
-                .set(i64::from(up));
-            let Some(rows) = rows else {
-                clients.remove(&node.name);
-                status.node(&node.name, |n| n.reachable = false);
-                continue;
-            };
-            let mut slots = Vec::new();
-            for r in rows {
-                let slot: String = r.get(0);
-                let active: bool = r.get(1);
-                let retained: Option<i64> = r.get(2);
-                let retained = retained.map(|v| v.max(0) as u64);
-                let key = (node.name.clone(), slot.clone());
-                let mut growth = None;
-                if let Some(bytes) = retained {
-                    metrics
-                        .slot_retained_wal
-                        .with_label_values(&[&node.name, &slot])
-                        .set(bytes as i64);
-                    let ratio = if budget > 0 {
-                        bytes as f64 / budget as f64
-                    } else {
-                        0.0
-                    };
-                    metrics
-                        .slot_wal_budget_ratio
-                        .with_label_values(&[&node.name, &slot])
-                        .set(ratio);
-                    if let Some((before, at)) = previous.get(&key) {
-                        let secs = at.elapsed().as_secs_f64();
-                        if secs > 0.0 {
-                            growth = Some((bytes as f64 - *before as f64) / secs);
-                        }
-                    }
-                    previous.insert(key.clone(), (bytes, Instant::now()));
-                    let level = if ratio >= 1.0 {
-                        2
-                    } else if ratio >= 0.8 {
-                        1
-                    } else {
-                        0
-                    };
-                    let was = warned.insert(key.clone(), level).unwrap_or(0);
-                    if level > was {
-                        let peer = slot.rsplit("_to_").next().unwrap_or("?");
-                        warn!(
-                            node = %node.name, slot = %slot, retained_bytes = bytes,
-                            budget_bytes = budget, percent = (ratio * 100.0).round(),
-                            "slot retains {}% of max_retained_wal: {peer} is not confirming \
-                             (down or far behind); WAL on {} grows until it catches up",
-                            (ratio * 100.0).round(),
-                            node.name
-                        );
-                    }
-                }
-                slots.push(SlotStatus {
-                    name: slot,
-                    retained_wal_bytes: retained,
-                    active,
-                    growth_bytes_per_second: growth,
-                });
-            }
-            status.node(&node.name, |n| {
-                n.reachable = true;
-                n.mode = "stream".into();
-                n.slots = slots;
             });
+        for (node, watch, result) in futures::future::join_all(polls).await {
+            record(&config, &metrics, &status, node, watch, result);
         }
+        status.refresh(Some(&metrics));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(INTERVAL) => {}
         }
+    }
+}
+
+/// Turns one probe into metrics, board entries and guardrail warnings.
+fn record(
+    config: &Config,
+    metrics: &Metrics,
+    status: &StatusBoard,
+    node: &NodeConfig,
+    w: &mut Watch,
+    result: Result<Probe, String>,
+) {
+    let name = node.name.as_str();
+    let now = PgTimestamp::now();
+    metrics
+        .node_up
+        .with_label_values(&[name])
+        .set(i64::from(result.is_ok()));
+    let probe = match result {
+        Ok(p) => p,
+        Err(error) => {
+            if w.was_up != Some(false) {
+                warn!(node = %name, %error, "node is unreachable");
+            }
+            w.was_up = Some(false);
+            status.node(name, |n| {
+                n.reachable = false;
+                n.error = Some(error);
+                n.checked_at = Some(now);
+            });
+            return;
+        }
+    };
+    if w.was_up == Some(false) {
+        info!(node = %name, "node is reachable again");
+    }
+    w.was_up = Some(true);
+    let budget = config.replication.max_retained_wal;
+    let mut slots = Vec::new();
+    let mut seen = HashSet::new();
+    for s in &probe.slots {
+        seen.insert(s.name.clone());
+        let peer = slot_peer(config, name, &s.name);
+        let mut slot = SlotStatus {
+            name: s.name.clone(),
+            retained_wal_bytes: s.retained_wal_bytes,
+            active: s.active,
+            peer,
+            confirmed_flush_lsn: s.confirmed_flush_lsn,
+            wal_status: s.wal_status.clone(),
+            budget_ratio: None,
+            growth_bytes_per_second: None,
+            seconds_until_budget: None,
+        };
+        if let Some(bytes) = s.retained_wal_bytes {
+            let labels = [name, s.name.as_str()];
+            metrics
+                .slot_retained_wal
+                .with_label_values(&labels)
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            slot.budget_ratio = budget_ratio(bytes, budget);
+            metrics
+                .slot_wal_budget_ratio
+                .with_label_values(&labels)
+                .set(slot.budget_ratio.unwrap_or(0.0));
+            slot.growth_bytes_per_second =
+                growth(w.samples.entry(s.name.clone()).or_default(), bytes);
+            slot.seconds_until_budget =
+                seconds_until_budget(bytes, budget, slot.growth_bytes_per_second);
+        }
+        guardrail(
+            name,
+            &slot,
+            budget,
+            w.warned.entry(s.name.clone()).or_default(),
+        );
+        let lost = s.wal_status.as_deref() == Some("lost");
+        if lost && w.lost.insert(s.name.clone()) {
+            warn!(node = %name, slot = %s.name,
+                "slot lost the WAL it needed (max_slot_wal_keep_size); its direction cannot \
+                 resume: run walbridge teardown and setup again, then re-copy the peer");
+        }
+        slots.push(slot);
+    }
+    // Slots that disappeared (teardown while running) stop being exported.
+    for gone in w.exported.difference(&seen) {
+        let _ = metrics.slot_retained_wal.remove_label_values(&[name, gone]);
+        let _ = metrics
+            .slot_wal_budget_ratio
+            .remove_label_values(&[name, gone]);
+        w.samples.remove(gone);
+        w.warned.remove(gone);
+        w.lost.remove(gone);
+    }
+    w.exported = seen;
+    if let Some(depth) = probe.trigger_queue_depth {
+        metrics
+            .trigger_queue_depth
+            .with_label_values(&[name])
+            .set(depth);
+    }
+    let mode = node_mode(config, &probe);
+    status.node(name, |n: &mut NodeStatus| {
+        n.reachable = true;
+        n.error = None;
+        n.checked_at = Some(now);
+        n.mode = mode.into();
+        n.current_wal_lsn = Some(probe.current_wal_lsn);
+        n.slots = slots;
+        n.trigger_queue_depth = probe.trigger_queue_depth;
+    });
+}
+
+/// Adds a sample and returns the growth rate over the window, in bytes per second.
+fn growth(samples: &mut VecDeque<(Instant, u64)>, bytes: u64) -> Option<f64> {
+    let now = Instant::now();
+    samples.push_back((now, bytes));
+    while samples.len() > 2
+        && samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > GROWTH_WINDOW)
+    {
+        samples.pop_front();
+    }
+    let (first_at, first) = *samples.front()?;
+    let span = now.duration_since(first_at);
+    (span >= GROWTH_MIN_SPAN).then(|| (bytes as f64 - first as f64) / span.as_secs_f64())
+}
+
+/// Warns once per level crossed upwards (80 %, 100 %); says so when the slot is back under.
+fn guardrail(node: &str, slot: &SlotStatus, budget: u64, level: &mut u8) {
+    let Some(ratio) = slot.budget_ratio else {
+        return;
+    };
+    let now = if ratio >= 1.0 {
+        2
+    } else if ratio >= BUDGET_WARN_RATIO {
+        1
+    } else {
+        0
+    };
+    if now > *level {
+        let text = slot_sentence(node, slot, budget);
+        warn!(node = %node, slot = %slot.name, peer = slot.peer.as_deref().unwrap_or(""),
+              retained_bytes = slot.retained_wal_bytes.unwrap_or(0), budget_bytes = budget,
+              "{text}");
+    } else if now == 0 && *level > 0 {
+        info!(node = %node, slot = %slot.name, "slot is back under 80% of max_retained_wal");
+    }
+    *level = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_to_budget() {
+        assert_eq!(seconds_until_budget(100, 0, Some(1.0)), None);
+        assert_eq!(seconds_until_budget(200, 100, Some(1.0)), Some(0.0));
+        assert_eq!(seconds_until_budget(40, 100, Some(2.0)), Some(30.0));
+        assert_eq!(seconds_until_budget(40, 100, Some(-2.0)), None);
+        assert_eq!(seconds_until_budget(40, 100, None), None);
+    }
+
+    #[test]
+    fn growth_needs_a_span() {
+        let mut s = VecDeque::new();
+        let start = Instant::now();
+        s.push_back((start - Duration::from_secs(10), 1000));
+        let g = growth(&mut s, 2000).unwrap();
+        assert!((90.0..=101.0).contains(&g), "{g}");
+        let mut fresh = VecDeque::new();
+        assert_eq!(growth(&mut fresh, 5), None);
+    }
+
+    #[test]
+    fn peers_come_from_the_configured_directions() {
+        let config = Config::from_toml_str(
+            "[[nodes]]\nname = \"a\"\ndsn = \"host=x dbname=d user=u\"\n\
+             [[nodes]]\nname = \"b_to_c\"\ndsn = \"host=y dbname=d user=u\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            slot_peer(&config, "a", "walbridge_a_to_b_to_c").as_deref(),
+            Some("b_to_c")
+        );
+        assert_eq!(slot_peer(&config, "a", "walbridge_a_to_zed"), None);
     }
 }

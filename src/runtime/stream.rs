@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::state::Observation;
 use super::{DirectionContext, DirectionError, DirectionState};
 use crate::apply::{Applier, ApplyLimits, Outcome};
 use crate::config::Plugin;
@@ -233,20 +234,15 @@ async fn pump(
                 applier.request_progress().await?;
                 let confirmed = applier.confirmable();
                 source.feedback().confirm(confirmed);
-                let received = source.feedback().last_received().max(last_wal_end);
-                let lag_bytes = confirmed.bytes_until(received);
-                ctx.metrics.lag_bytes.with_label_values(&[s, t]).set(lag_bytes as i64);
-                if applier.idle() {
-                    ctx.metrics.lag_seconds.with_label_values(&[s, t]).set(0.0);
-                }
-                ctx.report(|st| {
-                    st.confirmed_lsn = Some(confirmed);
-                    st.lag_bytes = Some(lag_bytes);
-                    st.lag_seconds = Some(
-                        ctx.metrics.lag_seconds.with_label_values(&[s, t]).get()
-                    );
-                    st.transactions_applied =
-                        ctx.metrics.transactions_applied.with_label_values(&[s, t]).get();
+                // The status board derives both lag gauges from this (see runtime::state).
+                ctx.status.observe(s, t, Observation {
+                    confirmed,
+                    received: source.feedback().last_received().max(last_wal_end),
+                    keepalive: last_wal_end,
+                    idle: applier.idle(),
+                    last_commit_time: applier.last_commit_time(),
+                    transactions_applied:
+                        ctx.metrics.transactions_applied.with_label_values(&[s, t]).get(),
                 });
             }
             // The source, only while the window has room (backpressure to the walsender).
