@@ -398,9 +398,72 @@ fn setup_failure(e: crate::setup::SetupError) -> Failure {
 }
 
 /// `walbridge run`.
-#[allow(clippy::unused_async)] // until wired
-async fn run(_config: Config, _shutdown: CancellationToken) -> Result<(), Failure> {
-    Err(not_implemented("run"))
+///
+/// TEMPORARY (branch `trigger`): runs the trigger-mode directions only, one task each with
+/// retry on transient errors, until SIGINT/SIGTERM. The lead replaces this with the real
+/// runtime, which calls `trigger::run_direction` for directions whose source is in trigger
+/// mode.
+async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure> {
+    use crate::trigger::CaptureMode;
+    let config = std::sync::Arc::new(config);
+    let metrics = crate::metrics::Metrics::new();
+    let directions = config.directions();
+    let status = crate::runtime::StatusBoard::new(
+        config.nodes.iter().map(|n| n.name.as_str()),
+        directions
+            .iter()
+            .map(|d| (d.source.as_str(), d.target.as_str())),
+    );
+    let mut modes = std::collections::BTreeMap::new();
+    for (node, m) in config
+        .nodes
+        .iter()
+        .zip(crate::trigger::node_modes(&config).await)
+    {
+        let m = m.map_err(|e| Failure::Fatal(anyhow::anyhow!(e)))?;
+        tracing::info!(node = %node.name, mode = m.mode.as_str(), reason = %m.reason, "capture mode");
+        modes.insert(node.name.clone(), m.mode);
+    }
+    let mut tasks = Vec::new();
+    for d in directions {
+        if modes.get(&d.source) != Some(&CaptureMode::Trigger) {
+            tracing::warn!(source = %d.source, target = %d.target, "stream-mode directions are not available in this build");
+            continue;
+        }
+        let ctx = crate::runtime::DirectionContext {
+            config: config.clone(),
+            source: d.source.clone(),
+            target: d.target.clone(),
+            metrics: metrics.clone(),
+            status: status.clone(),
+            shutdown: shutdown.child_token(),
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match crate::trigger::run_direction(&ctx).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(source = %ctx.source, target = %ctx.target, error = %e, "retrying");
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        tracing::error!(source = %ctx.source, target = %ctx.target, error = %e, "direction stopped");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    shutdown.cancelled().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
 }
 
 /// `walbridge status`.

@@ -28,3 +28,4 @@ pub mod runtime;
 pub mod setup;
 pub mod telemetry;
 pub mod tls;
+pub mod trigger;

@@ -1,0 +1,460 @@
+//! Trigger mode against real clusters and the real binary: setup, run, the legacy change-table
+//! format, dead rows, a crash between the peer's commit and the source's delete, the cut-over
+//! to stream mode under load, and `mode = "auto"`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+
+const SCHEMA: &str = "CREATE TABLE public.users (id int PRIMARY KEY, name text, tags text[], \
+                                                 balance numeric, active boolean, born date);
+                      CREATE TABLE public.log (v text);
+                      ALTER TABLE public.log REPLICA IDENTITY FULL;";
+
+fn trigger_toml(extra: &str) -> String {
+    format!(
+        "mode = \"trigger\"\ntables = [\"public.*\"]\n{extra}\n\n[trigger]\npoll_interval = \"1s\"\n"
+    )
+}
+
+/// walbridge's sessions have left both servers (they hold the replication origins).
+fn stopped(d: &Deployment) {
+    for n in ["east", "west"] {
+        d.wait_for(
+            n,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walbridge-%'",
+            "0",
+        );
+    }
+}
+
+/// Both change tables are empty.
+fn wait_drained(d: &Deployment) {
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT count(*) FROM public.database_changes", "0");
+    }
+}
+
+#[test]
+fn trigger_mode_replicates_both_ways_without_echo() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(out.contains("east: trigger mode"), "{out}");
+    assert!(
+        out.contains("change table public.database_changes created"),
+        "{out}"
+    );
+    // Idempotent.
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+
+    d.sql(
+        "east",
+        "INSERT INTO users VALUES (1, 'ana', '{a,b}', 10.50, true, '2000-01-02'), (2, 'bo', NULL, NULL, NULL, NULL)",
+    );
+    d.wait_for("west", "SELECT count(*) FROM users", "2");
+    d.sql(
+        "west",
+        "UPDATE users SET name = 'bob', balance = 1e20 WHERE id = 2",
+    );
+    d.wait_for(
+        "east",
+        "SELECT name || ' ' || balance FROM users WHERE id = 2",
+        "bob 100000000000000000000",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) VALUES (3, 'cy'); DELETE FROM users WHERE id = 1",
+    );
+    d.wait_for(
+        "east",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
+        "2,3",
+    );
+    // A key change travels as an update with its old key.
+    d.sql("east", "UPDATE users SET id = 30 WHERE id = 3");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
+        "2,30",
+    );
+    // A table without a key (REPLICA IDENTITY FULL), and TRUNCATE.
+    d.sql("east", "INSERT INTO log VALUES ('x'), ('x'), ('y'); DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE v = 'x' LIMIT 1)");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(v, ',' ORDER BY v) FROM log",
+        "x,y",
+    );
+    d.sql("west", "TRUNCATE log");
+    d.wait_for("east", "SELECT count(*) FROM log", "0");
+    wait_drained(&d);
+
+    let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s|%s', id, name, tags, balance, active, born), ';' ORDER BY id) FROM users";
+    assert_eq!(d.sql("east", rows), d.sql("west", rows));
+    // No echo: each node logged exactly its own changes (east: 2 inserts, 1 update, 3 inserts
+    // and 1 delete on log; west: 1 update, 1 insert, 1 delete, 1 truncate), nothing that was
+    // applied to it.
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "7"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
+        "4"
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT source, last_id FROM walbridge.trigger_progress"
+        ),
+        "east|7"
+    );
+    // Applied changes carry the source's origin.
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT r.roname FROM users u, pg_xact_commit_timestamp_origin(u.xmin) c \
+                       JOIN pg_replication_origin r ON r.roident = c.roident WHERE u.id = 30"
+        ),
+        "walbridge_from_east"
+    );
+
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "{}", run.log());
+    stopped(&d);
+    d.walbridge_ok(&["teardown"]);
+    for n in ["east", "west"] {
+        assert_eq!(
+            d.sql(n, "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%') \
+                          + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge') \
+                          + (SELECT count(*) FROM pg_class WHERE relname LIKE 'database_changes%' AND relkind = 'r')"),
+            "0",
+            "teardown left objects on {n}"
+        );
+    }
+}
+
+#[test]
+fn legacy_rows_written_by_hand_are_applied_and_removed() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    // The old script's tables, one with text and one with json descripcion, holding rows.
+    d.sql(
+        "east",
+        "CREATE TABLE public.database_changes (id serial PRIMARY KEY, metodo varchar(10), tabla varchar(100), descripcion text);
+         INSERT INTO database_changes (metodo, tabla, descripcion)
+              VALUES ('INSERT', 'users', '{\"id\": 1, \"name\": \"from json\", \"tags\": [\"a\", \"b\"]}');",
+    );
+    d.sql(
+        "west",
+        "CREATE TABLE public.database_changes (id serial PRIMARY KEY, metodo text, tabla text, descripcion json);",
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains(
+            "east: change table public.database_changes kept (descripcion text, 1 row(s) waiting)"
+        ),
+        "{out}"
+    );
+    let _run = d.spawn_run("run.log");
+    d.wait_for(
+        "west",
+        "SELECT name || ' ' || tags::text FROM users WHERE id = 1",
+        "from json {a,b}",
+    );
+
+    // By hand, in the Python dict form, any case, with and without schema.
+    d.sql(
+        "east",
+        r#"INSERT INTO database_changes (metodo, tabla, descripcion) VALUES
+             ('insert', 'public.users', E'{''id'': 2, ''name'': "O''Brien", ''active'': True, ''balance'': Decimal(''12.30''), ''born'': datetime.date(1999, 12, 31), ''tags'': (''x'',)}'),
+             ('Update', 'USERS', E'{''id'': 1, ''name'': ''renamed\\u00e9'', ''active'': None}'),
+             ('INSERT', 'users', '{"id": 3, "name": "gone soon"}'),
+             ('delete', 'users', '{"id": 3}')"#,
+    );
+    d.wait_for(
+        "west",
+        "SELECT string_agg(format('%s %s %s %s %s %s', id, name, active, balance, born, tags), '; ' ORDER BY id) FROM users",
+        "1 renamedé  <NULL> <NULL> {a,b}; 2 O'Brien t 12.30 1999-12-31 {x}"
+            .replace("<NULL>", "")
+            .as_str(),
+    );
+    // West's json-typed table works the same way.
+    d.sql(
+        "west",
+        "INSERT INTO database_changes (metodo, tabla, descripcion) VALUES ('INSERT', 'users', '{\"id\": 4, \"name\": \"west json\"}')",
+    );
+    d.wait_for("east", "SELECT name FROM users WHERE id = 4", "west json");
+    wait_drained(&d);
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM database_changes_dead"),
+        "0"
+    );
+}
+
+#[test]
+fn malformed_and_malicious_rows_go_to_the_dead_table() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    // A text descripcion, as the old script had, so malformed text can be stored at all.
+    d.sql(
+        "east",
+        "CREATE TABLE public.database_changes (id bigserial PRIMARY KEY, metodo text, tabla text, descripcion text)",
+    );
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        r#"INSERT INTO database_changes (metodo, tabla, descripcion) VALUES
+             ('INSERT', 'users', '{"id": 1, "name": "before"}'),
+             ('INSERT', 'users', '{"id": 2, "name": '),
+             ('UPSERT', 'users', '{"id": 3}'),
+             ('INSERT', 'users; DROP TABLE users', '{"id": 4}'),
+             ('INSERT', 'pg_catalog.pg_authid', '{"rolname": "x"}'),
+             ('INSERT', 'users', '{"id": 5, "nope": 1}'),
+             ('INSERT', 'users', '{"id": "five", "name": "type error"}'),
+             ('INSERT', 'users', E'{''id'': 6, ''name'': os.system(''true'')}'),
+             ('DELETE', 'users', '{"name": "no key"}'),
+             ('INSERT', 'users', '{"id": 7, "name": "after"}')"#,
+    );
+    d.wait_for(
+        "west",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "before,after",
+    );
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    let dead = d.sql(
+        "east",
+        "SELECT string_agg(format('%s:%s:%s', id, target_node, error), E'\\n' ORDER BY id) FROM database_changes_dead",
+    );
+    let lines: Vec<&str> = dead.lines().collect();
+    assert_eq!(lines.len(), 8, "{dead}");
+    assert!(
+        lines[0].starts_with("2:west:descripcion is neither"),
+        "{dead}"
+    );
+    assert!(
+        lines[1].contains("metodo \"UPSERT\" is not INSERT, UPDATE or DELETE"),
+        "{dead}"
+    );
+    assert!(
+        lines[2]
+            .contains("tabla \"users; DROP TABLE users\" is not a replicated table on node west"),
+        "{dead}"
+    );
+    assert!(
+        lines[3].contains("tabla \"pg_catalog.pg_authid\" is not a replicated table"),
+        "{dead}"
+    );
+    assert!(
+        lines[4].contains("column \"nope\" does not exist in table public.users"),
+        "{dead}"
+    );
+    assert!(
+        lines[5].contains("invalid input syntax for type integer: \"five\""),
+        "{dead}"
+    );
+    assert!(
+        lines[6].contains("unsupported Python call os.system"),
+        "{dead}"
+    );
+    assert!(lines[7].contains("lacks the key column \"id\""), "{dead}");
+    // Nothing was executed: the table is there on both nodes.
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'users'"
+        ),
+        "1"
+    );
+}
+
+#[test]
+fn crash_between_peer_commit_and_source_delete_repeats_nothing() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    // The table without a key shows any repetition as a duplicate row.
+    d.sql(
+        "east",
+        "INSERT INTO log SELECT 'row ' || g FROM generate_series(1, 50) g;
+         INSERT INTO users (id, name) VALUES (1, 'a')",
+    );
+    let mut run = d.spawn_run_env(
+        "crash.log",
+        &[("WALBRIDGE_FAILPOINT", "trigger_after_commit")],
+    );
+    let code = run.wait_exit(WAIT);
+    assert!(code.is_some(), "the failpoint did not stop walbridge");
+    assert!(
+        run.log().contains("failpoint trigger_after_commit"),
+        "{}",
+        run.log()
+    );
+    // Committed on west, still logged on east.
+    d.wait_for("west", "SELECT count(*) FROM log", "50");
+    assert_eq!(d.sql("east", "SELECT count(*) FROM database_changes"), "51");
+
+    let _run = d.spawn_run("after.log");
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    d.sql("east", "INSERT INTO log VALUES ('later')");
+    d.wait_for("west", "SELECT count(*) FROM log", "51");
+    assert_eq!(d.sql("west", "SELECT count(DISTINCT v) FROM log"), "51");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM users"), "1");
+}
+
+#[test]
+fn cut_over_to_stream_under_write_load_loses_and_repeats_nothing() {
+    let mut d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.items (id bigint PRIMARY KEY, note text);",
+        &trigger_toml("plugin = \"wal2json\""),
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("trigger.log");
+
+    // A steady writer on east, numbering its rows.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let dsn = d.node("east").dsn("postgres");
+        std::thread::spawn(move || writer_loop(&dsn, &stop))
+    };
+    d.wait_for("west", "SELECT count(*) > 20 FROM items", "t");
+
+    // Stop trigger mode and switch to stream mode while the writer goes on.
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "{}", run.log());
+    d.set_replication_toml("mode = \"stream\"\nplugin = \"wal2json\"\ntables = [\"public.*\"]\n");
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains("east: cut-over to stream mode complete"),
+        "{out}"
+    );
+    assert!(
+        out.contains("west: cut-over to stream mode complete"),
+        "{out}"
+    );
+    // Let the writer run on under stream mode a little, then stop it.
+    let at_cutover: i64 = d
+        .sql("east", "SELECT max(id) FROM items")
+        .parse()
+        .unwrap_or(0);
+    d.wait_for(
+        "east",
+        &format!("SELECT max(id) > {} FROM items", at_cutover + 20),
+        "t",
+    );
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer thread");
+
+    // What reached west through the change table, and what waits in the slot for the stream:
+    // together every row, each exactly once.
+    let on_west: Vec<i64> = ids(&d.sql(
+        "west",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM items",
+    ));
+    let in_slot = d.sql(
+        "east",
+        "SELECT string_agg(data, E'\\n') FROM pg_logical_slot_peek_changes('walbridge_east_to_west', NULL, NULL, 'format-version', '2')",
+    );
+    let mut streamed: Vec<i64> = in_slot
+        .lines()
+        .filter(|l| l.contains("\"action\":\"I\"") && l.contains("\"table\":\"items\""))
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["columns"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "id")?["value"]
+                .as_i64()
+        })
+        .collect();
+    streamed.sort_unstable();
+    let mut all: Vec<i64> = on_west.iter().chain(streamed.iter()).copied().collect();
+    all.sort_unstable();
+    let expected: Vec<i64> = (1..=written).collect();
+    assert!(
+        !streamed.is_empty(),
+        "nothing was written after the cut-over"
+    );
+    assert!(!on_west.is_empty());
+    assert_eq!(all, expected, "west {on_west:?}\nslot {streamed:?}");
+    // Trigger mode is gone from east.
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture'"
+        ),
+        "0"
+    );
+}
+
+/// Inserts rows 1, 2, 3... on `dsn` until `stop`; returns how many.
+fn writer_loop(dsn: &str, stop: &AtomicBool) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+            .await
+            .expect("connect writer");
+        tokio::spawn(conn);
+        let mut n = 0i64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            client
+                .execute("INSERT INTO items VALUES ($1, 'w')", &[&n])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+fn ids(s: &str) -> Vec<i64> {
+    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+}
+
+#[test]
+fn auto_chooses_trigger_mode_on_a_wal_level_replica_node() {
+    let d = Deployment::with_node_conf(
+        &["east", "west"],
+        SCHEMA,
+        "mode = \"auto\"\ntables = [\"public.*\"]\n\n[trigger]\npoll_interval = \"1s\"\n",
+        &[&["wal_level = replica"], &[]],
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains("east: trigger mode (mode auto: logical decoding is not possible here (wal_level is replica"),
+        "{out}"
+    );
+    assert!(
+        out.contains("west: stream mode (mode auto: logical decoding is available"),
+        "{out}"
+    );
+    assert_eq!(
+        d.sql("east", "SELECT (SELECT count(*) FROM pg_replication_slots) || ' ' || \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture') || ' ' || \
+                        (SELECT value FROM walbridge.settings WHERE name = 'capture_mode')"),
+        "0 2 trigger"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT (SELECT string_agg(slot_name, ',') FROM pg_replication_slots) || ' ' || \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture') || ' ' || \
+                        (SELECT value FROM walbridge.settings WHERE name = 'capture_mode')"),
+        "walbridge_west_to_east 0 stream"
+    );
+    // The trigger-mode direction runs.
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) VALUES (1, 'from a replica-level node')",
+    );
+    d.wait_for(
+        "west",
+        "SELECT name FROM users",
+        "from a replica-level node",
+    );
+}
