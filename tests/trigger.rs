@@ -80,6 +80,11 @@ fn trigger_mode_replicates_both_ways_without_echo() {
         "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
         "2,30",
     );
+    // A session that opts out is not replicated.
+    d.sql(
+        "east",
+        "SELECT walbridge.skip_session(); INSERT INTO users (id, name) VALUES (99, 'local only')",
+    );
     // A table without a key (REPLICA IDENTITY FULL), and TRUNCATE.
     d.sql("east", "INSERT INTO log VALUES ('x'), ('x'), ('y'); DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE v = 'x' LIMIT 1)");
     d.wait_for(
@@ -89,16 +94,17 @@ fn trigger_mode_replicates_both_ways_without_echo() {
     );
     d.sql("west", "TRUNCATE log");
     d.wait_for("east", "SELECT count(*) FROM log", "0");
+    d.sql("east", "DELETE FROM users WHERE id = 99");
     wait_drained(&d);
 
     let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s|%s', id, name, tags, balance, active, born), ';' ORDER BY id) FROM users";
     assert_eq!(d.sql("east", rows), d.sql("west", rows));
     // No echo: each node logged exactly its own changes (east: 2 inserts, 1 update, 3 inserts
-    // and 1 delete on log; west: 1 update, 1 insert, 1 delete, 1 truncate), nothing that was
-    // applied to it.
+    // and 1 delete on log, the delete of the unreplicated row 99; west: 1 update, 1 insert,
+    // 1 delete, 1 truncate), nothing that was applied to it.
     assert_eq!(
         d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
-        "7"
+        "8"
     );
     assert_eq!(
         d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
@@ -109,7 +115,7 @@ fn trigger_mode_replicates_both_ways_without_echo() {
             "west",
             "SELECT source, last_id FROM walbridge.trigger_progress"
         ),
-        "east|7"
+        "east|8"
     );
     // Applied changes carry the source's origin.
     assert_eq!(
@@ -456,5 +462,152 @@ fn auto_chooses_trigger_mode_on_a_wal_level_replica_node() {
         "west",
         "SELECT name FROM users",
         "from a replica-level node",
+    );
+}
+
+#[test]
+fn a_transaction_that_commits_late_is_not_lost() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    // A transaction takes change row 1 and stays open while row 2 commits and is applied.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(
+            &d.node("east").dsn("postgres"),
+            tokio_postgres::NoTls,
+        ))
+        .expect("connect");
+    rt.spawn(conn);
+    rt.block_on(client.batch_execute("BEGIN; INSERT INTO users (id, name) VALUES (1, 'slow')"))
+        .expect("open transaction");
+    d.sql("east", "INSERT INTO users (id, name) VALUES (2, 'fast')");
+    d.wait_for("west", "SELECT string_agg(name, ',') FROM users", "fast");
+    d.wait_for(
+        "west",
+        "SELECT last_id FROM walbridge.trigger_progress",
+        "2",
+    );
+    rt.block_on(client.batch_execute("COMMIT")).expect("commit");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "slow,fast",
+    );
+    wait_drained(&d);
+}
+
+#[test]
+fn three_nodes_converge_and_every_peer_gets_each_row_before_it_is_deleted() {
+    let names = ["east", "west", "north"];
+    let d = Deployment::new(&names, SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) SELECT g, 'e' || g FROM generate_series(1, 300) g",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) SELECT g, 'w' || g FROM generate_series(1001, 1100) g",
+    );
+    d.sql(
+        "north",
+        "UPDATE users SET name = 'n' WHERE false; INSERT INTO users (id, name) VALUES (5000, 'n')",
+    );
+    for n in names {
+        d.wait_for(n, "SELECT count(*) FROM users", "401");
+    }
+    d.sql("north", "DELETE FROM users WHERE id <= 100");
+    for n in names {
+        d.wait_for(n, "SELECT count(*) FROM users", "301");
+        d.wait_for(n, "SELECT count(*) FROM database_changes", "0");
+    }
+    let all = "SELECT md5(string_agg(id || name, ',' ORDER BY id)) FROM users";
+    assert_eq!(d.sql("east", all), d.sql("west", all));
+    assert_eq!(d.sql("east", all), d.sql("north", all));
+    // No echo anywhere: each node logged only its own changes.
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "300"
+    );
+    assert_eq!(
+        d.sql("north", "SELECT last_value FROM database_changes_id_seq"),
+        "101"
+    );
+}
+
+#[test]
+fn concurrent_updates_converge_to_the_last_writer() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'base')");
+    d.sql("west", "INSERT INTO users (id, name) VALUES (1, 'base')");
+    d.sql("east", "DELETE FROM database_changes");
+    d.sql("west", "DELETE FROM database_changes");
+    // Both nodes change the row while walbridge is not running; west writes last.
+    d.sql(
+        "east",
+        "UPDATE users SET name = 'east, earlier' WHERE id = 1",
+    );
+    d.sql(
+        "west",
+        "SELECT pg_sleep(0.01); UPDATE users SET name = 'west, later' WHERE id = 1",
+    );
+    let _run = d.spawn_run("run.log");
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT name FROM users WHERE id = 1", "west, later");
+    }
+    wait_drained(&d);
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT kind || ' ' || resolution || ' ' || source FROM walbridge.conflicts"
+        ),
+        "update_older skipped east"
+    );
+}
+
+#[test]
+fn old_script_triggers_do_not_echo_what_walbridge_applies() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    // The old script's trigger on west, made to fire even for walbridge's replica-role
+    // session: it logs what walbridge applies, without knowing walbridge's columns.
+    d.sql(
+        "west",
+        "CREATE FUNCTION old_log() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO database_changes (metodo, tabla, descripcion)
+           VALUES (TG_OP, TG_TABLE_NAME, row_to_json(NEW)::jsonb);
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER old_log AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION old_log();
+         ALTER TABLE users ENABLE ALWAYS TRIGGER old_log;",
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(out.contains("trigger old_log on users"), "{out}");
+    let _run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'once')");
+    d.wait_for("west", "SELECT name FROM users", "once");
+    wait_drained(&d);
+    // The old trigger's row named east as its origin and was dropped, not sent back.
+    assert_eq!(
+        d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
+        "1"
+    );
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM walbridge.trigger_progress WHERE last_id = 1"
+        ),
+        "1"
+    );
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
     );
 }
