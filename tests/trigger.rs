@@ -80,6 +80,12 @@ fn trigger_mode_replicates_both_ways_without_echo() {
         "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
         "2,30",
     );
+    // A column added on both nodes while walbridge runs (DDL is not replicated).
+    for n in ["east", "west"] {
+        d.sql(n, "ALTER TABLE users ADD COLUMN extra int");
+    }
+    d.sql("east", "UPDATE users SET extra = 7 WHERE id = 2");
+    d.wait_for("west", "SELECT extra FROM users WHERE id = 2", "7");
     // A session that opts out is not replicated.
     d.sql(
         "east",
@@ -97,14 +103,14 @@ fn trigger_mode_replicates_both_ways_without_echo() {
     d.sql("east", "DELETE FROM users WHERE id = 99");
     wait_drained(&d);
 
-    let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s|%s', id, name, tags, balance, active, born), ';' ORDER BY id) FROM users";
+    let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s|%s|%s', id, name, tags, balance, active, born, extra), ';' ORDER BY id) FROM users";
     assert_eq!(d.sql("east", rows), d.sql("west", rows));
     // No echo: each node logged exactly its own changes (east: 2 inserts, 1 update, 3 inserts
-    // and 1 delete on log, the delete of the unreplicated row 99; west: 1 update, 1 insert,
-    // 1 delete, 1 truncate), nothing that was applied to it.
+    // and 1 delete on log, 1 update of the new column, the delete of the unreplicated row 99;
+    // west: 1 update, 1 insert, 1 delete, 1 truncate), nothing that was applied to it.
     assert_eq!(
         d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
-        "8"
+        "9"
     );
     assert_eq!(
         d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
@@ -115,7 +121,7 @@ fn trigger_mode_replicates_both_ways_without_echo() {
             "west",
             "SELECT source, last_id FROM walbridge.trigger_progress"
         ),
-        "east|8"
+        "east|9"
     );
     // Applied changes carry the source's origin.
     assert_eq!(

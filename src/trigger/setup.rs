@@ -365,7 +365,7 @@ pub async fn cut_over(
             )
             .await
             .map_err(sql_err(node, "listing capture triggers"))?;
-        let mut fence = String::from("BEGIN; SET LOCAL lock_timeout = '30s';");
+        let mut fence = String::from("BEGIN; SET LOCAL lock_timeout = '5s';");
         for r in &drops {
             let _ = write!(fence, " {};", r.get::<_, String>(0));
         }

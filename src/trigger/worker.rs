@@ -529,7 +529,22 @@ impl<'a> Worker<'a> {
             }));
         };
         let skip = self.config.skip_columns_for(&table.schema, &table.name);
-        Ok(change::build(row, op, table, skip))
+        let built = change::build(row, op, table.clone(), skip);
+        if let Err(RowError::UnknownColumn { .. }) = built {
+            // A column added since the catalog was read: read this table again, once.
+            let fresh = catalog::table_info(&self.t.client, &table.schema, &table.name)
+                .await
+                .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
+            if let Some(info) = fresh.filter(|f| f.columns != table.columns) {
+                let info = Arc::new(info);
+                self.t
+                    .tables
+                    .insert((info.schema.clone(), info.name.clone()), info.clone());
+                self.t.statements.clear();
+                return Ok(change::build(row, op, info, skip));
+            }
+        }
+        Ok(built)
     }
 
     /// Applies the items in one transaction on T. A row that fails alone is marked dead and
