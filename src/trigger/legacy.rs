@@ -1325,6 +1325,40 @@ mod tests {
     }
 
     #[test]
+    fn random_texts_never_panic_and_accepted_ones_are_json() {
+        // A small deterministic generator over the characters that matter to the grammar.
+        let alphabet: Vec<char> = "{}[]():,'\"\\ 0123456789.eE+-_xobjuUNrRbBTFNnatifl \n\té😀"
+            .chars()
+            .collect();
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 24) as usize;
+            let text: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            for candidate in [
+                text.clone(),
+                format!("{{'a': {text}}}"),
+                format!("{{\"a\": {text}}}"),
+            ] {
+                if let Ok(v) = parse(&candidate) {
+                    let json = v.to_json();
+                    assert!(
+                        serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+                        "{candidate:?} gave invalid JSON {json}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         let samples = [
             "{'",

@@ -337,6 +337,10 @@ impl<'a> Worker<'a> {
         .await
         .map_err(connect_err(tgt))?;
 
+        // Why the source is in trigger mode, for `status`.
+        if let Ok(m) = super::mode::node_mode(config, src, &s_client).await {
+            ctx.report(|s| s.mode_reason = Some(m.reason));
+        }
         let s = Source::open(s_client, rx, config, src).await?;
         let t = Target::open(t_client, config, src, tgt).await?;
         let peers = config
@@ -1042,13 +1046,10 @@ impl<'a> Worker<'a> {
     }
 
     /// `walbridge_trigger_queue_depth{node=S}`: rows in S's change table, counted at most
-    /// every five seconds while busy.
+    /// every five seconds while draining a backlog, every second otherwise.
     async fn update_depth(&mut self, busy: bool) {
-        if busy
-            && self
-                .depth_checked
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-        {
+        let every = Duration::from_secs(if busy { 5 } else { 1 });
+        if self.depth_checked.is_some_and(|t| t.elapsed() < every) {
             return;
         }
         self.depth_checked = Some(Instant::now());
