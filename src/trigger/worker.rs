@@ -605,14 +605,17 @@ impl<'a> Worker<'a> {
         };
         // Statements first (each prepared once per connection).
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(items.len());
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             plans.push(match &item.kind {
-                Kind::Change(c) => Some(
-                    self.t
-                        .plan(c)
-                        .await
-                        .map_err(fatal("preparing a statement"))?,
-                ),
+                // A statement that cannot be prepared (the table was dropped, a key type has
+                // no equality) is that row's failure.
+                Kind::Change(c) => match self.t.plan(c).await {
+                    Ok(plan) => Some(plan),
+                    Err(e) => {
+                        return Err(row_failure(i, &e, &tgt, "preparing a statement")
+                            .unwrap_or_else(|| fatal("preparing a statement")(e)))
+                    }
+                },
                 _ => None,
             });
         }
