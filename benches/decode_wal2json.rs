@@ -42,7 +42,7 @@ fn accounts() -> Arc<Relation> {
 }
 
 fn columns(id: u64, balance: &str) -> String {
-    let note = if id % 3 == 0 {
+    let note = if id.is_multiple_of(3) {
         "null".to_string()
     } else {
         format!(r#""note \"{id}\"""#)
@@ -58,7 +58,7 @@ fn columns(id: u64, balance: &str) -> String {
         ),
         id = id,
         balance = balance,
-        active = id % 2 == 0,
+        active = id.is_multiple_of(2),
         min = id % 60,
         note = note,
     )

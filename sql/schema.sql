@@ -78,12 +78,12 @@ BEGIN
 END
 $$;
 
--- First statement of every transaction walbridge applies in stream mode. It refuses to run
+-- Last statement of every transaction walbridge applies in stream mode. It refuses to commit
 -- unless this session's origin progress is exactly where the previous transaction of the
 -- pipeline left it, so when one pipelined transaction fails, every later one fails too instead
--- of committing out of order; then it stamps the transaction with the source's commit LSN and
--- time, which commit atomically with the data as the origin's progress.
-CREATE OR REPLACE FUNCTION walbridge.apply_begin(expected pg_lsn, commit_lsn pg_lsn, commit_time timestamptz)
+-- of committing out of order; then it stamps the transaction with the source's end LSN and
+-- commit time, which commit atomically with the data as the origin's progress.
+CREATE OR REPLACE FUNCTION walbridge.apply_finish(expected pg_lsn, end_lsn pg_lsn, commit_time timestamptz)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
     progress pg_lsn := pg_catalog.pg_replication_origin_session_progress(false);
@@ -93,7 +93,7 @@ BEGIN
         RAISE EXCEPTION 'walbridge: origin progress is %, expected %', progress, expected
             USING ERRCODE = 'WB002';
     END IF;
-    PERFORM pg_catalog.pg_replication_origin_xact_setup(commit_lsn, commit_time);
+    PERFORM pg_catalog.pg_replication_origin_xact_setup(end_lsn, commit_time);
 END
 $$;
 

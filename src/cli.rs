@@ -279,13 +279,20 @@ fn install_panic_hook() {
 }
 
 /// First SIGINT/SIGTERM: cancel `shutdown` so commands stop cleanly. Second: exit at once.
+///
+/// The signal streams are created once: a stream created after a signal arrived can report
+/// that same signal again, which would turn one Ctrl-C into two.
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        loop {
-            if let Err(e) = next_signal().await {
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGINT/SIGTERM");
                 return;
             }
+        };
+        loop {
+            signals.next().await;
             if shutdown.is_cancelled() {
                 eprintln!("error: interrupted again; exiting without waiting for a clean stop");
                 std::process::exit(130);
@@ -297,20 +304,41 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 }
 
 #[cfg(unix)]
-async fn next_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 #[cfg(not(unix))]
-async fn next_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Loads the configuration (two nodes or more) and logs its warnings.
@@ -354,7 +382,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
         Command::Teardown => teardown(load(path)?).await,
         Command::Tail(args) => tail(load_for(path, Purpose::SingleNode)?, args, shutdown).await,
         Command::Demo => demo(shutdown).await,
-        Command::CheckConfig(args) => check_config(load(path)?, args),
+        Command::CheckConfig(args) => check_config(load(path)?, args).await,
     }
 }
 
@@ -364,7 +392,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
 async fn setup(
     config: Config,
     args: SetupArgs,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
     if let Some(node) = &args.copy_from {
         require_node(&config, "--copy-from", node)?;
@@ -373,6 +401,7 @@ async fn setup(
         copy_from: args.copy_from.clone(),
         jobs: usize::from(args.jobs),
         truncate: args.truncate,
+        shutdown,
     };
     let mut out = std::io::stdout();
     crate::setup::setup(&config, &options, &mut out)
@@ -398,72 +427,10 @@ fn setup_failure(e: crate::setup::SetupError) -> Failure {
 }
 
 /// `walbridge run`.
-///
-/// TEMPORARY (branch `trigger`): runs the trigger-mode directions only, one task each with
-/// retry on transient errors, until SIGINT/SIGTERM. The lead replaces this with the real
-/// runtime, which calls `trigger::run_direction` for directions whose source is in trigger
-/// mode.
 async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Failure> {
-    use crate::trigger::CaptureMode;
-    let config = std::sync::Arc::new(config);
-    let metrics = crate::metrics::Metrics::new();
-    let directions = config.directions();
-    let status = crate::runtime::StatusBoard::new(
-        config.nodes.iter().map(|n| n.name.as_str()),
-        directions
-            .iter()
-            .map(|d| (d.source.as_str(), d.target.as_str())),
-    );
-    let mut modes = std::collections::BTreeMap::new();
-    for (node, m) in config
-        .nodes
-        .iter()
-        .zip(crate::trigger::node_modes(&config).await)
-    {
-        let m = m.map_err(|e| Failure::Fatal(anyhow::anyhow!(e)))?;
-        tracing::info!(node = %node.name, mode = m.mode.as_str(), reason = %m.reason, "capture mode");
-        modes.insert(node.name.clone(), m.mode);
-    }
-    let mut tasks = Vec::new();
-    for d in directions {
-        if modes.get(&d.source) != Some(&CaptureMode::Trigger) {
-            tracing::warn!(source = %d.source, target = %d.target, "stream-mode directions are not available in this build");
-            continue;
-        }
-        let ctx = crate::runtime::DirectionContext {
-            config: config.clone(),
-            source: d.source.clone(),
-            target: d.target.clone(),
-            metrics: metrics.clone(),
-            status: status.clone(),
-            shutdown: shutdown.child_token(),
-        };
-        tasks.push(tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                match crate::trigger::run_direction(&ctx).await {
-                    Ok(()) => return,
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(source = %ctx.source, target = %ctx.target, error = %e, "retrying");
-                        tokio::select! {
-                            _ = ctx.shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                    Err(e) => {
-                        tracing::error!(source = %ctx.source, target = %ctx.target, error = %e, "direction stopped");
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    shutdown.cancelled().await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+    crate::runtime::run(std::sync::Arc::new(config), shutdown)
+        .await
+        .map_err(|e| Failure::Fatal(e.into()))
 }
 
 /// `walbridge status`.
@@ -472,14 +439,31 @@ async fn status(_config: Config, _args: StatusArgs) -> Result<(), Failure> {
     Err(not_implemented("status"))
 }
 
-/// `walbridge verify`.
-#[allow(clippy::unused_async)] // until wired
+/// `walbridge verify`: the report on stdout; exit 0 identical, 1 differences, 2 usage.
 async fn verify(
-    _config: Config,
-    _args: VerifyArgs,
-    _shutdown: CancellationToken,
+    config: Config,
+    args: VerifyArgs,
+    shutdown: CancellationToken,
 ) -> Result<(), Failure> {
-    Err(not_implemented("verify"))
+    let options = crate::verify::VerifyOptions {
+        table: args.table,
+        ..Default::default()
+    };
+    let report = match crate::verify::verify(&config, &options, &shutdown).await {
+        Ok(report) => report,
+        Err(e) if e.is_usage() => return Err(Failure::Usage(e.into())),
+        Err(e) => return Err(Failure::Fatal(e.into())),
+    };
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.identical {
+        Ok(())
+    } else {
+        Err(Failure::Exit(1))
+    }
 }
 
 /// `walbridge teardown`.
@@ -490,24 +474,52 @@ async fn teardown(config: Config) -> Result<(), Failure> {
         .map_err(setup_failure)
 }
 
-/// `walbridge tail`.
-#[allow(clippy::unused_async)] // until wired
-async fn tail(config: Config, args: TailArgs, _shutdown: CancellationToken) -> Result<(), Failure> {
+/// `walbridge tail`: JSON lines on stdout until SIGINT/SIGTERM (exit 0).
+async fn tail(config: Config, args: TailArgs, shutdown: CancellationToken) -> Result<(), Failure> {
     require_node(&config, "--node", &args.node)?;
-    Err(not_implemented("tail"))
+    let options = crate::tail::TailOptions {
+        node: args.node,
+        plugin: args.plugin,
+        from: args.from,
+        slot: args.slot,
+        publication: args.publication,
+    };
+    let mut out = std::io::stdout();
+    crate::tail::tail(&config, &options, &mut out, shutdown)
+        .await
+        .map_err(|e| {
+            if e.is_usage() {
+                Failure::Usage(e.into())
+            } else {
+                Failure::Fatal(e.into())
+            }
+        })
 }
 
 /// `walbridge demo`.
 #[allow(clippy::unused_async)] // until wired
-async fn demo(_shutdown: CancellationToken) -> Result<(), Failure> {
-    Err(not_implemented("demo"))
+async fn demo(shutdown: CancellationToken) -> Result<(), Failure> {
+    crate::demo::run(shutdown)
+        .await
+        .map_err(|e| Failure::Fatal(e.into()))
 }
 
 /// `walbridge check-config`: the configuration is valid once loaded; print the plan.
-fn check_config(config: Config, args: CheckConfigArgs) -> Result<(), Failure> {
+async fn check_config(config: Config, args: CheckConfigArgs) -> Result<(), Failure> {
     print!("{}", render_plan(&config));
     if args.connect {
-        return Err(not_implemented("check-config --connect"));
+        let mut out = std::io::stdout();
+        let problems = crate::setup::check(&config, &mut out)
+            .await
+            .map_err(|e| Failure::Fatal(e.into()))?;
+        if !problems.is_empty() {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            eprintln!("error: {} problem(s) found", problems.len());
+            return Err(Failure::Exit(1));
+        }
+        println!("all nodes reachable and ready");
     }
     Ok(())
 }

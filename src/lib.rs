@@ -12,13 +12,17 @@
 //!
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
+pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod conflict;
+pub mod copy;
 pub mod decode;
+pub mod demo;
 pub mod dsn;
 pub mod event;
+pub mod http;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
@@ -26,6 +30,9 @@ pub mod pgconn;
 pub mod protocol;
 pub mod runtime;
 pub mod setup;
+pub mod source;
+pub mod tail;
 pub mod telemetry;
 pub mod tls;
 pub mod trigger;
+pub mod verify;

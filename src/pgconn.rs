@@ -28,17 +28,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::dsn::{Dsn, Host, SslMode};
 use crate::tls;
 
-/// Session settings every walbridge connection runs with, as startup `-c` options.
-pub const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3";
-
-/// Session settings as `(name, value)` pairs, for clients that send startup parameters.
-pub const SESSION_PARAMS: &[(&str, &str)] = &[
-    ("DateStyle", "ISO"),
-    ("IntervalStyle", "postgres"),
-    ("TimeZone", "UTC"),
-    ("extra_float_digits", "3"),
-];
+pub use crate::protocol::{
+    io_is_transient, sqlstate_is_transient, SESSION_OPTIONS, SESSION_PARAMS,
+};
 
 /// The `options` startup value: the DSN's own options, then walbridge's (later ones win).
 pub fn startup_options(dsn: &Dsn) -> String {
@@ -116,41 +108,21 @@ impl ConnectError {
     }
 }
 
-/// Whether a server error code means "try again later" rather than "fix something first".
-///
-/// Transient: connection exceptions (class 08), shutdown/restart (57P01, 57P02, 57P03),
-/// idle-session timeouts (57P05), resource shortages (class 53, e.g. too many connections),
-/// serialization failures and deadlocks (40001, 40P01), and a replication slot still held by
-/// a walsender that is going away (55006). Everything else is definite.
-pub fn sqlstate_is_transient(code: &str) -> bool {
-    matches!(
-        code,
-        "57P01" | "57P02" | "57P03" | "57P05" | "40001" | "40P01" | "55006"
-    ) || code.starts_with("08")
-        || code.starts_with("53")
-}
-
-/// Whether an I/O failure is the kind that heals (peer gone, network trouble) rather than a
-/// local misconfiguration.
-pub fn io_is_transient(e: &io::Error) -> bool {
-    !matches!(
-        e.kind(),
-        io::ErrorKind::PermissionDenied
-            | io::ErrorKind::InvalidInput
-            | io::ErrorKind::InvalidData
-            | io::ErrorKind::Unsupported
-    )
-}
-
 /// Words and class for a tokio-postgres connection failure.
 fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
+        if code.starts_with("28") {
+            let server = crate::protocol::ServerError {
+                severity: db.severity().to_string(),
+                code: code.to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().map(str::to_string),
+                hint: db.hint().map(str::to_string),
+            };
+            return (crate::protocol::auth_failure(user, &server), false);
+        }
         let mut reason = match code {
-            "28P01" | "28000" => format!(
-                "authentication failed for user {user:?}: {} (SQLSTATE {code})",
-                db.message()
-            ),
             "3D000" => format!(
                 "{} (SQLSTATE {code}); create the database or fix dbname",
                 db.message()
@@ -222,8 +194,9 @@ fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error
 
 /// Opens an ordinary SQL session on the node, trying its hosts in order.
 ///
-/// `application_name` is used unless the DSN sets its own. The connection driver is spawned
-/// on the current tokio runtime and ends when the client is dropped.
+/// `application_name` is used unless the DSN sets its own. The DSN's password must already
+/// be resolved ([`Dsn::resolve_password`]). The connection driver is spawned on the current
+/// tokio runtime and ends when the client is dropped.
 pub async fn connect(
     dsn: &Dsn,
     application_name: &str,

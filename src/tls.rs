@@ -325,7 +325,7 @@ pub fn is_definite(err: &rustls::Error) -> bool {
 }
 
 /// Puts a rustls failure into words an operator can act on. Certificate verification
-/// failures read "certificate verification failed: <why>".
+/// failures read "certificate verification failed: `why`".
 pub fn explain(err: &rustls::Error) -> String {
     TlsExplanation(err).to_string()
 }
@@ -352,7 +352,8 @@ impl fmt::Display for TlsExplanation<'_> {
                     CertificateError::NotValidForNameContext {
                         expected,
                         presented,
-                    } => write!(
+                    } => {
+                        write!(
                         f,
                         "the server's certificate is not valid for {} (it names {}); connect by \
                          a name the certificate lists, or use sslmode=verify-ca",
@@ -360,9 +361,10 @@ impl fmt::Display for TlsExplanation<'_> {
                         if presented.is_empty() {
                             "no names".to_string()
                         } else {
-                            presented.join(", ")
+                            presented.iter().map(|n| bare_name(n)).collect::<Vec<_>>().join(", ")
                         }
-                    ),
+                    )
+                    }
                     CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                         f.write_str("the server's certificate has expired")
                     }
@@ -408,6 +410,16 @@ impl fmt::Display for TlsExplanation<'_> {
             other => write!(f, "TLS handshake failed: {other}"),
         }
     }
+}
+
+/// `DnsName("db.example")` → `db.example` (rustls lists presented names in Debug form).
+fn bare_name(n: &str) -> &str {
+    for prefix in ["DnsName(\"", "IpAddress(\""] {
+        if let Some(inner) = n.strip_prefix(prefix).and_then(|r| r.strip_suffix("\")")) {
+            return inner;
+        }
+    }
+    n
 }
 
 fn server_name_text(name: &ServerName<'_>) -> String {

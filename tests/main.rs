@@ -3,6 +3,18 @@
 mod support;
 
 mod cli;
+mod conflicts;
+mod copy;
+mod decoding;
+mod demo;
+mod heavy;
+mod heavy_convergence;
+mod heavy_resilience;
 mod localpg;
+mod protocol;
+mod replication;
 mod setup;
+mod tail;
+mod tls;
 mod trigger;
+mod verify;

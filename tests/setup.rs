@@ -100,3 +100,24 @@ fn skip_session_sets_the_local_origin() {
         "\nt"
     );
 }
+
+#[test]
+fn check_config_connect_reports_unreachable_nodes_and_missing_prerequisites() {
+    let mut d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
+    let ok = d.walbridge(&["check-config", "--connect"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("all nodes reachable and ready"));
+
+    d.sql("west", "DROP TABLE public.items");
+    d.node_mut("east").stop(StopMode::Fast).unwrap();
+    let bad = d.walbridge(&["check-config", "--connect"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("node east: unreachable"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

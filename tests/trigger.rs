@@ -391,6 +391,13 @@ fn cut_over_to_stream_under_write_load_loses_and_repeats_nothing() {
     );
     assert!(!on_west.is_empty());
     assert_eq!(all, expected, "west {on_west:?}\nslot {streamed:?}");
+    // And the stream runtime delivers them: every row once, no insert meeting its own row.
+    let _stream = d.spawn_run("stream.log");
+    d.wait_for("west", "SELECT count(*) FROM items", &written.to_string());
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
     // Trigger mode is gone from east.
     assert_eq!(
         d.sql(
@@ -458,7 +465,8 @@ fn auto_chooses_trigger_mode_on_a_wal_level_replica_node() {
                         (SELECT value FROM walbridge.settings WHERE name = 'capture_mode')"),
         "walbridge_west_to_east 0 stream"
     );
-    // The trigger-mode direction runs.
+    // Both directions of the mixed mesh run: east's change table to west, west's slot to
+    // east, and what the stream applies on east is not logged by east's capture trigger.
     let _run = d.spawn_run("run.log");
     d.sql(
         "east",
@@ -468,6 +476,32 @@ fn auto_chooses_trigger_mode_on_a_wal_level_replica_node() {
         "west",
         "SELECT name FROM users",
         "from a replica-level node",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) VALUES (2, 'from the streaming node')",
+    );
+    d.sql(
+        "west",
+        "UPDATE users SET name = 'edited on west' WHERE id = 1",
+    );
+    d.wait_for(
+        "east",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "edited on west,from the streaming node",
+    );
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "1",
+        "east logged only its own insert"
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(name, ',' ORDER BY id) FROM users"
+        ),
+        "edited on west,from the streaming node"
     );
 }
 

@@ -327,7 +327,10 @@ impl TableMap {
                 .iter()
                 .filter(|&&p| self.target_column[p].is_some())
                 .map(|&p| {
-                    let s = format!("cur.{}::text IS NOT DISTINCT FROM ${param}::text", self.name(p));
+                    let s = format!(
+                        "cur.{}::text IS NOT DISTINCT FROM ${param}::text",
+                        self.name(p)
+                    );
                     param += 1;
                     s
                 })
@@ -364,6 +367,17 @@ impl TableMap {
         Some(format!(
             "INSERT INTO walbridge.tombstones (relid, key) VALUES ({}, {}) \
              ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
+            self.target.oid,
+            self.key_json(uk, 1)
+        ))
+    }
+
+    /// Careful path: forget a tombstone once a later insert recreated the key. Parameters:
+    /// unique key values.
+    pub fn delete_tombstone(&self) -> Option<String> {
+        let uk = self.unique_key.as_ref()?;
+        Some(format!(
+            "DELETE FROM walbridge.tombstones WHERE relid = {} AND key = {}",
             self.target.oid,
             self.key_json(uk, 1)
         ))
@@ -414,6 +428,125 @@ impl TableMap {
     }
 }
 
+/// What a resolving statement needs to decide last-write-wins by itself.
+#[derive(Clone, Debug)]
+pub struct Resolving {
+    /// `CASE <origin id> WHEN .. THEN <rank> .. ELSE <target rank> END` over `{ro}`.
+    pub rank_case: String,
+    /// The source node's rank.
+    pub source_rank: usize,
+    /// Source node name (for the conflict log).
+    pub source: String,
+    /// Target node name.
+    pub target: String,
+}
+
+impl TableMap {
+    /// The locked current row with its version, and whether the incoming change wins under
+    /// last-write-wins (`wb_apply`): written by an overwritable origin (`$o`), unknown time,
+    /// older, or a tie the source wins by rank.
+    fn decided_row(&self, key_first: usize, o: usize, t: usize, r: &Resolving) -> String {
+        let key = self.key_match("c", key_first);
+        let limit = if self.full_identity { " LIMIT 1" } else { "" };
+        format!(
+            "cur AS (SELECT c.ctid AS wb_ctid, o.timestamp AS wb_ts, o.roident AS wb_ro, \
+             to_jsonb(c)::text AS wb_row FROM {table} AS c \
+             LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(c.xmin) o ON true \
+             WHERE {key}{limit} FOR UPDATE OF c), \
+             dec AS (SELECT cur.*, (wb_ro = ANY(${o}::oid[]) OR wb_ts IS NULL \
+             OR wb_ts < ${t}::timestamptz OR (wb_ts = ${t}::timestamptz AND {rank} > {src})) \
+             AS wb_apply FROM cur)",
+            table = self.target.quoted_name(),
+            rank = r.rank_case.replace("{ro}", "wb_ro"),
+            src = r.source_rank,
+        )
+    }
+
+    /// `jsonb_build_array(($n::type)::text, ...)` of the key, as the careful path logs it.
+    fn key_text_json(&self, first: usize) -> String {
+        let parts: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &pos)| format!("({})::text", self.cast(pos, first + n)))
+            .collect();
+        format!("jsonb_build_array({})", parts.join(", "))
+    }
+
+    fn conflict_insert(
+        &self,
+        r: &Resolving,
+        kind: &str,
+        key_first: usize,
+        remote: &str,
+        t: usize,
+    ) -> String {
+        format!(
+            "skip AS (INSERT INTO walbridge.conflicts (source, target, table_name, key, kind, \
+             resolution, local_row, remote_row, local_commit_ts, remote_commit_ts) \
+             SELECT {src}, {tgt}, {label}, {key}, '{kind}', 'skipped', dec.wb_row::jsonb, {remote}, \
+             dec.wb_ts, ${t}::timestamptz FROM dec WHERE NOT dec.wb_apply RETURNING key::text)",
+            src = crate::catalog::quote_literal(&r.source),
+            tgt = crate::catalog::quote_literal(&r.target),
+            label = crate::catalog::quote_literal(&self.target.qualified_name()),
+            key = self.key_text_json(key_first),
+        )
+    }
+
+    /// A last-write-wins UPDATE that resolves `update_older` itself: applies when the incoming
+    /// change wins, else records the conflict and skips; fails (WB001) only when the row is
+    /// missing. Parameters as [`TableMap::update_optimistic`] with `by_time`. Returns one row:
+    /// `(_, skipped key or NULL, table, kind)`.
+    pub fn update_resolving(&self, present: &[usize], r: &Resolving) -> String {
+        let (set, next) = self.set_list(present);
+        let o = next + self.key.len();
+        let t = o + 1;
+        let remote: Vec<String> = present
+            .iter()
+            .filter(|&&p| self.target_column[p].is_some())
+            .enumerate()
+            .map(|(n, &p)| {
+                format!(
+                    "{}, ({})::text",
+                    crate::catalog::quote_literal(
+                        &self.col(p).map(|c| c.name.clone()).unwrap_or_default()
+                    ),
+                    self.cast(p, n + 1)
+                )
+            })
+            .collect();
+        let remote = format!("jsonb_build_object({})", remote.join(", "));
+        format!(
+            "WITH {dec}, \
+             upd AS (UPDATE {table} AS c SET {set} FROM dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \
+             {skip} \
+             SELECT walbridge.expect_rows((SELECT count(*) FROM upd) + (SELECT count(*) FROM skip), 1), \
+             (SELECT key FROM skip), {label}, 'update_older'",
+            dec = self.decided_row(next, o, t, r),
+            table = self.target.quoted_name(),
+            skip = self.conflict_insert(r, "update_older", next, &remote, t),
+            label = crate::catalog::quote_literal(&self.target.qualified_name()),
+        )
+    }
+
+    /// The DELETE counterpart of [`TableMap::update_resolving`] (`delete_older`).
+    pub fn delete_resolving(&self, r: &Resolving) -> String {
+        let o = 1 + self.key.len();
+        let t = o + 1;
+        format!(
+            "WITH {dec}, \
+             del AS (DELETE FROM {table} AS c USING dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \
+             {skip} \
+             SELECT walbridge.expect_rows((SELECT count(*) FROM del) + (SELECT count(*) FROM skip), 1), \
+             (SELECT key FROM skip), {label}, 'delete_older'",
+            dec = self.decided_row(1, o, t, r),
+            table = self.target.quoted_name(),
+            skip = self.conflict_insert(r, "delete_older", 1, "NULL::jsonb", t),
+            label = crate::catalog::quote_literal(&self.target.qualified_name()),
+        )
+    }
+}
+
 /// Careful path: one row of `walbridge.conflicts`. Parameters: source, target, table, key
 /// (json text), kind, resolution, local row (json text), remote row (json text), local commit
 /// time, remote commit time.
@@ -436,7 +569,11 @@ pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> Str
     )
 }
 
-/// First statement of every applied transaction: checks the pipeline's position and stamps
-/// the source's commit. Parameters: expected origin progress, end LSN, commit time.
-pub const APPLY_BEGIN: &str =
-    "SELECT walbridge.apply_begin($1::pg_lsn, $2::pg_lsn, $3::timestamptz)";
+/// Last statement of every applied transaction: checks the pipeline's position and stamps the
+/// source's commit. Parameters: expected origin progress, end LSN, commit time.
+pub const APPLY_FINISH: &str =
+    "SELECT walbridge.apply_finish($1::pg_lsn, $2::pg_lsn, $3::timestamptz)";
+
+/// The origin progress that is durable on the target (flushes WAL up to the last applied
+/// commit first), which is what may be confirmed to the source.
+pub const FLUSHED_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_session_progress(true)";

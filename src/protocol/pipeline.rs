@@ -51,7 +51,10 @@ pub struct Encoder {
 
 /// Placeholder for frontend encoding failures (only oversize messages can fail).
 fn encode_err(e: std::io::Error) -> ProtocolError {
-    ProtocolError::new("apply session", ErrorKind::Protocol(format!("encoding a message: {e}")))
+    ProtocolError::new(
+        "apply session",
+        ErrorKind::Protocol(format!("encoding a message: {e}")),
+    )
 }
 
 impl Encoder {
@@ -102,6 +105,12 @@ impl Encoder {
         frontend::execute("", 0, &mut self.buf).map_err(encode_err)
     }
 
+    /// `Close` of a prepared statement (closing one that does not exist is not an error).
+    pub fn close_statement(&mut self, name: &str) {
+        // Encoding fails only for names with NUL bytes; walbridge's names have none.
+        let _ = frontend::close(b'S', name, &mut self.buf);
+    }
+
     /// `Sync`: ends the current group (commits its implicit transaction).
     pub fn sync(&mut self) {
         frontend::sync(&mut self.buf);
@@ -114,9 +123,8 @@ impl Encoder {
 
     /// `CopyData`.
     pub fn copy_data(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
-        let len = i32::try_from(data.len() + 4).map_err(|_| {
-            encode_err(std::io::Error::other("COPY data chunk larger than 2 GiB"))
-        })?;
+        let len = i32::try_from(data.len() + 4)
+            .map_err(|_| encode_err(std::io::Error::other("COPY data chunk larger than 2 GiB")))?;
         self.buf.extend_from_slice(b"d");
         self.buf.extend_from_slice(&len.to_be_bytes());
         self.buf.extend_from_slice(data);
@@ -144,7 +152,10 @@ impl Pipeline {
         stream: S,
         leftover: BytesMut,
         address: String,
-    ) -> (Self, impl std::future::Future<Output = Result<(), ProtocolError>> + Send)
+    ) -> (
+        Self,
+        impl std::future::Future<Output = Result<(), ProtocolError>> + Send,
+    )
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -159,6 +170,17 @@ impl Pipeline {
             },
             driver,
         )
+    }
+
+    /// Turns an authenticated, idle session into a pipeline and its driver future.
+    pub fn from_raw(
+        conn: super::RawConnection,
+    ) -> (
+        Self,
+        impl std::future::Future<Output = Result<(), ProtocolError>> + Send,
+    ) {
+        let address = conn.address.clone();
+        Self::new(conn.socket, conn.read_buf, address)
     }
 
     fn closed(&self) -> ProtocolError {
@@ -187,7 +209,10 @@ impl Pipeline {
     }
 
     /// Runs one simple query to completion and returns its rows (text) or the server error.
-    pub async fn simple(&mut self, sql: &str) -> Result<Result<Vec<Vec<Option<Bytes>>>, ServerError>, ProtocolError> {
+    pub async fn simple(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<Vec<Vec<Option<Bytes>>>, ServerError>, ProtocolError> {
         let mut enc = Encoder::default();
         enc.simple_query(sql)?;
         self.send(enc.take()).await?;
@@ -219,7 +244,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let io = |e: std::io::Error| ProtocolError::new(address.clone(), ErrorKind::Io(std::sync::Arc::new(e)));
+    let io = |e: std::io::Error| {
+        ProtocolError::new(address.clone(), ErrorKind::Io(std::sync::Arc::new(e)))
+    };
     let writer = async {
         while let Some(bytes) = writes.recv().await {
             wr.write_all(&bytes).await.map_err(io)?;
@@ -262,11 +289,9 @@ where
                     }
                     Response::Row(cols)
                 }
-                Message::CommandComplete(body) => Response::Complete(
-                    body.tag()
-                        .map(|t| t.to_string())
-                        .unwrap_or_default(),
-                ),
+                Message::CommandComplete(body) => {
+                    Response::Complete(body.tag().map(|t| t.to_string()).unwrap_or_default())
+                }
                 Message::EmptyQueryResponse => Response::Complete(String::new()),
                 Message::ErrorResponse(body) => {
                     let e = ServerError::from_fields(body.fields()).map_err(|e| {

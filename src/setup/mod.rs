@@ -46,6 +46,8 @@ pub struct SetupOptions {
     pub jobs: usize,
     /// `--truncate`.
     pub truncate: bool,
+    /// Cancelled on SIGINT/SIGTERM: the copy stops and undoes itself.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Setup or teardown failed.
@@ -83,6 +85,9 @@ pub enum SetupError {
         #[source]
         source: catalog::CatalogError,
     },
+    /// The initial copy (`--copy-from`) failed; it says what it undid.
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
     /// Something else that the message explains.
     #[error("{0}")]
     Other(String),
@@ -198,11 +203,6 @@ pub async fn setup(
     options: &SetupOptions,
     out: &mut (dyn std::io::Write + Send),
 ) -> Result<(), SetupError> {
-    if options.copy_from.is_some() {
-        return Err(SetupError::Other(
-            "setup --copy-from is not available in this build".to_string(),
-        ));
-    }
     let nodes = connect_all(config, "setup").await?;
 
     // 1. Everything every node needs, checked before anything changes. Each node gets its
@@ -268,6 +268,39 @@ pub async fn setup(
             ),
         });
     }
+    // The copy's own checks (empty targets, no slot yet, columns), before anything changes.
+    let copy_plan = match &options.copy_from {
+        Some(_) if modes.values().any(|(m, _)| *m == CaptureMode::Trigger) => {
+            problems.push(Problem {
+                node: modes
+                    .iter()
+                    .find(|(_, (m, _))| *m == CaptureMode::Trigger)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default(),
+                message: "setup --copy-from needs every node in stream mode (the copy meets                           the stream at a slot's snapshot), and this node is in trigger mode;                           copy the tables by hand (pg_dump) before setup"
+                    .to_string(),
+            });
+            None
+        }
+        Some(source) => {
+            let refs: Vec<crate::copy::NodeRef> = nodes
+                .iter()
+                .map(|n| crate::copy::NodeRef {
+                    name: &n.name,
+                    client: &n.client,
+                })
+                .collect();
+            let request = crate::copy::CopyRequest {
+                source: source.clone(),
+                jobs: options.jobs,
+                truncate: options.truncate,
+            };
+            let (plan, refusals) = crate::copy::plan(config, &request, &refs, &tables).await?;
+            problems.extend(refusals);
+            Some(plan)
+        }
+        None => None,
+    };
     if !problems.is_empty() {
         return Err(SetupError::Prerequisites(problems));
     }
@@ -362,6 +395,11 @@ pub async fn setup(
         }
     }
 
+    // The copy creates the slots <copy_from>→P with their snapshots and fills the peers.
+    if let Some(plan) = &copy_plan {
+        crate::copy::run(config, plan, &options.shutdown, out).await?;
+    }
+
     // 3. Per direction: the origin on the target, then the slot on the source (stream-mode
     //    sources; a trigger-mode source's change table serves every direction from it).
     for d in config.directions() {
@@ -436,6 +474,83 @@ pub async fn setup(
 fn is_permission_error(e: &SetupError) -> bool {
     matches!(e, SetupError::Sql { source, .. }
         if source.as_db_error().is_some_and(|d| d.code().code() == "42501"))
+}
+
+/// `check-config --connect`: every node reachable and ready for the configured mode.
+/// Returns the problems found (empty = ready); prints one line per node to `out`.
+pub async fn check(
+    config: &Config,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<Vec<Problem>, SetupError> {
+    let mut problems = Vec::new();
+    let mut nodes = Vec::new();
+    for node in &config.nodes {
+        match pgconn::connect(&node.dsn, "walbridge-check").await {
+            Ok(client) => {
+                let _ = writeln!(out, "{}: reachable ({})", node.name, node.dsn.describe());
+                nodes.push(NodeSession {
+                    name: node.name.clone(),
+                    client,
+                });
+            }
+            Err(e) => problems.push(Problem {
+                node: node.name.clone(),
+                message: format!("unreachable: {e}"),
+            }),
+        }
+    }
+    for n in &nodes {
+        let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
+            .await
+            .map_err(sql_err(&n.name, "reading server settings"))?;
+        // Each node is checked for the mode it gets (`auto` decides per node).
+        let (mode, reason) = trigger::choose(config.replication.mode, &facts);
+        let _ = writeln!(out, "{}: {} mode ({reason})", n.name, mode.as_str());
+        match mode {
+            CaptureMode::Stream => {
+                problems.extend(prereq::common_problems(&n.name, &facts));
+                problems.extend(prereq::stream_problems(&n.name, &facts, config.nodes.len()));
+                if facts.stream_blocker().is_none() {
+                    problems.extend(
+                        prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
+                            .await
+                            .map_err(sql_err(&n.name, "probing the output plugin"))?,
+                    );
+                }
+            }
+            CaptureMode::Trigger => {
+                let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
+                    .await
+                    .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
+                problems.extend(p.into_iter().map(|message| Problem {
+                    node: n.name.clone(),
+                    message,
+                }));
+                for w in w {
+                    let _ = writeln!(out, "{}: note: {w}", n.name);
+                }
+            }
+        }
+    }
+    if nodes.len() == config.nodes.len() {
+        let (tables, missing) = resolve_tables(config, &nodes).await?;
+        problems.extend(missing);
+        for n in &nodes {
+            for t in &tables {
+                if let Some(info) = catalog::table_info(&n.client, &t.schema, &t.name)
+                    .await
+                    .map_err(|source| SetupError::Catalog {
+                        node: n.name.clone(),
+                        source,
+                    })?
+                {
+                    problems.extend(prereq::identity_problem(&n.name, &info));
+                }
+            }
+        }
+        let _ = writeln!(out, "tables resolved: {}", tables.len());
+    }
+    Ok(problems)
 }
 
 fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {

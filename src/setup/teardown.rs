@@ -43,7 +43,8 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
         let origins: Vec<String> = client
             .query(
                 "SELECT roname::text FROM pg_catalog.pg_replication_origin
-                  WHERE roname LIKE $1 || '\\_from\\_%' OR roname = $1 || '_skip'",
+                  WHERE roname LIKE $1 || '\\_from\\_%' OR roname LIKE $1 || '\\_copy\\_%'
+                     OR roname = $1 || '_skip'",
                 &[prefix],
             )
             .await

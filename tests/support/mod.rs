@@ -43,6 +43,7 @@ pub struct Deployment {
     /// The configuration file.
     pub config: PathBuf,
     extra_toml: String,
+    metrics_listen: Option<String>,
 }
 
 impl Deployment {
@@ -84,6 +85,7 @@ impl Deployment {
             dir,
             config,
             extra_toml: replication_toml.to_string(),
+            metrics_listen: None,
         };
         d.write_config();
         d
@@ -100,7 +102,10 @@ impl Deployment {
         }
         toml.push_str("[replication]\n");
         toml.push_str(&self.extra_toml);
-        toml.push_str("\n\n[metrics]\nlisten = \"\"\n");
+        toml.push_str(&format!(
+            "\n\n[metrics]\nlisten = \"{}\"\n",
+            self.metrics_listen.as_deref().unwrap_or("")
+        ));
         std::fs::write(&self.config, toml).expect("write config");
     }
 
@@ -265,4 +270,99 @@ impl Drop for Runner {
 /// Paths are shown in assertion messages.
 pub fn show(p: &Path) -> String {
     p.display().to_string()
+}
+
+impl Deployment {
+    /// Waits until walbridge has consumed and confirmed everything written so far on every
+    /// node: each slot's `confirmed_flush_lsn` passes the node's WAL position as of now. Run
+    /// twice, this also covers anything the first round caused on the peers (an echo).
+    pub fn wait_caught_up(&self) {
+        self.wait_caught_up_within(WAIT);
+    }
+
+    /// [`Deployment::wait_caught_up`] with a longer bound, for deliberately large backlogs.
+    pub fn wait_caught_up_within(&self, timeout: std::time::Duration) {
+        for _round in 0..2 {
+            for (name, c) in self.names.iter().zip(&self.clusters) {
+                let lsn = c
+                    .psql("postgres", "SELECT pg_current_wal_lsn()")
+                    .expect("current WAL position");
+                let sql = format!(
+                    "SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots \
+                     WHERE slot_name LIKE 'walbridge\\_%'"
+                );
+                let mut last = String::new();
+                let ok = wait_until(timeout, || {
+                    last = c.psql("postgres", &sql).unwrap_or_else(|e| e.to_string());
+                    last == "t"
+                });
+                assert!(
+                    ok,
+                    "{name} did not catch up with {lsn} within {timeout:?} ({last})"
+                );
+            }
+        }
+    }
+
+    /// Row versions of a table (`xmin` per key), to prove nothing rewrote rows.
+    pub fn row_versions(&self, node: &str, table: &str, key: &str) -> String {
+        self.sql(
+            node,
+            &format!("SELECT string_agg({key}::text || '@' || xmin::text, ',' ORDER BY {key}) FROM {table}"),
+        )
+    }
+}
+
+impl Deployment {
+    /// Rewrites the configuration with `[metrics] listen` on a free port; returns the port.
+    pub fn enable_metrics(&mut self) -> u16 {
+        let port = walbridge::localpg::free_port().expect("free port");
+        self.metrics_listen = Some(format!("127.0.0.1:{port}"));
+        self.write_config();
+        port
+    }
+
+    /// Runs walbridge until everything written so far has been applied everywhere, then stops
+    /// it with SIGTERM (exit 0 expected).
+    pub fn replicate_once(&self, log: &str) {
+        let mut run = self.spawn_run(log);
+        self.wait_caught_up();
+        run.signal(libc::SIGTERM);
+        assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+    }
+
+    /// A table's content as `count|md5` in key order, to compare nodes.
+    pub fn fingerprint(&self, node: &str, table: &str, key: &str) -> String {
+        self.sql(
+            node,
+            &format!("SELECT count(*) || '|' || coalesce(md5(string_agg(t::text, ',' ORDER BY {key})), '') FROM {table} t"),
+        )
+    }
+}
+
+/// Fetches `/metrics` from a running walbridge (plain HTTP/1.0 over loopback).
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Sum of a metric's samples whose label set contains every `(name, value)` in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -1,0 +1,544 @@
+//! The careful path: one change at a time, each decided against the target's row.
+//!
+//! Used only when the optimistic statement of a change found something unexpected (a possible
+//! conflict). For each change: read the target's row for the key under `FOR UPDATE` with its
+//! commit time and origin (and the key's tombstone when the row is gone), ask
+//! [`crate::conflict::decide`], execute the chosen statement, and write the conflict to
+//! `walbridge.conflicts` — all in the same transaction as the resolution, committed with the
+//! origin's progress like any applied transaction.
+
+use bytes::Bytes;
+use serde_json::{Map, Value as Json};
+
+use super::sql::{self, TableMap};
+use super::{proto, text, value_param, Applier, Item, Sent, TableState};
+use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
+use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
+use crate::lsn::PgTimestamp;
+use crate::protocol::pipeline::Response;
+use crate::protocol::ServerError;
+use crate::runtime::DirectionError;
+
+/// A conflict resolved in the current careful transaction: counted once it commits.
+pub(super) type Resolved = (ConflictKind, Resolution, String);
+
+/// A careful transaction applied change by change as the source streams it.
+pub(super) struct CarefulTxn {
+    begin: Begin,
+    conflicts: Vec<Resolved>,
+    sent: Sent,
+}
+
+/// Why one careful attempt did not commit.
+enum Failed {
+    /// The server refused a statement; the attempt rolled back and may be retried.
+    Server(ServerError),
+    /// Policy `error` (or an unrecoverable situation): stop the direction.
+    Stop(DirectionError),
+}
+
+type Rows = Vec<Vec<Option<Bytes>>>;
+
+impl Applier {
+    /// One statement as its own round trip: `Parse` (unnamed) + `Bind` + `Execute` + `Sync`.
+    async fn round_trip(
+        &mut self,
+        sql: &str,
+        params: &[Option<&[u8]>],
+    ) -> Result<Result<Rows, ServerError>, DirectionError> {
+        self.enc.parse("", sql).map_err(proto)?;
+        self.enc
+            .execute("", params.iter().copied())
+            .map_err(proto)?;
+        self.enc.sync();
+        self.pipe.send(self.enc.take()).await.map_err(proto)?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.pipe.recv().await.map_err(proto)? {
+                Response::Row(r) => rows.push(r),
+                Response::Error(e) => error = Some(e),
+                Response::Ready(_) => break,
+                _ => {}
+            }
+        }
+        Ok(match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        })
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[Option<&[u8]>]) -> Result<Rows, Failed> {
+        match self.round_trip(sql, params).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(Failed::Server(e)),
+            Err(e) => Err(Failed::Stop(e)),
+        }
+    }
+
+    /// Applies a buffered transaction carefully, retrying serialization failures and races
+    /// with local writers a few times.
+    pub(super) async fn apply_carefully(&mut self, sent: Sent) -> Result<(), DirectionError> {
+        let items = sent.items.clone().unwrap_or_default();
+        let mut last = None;
+        for _attempt in 0..3 {
+            match self
+                .careful_attempt(&sent.begin, &items, &sent.commit)
+                .await
+            {
+                Ok(conflicts) => {
+                    self.expected = sent.end_lsn;
+                    self.acknowledge(&sent, &conflicts);
+                    return Ok(());
+                }
+                Err(Failed::Stop(e)) => return Err(e),
+                Err(Failed::Server(e)) => {
+                    let _ = self.round_trip("ROLLBACK", &[]).await?;
+                    tracing::debug!(error = %e, "careful apply attempt failed; retrying");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(DirectionError::definite(format!(
+            "{} -> {}: the transaction of {} (xid {}, end {}) cannot be applied: {}",
+            self.source,
+            self.target,
+            sent.commit_time,
+            sent.begin.xid,
+            sent.end_lsn,
+            last.map_or_else(|| "unknown error".to_string(), |e| e.to_string())
+        )))
+    }
+
+    async fn careful_attempt(
+        &mut self,
+        begin: &Begin,
+        items: &[Item],
+        commit: &Commit,
+    ) -> Result<Vec<Resolved>, Failed> {
+        self.exec("BEGIN", &[]).await?;
+        let mut conflicts = Vec::new();
+        for item in items {
+            self.careful_item(begin, item, &mut conflicts).await?;
+        }
+        self.careful_commit(commit).await?;
+        Ok(conflicts)
+    }
+
+    async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
+        let expected = self.committed.to_string();
+        let end = commit.end_lsn.to_string();
+        let ts = commit.commit_time.to_string();
+        self.exec(
+            sql::APPLY_FINISH,
+            &[
+                Some(expected.as_bytes()),
+                Some(end.as_bytes()),
+                Some(ts.as_bytes()),
+            ],
+        )
+        .await?;
+        self.exec("COMMIT", &[]).await?;
+        Ok(())
+    }
+
+    /// Starts a careful transaction that is applied as the source streams it.
+    pub(super) async fn careful_begin(
+        &mut self,
+        begin: Begin,
+        sent: Sent,
+    ) -> Result<(), DirectionError> {
+        match self.exec("BEGIN", &[]).await {
+            Ok(_) => {}
+            Err(Failed::Server(e)) => {
+                return Err(DirectionError::transient(format!(
+                    "node {}: BEGIN failed: {e}",
+                    self.target
+                )))
+            }
+            Err(Failed::Stop(e)) => return Err(e),
+        }
+        self.streaming_careful = Some(CarefulTxn {
+            begin,
+            conflicts: Vec::new(),
+            sent,
+        });
+        Ok(())
+    }
+
+    /// One item of a streamed careful transaction.
+    pub(super) async fn careful_stream_item(&mut self, item: Item) -> Result<(), DirectionError> {
+        let Some(mut txn) = self.streaming_careful.take() else {
+            return Ok(());
+        };
+        let begin = txn.begin.clone();
+        let result = self.careful_item(&begin, &item, &mut txn.conflicts).await;
+        match result {
+            Ok(()) => {
+                if let Item::Change(c) = &item {
+                    *txn.sent
+                        .counts
+                        .entry((c.relation.qualified_name(), c.op))
+                        .or_default() += 1;
+                } else {
+                    txn.sent.truncates += 1;
+                }
+                self.streaming_careful = Some(txn);
+                Ok(())
+            }
+            Err(f) => {
+                let _ = self.round_trip("ROLLBACK", &[]).await?;
+                Err(match f {
+                    Failed::Stop(e) => e,
+                    Failed::Server(e) => DirectionError::transient(format!(
+                        "{} -> {}: careful apply failed, retrying from the target's progress: {e}",
+                        self.source, self.target
+                    )),
+                })
+            }
+        }
+    }
+
+    /// Commits a streamed careful transaction.
+    pub(super) async fn careful_stream_commit(
+        &mut self,
+        commit: Commit,
+    ) -> Result<(), DirectionError> {
+        let Some(mut txn) = self.streaming_careful.take() else {
+            return Ok(());
+        };
+        match self.careful_commit(&commit).await {
+            Ok(()) => {
+                txn.sent.end_lsn = commit.end_lsn;
+                txn.sent.commit_time = commit.commit_time;
+                self.expected = commit.end_lsn;
+                self.acknowledge(&txn.sent, &txn.conflicts);
+                Ok(())
+            }
+            Err(f) => {
+                let _ = self.round_trip("ROLLBACK", &[]).await?;
+                Err(match f {
+                    Failed::Stop(e) => e,
+                    Failed::Server(e) => DirectionError::transient(format!(
+                        "{} -> {}: committing a careful transaction failed: {e}",
+                        self.source, self.target
+                    )),
+                })
+            }
+        }
+    }
+
+    /// Rolls back a streamed careful transaction (shutdown).
+    pub(super) async fn careful_abort(&mut self, _txn: CarefulTxn) -> Result<(), DirectionError> {
+        let _ = self.round_trip("ROLLBACK", &[]).await?;
+        Ok(())
+    }
+
+    async fn careful_item(
+        &mut self,
+        begin: &Begin,
+        item: &Item,
+        conflicts: &mut Vec<Resolved>,
+    ) -> Result<(), Failed> {
+        match item {
+            Item::Truncate(t) => self.careful_truncate(t).await,
+            Item::Change(c) => self.careful_change(begin, c, conflicts).await,
+        }
+    }
+
+    async fn careful_truncate(&mut self, t: &Truncate) -> Result<(), Failed> {
+        let sql = self.truncate_sql(t).await.map_err(Failed::Stop)?;
+        self.exec(&sql, &[]).await?;
+        Ok(())
+    }
+
+    async fn careful_change(
+        &mut self,
+        begin: &Begin,
+        change: &Change,
+        conflicts: &mut Vec<Resolved>,
+    ) -> Result<(), Failed> {
+        let table = self.table(&change.relation).await.map_err(Failed::Stop)?;
+        let map = &table.map;
+        let Some(row_tuple) = change
+            .new
+            .as_ref()
+            .or(change.old.as_ref().map(|o| &o.tuple))
+        else {
+            return Err(Failed::Stop(DirectionError::definite(format!(
+                "the stream from {} sent a {} of {} without values",
+                self.source, change.op, table.label
+            ))));
+        };
+        // Unchanged TOAST values can be filled from a full old row.
+        let new = change.new.as_ref().map(|n| fill_toast(n, change));
+        let complete_row = new
+            .as_ref()
+            .is_some_and(|n| !n.0.iter().any(|v| matches!(v, Value::UnchangedToast)));
+        let key_tuple = change.identity_tuple().unwrap_or(row_tuple).clone();
+
+        if map.key.is_empty() {
+            // No way to find rows: only inserts are possible, and they cannot conflict.
+            if change.op == ChangeOp::Insert {
+                let params = written_params(map, new.as_ref().unwrap_or(row_tuple));
+                self.exec(&map.insert_plain(), &params).await?;
+                return Ok(());
+            }
+            return Err(Failed::Stop(DirectionError::definite(format!(
+                "{} -> {}: {} has no replica identity to find the row of a {}",
+                self.source, self.target, table.label, change.op
+            ))));
+        }
+
+        // The target's row, locked, with its version.
+        let old_full: Vec<usize> = match &change.old {
+            Some(o) if o.kind == OldKind::Full => map.written().collect(),
+            _ => Vec::new(),
+        };
+        let mut params: Vec<Option<&[u8]>> = map
+            .key
+            .iter()
+            .map(|&p| value_param(&key_tuple, p))
+            .collect();
+        if let Some(old) = &change.old {
+            params.extend(old_full.iter().map(|&p| value_param(&old.tuple, p)));
+        }
+        let lookup = map.lookup_row(&old_full);
+        let rows = self.exec(&lookup, &params).await?;
+        let found = rows.first();
+        let local_json = found
+            .and_then(|r| r.first())
+            .and_then(text)
+            .map(str::to_string);
+        let local_time = found
+            .and_then(|r| r.get(1))
+            .and_then(text)
+            .and_then(PgTimestamp::parse);
+        let local_origin = found
+            .and_then(|r| r.get(2))
+            .and_then(text)
+            .and_then(|t| t.parse::<i64>().ok());
+        let equals_old = found
+            .and_then(|r| r.get(3))
+            .and_then(text)
+            .map(|t| t == "t");
+        let row = found.map(|_| Version {
+            commit_time: local_time,
+            writer_rank: self.writers.rank_of(local_origin),
+        });
+
+        // Without a row, the key's deletion (if recorded) is the local version.
+        let mut tombstone = None;
+        if row.is_none() {
+            if let Some(tsql) = map.lookup_tombstone() {
+                let uk = map.unique_key.clone().unwrap_or_default();
+                let p: Vec<Option<&[u8]>> =
+                    uk.iter().map(|&i| value_param(&key_tuple, i)).collect();
+                let t = self.exec(&tsql, &p).await?;
+                tombstone = t.first().map(|r| Version {
+                    commit_time: r.first().and_then(text).and_then(PgTimestamp::parse),
+                    writer_rank: self
+                        .writers
+                        .rank_of(r.get(1).and_then(text).and_then(|t| t.parse().ok())),
+                });
+            }
+        }
+
+        let incoming = Incoming {
+            op: change.op,
+            version: Version {
+                commit_time: Some(begin.commit_time),
+                writer_rank: self.writers.rank(&self.source),
+            },
+            complete_row,
+        };
+        let local = LocalState {
+            row,
+            row_equals_old: equals_old,
+            tombstone,
+        };
+        let decision = conflict::decide(table.policy, incoming, local);
+
+        let key_json = key_json(map, &key_tuple);
+        let remote_json = row_json(map, new.as_ref().unwrap_or(row_tuple));
+        if let Some((kind, resolution)) = decision.conflict {
+            if decision.action == Action::Stop {
+                self.metrics
+                    .conflicts
+                    .with_label_values(&[
+                        self.source.as_str(),
+                        self.target.as_str(),
+                        kind.as_str(),
+                        resolution.as_str(),
+                    ])
+                    .inc();
+                return Err(Failed::Stop(DirectionError::definite(format!(
+                    "conflict on {} key {key_json} ({kind}) from {} to {} under conflict policy \
+                     \"error\": nothing applied; local row {}, incoming row {remote_json}; resolve \
+                     it by hand, then restart walbridge",
+                    table.label,
+                    self.source,
+                    self.target,
+                    local_json.as_deref().unwrap_or("(none)"),
+                ))));
+            }
+        }
+
+        self.execute_action(
+            &table,
+            change,
+            decision.action,
+            new.as_ref(),
+            &key_tuple,
+            tombstone.is_some(),
+        )
+        .await?;
+
+        if let Some((kind, resolution)) = decision.conflict {
+            let ts = begin.commit_time.to_string();
+            let local_ts = local_time.map(|t| t.to_string());
+            let table_label = table.label.clone();
+            let (source, target) = (self.source.clone(), self.target.clone());
+            self.exec(
+                sql::INSERT_CONFLICT,
+                &[
+                    Some(source.as_bytes()),
+                    Some(target.as_bytes()),
+                    Some(table_label.as_bytes()),
+                    Some(key_json.as_bytes()),
+                    Some(kind.as_str().as_bytes()),
+                    Some(resolution.as_str().as_bytes()),
+                    local_json.as_deref().map(str::as_bytes),
+                    Some(remote_json.as_bytes()),
+                    local_ts.as_deref().map(str::as_bytes),
+                    Some(ts.as_bytes()),
+                ],
+            )
+            .await?;
+            tracing::info!(
+                source = %self.source, target = %self.target, table = %table.label,
+                key = %key_json, kind = %kind, resolution = %resolution,
+                "conflict resolved"
+            );
+            if matches!(kind, ConflictKind::UpdateOlder | ConflictKind::DeleteOlder) {
+                // Contended table: let its statements settle these in SQL from now on.
+                table.hot.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            conflicts.push((kind, resolution, table.label.clone()));
+        }
+        Ok(())
+    }
+
+    async fn execute_action(
+        &mut self,
+        table: &TableState,
+        change: &Change,
+        action: Action,
+        new: Option<&Tuple>,
+        key_tuple: &Tuple,
+        had_tombstone: bool,
+    ) -> Result<(), Failed> {
+        let map = &table.map;
+        let uk_params = |t: &Tuple| -> Vec<Option<Vec<u8>>> {
+            map.unique_key
+                .iter()
+                .flatten()
+                .map(|&i| value_param(t, i).map(<[u8]>::to_vec))
+                .collect()
+        };
+        match action {
+            Action::Skip | Action::Stop => {}
+            Action::Insert | Action::InsertFromUpdate => {
+                let Some(new) = new else { return Ok(()) };
+                let params = written_params(map, new);
+                self.exec(&map.insert_plain(), &params).await?;
+                if had_tombstone {
+                    if let Some(sql) = map.delete_tombstone() {
+                        let owned = uk_params(new);
+                        let p: Vec<Option<&[u8]>> = owned.iter().map(|v| v.as_deref()).collect();
+                        self.exec(&sql, &p).await?;
+                    }
+                }
+            }
+            Action::Update => {
+                let Some(new) = new else { return Ok(()) };
+                let present: Vec<usize> = map
+                    .written()
+                    .filter(|&p| !matches!(new.0.get(p), Some(Value::UnchangedToast)))
+                    .collect();
+                // An insert that won over an existing row finds it by the new row's key.
+                let key_src = if change.op == ChangeOp::Insert {
+                    new
+                } else {
+                    key_tuple
+                };
+                let mut params: Vec<Option<&[u8]>> =
+                    present.iter().map(|&p| value_param(new, p)).collect();
+                params.extend(map.key.iter().map(|&p| value_param(key_src, p)));
+                self.exec(&map.update_plain(&present), &params).await?;
+            }
+            Action::Delete => {
+                let params: Vec<Option<&[u8]>> =
+                    map.key.iter().map(|&p| value_param(key_tuple, p)).collect();
+                self.exec(&map.delete_plain(), &params).await?;
+            }
+            Action::RecordTombstone => {
+                if let Some(sql) = map.record_tombstone() {
+                    let owned = uk_params(key_tuple);
+                    let p: Vec<Option<&[u8]>> = owned.iter().map(|v| v.as_deref()).collect();
+                    self.exec(&sql, &p).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The new row with unchanged-TOAST placeholders filled from a full old row, when sent.
+fn fill_toast(new: &Tuple, change: &Change) -> Tuple {
+    let Some(old) = change.old.as_ref().filter(|o| o.kind == OldKind::Full) else {
+        return new.clone();
+    };
+    Tuple(
+        new.0
+            .iter()
+            .zip(old.tuple.0.iter())
+            .map(|(n, o)| match n {
+                Value::UnchangedToast => o.clone(),
+                other => other.clone(),
+            })
+            .collect(),
+    )
+}
+
+fn written_params<'a>(map: &TableMap, t: &'a Tuple) -> Vec<Option<&'a [u8]>> {
+    map.written().map(|p| value_param(t, p)).collect()
+}
+
+fn json_value(v: Option<&Value>) -> Json {
+    match v {
+        Some(Value::Text(b)) | Some(Value::Binary(b)) => {
+            Json::String(String::from_utf8_lossy(b).into_owned())
+        }
+        _ => Json::Null,
+    }
+}
+
+/// The key as a JSON array of its text values (for logs and `walbridge.conflicts.key`).
+fn key_json(map: &TableMap, t: &Tuple) -> String {
+    Json::Array(map.key.iter().map(|&p| json_value(t.0.get(p))).collect()).to_string()
+}
+
+/// A row as a JSON object of column name to text value (unchanged TOAST left out).
+fn row_json(map: &TableMap, t: &Tuple) -> String {
+    let mut obj = Map::new();
+    for p in map.written() {
+        if matches!(t.0.get(p), Some(Value::UnchangedToast)) {
+            continue;
+        }
+        if let Some(i) = map.target_column[p] {
+            obj.insert(map.target.columns[i].name.clone(), json_value(t.0.get(p)));
+        }
+    }
+    Json::Object(obj).to_string()
+}

@@ -1,0 +1,1180 @@
+//! Applying a source's transactions to a target, in order, exactly once.
+//!
+//! Every source transaction becomes one *Sync group* on the target's pipelined session: its
+//! statements, then `walbridge.apply_finish(expected, end_lsn, commit_time)`, then `Sync`,
+//! which commits the group as one implicit transaction. `apply_finish` stamps the transaction
+//! with the source's end LSN and commit time through the session's replication origin, so
+//! progress commits atomically with the data and rows keep their source commit time.
+//!
+//! ```text
+//!   source txn k   ──▶ [stmt, stmt, ..., apply_finish(end(k-1), end(k), t(k))] Sync
+//!   source txn k+1 ──▶ [stmt, ..., apply_finish(end(k), end(k+1), t(k+1))] Sync     (pipelined)
+//! ```
+//!
+//! Many groups are in flight at once. Statements are *optimistic*: each asserts that exactly
+//! the expected rows changed and that no conflict was possible. If one fails, its group rolls
+//! back; every later in-flight group then fails in `apply_finish` because the origin's progress
+//! is not what it expects, so nothing commits out of order. Apply then redoes the failed
+//! transaction *carefully* (read the row under lock, let [`crate::conflict::decide`] choose,
+//! execute, log the conflict) and re-sends the rest.
+//!
+//! What the source may be told (flush LSN) is only what the target has made durable:
+//! `pg_replication_origin_session_progress(true)` flushes the target's WAL up to the last
+//! applied commit and returns its source position.
+
+mod careful;
+pub mod sql;
+mod writers;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio_postgres::Client;
+
+use crate::catalog;
+use crate::config::{Config, ConflictPolicy};
+use crate::conflict::{ConflictKind, Resolution};
+use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::metrics::Metrics;
+use crate::protocol::pipeline::{Encoder, Pipeline, Response};
+use crate::protocol::ServerError;
+use crate::runtime::DirectionError;
+use sql::TableMap;
+pub use writers::Writers;
+
+/// Tunables of the apply pipeline.
+#[derive(Clone, Debug)]
+pub struct ApplyLimits {
+    /// Transactions in flight (sent, not yet acknowledged).
+    pub max_in_flight: usize,
+    /// Changes of one transaction kept for a careful redo; a larger transaction is applied
+    /// alone and, if it conflicts, re-read from the source.
+    pub max_buffered_changes: usize,
+    /// Rows per multi-row INSERT.
+    pub insert_batch_rows: usize,
+    /// Send encoded statements once this many bytes are waiting.
+    pub flush_bytes: usize,
+}
+
+impl Default for ApplyLimits {
+    fn default() -> Self {
+        ApplyLimits {
+            max_in_flight: 512,
+            max_buffered_changes: 20_000,
+            insert_batch_rows: 128,
+            flush_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// How a replicated table is applied.
+struct TableState {
+    map: TableMap,
+    label: String,
+    policy: ConflictPolicy,
+    /// Origin ids (`oid[]` literal) the optimistic path may overwrite.
+    overwritable: String,
+    /// Whether an older target version may be overwritten without a check.
+    by_time: bool,
+    /// last_write_wins only: how statements resolve `update_older`/`delete_older` in SQL.
+    resolving: Option<sql::Resolving>,
+    /// The table has had such conflicts: use the resolving statements from now on (they cost
+    /// a little more than the plain ones, so only contended tables get them).
+    hot: std::sync::atomic::AtomicBool,
+}
+
+impl TableState {
+    /// The resolving statements' settings, once the table is contended.
+    fn resolving_now(&self) -> Option<&sql::Resolving> {
+        self.resolving
+            .as_ref()
+            .filter(|_| self.hot.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// One item of a transaction, kept for a careful redo.
+#[derive(Clone, Debug)]
+enum Item {
+    Change(Change),
+    Truncate(Truncate),
+}
+
+/// A transaction being received from the source.
+struct OpenTxn {
+    begin: Begin,
+    echo: bool,
+    items: Option<Vec<Item>>,
+    statements: usize,
+    batch: Vec<Tuple>,
+    batch_table: Option<u32>,
+    counts: HashMap<(String, ChangeOp), u64>,
+    truncates: u64,
+    started: Instant,
+    /// Careful mode from the first change on (after a conflict in a huge transaction).
+    careful: bool,
+    /// Statements first parsed inside this transaction's group: if the group fails, whether
+    /// the server kept them is unknown, so they are closed and parsed again.
+    parsed: Vec<String>,
+}
+
+/// A transaction sent and not yet acknowledged.
+struct Sent {
+    end_lsn: Lsn,
+    commit_time: PgTimestamp,
+    begin: Begin,
+    commit: Commit,
+    items: Option<Vec<Item>>,
+    counts: HashMap<(String, ChangeOp), u64>,
+    truncates: u64,
+    started: Instant,
+    parsed: Vec<String>,
+}
+
+enum Group {
+    Txn(Box<Sent>),
+    Progress,
+    /// An open transaction abandoned on shutdown: made to fail so it never commits.
+    Abort,
+    /// Closing statements of failed groups.
+    Close,
+}
+
+/// What the applier asks of its caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Carry on.
+    Continue,
+    /// A conflict hit a transaction too large to redo from memory: restart the source at the
+    /// target's progress and apply the next transaction carefully.
+    Restream,
+}
+
+/// Applies one direction's transactions to its target.
+pub struct Applier {
+    pipe: Pipeline,
+    enc: Encoder,
+    catalog: Client,
+    config: Arc<Config>,
+    source: String,
+    target: String,
+    metrics: Metrics,
+    writers: Writers,
+    limits: ApplyLimits,
+    tables: HashMap<u32, Arc<TableState>>,
+    relations: HashMap<u32, Arc<Relation>>,
+    prepared: HashMap<String, String>,
+    statement_seq: u64,
+    open: Option<OpenTxn>,
+    in_flight: VecDeque<Group>,
+    progress_pending: bool,
+    /// Origin progress the next transaction expects (end LSN of the last one sent).
+    expected: Lsn,
+    /// End LSN of the last acknowledged transaction.
+    committed: Lsn,
+    /// Durable progress (last flushed-progress answer).
+    flushed: Lsn,
+    /// A keepalive position that may be confirmed once everything sent before it is durable.
+    idle_point: Option<(Lsn, Lsn)>,
+    /// Transactions to apply one at a time after a conflict.
+    cautious: usize,
+    /// Apply the next transaction carefully (after a restream).
+    careful_next: bool,
+    last_commit_time: Option<PgTimestamp>,
+    /// A pipelined transaction failed while another was open: resolved at that one's commit,
+    /// because a `Sync` must never fall inside an open transaction.
+    pending_failure: Option<(Box<Sent>, ServerError)>,
+    /// A progress query was asked for while a transaction was open.
+    progress_wanted: bool,
+    /// Buffered transactions to send again after a careful redo.
+    redo: VecDeque<Sent>,
+    /// Replies of the oldest group in flight, collected until its `ReadyForQuery`.
+    acc_rows: Vec<Vec<Option<Bytes>>>,
+    acc_error: Option<ServerError>,
+    /// A careful transaction streamed change by change (too large to buffer) is open.
+    streaming_careful: Option<careful::CarefulTxn>,
+}
+
+/// The target session could not be prepared.
+fn server(target: &str, what: &str, e: ServerError) -> DirectionError {
+    DirectionError::definite(format!("node {target}: {what}: {e}"))
+}
+
+fn proto(e: crate::protocol::ProtocolError) -> DirectionError {
+    if e.is_transient() {
+        DirectionError::transient(e.to_string())
+    } else {
+        DirectionError::definite(e.to_string())
+    }
+}
+
+fn text(b: &Option<Bytes>) -> Option<&str> {
+    b.as_deref().and_then(|b| std::str::from_utf8(b).ok())
+}
+
+impl Applier {
+    /// Prepares the target session: settings, the origin, and where the stream must start.
+    /// Returns the applier and the origin's progress (the LSN to stream from).
+    pub async fn start(
+        mut pipe: Pipeline,
+        catalog: Client,
+        config: Arc<Config>,
+        source: &str,
+        target: &str,
+        metrics: Metrics,
+        limits: ApplyLimits,
+    ) -> Result<(Applier, Lsn), DirectionError> {
+        let origin = config.origin_name(source);
+        let superuser = pipe
+            .simple("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "reading the role", e))?;
+        let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
+        let mut settings = String::from(
+            "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
+             SET lock_timeout = 0; SET statement_timeout = 0; ",
+        );
+        if superuser {
+            // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
+            // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
+            settings.push_str("SET session_replication_role = replica; ");
+        }
+        settings.push_str(&format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({});",
+            catalog::quote_literal(&origin)
+        ));
+        pipe.simple(&settings)
+            .await
+            .map_err(proto)?
+            .map_err(|e| {
+                if e.code == "55006" || e.message.contains("is already active") {
+                    DirectionError::transient(format!(
+                        "node {target}: origin {origin} is still held by another session \
+                         (a previous walbridge process?); retrying: {e}"
+                    ))
+                } else if e.message.contains("does not exist") {
+                    DirectionError::definite(format!(
+                        "node {target}: replication origin {origin} does not exist; run walbridge setup"
+                    ))
+                } else {
+                    server(target, "preparing the apply session", e)
+                }
+            })?;
+        let rows = pipe
+            .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "reading the origin's progress", e))?;
+        let progress = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(text)
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .unwrap_or(Lsn::ZERO);
+        let origins = pipe
+            .simple("SELECT roident::int8, roname FROM pg_catalog.pg_replication_origin")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "listing origins", e))?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    text(r.first()?)?.parse::<i64>().ok()?,
+                    text(r.get(1)?)?.to_string(),
+                ))
+            })
+            .collect::<Vec<_>>();
+        let writers = Writers::new(&config, target, &origins);
+        // The statements every transaction uses are prepared up front, in a group of their
+        // own: a Parse inside a transaction's group is skipped when an earlier statement of
+        // that group fails.
+        let mut enc = Encoder::default();
+        let mut prepared = HashMap::new();
+        for (i, sql) in [sql::APPLY_FINISH, sql::FLUSHED_PROGRESS]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("wb_fixed{i}");
+            enc.parse(&name, sql).map_err(proto)?;
+            prepared.insert(sql.to_string(), name);
+        }
+        enc.sync();
+        pipe.send(enc.take()).await.map_err(proto)?;
+        loop {
+            match pipe.recv().await.map_err(proto)? {
+                Response::Error(e) => {
+                    return Err(server(
+                        target,
+                        "preparing walbridge.apply_finish (run walbridge setup to install it)",
+                        e,
+                    ))
+                }
+                Response::Ready(_) => break,
+                _ => {}
+            }
+        }
+        Ok((
+            Applier {
+                pipe,
+                enc: Encoder::default(),
+                catalog,
+                config,
+                source: source.to_string(),
+                target: target.to_string(),
+                metrics,
+                writers,
+                limits,
+                tables: HashMap::new(),
+                relations: HashMap::new(),
+                prepared,
+                statement_seq: 0,
+                open: None,
+                in_flight: VecDeque::new(),
+                progress_pending: false,
+                expected: progress,
+                committed: progress,
+                flushed: progress,
+                idle_point: None,
+                cautious: 0,
+                careful_next: false,
+                last_commit_time: None,
+                pending_failure: None,
+                progress_wanted: false,
+                redo: VecDeque::new(),
+                acc_rows: Vec::new(),
+                acc_error: None,
+                streaming_careful: None,
+            },
+            progress,
+        ))
+    }
+
+    /// Whether the applier can take more source events now (bounded in-flight window).
+    pub fn ready_for_more(&self) -> bool {
+        if !self.redo.is_empty() {
+            return false;
+        }
+        self.txns_in_flight() < self.window()
+    }
+
+    fn txns_in_flight(&self) -> usize {
+        self.in_flight
+            .iter()
+            .filter(|g| matches!(g, Group::Txn(_)))
+            .count()
+    }
+
+    /// Whether replies are awaited (and may be read now).
+    pub fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty() && self.pending_failure.is_none()
+    }
+
+    /// Whether buffered transactions wait to be sent again.
+    pub fn has_redo(&self) -> bool {
+        !self.redo.is_empty() && self.txns_in_flight() < self.window()
+    }
+
+    fn window(&self) -> usize {
+        if self.cautious > 0 {
+            1
+        } else {
+            self.limits.max_in_flight
+        }
+    }
+
+    /// Sends the next buffered transaction again.
+    pub async fn redo_one(&mut self) -> Result<(), DirectionError> {
+        if let Some(sent) = self.redo.pop_front() {
+            self.resend(sent).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a source transaction is open (received partly).
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Durable progress: what may be confirmed to the source.
+    pub fn confirmable(&self) -> Lsn {
+        match self.idle_point {
+            Some((wal_end, sent_before))
+                if self.open.is_none()
+                    && self.txns_in_flight() == 0
+                    && self.flushed >= sent_before =>
+            {
+                wal_end.max(self.flushed)
+            }
+            _ => self.flushed,
+        }
+    }
+
+    /// End LSN of the last transaction the target committed (where a restarted stream
+    /// resumes).
+    pub fn committed_lsn(&self) -> Lsn {
+        self.committed
+    }
+
+    /// The source's commit time of the last applied transaction.
+    pub fn last_commit_time(&self) -> Option<PgTimestamp> {
+        self.last_commit_time
+    }
+
+    /// True when nothing is open or in flight.
+    pub fn idle(&self) -> bool {
+        self.open.is_none() && self.txns_in_flight() == 0
+    }
+
+    /// Apply the next transaction carefully (the source was restarted after a conflict in a
+    /// transaction too large to keep).
+    pub fn set_careful_next(&mut self) {
+        self.careful_next = true;
+    }
+
+    /// A keepalive: everything before `wal_end` has been received.
+    pub fn on_keepalive(&mut self, wal_end: Lsn) {
+        if self.open.is_none() {
+            self.idle_point = Some((wal_end, self.expected));
+        }
+    }
+
+    /// Queues a durable-progress query (at most one at a time).
+    pub async fn request_progress(&mut self) -> Result<(), DirectionError> {
+        if self.progress_pending {
+            return Ok(());
+        }
+        if self.open.is_some() || self.streaming_careful.is_some() {
+            // A Sync now would commit the open transaction's statements so far.
+            self.progress_wanted = true;
+            return Ok(());
+        }
+        self.progress_wanted = false;
+        let name = self.statement(sql::FLUSHED_PROGRESS)?;
+        self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+        self.enc.sync();
+        self.in_flight.push_back(Group::Progress);
+        self.progress_pending = true;
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), DirectionError> {
+        if !self.enc.is_empty() {
+            self.pipe.send(self.enc.take()).await.map_err(proto)?;
+        }
+        Ok(())
+    }
+
+    /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time.
+    fn statement(&mut self, sql: &str) -> Result<String, DirectionError> {
+        if let Some(name) = self.prepared.get(sql) {
+            return Ok(name.clone());
+        }
+        self.statement_seq += 1;
+        let name = format!("wb{}", self.statement_seq);
+        self.enc.parse(&name, sql).map_err(proto)?;
+        self.prepared.insert(sql.to_string(), name.clone());
+        if let Some(open) = &mut self.open {
+            open.parsed.push(name.clone());
+        }
+        Ok(name)
+    }
+
+    async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
+        if let Some(t) = self.tables.get(&relation.oid) {
+            return Ok(t.clone());
+        }
+        let info = catalog::table_info(&self.catalog, &relation.schema, &relation.table)
+            .await
+            .map_err(|e| {
+                if e.0.is_closed() {
+                    DirectionError::transient(format!("node {}: {e}", self.target))
+                } else {
+                    DirectionError::definite(format!("node {}: {e}", self.target))
+                }
+            })?
+            .ok_or_else(|| {
+                DirectionError::definite(format!(
+                    "table {} exists on {} but not on {}; create it there (DDL is not replicated) \
+                     or exclude it from replication.tables",
+                    relation.qualified_name(),
+                    self.source,
+                    self.target
+                ))
+            })?;
+        let skip = self
+            .config
+            .skip_columns_for(&relation.schema, &relation.table)
+            .to_vec();
+        let map = TableMap::new(relation, info, &skip).map_err(|e| {
+            DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
+        })?;
+        let policy = self
+            .config
+            .conflict_policy_for(&relation.schema, &relation.table);
+        let resolving = (policy == ConflictPolicy::LastWriteWins).then(|| sql::Resolving {
+            rank_case: self.writers.rank_case_sql(),
+            source_rank: self.writers.rank(&self.source),
+            source: self.source.clone(),
+            target: self.target.clone(),
+        });
+        let state = Arc::new(TableState {
+            label: relation.qualified_name(),
+            overwritable: self.writers.overwritable(policy, &self.source),
+            by_time: policy != ConflictPolicy::NodePriority,
+            policy,
+            map,
+            resolving,
+            hot: std::sync::atomic::AtomicBool::new(false),
+        });
+        self.tables.insert(relation.oid, state.clone());
+        Ok(state)
+    }
+
+    /// Feeds one source event.
+    pub async fn on_event(&mut self, event: Event) -> Result<Outcome, DirectionError> {
+        match event {
+            Event::Begin(begin) => {
+                let careful = std::mem::take(&mut self.careful_next);
+                self.open = Some(OpenTxn {
+                    begin,
+                    echo: false,
+                    items: Some(Vec::new()),
+                    statements: 0,
+                    batch: Vec::new(),
+                    batch_table: None,
+                    counts: HashMap::new(),
+                    truncates: 0,
+                    started: Instant::now(),
+                    careful,
+                    parsed: Vec::new(),
+                });
+            }
+            Event::Origin(_) => {
+                if let Some(open) = &mut self.open {
+                    open.echo = true;
+                }
+            }
+            Event::Relation(rel) => {
+                // The table changed (or the stream re-describes it): map it again.
+                self.tables.remove(&rel.oid);
+                self.relations.insert(rel.oid, rel);
+            }
+            Event::Type(_) | Event::Message(_) => {}
+            Event::Change(change) => self.on_change(change).await?,
+            Event::Truncate(t) => self.on_truncate(t).await?,
+            Event::Commit(commit) => return self.on_commit(commit).await,
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn open_txn(&mut self) -> Result<&mut OpenTxn, DirectionError> {
+        self.open.as_mut().ok_or_else(|| {
+            DirectionError::definite(format!(
+                "the stream from {} sent a change outside a transaction",
+                self.source
+            ))
+        })
+    }
+
+    /// In careful mode (after a restream), changes are applied one by one as they arrive.
+    async fn careful_mode_item(&mut self, item: Item) -> Result<bool, DirectionError> {
+        let Some(open) = &self.open else {
+            return Ok(false);
+        };
+        if !open.careful || open.echo {
+            return Ok(false);
+        }
+        if self.streaming_careful.is_none() {
+            let sent = Sent {
+                end_lsn: Lsn::ZERO,
+                commit_time: open.begin.commit_time,
+                begin: open.begin.clone(),
+                commit: Commit {
+                    commit_lsn: Lsn::ZERO,
+                    end_lsn: Lsn::ZERO,
+                    commit_time: open.begin.commit_time,
+                },
+                items: None,
+                counts: HashMap::new(),
+                truncates: 0,
+                started: open.started,
+                parsed: Vec::new(),
+            };
+            let begin = open.begin.clone();
+            self.careful_begin(begin, sent).await?;
+        }
+        self.careful_stream_item(item).await?;
+        Ok(true)
+    }
+
+    async fn on_change(&mut self, change: Change) -> Result<(), DirectionError> {
+        let limit = self.limits.max_buffered_changes;
+        if self.open.as_ref().is_some_and(|o| o.careful) {
+            self.careful_mode_item(Item::Change(change)).await?;
+            return Ok(());
+        }
+        {
+            let open = self.open_txn()?;
+            if open.echo {
+                return Ok(());
+            }
+            *open
+                .counts
+                .entry((change.relation.qualified_name(), change.op))
+                .or_default() += 1;
+            if let Some(items) = &mut open.items {
+                if items.len() < limit {
+                    items.push(Item::Change(change.clone()));
+                } else {
+                    open.items = None;
+                }
+            }
+        }
+        let table = self.table(&change.relation).await?;
+        if change.op != ChangeOp::Insert {
+            table.map.require_identity().map_err(|e| {
+                DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
+            })?;
+        }
+        match change.op {
+            ChangeOp::Insert => {
+                let oid = change.relation.oid;
+                let flush_first = self
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.batch_table.is_some_and(|t| t != oid));
+                if flush_first {
+                    self.flush_batch().await?;
+                }
+                let full = {
+                    let open = self.open_txn()?;
+                    open.batch_table = Some(oid);
+                    if let Some(new) = change.new {
+                        open.batch.push(new);
+                    }
+                    open.batch.len()
+                };
+                if full >= self.limits.insert_batch_rows {
+                    self.flush_batch().await?;
+                }
+            }
+            ChangeOp::Update => {
+                self.flush_batch().await?;
+                self.encode_update(&table, &change)?;
+            }
+            ChangeOp::Delete => {
+                self.flush_batch().await?;
+                self.encode_delete(&table, &change)?;
+            }
+        }
+        if self.enc.len() >= self.limits.flush_bytes {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn commit_time(&self) -> PgTimestamp {
+        self.open
+            .as_ref()
+            .map_or(PgTimestamp(0), |o| o.begin.commit_time)
+    }
+
+    fn encode_update(&mut self, table: &TableState, change: &Change) -> Result<(), DirectionError> {
+        let Some(new) = &change.new else {
+            return Err(DirectionError::definite(format!(
+                "the stream from {} sent an update of {} without a new row",
+                self.source, table.label
+            )));
+        };
+        let present: Vec<usize> = table
+            .map
+            .written()
+            .filter(|&p| !matches!(new.0.get(p), Some(Value::UnchangedToast)))
+            .collect();
+        let key_tuple = change.identity_tuple().unwrap_or(new);
+        let sql = match table.resolving_now() {
+            Some(r) => table.map.update_resolving(&present, r),
+            None => table.map.update_optimistic(&present, table.by_time),
+        };
+        let name = self.statement(&sql)?;
+        let ts = self.commit_time().to_string();
+        let params = present
+            .iter()
+            .map(|&p| value_param(new, p))
+            .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
+            .chain(guard_params(table, &ts));
+        self.enc.execute(&name, params).map_err(proto)?;
+        self.open_txn()?.statements += 1;
+        Ok(())
+    }
+
+    fn encode_delete(&mut self, table: &TableState, change: &Change) -> Result<(), DirectionError> {
+        let Some(key_tuple) = change.identity_tuple() else {
+            return Err(DirectionError::definite(format!(
+                "the stream from {} sent a delete of {} without its key",
+                self.source, table.label
+            )));
+        };
+        let sql = match table.resolving_now() {
+            Some(r) => table.map.delete_resolving(r),
+            None => table.map.delete_optimistic(table.by_time),
+        };
+        let name = self.statement(&sql)?;
+        let ts = self.commit_time().to_string();
+        let params = table
+            .map
+            .key
+            .iter()
+            .map(|&p| value_param(key_tuple, p))
+            .chain(guard_params(table, &ts));
+        self.enc.execute(&name, params).map_err(proto)?;
+        self.open_txn()?.statements += 1;
+        Ok(())
+    }
+
+    /// Sends the pending multi-row INSERT of the open transaction, in power-of-two chunks so
+    /// a handful of prepared statements serve every batch size.
+    async fn flush_batch(&mut self) -> Result<(), DirectionError> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        let Some(oid) = open.batch_table.take() else {
+            return Ok(());
+        };
+        let rows = std::mem::take(&mut open.batch);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let table = self
+            .tables
+            .get(&oid)
+            .cloned()
+            .ok_or_else(|| DirectionError::definite("insert batch for an unknown table"))?;
+        let written: Vec<usize> = table.map.written().collect();
+        let max_rows = (60_000 / written.len().max(1)).max(1);
+        let mut rest: &[Tuple] = &rows;
+        while !rest.is_empty() {
+            let n = rest.len().min(max_rows);
+            let chunk = if n.is_power_of_two() {
+                n
+            } else {
+                1 << (usize::BITS - 1 - n.leading_zeros())
+            };
+            let (now, later) = rest.split_at(chunk);
+            let sql = table.map.insert_optimistic(chunk);
+            let name = self.statement(&sql)?;
+            let params = now
+                .iter()
+                .flat_map(|t| written.iter().map(move |&p| value_param(t, p)));
+            self.enc.execute(&name, params).map_err(proto)?;
+            self.open_txn()?.statements += 1;
+            rest = later;
+        }
+        if self.enc.len() >= self.limits.flush_bytes {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_truncate(&mut self, t: Truncate) -> Result<(), DirectionError> {
+        if self.careful_mode_item(Item::Truncate(t.clone())).await? {
+            return Ok(());
+        }
+        {
+            let open = self.open_txn()?;
+            if open.echo {
+                return Ok(());
+            }
+            open.truncates += 1;
+            if let Some(items) = &mut open.items {
+                items.push(Item::Truncate(t.clone()));
+            }
+        }
+        self.flush_batch().await?;
+        let sql = self.truncate_sql(&t).await?;
+        self.enc.parse("", &sql).map_err(proto)?;
+        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.open_txn()?.statements += 1;
+        Ok(())
+    }
+
+    async fn truncate_sql(&mut self, t: &Truncate) -> Result<String, DirectionError> {
+        let mut names = Vec::new();
+        for rel in &t.relations {
+            names.push(self.table(rel).await?.map.target.quoted_name());
+        }
+        Ok(sql::truncate(&names, t.restart_identity, t.cascade))
+    }
+
+    async fn on_commit(&mut self, commit: Commit) -> Result<Outcome, DirectionError> {
+        self.flush_batch().await?;
+        let Some(open) = self.open.take() else {
+            return Err(DirectionError::definite(format!(
+                "the stream from {} sent a commit without a begin",
+                self.source
+            )));
+        };
+        if open.echo {
+            self.metrics
+                .echo_suppressed
+                .with_label_values(&[self.source.as_str()])
+                .inc();
+            return Ok(Outcome::Continue);
+        }
+        if self.streaming_careful.is_some() {
+            self.careful_stream_commit(commit).await?;
+            return Ok(Outcome::Continue);
+        }
+        let empty = open.items.as_ref().is_some_and(|i| i.is_empty()) && open.statements == 0;
+        if empty || open.careful {
+            return Ok(Outcome::Continue);
+        }
+        let name = self.statement(sql::APPLY_FINISH)?;
+        let expected = self.expected.to_string();
+        let end = commit.end_lsn.to_string();
+        let ts = commit.commit_time.to_string();
+        self.enc
+            .execute(
+                &name,
+                [
+                    Some(expected.as_bytes()),
+                    Some(end.as_bytes()),
+                    Some(ts.as_bytes()),
+                ],
+            )
+            .map_err(proto)?;
+        self.enc.sync();
+        self.expected = commit.end_lsn;
+        self.in_flight.push_back(Group::Txn(Box::new(Sent {
+            end_lsn: commit.end_lsn,
+            commit_time: commit.commit_time,
+            begin: open.begin,
+            commit,
+            items: open.items,
+            counts: open.counts,
+            truncates: open.truncates,
+            started: open.started,
+            parsed: open.parsed,
+        })));
+        self.flush().await?;
+        if let Some((failed, error)) = self.pending_failure.take() {
+            return self.recover(*failed, error).await;
+        }
+        if self.progress_wanted {
+            self.request_progress().await?;
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// The next reply from the target; cancel-safe, so it can be a `select!` arm. Hand it to
+    /// [`Applier::on_response`].
+    pub async fn recv_response(&mut self) -> Result<Response, DirectionError> {
+        self.pipe.recv().await.map_err(proto)
+    }
+
+    /// Takes one reply; when it completes the oldest group in flight, handles that group.
+    pub async fn on_response(&mut self, response: Response) -> Result<Outcome, DirectionError> {
+        match response {
+            Response::Row(r) => self.acc_rows.push(r),
+            Response::Error(e) => self.acc_error = Some(e),
+            Response::Ready(_) => {
+                let rows = std::mem::take(&mut self.acc_rows);
+                let error = self.acc_error.take();
+                if let Some(group) = self.in_flight.pop_front() {
+                    return self.complete_group(group, rows, error).await;
+                }
+            }
+            _ => {}
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// Reads replies until the oldest group in flight completes, and handles it.
+    pub async fn on_reply(&mut self) -> Result<Outcome, DirectionError> {
+        let depth = self.in_flight.len();
+        while self.in_flight.len() == depth && depth > 0 {
+            let r = self.recv_response().await?;
+            let outcome = self.on_response(r).await?;
+            if outcome != Outcome::Continue {
+                return Ok(outcome);
+            }
+        }
+        Ok(Outcome::Continue)
+    }
+
+    async fn complete_group(
+        &mut self,
+        group: Group,
+        rows: Vec<Vec<Option<Bytes>>>,
+        error: Option<ServerError>,
+    ) -> Result<Outcome, DirectionError> {
+        match group {
+            Group::Progress => {
+                self.progress_pending = false;
+                if let Some(e) = error {
+                    return Err(server(&self.target, "reading the origin's progress", e));
+                }
+                if let Some(lsn) = rows
+                    .first()
+                    .and_then(|r| r.first())
+                    .and_then(text)
+                    .and_then(|t| t.parse::<Lsn>().ok())
+                {
+                    self.flushed = self.flushed.max(lsn);
+                }
+                Ok(Outcome::Continue)
+            }
+            Group::Abort | Group::Close => Ok(Outcome::Continue),
+            Group::Txn(sent) => match error {
+                None => {
+                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    self.acknowledge(&sent, &resolved);
+                    Ok(Outcome::Continue)
+                }
+                Some(e) if self.open.is_some() => {
+                    self.pending_failure = Some((sent, e));
+                    Ok(Outcome::Continue)
+                }
+                Some(e) => self.recover(*sent, e).await,
+            },
+        }
+    }
+
+    /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
+    async fn read_group(
+        &mut self,
+    ) -> Result<(Vec<Vec<Option<Bytes>>>, Option<ServerError>), DirectionError> {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.pipe.recv().await.map_err(proto)? {
+                Response::Row(r) => rows.push(r),
+                Response::Error(e) => error = Some(e),
+                Response::Ready(_) => return Ok((rows, error)),
+                _ => {}
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, sent: &Sent, conflicts: &[(ConflictKind, Resolution, String)]) {
+        self.committed = sent.end_lsn;
+        self.last_commit_time = Some(sent.commit_time);
+        let (s, t) = (self.source.as_str(), self.target.as_str());
+        self.metrics
+            .transactions_applied
+            .with_label_values(&[s, t])
+            .inc();
+        for ((table, op), n) in &sent.counts {
+            self.metrics
+                .changes_applied
+                .with_label_values(&[s, t, table, op.as_str()])
+                .inc_by(*n);
+        }
+        if sent.truncates > 0 {
+            self.metrics
+                .changes_applied
+                .with_label_values(&[s, t, "", "truncate"])
+                .inc_by(sent.truncates);
+        }
+        for (kind, resolution, _) in conflicts {
+            self.metrics
+                .conflicts
+                .with_label_values(&[s, t, kind.as_str(), resolution.as_str()])
+                .inc();
+        }
+        self.metrics
+            .apply_duration
+            .with_label_values(&[s, t])
+            .observe(sent.started.elapsed().as_secs_f64());
+        self.metrics
+            .lag_seconds
+            .with_label_values(&[s, t])
+            .set(sent.commit_time.seconds_until(PgTimestamp::now()).max(0.0));
+        if self.cautious > 0 {
+            self.cautious -= 1;
+        }
+    }
+
+    /// A pipelined transaction failed: drain the rest (they fail too), redo it carefully,
+    /// then re-send what followed.
+    async fn recover(
+        &mut self,
+        failed: Sent,
+        error: ServerError,
+    ) -> Result<Outcome, DirectionError> {
+        let class = &error.code[..2.min(error.code.len())];
+        let conflict_like = error.code == "WB001" || class == "23";
+        if !conflict_like && error.code != "40001" && error.code != "40P01" {
+            return Err(DirectionError::definite(format!(
+                "{} -> {}: applying the transaction of {} (xid {}, end {}) failed: {error}",
+                self.source, self.target, failed.commit_time, failed.begin.xid, failed.end_lsn
+            )));
+        }
+        // Everything after the failed group fails in apply_finish (progress mismatch).
+        let mut followers = Vec::new();
+        while let Some(group) = self.in_flight.pop_front() {
+            let (rows, _) = self.read_group().await?;
+            match group {
+                Group::Txn(s) => followers.push(*s),
+                Group::Abort | Group::Close => {}
+                Group::Progress => {
+                    self.progress_pending = false;
+                    if let Some(lsn) = rows
+                        .first()
+                        .and_then(|r| r.first())
+                        .and_then(text)
+                        .and_then(|t| t.parse::<Lsn>().ok())
+                    {
+                        self.flushed = self.flushed.max(lsn);
+                    }
+                }
+            }
+        }
+        self.expected = self.committed;
+        self.forget_statements(std::iter::once(&failed).chain(&followers))
+            .await?;
+        if failed.items.is_none() || followers.iter().any(|f| f.items.is_none()) {
+            tracing::info!(
+                source = %self.source, target = %self.target,
+                "a large transaction needs conflict resolution; re-reading it from the source"
+            );
+            self.careful_next = true;
+            return Ok(Outcome::Restream);
+        }
+        self.cautious = 64;
+        self.apply_carefully(failed).await?;
+        self.redo.extend(followers);
+        Ok(Outcome::Continue)
+    }
+
+    /// Closes statements first parsed in failed groups (the server may or may not have them)
+    /// so they are parsed afresh under new names.
+    async fn forget_statements<'a>(
+        &mut self,
+        groups: impl Iterator<Item = &'a Sent>,
+    ) -> Result<(), DirectionError> {
+        let names: Vec<String> = groups.flat_map(|g| g.parsed.iter().cloned()).collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.prepared.retain(|_, n| !names.contains(n));
+        for n in &names {
+            self.enc.close_statement(n);
+        }
+        self.enc.sync();
+        self.in_flight.push_back(Group::Close);
+        self.flush().await?;
+        while let Some(group) = self.in_flight.pop_front() {
+            self.read_group().await?;
+            if let Group::Progress = group {
+                self.progress_pending = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a buffered transaction again, optimistically (one at a time while cautious).
+    async fn resend(&mut self, sent: Sent) -> Result<(), DirectionError> {
+        let items = sent.items.clone().unwrap_or_default();
+        self.open = Some(OpenTxn {
+            begin: sent.begin.clone(),
+            echo: false,
+            items: Some(Vec::new()),
+            statements: 0,
+            batch: Vec::new(),
+            batch_table: None,
+            counts: HashMap::new(),
+            truncates: 0,
+            started: sent.started,
+            careful: false,
+            parsed: Vec::new(),
+        });
+        for item in items {
+            match item {
+                Item::Change(c) => self.on_change(c).await?,
+                Item::Truncate(t) => self.on_truncate(t).await?,
+            }
+        }
+        self.on_commit(sent.commit.clone()).await?;
+        Ok(())
+    }
+
+    /// Finishes cleanly on shutdown: abandons an open transaction (it was never committed),
+    /// waits for what was sent, and makes progress durable. Returns what may be confirmed.
+    pub async fn finish(&mut self) -> Result<Lsn, DirectionError> {
+        if self.open.take().is_some() || self.streaming_careful.is_some() {
+            self.abort_open().await?;
+        }
+        self.pending_failure = None;
+        self.redo.clear();
+        while !self.in_flight.is_empty() {
+            if self.on_reply().await? == Outcome::Restream {
+                break;
+            }
+        }
+        self.request_progress().await?;
+        while !self.in_flight.is_empty() {
+            self.on_reply().await?;
+        }
+        Ok(self.confirmable())
+    }
+
+    /// Makes the open transaction's statements (sent without `Sync`) fail, so they roll back.
+    async fn abort_open(&mut self) -> Result<(), DirectionError> {
+        if let Some(txn) = self.streaming_careful.take() {
+            return self.careful_abort(txn).await;
+        }
+        self.enc
+            .parse("", "SELECT walbridge.expect_rows(0, 1)")
+            .map_err(proto)?;
+        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.enc.sync();
+        self.in_flight.push_back(Group::Abort);
+        self.flush().await
+    }
+}
+
+/// Conflicts that resolving statements settled in SQL: rows `(_, key, table, kind)` whose key
+/// is set. Logged here, counted by `acknowledge` once the transaction committed.
+fn resolved_in_sql(
+    rows: &[Vec<Option<Bytes>>],
+    source: &str,
+    target: &str,
+) -> Vec<(ConflictKind, Resolution, String)> {
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| r.len() == 4) {
+        let (Some(key), Some(table), Some(kind)) = (text(&row[1]), text(&row[2]), text(&row[3]))
+        else {
+            continue;
+        };
+        let kind = match kind {
+            "update_older" => ConflictKind::UpdateOlder,
+            "delete_older" => ConflictKind::DeleteOlder,
+            _ => continue,
+        };
+        tracing::info!(
+            source = %source, target = %target, table = %table, key = %key, kind = %kind,
+            resolution = "skipped", "conflict resolved"
+        );
+        out.push((kind, Resolution::Skipped, table.to_string()));
+    }
+    out
+}
+
+/// The optimistic guard's parameters: the overwritable origin ids, and the commit time when
+/// the guard compares times (a statement must not receive parameters it does not use).
+fn guard_params<'a>(table: &'a TableState, ts: &'a str) -> impl Iterator<Item = Option<&'a [u8]>> {
+    std::iter::once(Some(table.overwritable.as_bytes()))
+        .chain(table.by_time.then_some(Some(ts.as_bytes())))
+}
+
+/// The text-format parameter for column `pos` of `tuple` (`None` = NULL).
+fn value_param(tuple: &Tuple, pos: usize) -> Option<&[u8]> {
+    match tuple.0.get(pos) {
+        Some(Value::Text(b)) | Some(Value::Binary(b)) => Some(b.as_ref()),
+        _ => None,
+    }
+}

@@ -1,0 +1,276 @@
+//! One stream-mode direction S→T: the source's slot decoded into events, applied to T.
+//!
+//! The loop has one `select!` arm per concern, highest priority first; every arm awaits only a
+//! cancel-safe receive, and the work happens in the arm's body, so nothing is lost when another
+//! arm wins:
+//!
+//! ```text
+//!   shutdown  ─▶ finish in-flight work, confirm, end the stream cleanly
+//!   reply     ─▶ a transaction committed (or failed: careful redo) on T
+//!   tick      ─▶ ask T for durable progress; confirm it to S; lag metrics
+//!   source    ─▶ decode, apply (only while the in-flight window has room)
+//! ```
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::{DirectionContext, DirectionError, DirectionState};
+use crate::apply::{Applier, ApplyLimits, Outcome};
+use crate::config::Plugin;
+use crate::lsn::Lsn;
+use crate::pgconn;
+use crate::protocol::pipeline::Pipeline;
+use crate::protocol::{self, ConnectOptions, StreamConfig};
+use crate::setup::prereq;
+use crate::source::{Source, SourceError, SourceItem, SourceOptions};
+
+fn source_err(node: &str, e: SourceError) -> DirectionError {
+    let msg = format!("node {node}: {e}");
+    if e.is_transient() {
+        DirectionError::transient(msg)
+    } else {
+        DirectionError::definite(msg)
+    }
+}
+
+fn connect_err(e: pgconn::ConnectError) -> DirectionError {
+    if e.is_transient() {
+        DirectionError::transient(e.to_string())
+    } else {
+        DirectionError::definite(e.to_string())
+    }
+}
+
+fn sql_err(node: &str, what: &str, e: tokio_postgres::Error) -> DirectionError {
+    let msg = format!("node {node}: {what}: {}", crate::setup::pg_message(&e));
+    if e.is_closed() || e.as_db_error().is_none() {
+        DirectionError::transient(msg)
+    } else {
+        DirectionError::definite(msg)
+    }
+}
+
+/// Runs the direction until shutdown (`Ok`) or an error.
+pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
+    let config = &ctx.config;
+    let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
+    let source_node = config
+        .node(s)
+        .ok_or_else(|| DirectionError::definite(format!("node {s} is not configured")))?;
+    let target_node = config
+        .node(t)
+        .ok_or_else(|| DirectionError::definite(format!("node {t} is not configured")))?;
+    let slot = config.slot_name(s, t);
+    let plugin = config.replication.plugin;
+    ctx.report(|st| {
+        st.mode = "stream".into();
+        st.plugin = Some(plugin.as_str().into());
+        st.slot = Some(slot.clone());
+        st.origin = Some(config.origin_name(s));
+        st.state = DirectionState::Connecting;
+    });
+
+    // The target: a pipelined session under the source's origin, and a catalog connection.
+    let raw = protocol::connect(
+        &target_node.dsn,
+        ConnectOptions {
+            application_name: format!("walbridge-apply-{s}-to-{t}"),
+            replication: false,
+            params: Vec::new(),
+        },
+    )
+    .await
+    .map_err(|e| {
+        if e.is_transient() {
+            DirectionError::transient(e.to_string())
+        } else {
+            DirectionError::definite(e.to_string())
+        }
+    })?;
+    let (pipe, driver) = Pipeline::from_raw(raw);
+    let apply_driver = tokio::spawn(driver);
+    let catalog = pgconn::connect(&target_node.dsn, &format!("walbridge-catalog-{t}"))
+        .await
+        .map_err(connect_err)?;
+    let (mut applier, progress) = Applier::start(
+        pipe,
+        catalog,
+        config.clone(),
+        s,
+        t,
+        ctx.metrics.clone(),
+        ApplyLimits::default(),
+    )
+    .await?;
+
+    // What the source must stream.
+    let (tables, filter_origins) = if plugin == Plugin::Wal2Json {
+        let client = pgconn::connect(&source_node.dsn, &format!("walbridge-catalog-{s}"))
+            .await
+            .map_err(connect_err)?;
+        let mut tables = Vec::new();
+        for t in prereq::selected_tables(&client, config)
+            .await
+            .map_err(|e| sql_err(s, "resolving tables", e.0))?
+        {
+            if t.kind == crate::catalog::TableKind::Partitioned {
+                tables.extend(
+                    crate::catalog::partitions_of(&client, &t.schema, &t.name)
+                        .await
+                        .map_err(|e| sql_err(s, "listing partitions", e.0))?,
+                );
+            }
+            tables.push((t.schema, t.name));
+        }
+        let origins: Vec<u16> = client
+            .query(
+                "SELECT roident::int4 FROM pg_catalog.pg_replication_origin",
+                &[],
+            )
+            .await
+            .map_err(|e| sql_err(s, "listing origins", e))?
+            .iter()
+            .filter_map(|r| u16::try_from(r.get::<_, i32>(0)).ok())
+            .collect();
+        (tables, origins)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+
+    let mut start = progress;
+    loop {
+        let stream_cancel = CancellationToken::new();
+        let opts = SourceOptions {
+            plugin,
+            slot: slot.clone(),
+            publication: config.publication_name(),
+            start,
+            tables: tables.clone(),
+            filter_origins: filter_origins.clone(),
+            messages: false,
+            application_name: format!("walbridge-source-{s}-to-{t}"),
+            stream: StreamConfig {
+                cancel: stream_cancel.clone(),
+                ..StreamConfig::default()
+            },
+        };
+        let (mut source, driver) = Source::start(&source_node.dsn, opts)
+            .await
+            .map_err(|e| source_err(s, e))?;
+        let stream_driver = tokio::spawn(driver);
+        info!(source = %s, target = %t, from = %start, "streaming");
+        ctx.report(|st| {
+            st.state = DirectionState::Streaming;
+            st.last_error = None;
+        });
+
+        let result = pump(ctx, &mut applier, &mut source).await;
+        match result {
+            Ok(Pumped::Shutdown) => {
+                let confirm = applier.finish().await;
+                if let Ok(lsn) = &confirm {
+                    source.feedback().confirm(*lsn);
+                }
+                stream_cancel.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(15), stream_driver).await;
+                apply_driver.abort();
+                confirm?;
+                ctx.report(|st| st.state = DirectionState::Stopped);
+                return Ok(());
+            }
+            Ok(Pumped::Restream) => {
+                // A conflict inside a transaction too large to keep: read it again from the
+                // target's progress and apply it change by change.
+                stream_cancel.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(15), stream_driver).await;
+                start = applier.committed_lsn();
+                applier.set_careful_next();
+                debug!(source = %s, target = %t, from = %start, "restreaming");
+            }
+            Err(e) => {
+                stream_cancel.cancel();
+                stream_driver.abort();
+                apply_driver.abort();
+                return Err(e);
+            }
+        }
+    }
+}
+
+enum Pumped {
+    Shutdown,
+    Restream,
+}
+
+async fn pump(
+    ctx: &DirectionContext,
+    applier: &mut Applier,
+    source: &mut Source,
+) -> Result<Pumped, DirectionError> {
+    let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_wal_end = Lsn::ZERO;
+    loop {
+        if applier.has_redo() {
+            applier.redo_one().await?;
+            continue;
+        }
+        tokio::select! {
+            biased;
+            // Shutdown first: nothing new is started once it is asked for.
+            _ = ctx.shutdown.cancelled() => return Ok(Pumped::Shutdown),
+            // Replies from the target: acknowledge or redo.
+            reply = applier.recv_response(), if applier.has_in_flight() => {
+                if applier.on_response(reply?).await? == Outcome::Restream {
+                    return Ok(Pumped::Restream);
+                }
+            }
+            // Progress: durable position to the source, lag to the metrics.
+            _ = tick.tick() => {
+                applier.request_progress().await?;
+                let confirmed = applier.confirmable();
+                source.feedback().confirm(confirmed);
+                let received = source.feedback().last_received().max(last_wal_end);
+                let lag_bytes = confirmed.bytes_until(received);
+                ctx.metrics.lag_bytes.with_label_values(&[s, t]).set(lag_bytes as i64);
+                if applier.idle() {
+                    ctx.metrics.lag_seconds.with_label_values(&[s, t]).set(0.0);
+                }
+                ctx.report(|st| {
+                    st.confirmed_lsn = Some(confirmed);
+                    st.lag_bytes = Some(lag_bytes);
+                    st.lag_seconds = Some(
+                        ctx.metrics.lag_seconds.with_label_values(&[s, t]).get()
+                    );
+                    st.transactions_applied =
+                        ctx.metrics.transactions_applied.with_label_values(&[s, t]).get();
+                });
+            }
+            // The source, only while the window has room (backpressure to the walsender).
+            item = source.recv(), if applier.ready_for_more() => {
+                let Some(item) = item else {
+                    return Err(DirectionError::transient(format!(
+                        "node {s}: the replication stream ended"
+                    )));
+                };
+                let item = item.map_err(|e| source_err(s, e.into()))?;
+                for decoded in source.decode(item).await.map_err(|e| source_err(s, e))? {
+                    match decoded {
+                        SourceItem::Keepalive { wal_end } => {
+                            last_wal_end = wal_end;
+                            applier.on_keepalive(wal_end);
+                        }
+                        SourceItem::Event { event, .. } => {
+                            if applier.on_event(event).await? == Outcome::Restream {
+                                return Ok(Pumped::Restream);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Conflicts: both nodes write the same rows while replication is stopped, then replication
+//! runs; every case ends with both nodes identical, the outcome the policy defines, and the
+//! conflict recorded where it was resolved.
+
+use crate::support::*;
+
+const SCHEMA: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text);";
+
+fn pair(policy: &str, priority: &str) -> Deployment {
+    let d = Deployment::new(
+        &["a", "b"],
+        SCHEMA,
+        &format!("tables = [\"public.items\"]\nconflict = \"{policy}\"\npriority = [{priority}]"),
+    );
+    d.walbridge_ok(&["setup"]);
+    d
+}
+
+/// Rows 1..=3 present on both nodes, written by `a` and replicated to `b`.
+fn seeded(policy: &str, priority: &str) -> Deployment {
+    let d = pair(policy, priority);
+    d.sql(
+        "a",
+        "INSERT INTO items VALUES (1, 'seed'), (2, 'seed'), (3, 'seed')",
+    );
+    d.replicate_once("seed.log");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM items"), "3");
+    d
+}
+
+fn value(d: &Deployment, node: &str, id: i32) -> String {
+    d.sql(
+        node,
+        &format!("SELECT coalesce((SELECT v FROM items WHERE id = {id}), '<none>')"),
+    )
+}
+
+/// `kind/resolution` of every conflict recorded on `node`, in order.
+fn conflicts(d: &Deployment, node: &str) -> String {
+    d.sql(
+        node,
+        "SELECT coalesce(string_agg(kind || '/' || resolution || ':' || source || '>' || target, ' ' ORDER BY id), '') FROM walbridge.conflicts",
+    )
+}
+
+fn converged(d: &Deployment) {
+    assert_eq!(
+        d.fingerprint("a", "items", "id"),
+        d.fingerprint("b", "items", "id")
+    );
+}
+
+#[test]
+fn lww_update_update_later_wins_on_both_nodes() {
+    let d = seeded("last_write_wins", "\"a\", \"b\"");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 1), "from b");
+    assert_eq!(value(&d, "b", 1), "from b");
+    converged(&d);
+    assert_eq!(conflicts(&d, "b"), "update_older/skipped:a>b");
+    assert_eq!(conflicts(&d, "a"), "");
+    // The conflict row carries both versions.
+    assert_eq!(
+        d.sql("b", "SELECT key::text || ' ' || (local_row->>'v') || ' ' || (remote_row->>'v') FROM walbridge.conflicts"),
+        "[\"1\"] from b from a"
+    );
+}
+
+#[test]
+fn lww_insert_insert_of_one_key_keeps_the_later_row() {
+    let d = pair("last_write_wins", "\"a\", \"b\"");
+    d.sql("a", "INSERT INTO items VALUES (7, 'from a')");
+    d.sql("b", "INSERT INTO items VALUES (7, 'from b')");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 7), "from b");
+    converged(&d);
+    assert_eq!(conflicts(&d, "a"), "insert_exists/applied:b>a");
+    assert_eq!(conflicts(&d, "b"), "insert_exists/skipped:a>b");
+}
+
+#[test]
+fn lww_update_then_later_delete_deletes_everywhere() {
+    let d = seeded("last_write_wins", "\"a\", \"b\"");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 2");
+    d.sql("b", "DELETE FROM items WHERE id = 2");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 2), "<none>");
+    assert_eq!(value(&d, "b", 2), "<none>");
+    converged(&d);
+    assert_eq!(conflicts(&d, "b"), "update_missing/skipped:a>b");
+    assert_eq!(conflicts(&d, "a"), "");
+}
+
+#[test]
+fn lww_delete_then_later_update_keeps_the_row_everywhere() {
+    let d = seeded("last_write_wins", "\"a\", \"b\"");
+    d.sql("a", "DELETE FROM items WHERE id = 2");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 2");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 2), "from b");
+    assert_eq!(value(&d, "b", 2), "from b");
+    converged(&d);
+    assert_eq!(conflicts(&d, "a"), "update_missing/applied:b>a");
+    assert_eq!(conflicts(&d, "b"), "delete_older/skipped:a>b");
+}
+
+#[test]
+fn lww_delete_delete_is_recorded_and_converges() {
+    let d = seeded("last_write_wins", "\"a\", \"b\"");
+    d.sql("a", "DELETE FROM items WHERE id = 3");
+    d.sql("b", "DELETE FROM items WHERE id = 3");
+    d.replicate_once("run.log");
+    converged(&d);
+    assert_eq!(d.sql("a", "SELECT count(*) FROM items"), "2");
+    assert_eq!(conflicts(&d, "a"), "delete_missing/skipped:b>a");
+    assert_eq!(conflicts(&d, "b"), "delete_missing/skipped:a>b");
+}
+
+/// Gives the target's row the exact commit time of the source's change, as if both nodes had
+/// committed in the same microsecond: the row is rewritten on `node` under an origin walbridge
+/// does not know (so it counts as a local write, and is not replicated itself) with the commit
+/// time forged through `pg_replication_origin_xact_setup`.
+fn forge_local_version(d: &Deployment, node: &str, id: i32, v: &str, time: &str) {
+    d.sql(
+        node,
+        &format!(
+            "SELECT pg_replication_origin_create('test_forge');
+             SELECT pg_replication_origin_session_setup('test_forge');
+             BEGIN;
+             SELECT pg_replication_origin_xact_setup('0/1', '{time}');
+             UPDATE items SET v = '{v}' WHERE id = {id};
+             COMMIT;"
+        ),
+    );
+}
+
+fn tie(priority: &str) -> (Deployment, String) {
+    let d = seeded("last_write_wins", priority);
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    let time = d.sql(
+        "b",
+        "SELECT pg_xact_commit_timestamp(xmin) FROM items WHERE id = 1",
+    );
+    forge_local_version(&d, "a", 1, "from a", &time);
+    assert_eq!(
+        d.sql(
+            "a",
+            "SELECT pg_xact_commit_timestamp(xmin) FROM items WHERE id = 1"
+        ),
+        time
+    );
+    d.replicate_once("run.log");
+    (d, time)
+}
+
+#[test]
+fn lww_exact_tie_goes_to_the_node_first_in_priority() {
+    // a first: a keeps its row and records b's change as the loser.
+    let (d, _) = tie("\"a\", \"b\"");
+    assert_eq!(value(&d, "a", 1), "from a");
+    assert_eq!(conflicts(&d, "a"), "update_older/skipped:b>a");
+    // b first: b's change wins on a.
+    let (d, _) = tie("\"b\", \"a\"");
+    assert_eq!(value(&d, "a", 1), "from b");
+    assert_eq!(conflicts(&d, "a"), "");
+}
+
+#[test]
+fn node_priority_higher_node_wins_whatever_the_times() {
+    let d = seeded("node_priority", "\"a\", \"b\"");
+    // b writes later, but a has priority.
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    d.sql("a", "INSERT INTO items VALUES (8, 'from a')");
+    d.sql("b", "INSERT INTO items VALUES (8, 'from b')");
+    d.sql("a", "UPDATE items SET v = 'a updates' WHERE id = 2");
+    d.sql("b", "DELETE FROM items WHERE id = 2");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 1), "from a");
+    assert_eq!(value(&d, "b", 1), "from a");
+    assert_eq!(value(&d, "b", 8), "from a");
+    assert_eq!(value(&d, "a", 2), "a updates");
+    assert_eq!(value(&d, "b", 2), "a updates");
+    converged(&d);
+    assert_eq!(
+        conflicts(&d, "a"),
+        "update_older/skipped:b>a insert_exists/skipped:b>a delete_older/skipped:b>a"
+    );
+    assert_eq!(
+        conflicts(&d, "b"),
+        "insert_exists/applied:a>b update_missing/applied:a>b"
+    );
+}
+
+#[test]
+fn node_priority_accepts_a_later_edit_of_a_row_the_higher_node_wrote() {
+    let d = seeded("node_priority", "\"a\", \"b\"");
+    // b edits a row it received from a (no concurrency): b's edit must reach a.
+    d.sql("b", "UPDATE items SET v = 'b edits' WHERE id = 3");
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 3), "b edits");
+    converged(&d);
+    assert_eq!(conflicts(&d, "a"), "");
+}
+
+#[test]
+fn error_policy_stops_the_direction_and_applies_nothing() {
+    let d = seeded("error", "\"a\", \"b\"");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    d.sql("b", "INSERT INTO items VALUES (9, 'b only')");
+    let mut run = d.spawn_run("run.log");
+    // b -> a has no conflict (b's update is newer) and applies; a -> b stops.
+    d.wait_for("a", "SELECT v FROM items WHERE id = 9", "b only");
+    let stopped = wait_until(WAIT, || {
+        run.log().contains("conflict on public.items key [\"1\"]")
+    });
+    assert!(stopped, "log:\n{}", run.log());
+    let log = run.log();
+    assert!(log.contains("under conflict policy \"error\""), "{log}");
+    assert!(log.contains("from a to b"), "{log}");
+    assert_eq!(value(&d, "b", 1), "from b");
+    run.assert_running();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0));
+    // Nothing of a's conflicting transaction was applied or recorded as resolved.
+    assert_eq!(conflicts(&d, "b"), "");
+}
+
+#[test]
+fn conflict_per_table_overrides_the_policy() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text); CREATE TABLE public.cache (id int PRIMARY KEY, v text);",
+        "tables = [\"public.*\"]\nconflict = \"last_write_wins\"\npriority = [\"a\", \"b\"]\n\
+         conflict_per_table = { \"public.cache\" = \"node_priority\" }",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "a",
+        "INSERT INTO items VALUES (1, 'a'); INSERT INTO cache VALUES (1, 'a')",
+    );
+    d.sql(
+        "b",
+        "INSERT INTO items VALUES (1, 'b'); INSERT INTO cache VALUES (1, 'b')",
+    );
+    d.replicate_once("run.log");
+    // items: later (b) wins; cache: a wins by priority.
+    assert_eq!(d.sql("a", "SELECT v FROM items"), "b");
+    assert_eq!(d.sql("a", "SELECT v FROM cache"), "a");
+    assert_eq!(d.sql("b", "SELECT v FROM cache"), "a");
+}

@@ -1,0 +1,631 @@
+//! Our wire client against real servers: logins, simple queries, replication commands, and
+//! the replication stream (keepalives, backpressure, shutdown, confirmed LSN).
+
+use std::future::Future;
+use std::time::Duration;
+
+use walbridge::dsn::Dsn;
+use walbridge::localpg::{ClusterOptions, LocalCluster};
+use walbridge::lsn::Lsn;
+use walbridge::pgconn;
+use walbridge::protocol::{
+    self, ConnectOptions, ErrorKind, ReplicationClient, ReplicationStream, SnapshotAction,
+    StreamConfig, StreamItem,
+};
+
+use crate::support::*;
+
+/// Polls an async condition until it holds or `timeout` passes.
+async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// psql from async code without stalling the runtime's other tasks.
+fn psql(c: &LocalCluster, sql: &str) -> String {
+    tokio::task::block_in_place(|| c.psql("postgres", sql)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn dsn(c: &LocalCluster) -> Dsn {
+    Dsn::parse(&c.dsn("postgres")).unwrap()
+}
+
+async fn replication(c: &LocalCluster) -> ReplicationClient {
+    protocol::connect_replication(&dsn(c), "walbridge-test")
+        .await
+        .expect("replication connection")
+}
+
+/// A cluster whose pg_hba asks each test user for a different password method; `postgres`
+/// stays trusted for psql.
+fn auth_cluster() -> LocalCluster {
+    let hba = "host all postgres 127.0.0.1/32 trust\n\
+               host all pw_user 127.0.0.1/32 password\n\
+               host all md5_user 127.0.0.1/32 md5\n\
+               host replication md5_user 127.0.0.1/32 md5\n\
+               host all scram_user 127.0.0.1/32 scram-sha-256\n\
+               host replication scram_user 127.0.0.1/32 scram-sha-256\n";
+    let c = LocalCluster::start(&ClusterOptions {
+        hba: Some(hba.into()),
+        ..ClusterOptions::default()
+    })
+    .expect("start cluster");
+    c.psql(
+        "postgres",
+        "SET password_encryption = 'md5'; \
+         CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5 secret'; \
+         CREATE ROLE pw_user LOGIN PASSWORD 'plain secret'; \
+         SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram sécret';",
+    )
+    .unwrap();
+    assert!(c
+        .psql(
+            "postgres",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'md5_user'"
+        )
+        .unwrap()
+        .starts_with("md5"));
+    c
+}
+
+fn user_dsn(c: &LocalCluster, user: &str, password: &str) -> Dsn {
+    Dsn::parse(&format!(
+        "host=127.0.0.1 port={} user={user} password='{password}' dbname=postgres sslmode=disable",
+        c.port()
+    ))
+    .unwrap()
+}
+
+async fn assert_login(c: &LocalCluster, user: &str, password: &str, replication: bool) {
+    let d = user_dsn(c, user, password);
+    let mut conn = protocol::connect(
+        &d,
+        ConnectOptions {
+            application_name: "walbridge-test".into(),
+            replication,
+            params: vec![],
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{user}: {e}"));
+    let r = conn.simple_query("SELECT current_user").await.unwrap();
+    assert_eq!(r.get(0, 0), Some(user));
+    if !replication {
+        let client = pgconn::connect(&d, "walbridge-test").await.unwrap();
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), user);
+    }
+}
+
+async fn assert_wrong_password_rejected(c: &LocalCluster, user: &str) {
+    let d = user_dsn(c, user, "not-the-password");
+    let e = protocol::connect(&d, ConnectOptions::default())
+        .await
+        .expect_err("wrong password accepted");
+    assert!(matches!(e.kind(), ErrorKind::Auth { .. }), "{e:?}");
+    assert!(!e.is_transient());
+    let text = e.to_string();
+    assert!(
+        text.contains("authentication") && text.contains(user),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+    let e = pgconn::connect(&d, "walbridge-test")
+        .await
+        .expect_err("wrong password accepted");
+    assert!(!e.is_transient());
+    let text = e.to_string();
+    assert!(
+        text.contains("authentication") && text.contains(user),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+}
+
+#[tokio::test]
+async fn trust_login_sets_unambiguous_session_settings() {
+    let c = cluster();
+    let mut conn = protocol::connect(&dsn(&c), ConnectOptions::default())
+        .await
+        .unwrap();
+    let r = conn
+        .simple_query(
+            "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'), \
+             current_setting('TimeZone'), current_setting('extra_float_digits'), \
+             current_setting('client_encoding'), NULL::text, 'é'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.rows,
+        vec![vec![
+            Some("ISO, MDY".to_string()),
+            Some("postgres".to_string()),
+            Some("UTC".to_string()),
+            Some("3".to_string()),
+            Some("UTF8".to_string()),
+            None,
+            Some("é".to_string()),
+        ]]
+    );
+    assert_eq!(r.tag, "SELECT 1");
+    assert!(conn.server_version_num().unwrap() >= 100_000);
+    // A failing statement leaves the session usable.
+    let e = conn
+        .simple_query("SELECT * FROM missing_table")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("42P01"));
+    assert!(!e.is_transient());
+    assert_eq!(
+        conn.simple_query("SELECT 2").await.unwrap().get(0, 0),
+        Some("2")
+    );
+
+    let client = pgconn::connect(&dsn(&c), "walbridge-test").await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_setting('TimeZone'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "UTC");
+    assert_eq!(row.get::<_, String>(1), "walbridge-test");
+}
+
+#[tokio::test]
+async fn cleartext_password_login() {
+    let c = auth_cluster();
+    assert_login(&c, "pw_user", "plain secret", false).await;
+    assert_wrong_password_rejected(&c, "pw_user").await;
+}
+
+#[tokio::test]
+async fn md5_login() {
+    let c = auth_cluster();
+    assert_login(&c, "md5_user", "md5 secret", false).await;
+    assert_login(&c, "md5_user", "md5 secret", true).await;
+    assert_wrong_password_rejected(&c, "md5_user").await;
+}
+
+#[tokio::test]
+async fn scram_sha_256_login() {
+    let c = auth_cluster();
+    assert_login(&c, "scram_user", "scram sécret", false).await;
+    assert_login(&c, "scram_user", "scram sécret", true).await;
+    assert_wrong_password_rejected(&c, "scram_user").await;
+}
+
+#[tokio::test]
+async fn missing_password_says_where_to_put_it() {
+    let c = auth_cluster();
+    let mut d = user_dsn(&c, "scram_user", "x");
+    d.password = None;
+    let e = protocol::connect(&d, ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::PasswordMissing(_)), "{e}");
+    assert!(e.to_string().contains("PGPASSWORD"));
+}
+
+#[tokio::test]
+async fn refused_connection_is_transient_and_names_the_node() {
+    let port = walbridge::localpg::free_port().unwrap();
+    let d = Dsn::parse(&format!(
+        "host=127.0.0.1 port={port} user=u dbname=d sslmode=disable"
+    ))
+    .unwrap();
+    let e = protocol::connect(&d, ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("u@127.0.0.1:{port}/d: ")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn unix_socket_login() {
+    let c = cluster();
+    let d = Dsn::parse(&format!(
+        "host={} port={} user=postgres dbname=postgres sslmode=require",
+        c.base_dir().display(),
+        c.port()
+    ))
+    .unwrap();
+    // sslmode does not apply to Unix sockets, as in libpq.
+    let mut conn = protocol::connect(&d, ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(!conn.is_tls());
+    assert_eq!(
+        conn.simple_query("SELECT 1").await.unwrap().get(0, 0),
+        Some("1")
+    );
+    pgconn::connect(&d, "walbridge-test").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_system_reports_the_cluster() {
+    let c = cluster();
+    let mut r = replication(&c).await;
+    let id = r.identify_system().await.unwrap();
+    assert_eq!(id.timeline, 1);
+    assert_eq!(id.dbname.as_deref(), Some("postgres"));
+    assert!(!id.xlogpos.is_zero());
+    assert!(
+        id.systemid.chars().all(|ch| ch.is_ascii_digit()),
+        "{}",
+        id.systemid
+    );
+    let sysid = psql(&c, "SELECT system_identifier FROM pg_control_system()");
+    assert_eq!(id.systemid, sysid);
+    // Plain SQL works on a replication=database session.
+    assert_eq!(
+        r.simple_query("SELECT 40 + 2").await.unwrap().get(0, 0),
+        Some("42")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_drop_slots() {
+    let c = cluster();
+    let mut r = replication(&c).await;
+    let slot = r
+        .create_logical_slot("perm_slot", "pgoutput", false, SnapshotAction::Export)
+        .await
+        .unwrap();
+    assert_eq!(slot.slot_name, "perm_slot");
+    assert_eq!(slot.plugin, "pgoutput");
+    assert!(!slot.consistent_point.is_zero());
+    assert!(slot.snapshot_name.is_some());
+    let temp = r
+        .create_logical_slot("temp_slot", "wal2json", true, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    assert_eq!(temp.snapshot_name, None);
+    let listed = psql(
+        &c,
+        "SELECT slot_name || ':' || temporary FROM pg_replication_slots ORDER BY 1",
+    );
+    assert_eq!(listed, "perm_slot:false\ntemp_slot:true");
+    // Creating it again is a definite error.
+    let e = r
+        .create_logical_slot("perm_slot", "pgoutput", false, SnapshotAction::NoExport)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("42710"));
+    assert!(!e.is_transient());
+    r.drop_slot("perm_slot", false).await.unwrap();
+    drop(r);
+    // The temporary slot goes with its session.
+    assert!(
+        wait_for(WAIT, || async {
+            psql(&c, "SELECT count(*) FROM pg_replication_slots") == "0"
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn missing_slot_is_a_definite_error() {
+    let c = cluster();
+    let r = replication(&c).await;
+    let Err(e) = r
+        .start_logical("no_such_slot", Lsn::ZERO, &[], StreamConfig::default())
+        .await
+    else {
+        panic!("started a missing slot");
+    };
+    assert_eq!(e.code(), Some("42704"));
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("no_such_slot"), "{e}");
+}
+
+fn wal2json_options() -> Vec<(String, String)> {
+    vec![
+        ("format-version".into(), "2".into()),
+        ("include-lsn".into(), "true".into()),
+    ]
+}
+
+/// What the tests keep of a received message: its position and first byte. The
+/// message itself is dropped at once, returning its share of the byte budget.
+#[derive(Debug)]
+struct Seen {
+    wal_start: Lsn,
+    /// The first 16 bytes.
+    head: Vec<u8>,
+}
+
+/// Receives XLogData until `pred` has matched `n` payloads.
+async fn receive_matching(
+    stream: &mut ReplicationStream,
+    n: usize,
+    pred: impl Fn(&[u8]) -> bool,
+) -> Vec<Seen> {
+    let mut got = Vec::new();
+    let mut matched = 0;
+    while matched < n {
+        let item = tokio::time::timeout(WAIT, stream.recv())
+            .await
+            .expect("timed out waiting for WAL")
+            .expect("stream ended")
+            .expect("stream failed");
+        if let StreamItem::XLogData(x) = item {
+            if pred(&x.data) {
+                matched += 1;
+            }
+            got.push(Seen {
+                wal_start: x.wal_start,
+                head: x.data.iter().take(16).copied().collect(),
+            });
+        }
+    }
+    got
+}
+
+fn is_insert(data: &[u8]) -> bool {
+    // wal2json format 2: {"action":"I",...}
+    data.starts_with(br#"{"action":"I""#)
+}
+
+fn is_commit(data: &[u8]) -> bool {
+    data.starts_with(br#"{"action":"C""#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgoutput_stream_delivers_a_transaction() {
+    let c = cluster();
+    psql(
+        &c,
+        "CREATE TABLE t (id int primary key, v text); CREATE PUBLICATION p FOR TABLE t",
+    );
+    let mut r = replication(&c).await;
+    r.create_logical_slot("s", "pgoutput", true, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let opts = vec![
+        ("proto_version".to_string(), "1".to_string()),
+        ("publication_names".to_string(), "p".to_string()),
+    ];
+    let (mut stream, _feedback, driver) = r
+        .start_logical("s", Lsn::ZERO, &opts, StreamConfig::default())
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    psql(&c, "INSERT INTO t VALUES (1, 'a'), (2, 'b')");
+    let msgs = receive_matching(&mut stream, 1, |d| d.first() == Some(&b'C')).await;
+    let kinds: Vec<u8> = msgs
+        .iter()
+        .filter_map(|m| m.head.first().copied())
+        .collect();
+    assert_eq!(kinds, b"BRIIC".to_vec());
+    drop(stream);
+    // Dropping the consumer ends the driver cleanly.
+    driver.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_consumer_is_kept_alive_by_status_updates() {
+    let c = cluster_with(&["wal_sender_timeout = '2s'"]);
+    psql(&c, "CREATE TABLE t (id int primary key, v text)");
+    let mut r = replication(&c).await;
+    r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let config = StreamConfig {
+        status_interval: Duration::from_millis(500),
+        channel_capacity: 4,
+        ..StreamConfig::default()
+    };
+    let (mut stream, _feedback, driver) = r
+        .start_logical("s", Lsn::ZERO, &wal2json_options(), config)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    let rows = 20_000;
+    psql(
+        &c,
+        &format!("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, {rows}) g"),
+    );
+    // Wait until the driver has filled the channel and stopped reading.
+    assert!(wait_for(WAIT, || async { stream.queued() == 4 }).await);
+    // Consume nothing for three times wal_sender_timeout while the server has plenty to send.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!driver.is_finished(), "the stream ended while stalled");
+    let got = receive_matching(&mut stream, rows, is_insert).await;
+    assert!(got.len() >= rows);
+    let active = psql(
+        &c,
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 's'",
+    );
+    assert_eq!(active, "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_budget_bounds_buffered_memory() {
+    let c = cluster();
+    psql(&c, "CREATE TABLE t (id int primary key, v text)");
+    let mut r = replication(&c).await;
+    r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let budget = 1 << 20;
+    let config = StreamConfig {
+        channel_capacity: 1_000_000,
+        max_buffered_bytes: budget,
+        ..StreamConfig::default()
+    };
+    let (mut stream, feedback, driver) = r
+        .start_logical("s", Lsn::ZERO, &wal2json_options(), config)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    // One transaction of about 20 MB of decoded JSON, twenty times the budget.
+    let rows = 20_000;
+    psql(
+        &c,
+        &format!("INSERT INTO t SELECT g, repeat('y', 1000) FROM generate_series(1, {rows}) g"),
+    );
+    // The driver fills the budget and then stops reading: nearly no budget left, and the
+    // queued messages (each over 1000 bytes) fit in it.
+    assert!(wait_for(WAIT, || async { stream.available_budget() < 2_000 }).await);
+    let queued = stream.queued();
+    assert!(
+        queued > 0 && queued * 1000 <= budget,
+        "{queued} messages queued"
+    );
+    let received_while_stalled = feedback.last_received();
+    // Consuming releases the budget and everything arrives, in order.
+    let got = receive_matching(&mut stream, 1, is_commit).await;
+    assert_eq!(got.iter().filter(|x| is_insert(&x.head)).count(), rows);
+    let mut last = Lsn::ZERO;
+    for x in &got {
+        assert!(x.wal_start >= last);
+        last = x.wal_start;
+    }
+    assert!(feedback.last_received() >= received_while_stalled);
+    // Everything consumed and dropped: the whole budget is free again.
+    assert!(wait_for(WAIT, || async { stream.available_budget() == budget }).await);
+    drop(stream);
+    driver.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_stops_cleanly_and_releases_the_slot() {
+    let c = cluster();
+    psql(&c, "CREATE TABLE t (id int primary key)");
+    let mut r = replication(&c).await;
+    r.create_logical_slot("s", "wal2json", false, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let config = StreamConfig::default();
+    let cancel = config.cancel.clone();
+    let (mut stream, _feedback, driver) = r
+        .start_logical("s", Lsn::ZERO, &wal2json_options(), config)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    psql(&c, "INSERT INTO t VALUES (1)");
+    receive_matching(&mut stream, 1, is_insert).await;
+    let active = || async {
+        psql(
+            &c,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 's'",
+        )
+    };
+    assert_eq!(active().await, "t");
+    cancel.cancel();
+    tokio::time::timeout(WAIT, driver)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(wait_for(WAIT, || async { active().await == "f" }).await);
+    // The stream ends without an error.
+    while let Some(item) = stream.recv().await {
+        item.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_lsn_reaches_the_slot() {
+    let c = cluster();
+    psql(&c, "CREATE TABLE t (id int primary key)");
+    let mut r = replication(&c).await;
+    let created = r
+        .create_logical_slot("s", "pgoutput", false, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    psql(&c, "CREATE PUBLICATION p FOR TABLE t");
+    let opts = vec![
+        ("proto_version".to_string(), "1".to_string()),
+        ("publication_names".to_string(), "p".to_string()),
+    ];
+    let (mut stream, feedback, driver) = r
+        .start_logical(
+            "s",
+            Lsn::ZERO,
+            &opts,
+            StreamConfig {
+                // Long enough that only request_now() can explain a prompt update.
+                status_interval: Duration::from_secs(3600),
+                ..StreamConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    psql(&c, "INSERT INTO t VALUES (1)");
+    let msgs = receive_matching(&mut stream, 1, |d| d.first() == Some(&b'C')).await;
+    let commit = msgs.last().unwrap();
+    // For pgoutput's Commit the message position is the end of the commit record.
+    let end_lsn = commit.wal_start;
+    assert!(end_lsn > created.consistent_point);
+    feedback.confirm(end_lsn);
+    feedback.confirm(Lsn(1)); // never moves backwards
+    assert_eq!(feedback.confirmed(), end_lsn);
+    feedback.request_now();
+    let confirmed = || async {
+        let s = psql(
+            &c,
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 's'",
+        );
+        s.parse::<Lsn>().unwrap_or(Lsn::ZERO)
+    };
+    assert!(
+        wait_for(WAIT, || async { confirmed().await >= end_lsn }).await,
+        "slot at {}",
+        confirmed().await
+    );
+    drop(stream);
+    driver.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_shutdown_surfaces_a_transient_error() {
+    let mut c = cluster();
+    let mut r = replication(&c).await;
+    r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let (mut stream, _feedback, driver) = r
+        .start_logical("s", Lsn::ZERO, &wal2json_options(), StreamConfig::default())
+        .await
+        .unwrap();
+    let driver = tokio::spawn(driver);
+    tokio::task::block_in_place(|| c.stop(StopMode::Fast)).unwrap();
+    let err = loop {
+        match tokio::time::timeout(WAIT, stream.recv())
+            .await
+            .expect("no error after shutdown")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("stream ended without an error"),
+        }
+    };
+    assert!(err.is_transient(), "{err}");
+    let driver_err = driver.await.unwrap().unwrap_err();
+    assert!(driver_err.is_transient(), "{driver_err}");
+}
