@@ -18,11 +18,15 @@ DECLARE
     t record;
 BEGIN
     FOR t IN SELECT tgrelid::regclass AS rel, tgname FROM pg_catalog.pg_trigger
-              WHERE tgname IN ('walbridge_tombstones', 'walbridge_capture')
+              WHERE tgname IN ('walbridge_tombstones', 'walbridge_capture',
+                               'walbridge_capture_truncate', 'walbridge_notify')
+                AND tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
     END LOOP;
 END
 $$;
 
+-- Trigger mode: the change table (public.database_changes by default) and its _dead twin are
+-- left alone here; drop them by hand once they hold nothing you need.
 DROP SCHEMA IF EXISTS walbridge CASCADE;

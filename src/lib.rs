@@ -35,4 +35,5 @@ pub mod status;
 pub mod tail;
 pub mod telemetry;
 pub mod tls;
+pub mod trigger;
 pub mod verify;

@@ -201,6 +201,27 @@ pub async fn connect(
     dsn: &Dsn,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, ConnectError> {
+    connect_with(dsn, application_name, None).await
+}
+
+/// As [`connect`], and every `NOTIFY` the session receives (after `LISTEN`) is sent to
+/// `notifications`. A full channel drops the notification: a receiver that has a wake-up
+/// pending needs no second one.
+pub async fn connect_listening(
+    dsn: &Dsn,
+    application_name: &str,
+    notifications: tokio::sync::mpsc::Sender<tokio_postgres::Notification>,
+) -> Result<tokio_postgres::Client, ConnectError> {
+    connect_with(dsn, application_name, Some(notifications)).await
+}
+
+type NotifySender = Option<tokio::sync::mpsc::Sender<tokio_postgres::Notification>>;
+
+async fn connect_with(
+    dsn: &Dsn,
+    application_name: &str,
+    notify: NotifySender,
+) -> Result<tokio_postgres::Client, ConnectError> {
     let tls_config = tls::client_config(dsn).map_err(|e| ConnectError::tls_setup(dsn, e))?;
     let mut last: Option<ConnectError> = None;
     let mut any_transient = false;
@@ -212,7 +233,7 @@ pub async fn connect(
             Host::Unix(p) => config.host_path(p),
         };
         config.port(port);
-        let attempt = connect_one(dsn, &host, config, tls_config.clone());
+        let attempt = connect_one(dsn, &host, config, tls_config.clone(), notify.clone());
         let result = match dsn.connect_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
                 Ok(r) => r.map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e)),
@@ -267,6 +288,7 @@ async fn connect_one(
     host: &Host,
     mut config: tokio_postgres::Config,
     tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
+    notify: NotifySender,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let tls_config = match (host, tls_config) {
         // libpq never uses TLS on Unix sockets, whatever sslmode says.
@@ -275,63 +297,79 @@ async fn connect_one(
     };
     let Some(tls_config) = tls_config else {
         config.ssl_mode(PgSslMode::Disable);
-        return plain(&config).await;
+        return plain(&config, notify).await;
     };
     match dsn.sslmode {
         SslMode::Disable => {
             config.ssl_mode(PgSslMode::Disable);
-            plain(&config).await
+            plain(&config, notify).await
         }
         SslMode::Allow => {
             config.ssl_mode(PgSslMode::Disable);
-            match plain(&config).await {
+            match plain(&config, notify.clone()).await {
                 // The server refused the plain session (for example, hostssl-only pg_hba):
                 // try again with TLS, as libpq does.
                 Err(e) if e.as_db_error().is_some() => {
                     config.ssl_mode(PgSslMode::Require);
-                    with_tls(&config, &tls_config).await
+                    with_tls(&config, &tls_config, notify).await
                 }
                 other => other,
             }
         }
         SslMode::Prefer => {
             config.ssl_mode(PgSslMode::Prefer);
-            with_tls(&config, &tls_config).await
+            with_tls(&config, &tls_config, notify).await
         }
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
             config.ssl_mode(PgSslMode::Require);
-            with_tls(&config, &tls_config).await
+            with_tls(&config, &tls_config, notify).await
         }
     }
 }
 
 async fn plain(
     config: &tokio_postgres::Config,
+    notify: NotifySender,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
-    spawn_driver(connection);
+    spawn_driver(connection, notify);
     Ok(client)
 }
 
 async fn with_tls(
     config: &tokio_postgres::Config,
     tls_config: &std::sync::Arc<rustls::ClientConfig>,
+    notify: NotifySender,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let tls = MakeRustlsConnect::new(rustls::ClientConfig::clone(tls_config));
     let (client, connection) = config.connect(tls).await?;
-    spawn_driver(connection);
+    spawn_driver(connection, notify);
     Ok(client)
 }
 
 /// Runs the connection's I/O until the client is dropped or the connection fails; the
-/// failure also surfaces on the client's next call, so here it is only logged.
-fn spawn_driver<F>(connection: F)
+/// failure also surfaces on the client's next call, so here it is only logged. Notifications
+/// go to `notify` when given, other asynchronous messages (notices) are dropped.
+fn spawn_driver<S, T>(mut connection: tokio_postgres::Connection<S, T>, notify: NotifySender)
 where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "sql connection ended");
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if let Some(tx) = &notify {
+                        let _ = tx.try_send(n);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "sql connection ended");
+                    break;
+                }
+                None => break,
+            }
         }
     });
 }

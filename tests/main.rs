@@ -18,4 +18,5 @@ mod setup;
 mod status;
 mod tail;
 mod tls;
+mod trigger;
 mod verify;

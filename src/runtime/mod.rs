@@ -16,6 +16,7 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, Mode};
 use crate::metrics::Metrics;
+use crate::trigger::CaptureMode;
 pub use state::{DirectionState, DirectionStatus, NodeStatus, SlotStatus, StatusBoard};
 
 /// Everything a direction's worker needs, handed down by the runtime.
@@ -107,12 +108,6 @@ where
 
 /// Runs every direction until `shutdown` is cancelled, then stops them cleanly.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), RunError> {
-    if config.replication.mode != Mode::Stream {
-        return Err(RunError::Unsupported(format!(
-            "replication.mode = \"{}\" is not available in this build; use \"stream\"",
-            config.replication.mode.as_str()
-        )));
-    }
     let directions = config.directions();
     let metrics = Metrics::new();
     metrics.register_topology(
@@ -144,6 +139,21 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ),
     );
+    // Each node's capture mode (what setup recorded under `auto`), said once at start; a
+    // direction resolves its source's mode again whenever it (re)starts.
+    for (node, m) in config
+        .nodes
+        .iter()
+        .zip(crate::trigger::node_modes(&config).await)
+    {
+        match m {
+            Ok(m) => {
+                info!(node = %node.name, mode = m.mode.as_str(), reason = %m.reason, "capture mode");
+                status.node(&node.name, |n| n.mode = m.mode.as_str().into());
+            }
+            Err(e) => warn!(node = %node.name, error = %e, "capture mode not known yet"),
+        }
+    }
     for d in &directions {
         let ctx = DirectionContext {
             config: config.clone(),
@@ -171,6 +181,34 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
+/// How the direction's source captures its changes: the configured mode, or under `auto`
+/// what setup recorded on the source (an unreachable source is a transient error).
+async fn direction_mode(ctx: &DirectionContext) -> Result<CaptureMode, DirectionError> {
+    match ctx.config.replication.mode {
+        Mode::Stream => Ok(CaptureMode::Stream),
+        Mode::Trigger => Ok(CaptureMode::Trigger),
+        Mode::Auto => {
+            let node = ctx.config.node(&ctx.source).ok_or_else(|| {
+                DirectionError::definite(format!("node {} is not configured", ctx.source))
+            })?;
+            let client = crate::pgconn::connect(&node.dsn, "walbridge-mode")
+                .await
+                .map_err(|e| DirectionError::transient(format!("node {}: {e}", ctx.source)))?;
+            let m = crate::trigger::node_mode(&ctx.config, &ctx.source, &client)
+                .await
+                .map_err(|e| {
+                    DirectionError::transient(format!(
+                        "node {}: reading its capture mode: {}",
+                        ctx.source,
+                        crate::setup::pg_message(&e)
+                    ))
+                })?;
+            ctx.report(|s| s.mode_reason = Some(m.reason.clone()));
+            Ok(m.mode)
+        }
+    }
+}
+
 /// Exponential backoff with jitter: 250 ms doubling up to 30 s, each delay ±25 %.
 fn backoff(attempt: u32) -> Duration {
     let base = 0.25_f64 * 2f64.powi(attempt.min(8) as i32);
@@ -186,7 +224,11 @@ async fn supervise(ctx: DirectionContext) {
     let mut attempt: u32 = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let result = stream::run(&ctx).await;
+        let result = match direction_mode(&ctx).await {
+            Ok(CaptureMode::Trigger) => crate::trigger::run_direction(&ctx).await,
+            Ok(CaptureMode::Stream) => stream::run(&ctx).await,
+            Err(e) => Err(e),
+        };
         let err = match result {
             Ok(()) => return,
             Err(e) => e,

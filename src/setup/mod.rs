@@ -9,6 +9,11 @@
 //! `<prefix>_S_to_T` on S and the origin `<prefix>_from_S` on T. The slot is created last: its
 //! consistent point is where replication of S→T starts, so everything committed after setup
 //! is replicated.
+//!
+//! Trigger mode (per node, [`crate::trigger::choose`]) creates the change table, its
+//! dead-letter twin and the capture triggers instead of the publication and slots
+//! ([`crate::trigger::setup`]); a node that was in trigger mode and is now in stream mode is
+//! cut over once its slots exist ([`crate::trigger::setup::cut_over`]).
 
 pub mod prereq;
 mod teardown;
@@ -19,9 +24,10 @@ use std::fmt::Write as _;
 use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident, TableInfo, TableKind};
-use crate::config::{Config, ConflictPolicy, Mode};
+use crate::config::{Config, ConflictPolicy};
 use crate::event::ReplicaIdentity;
 use crate::pgconn;
+use crate::trigger::{self, CaptureMode};
 pub use prereq::Problem;
 pub use teardown::teardown;
 
@@ -197,20 +203,30 @@ pub async fn setup(
     options: &SetupOptions,
     out: &mut (dyn std::io::Write + Send),
 ) -> Result<(), SetupError> {
-    if config.replication.mode != Mode::Stream {
-        return Err(SetupError::Other(format!(
-            "replication.mode = \"{}\" is not available in this build; use \"stream\"",
-            config.replication.mode.as_str()
-        )));
-    }
     let nodes = connect_all(config, "setup").await?;
 
-    // 1. Everything every node needs, checked before anything changes.
+    // 1. Everything every node needs, checked before anything changes. Each node gets its
+    //    capture mode first (stream or trigger; `auto` decides per node).
     let mut problems = Vec::new();
+    let mut modes: BTreeMap<String, (CaptureMode, String)> = BTreeMap::new();
+    let mut warnings: Vec<String> = Vec::new();
     for n in &nodes {
         let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
             .await
             .map_err(sql_err(&n.name, "reading server settings"))?;
+        let (mode, reason) = trigger::choose(config.replication.mode, &facts);
+        modes.insert(n.name.clone(), (mode, reason));
+        if mode == CaptureMode::Trigger {
+            let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
+                .await
+                .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
+            problems.extend(p.into_iter().map(|message| Problem {
+                node: n.name.clone(),
+                message,
+            }));
+            warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
+            continue;
+        }
         problems.extend(prereq::common_problems(&n.name, &facts));
         problems.extend(prereq::stream_problems(&n.name, &facts, nodes.len()));
         if facts.stream_blocker().is_none() {
@@ -254,6 +270,18 @@ pub async fn setup(
     }
     // The copy's own checks (empty targets, no slot yet, columns), before anything changes.
     let copy_plan = match &options.copy_from {
+        Some(_) if modes.values().any(|(m, _)| *m == CaptureMode::Trigger) => {
+            problems.push(Problem {
+                node: modes
+                    .iter()
+                    .find(|(_, (m, _))| *m == CaptureMode::Trigger)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default(),
+                message: "setup --copy-from needs every node in stream mode (the copy meets                           the stream at a slot's snapshot), and this node is in trigger mode;                           copy the tables by hand (pg_dump) before setup"
+                    .to_string(),
+            });
+            None
+        }
         Some(source) => {
             let refs: Vec<crate::copy::NodeRef> = nodes
                 .iter()
@@ -286,21 +314,43 @@ pub async fn setup(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let mode_of = |node: &str| modes.get(node).map_or(CaptureMode::Stream, |m| m.0);
+    for (node, (mode, reason)) in &modes {
+        let _ = writeln!(out, "{node}: {} mode ({reason})", mode.as_str());
+    }
+    for w in &warnings {
+        let _ = writeln!(out, "{w}");
+    }
+    let any_trigger = modes.values().any(|(m, _)| *m == CaptureMode::Trigger);
 
-    // 2. Per node: schema, settings, skip origin, publication, tombstone triggers.
+    // 2. Per node: schema, settings, skip origin, then per mode the publication or the change
+    //    table and capture triggers; tombstone triggers in both.
     for n in &nodes {
+        let node_mode = mode_of(&n.name);
         install_schema(config, n).await?;
-        let created = ensure_origin(&n.client, &n.name, &config.skip_origin_name()).await?;
-        if created {
-            let _ = writeln!(
-                out,
-                "{}: created origin {}",
-                n.name,
-                config.skip_origin_name()
-            );
+        match ensure_origin(&n.client, &n.name, &config.skip_origin_name()).await {
+            Ok(true) => {
+                let _ = writeln!(
+                    out,
+                    "{}: created origin {}",
+                    n.name,
+                    config.skip_origin_name()
+                );
+            }
+            Ok(false) => {}
+            Err(e) if node_mode == CaptureMode::Trigger && is_permission_error(&e) => {
+                let _ = writeln!(out, "{}: warning: {e}", n.name);
+            }
+            Err(e) => return Err(e),
         }
-        let pub_line = ensure_publication(config, n, &tables).await?;
-        let _ = writeln!(out, "{}: {pub_line}", n.name);
+        if any_trigger {
+            trigger::setup::install_bookkeeping(n).await?;
+        }
+        if node_mode == CaptureMode::Stream {
+            let pub_line = ensure_publication(config, n, &tables).await?;
+            let _ = writeln!(out, "{}: {pub_line}", n.name);
+        }
+        let mut infos = Vec::with_capacity(tables.len());
         for t in &tables {
             let info = catalog::table_info(&n.client, &t.schema, &t.name)
                 .await
@@ -315,7 +365,8 @@ pub async fn setup(
                         t.qualified_name()
                     ))
                 })?;
-            if config.conflict_policy_for(&t.schema, &t.name) == ConflictPolicy::NodePriority
+            if node_mode == CaptureMode::Stream
+                && config.conflict_policy_for(&t.schema, &t.name) == ConflictPolicy::NodePriority
                 && info.replica_identity != ReplicaIdentity::Full
             {
                 n.client
@@ -337,6 +388,10 @@ pub async fn setup(
                 );
             }
             ensure_tombstone_trigger(n, &info).await?;
+            infos.push(info);
+        }
+        if node_mode == CaptureMode::Trigger {
+            trigger::setup::install_node(config, n, &infos, out).await?;
         }
     }
 
@@ -345,13 +400,34 @@ pub async fn setup(
         crate::copy::run(config, plan, &options.shutdown, out).await?;
     }
 
-    // 3. Per direction: the origin on the target, then the slot on the source.
+    // 3. Per direction: the origin on the target, then the slot on the source (stream-mode
+    //    sources; a trigger-mode source's change table serves every direction from it).
     for d in config.directions() {
         let source = node_session(&nodes, &d.source)?;
         let target = node_session(&nodes, &d.target)?;
         let origin = config.origin_name(&d.source);
         let slot = config.slot_name(&d.source, &d.target);
-        let origin_created = ensure_origin(&target.client, &target.name, &origin).await?;
+        let origin_created = match ensure_origin(&target.client, &target.name, &origin).await {
+            Ok(created) => created,
+            Err(e) if mode_of(&d.target) == CaptureMode::Trigger && is_permission_error(&e) => {
+                let _ = writeln!(out, "{}: warning: {e}", d.target);
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if mode_of(&d.source) == CaptureMode::Trigger {
+            let _ = writeln!(
+                out,
+                "{} -> {}: trigger mode (change table {} on {}), origin {origin} on {} {}",
+                d.source,
+                d.target,
+                config.trigger.table,
+                d.source,
+                d.target,
+                if origin_created { "created" } else { "exists" },
+            );
+            continue;
+        }
         let slot_created = ensure_slot(config, source, &slot).await?;
         if slot_created && !origin_created {
             // A new slot starts a new stream: progress recorded for an old one would skip it.
@@ -368,8 +444,36 @@ pub async fn setup(
             if origin_created { "created" } else { "exists" },
         );
     }
+    // 4. Nodes switching from trigger to stream mode: cut over now that their slots exist.
+    for n in &nodes {
+        if mode_of(&n.name) != CaptureMode::Stream {
+            continue;
+        }
+        let installed = trigger::setup::capture_installed(&n.client)
+            .await
+            .map_err(sql_err(&n.name, "looking for capture triggers"))?;
+        let pending = trigger::setup::cutover_pending(&n.client)
+            .await
+            .map_err(sql_err(&n.name, "reading the cut-over state"))?;
+        if installed || pending {
+            trigger::setup::cut_over(config, &nodes, &n.name, out).await?;
+        }
+    }
+    for n in &nodes {
+        if let Some((mode, reason)) = modes.get(&n.name) {
+            trigger::mode::record_mode(&n.client, *mode, reason)
+                .await
+                .map_err(sql_err(&n.name, "recording the capture mode"))?;
+        }
+    }
     let _ = writeln!(out, "setup complete; start replication with: walbridge run");
     Ok(())
+}
+
+/// A failure for lack of privilege (SQLSTATE 42501), which trigger mode can live with.
+fn is_permission_error(e: &SetupError) -> bool {
+    matches!(e, SetupError::Sql { source, .. }
+        if source.as_db_error().is_some_and(|d| d.code().code() == "42501"))
 }
 
 /// `check-config --connect`: every node reachable and ready for the configured mode.
@@ -399,9 +503,12 @@ pub async fn check(
         let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
             .await
             .map_err(sql_err(&n.name, "reading server settings"))?;
-        problems.extend(prereq::common_problems(&n.name, &facts));
-        match config.replication.mode {
-            Mode::Stream => {
+        // Each node is checked for the mode it gets (`auto` decides per node).
+        let (mode, reason) = trigger::choose(config.replication.mode, &facts);
+        let _ = writeln!(out, "{}: {} mode ({reason})", n.name, mode.as_str());
+        match mode {
+            CaptureMode::Stream => {
+                problems.extend(prereq::common_problems(&n.name, &facts));
                 problems.extend(prereq::stream_problems(&n.name, &facts, config.nodes.len()));
                 if facts.stream_blocker().is_none() {
                     problems.extend(
@@ -411,13 +518,16 @@ pub async fn check(
                     );
                 }
             }
-            Mode::Trigger | Mode::Auto => {
-                if !facts.track_commit_timestamp {
-                    let _ = writeln!(
-                        out,
-                        "{}: note: track_commit_timestamp is off; conflicts cannot compare commit times",
-                        n.name
-                    );
+            CaptureMode::Trigger => {
+                let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
+                    .await
+                    .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
+                problems.extend(p.into_iter().map(|message| Problem {
+                    node: n.name.clone(),
+                    message,
+                }));
+                for w in w {
+                    let _ = writeln!(out, "{}: note: {w}", n.name);
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! `walbridge teardown`: removes what setup created, slots first so no WAL stays pinned, and
-//! leaves user data alone. A node that cannot be reached is reported and the others are still
+//! leaves user data alone (a trigger-mode change table holding rows is kept). A node that cannot be reached is reported and the others are still
 //! cleaned.
 
 use std::io::Write;
@@ -11,8 +11,13 @@ use crate::catalog::quote_ident;
 use crate::config::Config;
 use crate::pgconn;
 
-/// Triggers walbridge puts on replicated tables, in any mode.
-const OWN_TRIGGERS: &[&str] = &[TOMBSTONE_TRIGGER, "walbridge_capture"];
+/// Triggers walbridge puts on replicated tables (and the change table), in any mode.
+const OWN_TRIGGERS: &[&str] = &[
+    TOMBSTONE_TRIGGER,
+    crate::trigger::CAPTURE_TRIGGER,
+    crate::trigger::TRUNCATE_TRIGGER,
+    crate::trigger::NOTIFY_TRIGGER,
+];
 
 /// Runs `walbridge teardown` on every reachable node.
 pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(), SetupError> {
@@ -64,10 +69,13 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
             ))
             .await
             .map_err(sql_err(node, "dropping the publication"))?;
+        // Trigger mode: the change and dead-letter tables go only when walbridge made them
+        // and they are empty.
+        crate::trigger::setup::teardown_node(config, client, node, out).await?;
         let triggers = client
             .query(
                 "SELECT format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
-                   FROM pg_catalog.pg_trigger WHERE tgname = ANY($1)",
+                   FROM pg_catalog.pg_trigger WHERE tgname = ANY($1) AND tgparentid = 0",
                 &[&OWN_TRIGGERS],
             )
             .await

@@ -55,7 +55,23 @@ impl Deployment {
 
     /// As [`Deployment::new`] with extra `postgresql.conf` lines for every cluster.
     pub fn with_conf(names: &[&str], schema: &str, replication_toml: &str, conf: &[&str]) -> Self {
-        let clusters: Vec<LocalCluster> = names.iter().map(|_| cluster_with(conf)).collect();
+        let per_node: Vec<&[&str]> = names.iter().map(|_| conf).collect();
+        Self::with_node_conf(names, schema, replication_toml, &per_node)
+    }
+
+    /// As [`Deployment::new`] with extra `postgresql.conf` lines per cluster (same order as
+    /// `names`).
+    pub fn with_node_conf(
+        names: &[&str],
+        schema: &str,
+        replication_toml: &str,
+        conf: &[&[&str]],
+    ) -> Self {
+        let clusters: Vec<LocalCluster> = names
+            .iter()
+            .enumerate()
+            .map(|(i, _)| cluster_with(conf.get(i).copied().unwrap_or(&[])))
+            .collect();
         for c in &clusters {
             if !schema.is_empty() {
                 c.psql("postgres", schema).expect("create the test schema");
@@ -153,12 +169,18 @@ impl Deployment {
 
     /// Starts `walbridge run` in the background, logging to `<dir>/<log_name>`.
     pub fn spawn_run(&self, log_name: &str) -> Runner {
+        self.spawn_run_env(log_name, &[])
+    }
+
+    /// As [`Deployment::spawn_run`] with extra environment variables (a failpoint, say).
+    pub fn spawn_run_env(&self, log_name: &str, env: &[(&str, &str)]) -> Runner {
         let log = self.dir.path().join(log_name);
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(walbridge_bin())
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,walbridge=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))

@@ -1,0 +1,690 @@
+//! Trigger mode against real clusters and the real binary: setup, run, the legacy change-table
+//! format, dead rows, a crash between the peer's commit and the source's delete, the cut-over
+//! to stream mode under load, and `mode = "auto"`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+
+const SCHEMA: &str = "CREATE TABLE public.users (id int PRIMARY KEY, name text, tags text[], \
+                                                 balance numeric, active boolean, born date);
+                      CREATE TABLE public.log (v text);
+                      ALTER TABLE public.log REPLICA IDENTITY FULL;";
+
+fn trigger_toml(extra: &str) -> String {
+    format!(
+        "mode = \"trigger\"\ntables = [\"public.*\"]\n{extra}\n\n[trigger]\npoll_interval = \"1s\"\n"
+    )
+}
+
+/// walbridge's sessions have left both servers (they hold the replication origins).
+fn stopped(d: &Deployment) {
+    for n in ["east", "west"] {
+        d.wait_for(
+            n,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walbridge-%'",
+            "0",
+        );
+    }
+}
+
+/// Both change tables are empty.
+fn wait_drained(d: &Deployment) {
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT count(*) FROM public.database_changes", "0");
+    }
+}
+
+#[test]
+fn trigger_mode_replicates_both_ways_without_echo() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(out.contains("east: trigger mode"), "{out}");
+    assert!(
+        out.contains("change table public.database_changes created"),
+        "{out}"
+    );
+    // Idempotent.
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+
+    d.sql(
+        "east",
+        "INSERT INTO users VALUES (1, 'ana', '{a,b}', 10.50, true, '2000-01-02'), (2, 'bo', NULL, NULL, NULL, NULL)",
+    );
+    d.wait_for("west", "SELECT count(*) FROM users", "2");
+    d.sql(
+        "west",
+        "UPDATE users SET name = 'bob', balance = 1e20 WHERE id = 2",
+    );
+    d.wait_for(
+        "east",
+        "SELECT name || ' ' || balance FROM users WHERE id = 2",
+        "bob 100000000000000000000",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) VALUES (3, 'cy'); DELETE FROM users WHERE id = 1",
+    );
+    d.wait_for(
+        "east",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
+        "2,3",
+    );
+    // A key change travels as an update with its old key.
+    d.sql("east", "UPDATE users SET id = 30 WHERE id = 3");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM users",
+        "2,30",
+    );
+    // A column added on both nodes while walbridge runs (DDL is not replicated).
+    for n in ["east", "west"] {
+        d.sql(n, "ALTER TABLE users ADD COLUMN extra int");
+    }
+    d.sql("east", "UPDATE users SET extra = 7 WHERE id = 2");
+    d.wait_for("west", "SELECT extra FROM users WHERE id = 2", "7");
+    // A session that opts out is not replicated.
+    d.sql(
+        "east",
+        "SELECT walbridge.skip_session(); INSERT INTO users (id, name) VALUES (99, 'local only')",
+    );
+    // A table without a key (REPLICA IDENTITY FULL), and TRUNCATE.
+    d.sql("east", "INSERT INTO log VALUES ('x'), ('x'), ('y'); DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE v = 'x' LIMIT 1)");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(v, ',' ORDER BY v) FROM log",
+        "x,y",
+    );
+    d.sql("west", "TRUNCATE log");
+    d.wait_for("east", "SELECT count(*) FROM log", "0");
+    d.sql("east", "DELETE FROM users WHERE id = 99");
+    wait_drained(&d);
+
+    let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s|%s|%s', id, name, tags, balance, active, born, extra), ';' ORDER BY id) FROM users";
+    assert_eq!(d.sql("east", rows), d.sql("west", rows));
+    // No echo: each node logged exactly its own changes (east: 2 inserts, 1 update, 3 inserts
+    // and 1 delete on log, 1 update of the new column, the delete of the unreplicated row 99;
+    // west: 1 update, 1 insert, 1 delete, 1 truncate), nothing that was applied to it.
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "9"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
+        "4"
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT source, last_id FROM walbridge.trigger_progress"
+        ),
+        "east|9"
+    );
+    // Applied changes carry the source's origin.
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT r.roname FROM users u, pg_xact_commit_timestamp_origin(u.xmin) c \
+                       JOIN pg_replication_origin r ON r.roident = c.roident WHERE u.id = 30"
+        ),
+        "walbridge_from_east"
+    );
+
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "{}", run.log());
+    stopped(&d);
+    d.walbridge_ok(&["teardown"]);
+    for n in ["east", "west"] {
+        assert_eq!(
+            d.sql(n, "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%') \
+                          + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge') \
+                          + (SELECT count(*) FROM pg_class WHERE relname LIKE 'database_changes%' AND relkind = 'r')"),
+            "0",
+            "teardown left objects on {n}"
+        );
+    }
+}
+
+#[test]
+fn legacy_rows_written_by_hand_are_applied_and_removed() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    // The old script's tables, one with text and one with json descripcion, holding rows.
+    d.sql(
+        "east",
+        "CREATE TABLE public.database_changes (id serial PRIMARY KEY, metodo varchar(10), tabla varchar(100), descripcion text);
+         INSERT INTO database_changes (metodo, tabla, descripcion)
+              VALUES ('INSERT', 'users', '{\"id\": 1, \"name\": \"from json\", \"tags\": [\"a\", \"b\"]}');",
+    );
+    d.sql(
+        "west",
+        "CREATE TABLE public.database_changes (id serial PRIMARY KEY, metodo text, tabla text, descripcion json);",
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains(
+            "east: change table public.database_changes kept (descripcion text, 1 row(s) waiting)"
+        ),
+        "{out}"
+    );
+    let _run = d.spawn_run("run.log");
+    d.wait_for(
+        "west",
+        "SELECT name || ' ' || tags::text FROM users WHERE id = 1",
+        "from json {a,b}",
+    );
+
+    // By hand, in the Python dict form, any case, with and without schema.
+    d.sql(
+        "east",
+        r#"INSERT INTO database_changes (metodo, tabla, descripcion) VALUES
+             ('insert', 'public.users', E'{''id'': 2, ''name'': "O''Brien", ''active'': True, ''balance'': Decimal(''12.30''), ''born'': datetime.date(1999, 12, 31), ''tags'': (''x'',)}'),
+             ('Update', 'USERS', E'{''id'': 1, ''name'': ''renamed\\u00e9'', ''active'': None}'),
+             ('INSERT', 'users', '{"id": 3, "name": "gone soon"}'),
+             ('delete', 'users', '{"id": 3}')"#,
+    );
+    d.wait_for(
+        "west",
+        "SELECT string_agg(format('%s %s %s %s %s %s', id, name, active, balance, born, tags), '; ' ORDER BY id) FROM users",
+        "1 renamedé  <NULL> <NULL> {a,b}; 2 O'Brien t 12.30 1999-12-31 {x}"
+            .replace("<NULL>", "")
+            .as_str(),
+    );
+    // West's json-typed table works the same way.
+    d.sql(
+        "west",
+        "INSERT INTO database_changes (metodo, tabla, descripcion) VALUES ('INSERT', 'users', '{\"id\": 4, \"name\": \"west json\"}')",
+    );
+    d.wait_for("east", "SELECT name FROM users WHERE id = 4", "west json");
+    wait_drained(&d);
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM database_changes_dead"),
+        "0"
+    );
+}
+
+#[test]
+fn malformed_and_malicious_rows_go_to_the_dead_table() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    // A text descripcion, as the old script had, so malformed text can be stored at all.
+    d.sql(
+        "east",
+        "CREATE TABLE public.database_changes (id bigserial PRIMARY KEY, metodo text, tabla text, descripcion text)",
+    );
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        r#"INSERT INTO database_changes (metodo, tabla, descripcion) VALUES
+             ('INSERT', 'users', '{"id": 1, "name": "before"}'),
+             ('INSERT', 'users', '{"id": 2, "name": '),
+             ('UPSERT', 'users', '{"id": 3}'),
+             ('INSERT', 'users; DROP TABLE users', '{"id": 4}'),
+             ('INSERT', 'pg_catalog.pg_authid', '{"rolname": "x"}'),
+             ('INSERT', 'users', '{"id": 5, "nope": 1}'),
+             ('INSERT', 'users', '{"id": "five", "name": "type error"}'),
+             ('INSERT', 'users', E'{''id'': 6, ''name'': os.system(''true'')}'),
+             ('DELETE', 'users', '{"name": "no key"}'),
+             ('INSERT', 'users', '{"id": 7, "name": "after"}')"#,
+    );
+    d.wait_for(
+        "west",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "before,after",
+    );
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    let dead = d.sql(
+        "east",
+        "SELECT string_agg(format('%s:%s:%s', id, target_node, error), E'\\n' ORDER BY id) FROM database_changes_dead",
+    );
+    let lines: Vec<&str> = dead.lines().collect();
+    assert_eq!(lines.len(), 8, "{dead}");
+    assert!(
+        lines[0].starts_with("2:west:descripcion is neither"),
+        "{dead}"
+    );
+    assert!(
+        lines[1].contains("metodo \"UPSERT\" is not INSERT, UPDATE or DELETE"),
+        "{dead}"
+    );
+    assert!(
+        lines[2]
+            .contains("tabla \"users; DROP TABLE users\" is not a replicated table on node west"),
+        "{dead}"
+    );
+    assert!(
+        lines[3].contains("tabla \"pg_catalog.pg_authid\" is not a replicated table"),
+        "{dead}"
+    );
+    assert!(
+        lines[4].contains("column \"nope\" does not exist in table public.users"),
+        "{dead}"
+    );
+    assert!(
+        lines[5].contains("invalid input syntax for type integer: \"five\""),
+        "{dead}"
+    );
+    assert!(
+        lines[6].contains("unsupported Python call os.system"),
+        "{dead}"
+    );
+    assert!(lines[7].contains("lacks the key column \"id\""), "{dead}");
+    // Nothing was executed: the table is there on both nodes.
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'users'"
+        ),
+        "1"
+    );
+}
+
+#[test]
+fn crash_between_peer_commit_and_source_delete_repeats_nothing() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    // The table without a key shows any repetition as a duplicate row.
+    d.sql(
+        "east",
+        "INSERT INTO log SELECT 'row ' || g FROM generate_series(1, 50) g;
+         INSERT INTO users (id, name) VALUES (1, 'a')",
+    );
+    let mut run = d.spawn_run_env(
+        "crash.log",
+        &[("WALBRIDGE_FAILPOINT", "trigger_after_commit")],
+    );
+    let code = run.wait_exit(WAIT);
+    assert!(code.is_some(), "the failpoint did not stop walbridge");
+    assert!(
+        run.log().contains("failpoint trigger_after_commit"),
+        "{}",
+        run.log()
+    );
+    // Committed on west, still logged on east.
+    d.wait_for("west", "SELECT count(*) FROM log", "50");
+    assert_eq!(d.sql("east", "SELECT count(*) FROM database_changes"), "51");
+
+    let _run = d.spawn_run("after.log");
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    d.sql("east", "INSERT INTO log VALUES ('later')");
+    d.wait_for("west", "SELECT count(*) FROM log", "51");
+    assert_eq!(d.sql("west", "SELECT count(DISTINCT v) FROM log"), "51");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM users"), "1");
+}
+
+#[test]
+fn cut_over_to_stream_under_write_load_loses_and_repeats_nothing() {
+    let mut d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.items (id bigint PRIMARY KEY, note text);",
+        &trigger_toml("plugin = \"wal2json\""),
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("trigger.log");
+
+    // A steady writer on east, numbering its rows.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let dsn = d.node("east").dsn("postgres");
+        std::thread::spawn(move || writer_loop(&dsn, &stop))
+    };
+    d.wait_for("west", "SELECT count(*) > 20 FROM items", "t");
+
+    // Stop trigger mode and switch to stream mode while the writer goes on.
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "{}", run.log());
+    d.set_replication_toml("mode = \"stream\"\nplugin = \"wal2json\"\ntables = [\"public.*\"]\n");
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains("east: cut-over to stream mode complete"),
+        "{out}"
+    );
+    assert!(
+        out.contains("west: cut-over to stream mode complete"),
+        "{out}"
+    );
+    // Let the writer run on under stream mode a little, then stop it.
+    let at_cutover: i64 = d
+        .sql("east", "SELECT max(id) FROM items")
+        .parse()
+        .unwrap_or(0);
+    d.wait_for(
+        "east",
+        &format!("SELECT max(id) > {} FROM items", at_cutover + 20),
+        "t",
+    );
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer thread");
+
+    // What reached west through the change table, and what waits in the slot for the stream:
+    // together every row, each exactly once.
+    let on_west: Vec<i64> = ids(&d.sql(
+        "west",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM items",
+    ));
+    let in_slot = d.sql(
+        "east",
+        "SELECT string_agg(data, E'\\n') FROM pg_logical_slot_peek_changes('walbridge_east_to_west', NULL, NULL, 'format-version', '2')",
+    );
+    let mut streamed: Vec<i64> = in_slot
+        .lines()
+        .filter(|l| l.contains("\"action\":\"I\"") && l.contains("\"table\":\"items\""))
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["columns"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "id")?["value"]
+                .as_i64()
+        })
+        .collect();
+    streamed.sort_unstable();
+    let mut all: Vec<i64> = on_west.iter().chain(streamed.iter()).copied().collect();
+    all.sort_unstable();
+    let expected: Vec<i64> = (1..=written).collect();
+    assert!(
+        !streamed.is_empty(),
+        "nothing was written after the cut-over"
+    );
+    assert!(!on_west.is_empty());
+    assert_eq!(all, expected, "west {on_west:?}\nslot {streamed:?}");
+    // And the stream runtime delivers them: every row once, no insert meeting its own row.
+    let _stream = d.spawn_run("stream.log");
+    d.wait_for("west", "SELECT count(*) FROM items", &written.to_string());
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
+    // Trigger mode is gone from east.
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture'"
+        ),
+        "0"
+    );
+}
+
+/// Inserts rows 1, 2, 3... on `dsn` until `stop`; returns how many.
+fn writer_loop(dsn: &str, stop: &AtomicBool) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+            .await
+            .expect("connect writer");
+        tokio::spawn(conn);
+        let mut n = 0i64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            client
+                .execute("INSERT INTO items VALUES ($1, 'w')", &[&n])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+fn ids(s: &str) -> Vec<i64> {
+    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+}
+
+#[test]
+fn auto_chooses_trigger_mode_on_a_wal_level_replica_node() {
+    let d = Deployment::with_node_conf(
+        &["east", "west"],
+        SCHEMA,
+        "mode = \"auto\"\ntables = [\"public.*\"]\n\n[trigger]\npoll_interval = \"1s\"\n",
+        &[&["wal_level = replica"], &[]],
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains("east: trigger mode (mode auto: logical decoding is not possible here (wal_level is replica"),
+        "{out}"
+    );
+    assert!(
+        out.contains("west: stream mode (mode auto: logical decoding is available"),
+        "{out}"
+    );
+    assert_eq!(
+        d.sql("east", "SELECT (SELECT count(*) FROM pg_replication_slots) || ' ' || \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture') || ' ' || \
+                        (SELECT value FROM walbridge.settings WHERE name = 'capture_mode')"),
+        "0 2 trigger"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT (SELECT string_agg(slot_name, ',') FROM pg_replication_slots) || ' ' || \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_capture') || ' ' || \
+                        (SELECT value FROM walbridge.settings WHERE name = 'capture_mode')"),
+        "walbridge_west_to_east 0 stream"
+    );
+    // Both directions of the mixed mesh run: east's change table to west, west's slot to
+    // east, and what the stream applies on east is not logged by east's capture trigger.
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) VALUES (1, 'from a replica-level node')",
+    );
+    d.wait_for(
+        "west",
+        "SELECT name FROM users",
+        "from a replica-level node",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) VALUES (2, 'from the streaming node')",
+    );
+    d.sql(
+        "west",
+        "UPDATE users SET name = 'edited on west' WHERE id = 1",
+    );
+    d.wait_for(
+        "east",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "edited on west,from the streaming node",
+    );
+    d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "1",
+        "east logged only its own insert"
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(name, ',' ORDER BY id) FROM users"
+        ),
+        "edited on west,from the streaming node"
+    );
+}
+
+#[test]
+fn a_transaction_that_commits_late_is_not_lost() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    // A transaction takes change row 1 and stays open while row 2 commits and is applied.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(
+            &d.node("east").dsn("postgres"),
+            tokio_postgres::NoTls,
+        ))
+        .expect("connect");
+    rt.spawn(conn);
+    rt.block_on(client.batch_execute("BEGIN; INSERT INTO users (id, name) VALUES (1, 'slow')"))
+        .expect("open transaction");
+    d.sql("east", "INSERT INTO users (id, name) VALUES (2, 'fast')");
+    d.wait_for("west", "SELECT string_agg(name, ',') FROM users", "fast");
+    d.wait_for(
+        "west",
+        "SELECT last_id FROM walbridge.trigger_progress",
+        "2",
+    );
+    rt.block_on(client.batch_execute("COMMIT")).expect("commit");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(name, ',' ORDER BY id) FROM users",
+        "slow,fast",
+    );
+    wait_drained(&d);
+}
+
+#[test]
+fn three_nodes_converge_and_every_peer_gets_each_row_before_it_is_deleted() {
+    let names = ["east", "west", "north"];
+    let d = Deployment::new(&names, SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) SELECT g, 'e' || g FROM generate_series(1, 300) g",
+    );
+    d.sql(
+        "west",
+        "INSERT INTO users (id, name) SELECT g, 'w' || g FROM generate_series(1001, 1100) g",
+    );
+    d.sql(
+        "north",
+        "UPDATE users SET name = 'n' WHERE false; INSERT INTO users (id, name) VALUES (5000, 'n')",
+    );
+    for n in names {
+        d.wait_for(n, "SELECT count(*) FROM users", "401");
+    }
+    d.sql("north", "DELETE FROM users WHERE id <= 100");
+    for n in names {
+        d.wait_for(n, "SELECT count(*) FROM users", "301");
+        d.wait_for(n, "SELECT count(*) FROM database_changes", "0");
+    }
+    let all = "SELECT md5(string_agg(id || name, ',' ORDER BY id)) FROM users";
+    assert_eq!(d.sql("east", all), d.sql("west", all));
+    assert_eq!(d.sql("east", all), d.sql("north", all));
+    // No echo anywhere: each node logged only its own changes.
+    assert_eq!(
+        d.sql("east", "SELECT last_value FROM database_changes_id_seq"),
+        "300"
+    );
+    assert_eq!(
+        d.sql("north", "SELECT last_value FROM database_changes_id_seq"),
+        "101"
+    );
+}
+
+#[test]
+fn concurrent_updates_converge_to_the_last_writer() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'base')");
+    d.sql("west", "INSERT INTO users (id, name) VALUES (1, 'base')");
+    d.sql("east", "DELETE FROM database_changes");
+    d.sql("west", "DELETE FROM database_changes");
+    // Both nodes change the row while walbridge is not running; west writes last.
+    d.sql(
+        "east",
+        "UPDATE users SET name = 'east, earlier' WHERE id = 1",
+    );
+    d.sql(
+        "west",
+        "SELECT pg_sleep(0.01); UPDATE users SET name = 'west, later' WHERE id = 1",
+    );
+    let _run = d.spawn_run("run.log");
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT name FROM users WHERE id = 1", "west, later");
+    }
+    wait_drained(&d);
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT kind || ' ' || resolution || ' ' || source FROM walbridge.conflicts"
+        ),
+        "update_older skipped east"
+    );
+}
+
+#[test]
+fn old_script_triggers_do_not_echo_what_walbridge_applies() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    // The old script's trigger on west, made to fire even for walbridge's replica-role
+    // session: it logs what walbridge applies, without knowing walbridge's columns.
+    d.sql(
+        "west",
+        "CREATE FUNCTION old_log() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO database_changes (metodo, tabla, descripcion)
+           VALUES (TG_OP, TG_TABLE_NAME, row_to_json(NEW)::jsonb);
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER old_log AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION old_log();
+         ALTER TABLE users ENABLE ALWAYS TRIGGER old_log;",
+    );
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(out.contains("trigger old_log on users"), "{out}");
+    let _run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'once')");
+    d.wait_for("west", "SELECT name FROM users", "once");
+    wait_drained(&d);
+    // The old trigger's row named east as its origin and was dropped, not sent back.
+    assert_eq!(
+        d.sql("west", "SELECT last_value FROM database_changes_id_seq"),
+        "1"
+    );
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM walbridge.trigger_progress WHERE last_id = 1"
+        ),
+        "1"
+    );
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
+}
+
+#[test]
+fn partitioned_tables_replicate_through_their_root() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE public.m_low PARTITION OF public.m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE public.m_high PARTITION OF public.m FOR VALUES FROM (100) TO (200);",
+        &trigger_toml(""),
+    );
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO m VALUES (1, 'low'), (150, 'high')");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(v, ',' ORDER BY id) FROM m",
+        "low,high",
+    );
+    // An update that moves the row to the other partition.
+    d.sql("west", "UPDATE m SET id = 199 WHERE id = 1");
+    d.wait_for(
+        "east",
+        "SELECT string_agg(id || tableoid::regclass::text, ',' ORDER BY id) FROM m",
+        "150m_high,199m_high",
+    );
+    // (Partitions are not replicated tables of their own: rows logged under a partition's
+    // name would have gone to the dead-letter table.)
+    wait_drained(&d);
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM database_changes_dead"),
+        "0"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM database_changes_dead"),
+        "0"
+    );
+}
