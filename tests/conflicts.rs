@@ -252,3 +252,58 @@ fn conflict_per_table_overrides_the_policy() {
     assert_eq!(d.sql("a", "SELECT v FROM cache"), "a");
     assert_eq!(d.sql("b", "SELECT v FROM cache"), "a");
 }
+
+#[test]
+fn sequence_ranges_keep_generated_keys_apart() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.orders (id bigserial PRIMARY KEY, note text);
+         CREATE TABLE public.events (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text);",
+        "tables = [\"public.*\"]\nsequence_ranges = true",
+    );
+    // Existing data (on both nodes, as after an initial copy): ranges start past it.
+    d.sql("a", "INSERT INTO orders (note) VALUES ('before setup')");
+    d.sql("b", "INSERT INTO orders VALUES (1, 'before setup')");
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(
+        out.contains("public.orders.id: a from 3 by 2 b from 2 by 2"),
+        "{out}"
+    );
+    // Idempotent: a second setup leaves the sequences where they are.
+    let again = d.walbridge_ok(&["setup"]);
+    assert!(again.contains("a keeps 1+2k b keeps 2+2k"), "{again}");
+    for node in ["a", "b"] {
+        d.sql(
+            node,
+            &format!("INSERT INTO orders (note) SELECT '{node}' FROM generate_series(1, 5)"),
+        );
+        d.sql(
+            node,
+            &format!("INSERT INTO events (note) SELECT '{node}' FROM generate_series(1, 5)"),
+        );
+    }
+    d.replicate_once("run.log");
+    assert_eq!(d.sql("a", "SELECT count(*) FROM orders"), "11");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM events"), "10");
+    assert_eq!(
+        d.sql(
+            "a",
+            "SELECT bool_and(id % 2 = 1) FROM orders WHERE note = 'a'"
+        ),
+        "t"
+    );
+    assert_eq!(
+        d.sql(
+            "a",
+            "SELECT bool_and(id % 2 = 0) FROM events WHERE note = 'b'"
+        ),
+        "t"
+    );
+    assert_eq!(conflicts(&d, "a") + &conflicts(&d, "b"), "");
+    for table in ["orders", "events"] {
+        assert_eq!(
+            d.fingerprint("a", table, "id"),
+            d.fingerprint("b", table, "id")
+        );
+    }
+}

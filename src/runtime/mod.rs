@@ -1,6 +1,7 @@
 //! The runtime: the only place that spawns tasks. One worker per direction, each its own
 //! failure domain, restarted with backoff on transient errors and parked on definite ones.
 
+mod housekeeping;
 pub mod monitor;
 pub mod state;
 mod stream;
@@ -129,6 +130,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         info!(%addr, "serving /metrics, /healthz and /readyz");
         spawn_named(&tracker, "http".into(), server);
     }
+    spawn_named(
+        &tracker,
+        "housekeeping".into(),
+        housekeeping::run(config.clone(), shutdown.clone()),
+    );
     spawn_named(
         &tracker,
         "monitor".into(),

@@ -16,6 +16,7 @@
 //! cut over once its slots exist ([`crate::trigger::setup::cut_over`]).
 
 pub mod prereq;
+mod sequences;
 mod teardown;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -465,6 +466,9 @@ pub async fn setup(
                 .await
                 .map_err(sql_err(&n.name, "recording the capture mode"))?;
         }
+    }
+    if config.replication.sequence_ranges {
+        sequences::give_each_node_its_range(config, &nodes, &tables, out).await?;
     }
     let _ = writeln!(out, "setup complete; start replication with: walbridge run");
     Ok(())
