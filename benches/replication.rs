@@ -70,7 +70,7 @@ impl Replicator {
 fn prepare(p: &Pair, r: &Replicator) -> PathBuf {
     match r {
         Replicator::Native => {
-            sql(&p.a, "CREATE PUBLICATION bench_pub FOR TABLE bench");
+            sql(&p.a, "CREATE PUBLICATION bench_pub FOR ALL TABLES");
             sql(
                 &p.b,
                 &format!(
@@ -253,6 +253,11 @@ fn backlog_drain(r: &Replicator, txns: usize) -> f64 {
     sql(&p.a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
     let started = Instant::now();
     let child = resume(&p, r, &config);
+    let first = wait_true(
+        &p.b,
+        "SELECT EXISTS (SELECT 1 FROM bench)",
+        Duration::from_secs(600),
+    );
     wait_true(
         &p.b,
         "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)",
@@ -313,13 +318,7 @@ fn latency(r: &Replicator, rate: u32, seconds: u32) -> (f64, f64) {
     sql(&p.a, LAT);
     sql(&p.b, LAT);
     sql(&p.b, LAT_TRIGGER);
-    if let Replicator::Native = r {
-        sql(&p.a, "CREATE PUBLICATION lat_pub FOR TABLE lat");
-    }
     let config = prepare(&p, r);
-    if let Replicator::Native = r {
-        sql(&p.b, "ALTER SUBSCRIPTION bench_sub SET PUBLICATION bench_pub, lat_pub WITH (refresh = false)");
-    }
     let child = resume(&p, r, &config);
     // Warm up: wait for the stream to be established.
     sql(&p.a, "INSERT INTO lat VALUES (0, NULL)");

@@ -51,6 +51,11 @@ pub struct SourceOptions {
     pub application_name: String,
     /// Stream settings (status interval, buffer budget, cancellation).
     pub stream: StreamConfig,
+    /// Skip the change messages of transactions that carry an origin without decoding them
+    /// (their Begin, Origin and Commit still come through). `run` drops such transactions
+    /// anyway; on PostgreSQL 15 pgoutput cannot filter origins, so every change walbridge
+    /// applied on a node comes back in that node's stream.
+    pub skip_echo_changes: bool,
 }
 
 /// The source could not be started or read.
@@ -118,6 +123,9 @@ pub struct Source {
     messages: bool,
     /// wal2json 2.5 has no `numeric-data-types-as-string`: NaN/Infinity arrive as null.
     pub numeric_as_string: bool,
+    skip_echo_changes: bool,
+    /// Inside a transaction that carries an origin.
+    in_echo: bool,
 }
 
 /// Items the consumer sees.
@@ -302,6 +310,8 @@ impl Source {
                 pending: VecDeque::new(),
                 messages: opts.messages,
                 numeric_as_string,
+                skip_echo_changes: opts.skip_echo_changes,
+                in_echo: false,
             },
             driver,
             created,
@@ -340,6 +350,11 @@ impl Source {
         }
     }
 
+    /// The next raw stream item if one is already waiting (never waits).
+    pub fn try_recv(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
+        self.stream.try_recv()
+    }
+
     /// The next raw stream item; cancel-safe. `None` when the stream ended cleanly.
     pub async fn recv(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
         self.stream.recv().await
@@ -356,6 +371,11 @@ impl Source {
         {
             match &mut self.decoder {
                 Decoder::PgOutput(d) => {
+                    if self.in_echo
+                        && matches!(data.data.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
+                    {
+                        return Ok(Vec::new());
+                    }
                     let decoded =
                         d.decode(data.wal_start, &data.data)
                             .map_err(|e| SourceError::Decode {
@@ -363,6 +383,11 @@ impl Source {
                                 lsn: data.wal_start,
                                 source: e.into(),
                             })?;
+                    match &decoded {
+                        Some(Event::Origin(_)) => self.in_echo = self.skip_echo_changes,
+                        Some(Event::Begin(_) | Event::Commit(_)) => self.in_echo = false,
+                        _ => {}
+                    }
                     Ok(decoded
                         .map(|event| SourceItem::Event {
                             event,

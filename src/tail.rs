@@ -260,6 +260,7 @@ pub async fn tail(
         filter_origins: Vec::new(),
         messages: true,
         application_name,
+        skip_echo_changes: false,
         stream: StreamConfig {
             cancel: stream_cancel.clone(),
             ..StreamConfig::default()

@@ -66,6 +66,7 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         filter_origins: Vec::new(),
         messages: true,
         application_name: "walbridge-test".into(),
+        skip_echo_changes: false,
         stream: StreamConfig {
             cancel: cancel.clone(),
             ..StreamConfig::default()

@@ -176,10 +176,7 @@ impl Applier {
         match result {
             Ok(()) => {
                 if let Item::Change(c) = &item {
-                    *txn.sent
-                        .counts
-                        .entry((c.relation.qualified_name(), c.op))
-                        .or_default() += 1;
+                    *txn.sent.counts.entry((c.relation.oid, c.op)).or_default() += 1;
                 } else if let Item::Truncate(t) = &item {
                     for rel in &t.relations {
                         *txn.sent.truncates.entry(rel.qualified_name()).or_default() += 1;

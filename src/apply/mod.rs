@@ -125,7 +125,8 @@ struct OpenTxn {
     echo: bool,
     items: Option<Vec<Item>>,
     changes: usize,
-    counts: HashMap<(String, ChangeOp), u64>,
+    /// Changes per (relation OID, op), labelled when counted.
+    counts: HashMap<(u32, ChangeOp), u64>,
     /// Truncated tables (`schema.table`) and how often.
     truncates: HashMap<String, u64>,
     started: Instant,
@@ -140,7 +141,8 @@ struct Sent {
     begin: Begin,
     commit: Commit,
     items: Option<Vec<Item>>,
-    counts: HashMap<(String, ChangeOp), u64>,
+    /// Changes per (relation OID, op), labelled when counted.
+    counts: HashMap<(u32, ChangeOp), u64>,
     /// Truncated tables (`schema.table`) and how often.
     truncates: HashMap<String, u64>,
     started: Instant,
@@ -221,6 +223,15 @@ pub struct Applier {
     acc_error: Option<ServerError>,
     /// A careful transaction streamed change by change (too large to buffer) is open.
     streaming_careful: Option<careful::CarefulTxn>,
+    /// Groups and transactions sent, for the summary logged at the end.
+    groups_sent: u64,
+    transactions_sent: u64,
+    /// `schema.table` of every relation OID seen (metric labels).
+    labels: HashMap<u32, String>,
+    /// Metric handles, looked up once instead of hashing labels per transaction.
+    change_counters: HashMap<(u32, ChangeOp), prometheus::IntCounter>,
+    txn_counter: prometheus::IntCounter,
+    apply_histogram: prometheus::Histogram,
 }
 
 /// The target session could not be prepared.
@@ -343,6 +354,10 @@ impl Applier {
             }
         }
         let group_span = (config.nodes.len() > 2).then_some(limits.group_span);
+        let txn_counter = metrics
+            .transactions_applied
+            .with_label_values(&[source, target]);
+        let apply_histogram = metrics.apply_duration.with_label_values(&[source, target]);
         Ok((
             Applier {
                 pipe,
@@ -376,6 +391,12 @@ impl Applier {
                 acc_rows: Vec::new(),
                 acc_error: None,
                 streaming_careful: None,
+                groups_sent: 0,
+                transactions_sent: 0,
+                labels: HashMap::new(),
+                change_counters: HashMap::new(),
+                txn_counter,
+                apply_histogram,
             },
             progress,
         ))
@@ -556,6 +577,7 @@ impl Applier {
             hot: AtomicBool::new(false),
         });
         self.tables.insert(relation.oid, state.clone());
+        self.labels.insert(relation.oid, state.label.clone());
         Ok(state)
     }
 
@@ -677,14 +699,10 @@ impl Applier {
             open.changes += 1;
             *open
                 .counts
-                .entry((change.relation.qualified_name(), change.op))
+                .entry((change.relation.oid, change.op))
                 .or_default() += 1;
-            if let Some(items) = &mut open.items {
-                if items.len() < limit {
-                    items.push(Item::Change(change.clone()));
-                } else {
-                    open.items = None;
-                }
+            if open.items.as_ref().is_some_and(|i| i.len() >= limit) {
+                open.items = None;
             }
         }
         let table = self.table(&change.relation).await?;
@@ -707,8 +725,8 @@ impl Applier {
                 let full = {
                     let group = self.open_group();
                     group.batch_table = Some(oid);
-                    if let Some(new) = change.new {
-                        group.batch.push(new);
+                    if let Some(new) = &change.new {
+                        group.batch.push(new.clone());
                     }
                     group.batch.len()
                 };
@@ -724,6 +742,10 @@ impl Applier {
                 self.flush_batch().await?;
                 self.encode_delete(&table, &change)?;
             }
+        }
+        // Kept (moved, not copied) for a careful redo.
+        if let Some(items) = self.open.as_mut().and_then(|o| o.items.as_mut()) {
+            items.push(Item::Change(change));
         }
         if self.enc.len() >= self.limits.flush_bytes {
             self.flush().await?;
@@ -903,13 +925,27 @@ impl Applier {
         self.maybe_close(more_pending).await
     }
 
-    async fn maybe_close(&mut self, more_pending: bool) -> Result<Outcome, DirectionError> {
+    /// Closes the open group when it should go now; otherwise sends what it has so far so the
+    /// target works on it meanwhile.
+    ///
+    /// Group commit: while the target is busy with a group, the next one keeps gathering what
+    /// the source delivers; it closes as soon as the target is idle (at once on a quiet
+    /// stream, so latency does not suffer), or when it is full.
+    pub async fn maybe_close(&mut self, more_pending: bool) -> Result<Outcome, DirectionError> {
         let full = self
             .group
             .as_ref()
             .is_some_and(|g| g.members.len() >= self.limits.max_group_transactions);
-        if !more_pending || full || self.cautious > 0 || self.pending_failure.is_some() {
+        let target_idle = self.groups_in_flight() == 0;
+        if full
+            || self.cautious > 0
+            || self.pending_failure.is_some()
+            || (!more_pending && target_idle)
+        {
             return self.close_group().await;
+        }
+        if !more_pending {
+            self.flush().await?;
         }
         Ok(Outcome::Continue)
     }
@@ -953,6 +989,8 @@ impl Applier {
             .map_err(proto)?;
         self.enc.sync();
         self.expected = last.end_lsn;
+        self.groups_sent += 1;
+        self.transactions_sent += group.members.len() as u64;
         self.in_flight
             .push_back(Group::Txns(group.members, group.parsed));
         self.flush().await?;
@@ -1035,6 +1073,10 @@ impl Applier {
                         self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
                     }
                     self.cautious = self.cautious.saturating_sub(1);
+                    if self.groups_in_flight() == 0 && self.open.is_none() && self.group.is_some() {
+                        // The target is idle: send the group that gathered meanwhile.
+                        return self.close_group().await;
+                    }
                     Ok(Outcome::Continue)
                 }
                 Some(e) if self.group.is_some() || self.open.is_some() => {
@@ -1052,15 +1094,15 @@ impl Applier {
         self.committed = sent.end_lsn;
         self.last_commit_time = Some(sent.commit_time);
         let (s, t) = (self.source.as_str(), self.target.as_str());
-        self.metrics
-            .transactions_applied
-            .with_label_values(&[s, t])
-            .inc();
-        for ((table, op), n) in &sent.counts {
-            self.metrics
-                .changes_applied
-                .with_label_values(&[s, t, table, op.as_str()])
-                .inc_by(*n);
+        self.txn_counter.inc();
+        for (&(oid, op), n) in &sent.counts {
+            let counter = self.change_counters.entry((oid, op)).or_insert_with(|| {
+                let table = self.labels.get(&oid).map_or("", String::as_str);
+                self.metrics
+                    .changes_applied
+                    .with_label_values(&[s, t, table, op.as_str()])
+            });
+            counter.inc_by(*n);
         }
         for (table, n) in &sent.truncates {
             self.metrics
@@ -1074,9 +1116,7 @@ impl Applier {
                 .with_label_values(&[s, t, kind.as_str(), resolution.as_str()])
                 .inc();
         }
-        self.metrics
-            .apply_duration
-            .with_label_values(&[s, t])
+        self.apply_histogram
             .observe(sent.started.elapsed().as_secs_f64());
     }
 
@@ -1220,6 +1260,11 @@ impl Applier {
         while !self.in_flight.is_empty() {
             self.on_reply().await?;
         }
+        tracing::debug!(
+            source = %self.source, target = %self.target,
+            groups = self.groups_sent, transactions = self.transactions_sent,
+            "apply finished"
+        );
         Ok(self.confirmable())
     }
 

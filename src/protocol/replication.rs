@@ -134,6 +134,11 @@ impl ReplicationStream {
         self.rx.recv().await
     }
 
+    /// The next item if one is already waiting (never waits).
+    pub fn try_recv(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
+        self.rx.try_recv().ok()
+    }
+
     /// Bytes of the budget not claimed right now (for metrics and tests); a message waiting
     /// for room claims freed bytes as they come, so this can read 0 before it is sent.
     pub fn available_budget(&self) -> usize {

@@ -152,6 +152,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             filter_origins: filter_origins.clone(),
             messages: false,
             application_name: format!("walbridge-source-{s}-to-{t}"),
+            skip_echo_changes: true,
             stream: StreamConfig {
                 cancel: stream_cancel.clone(),
                 ..StreamConfig::default()
@@ -252,26 +253,36 @@ async fn pump(
                         "node {s}: the replication stream ended"
                     )));
                 };
-                let item = item.map_err(|e| source_err(s, e.into()))?;
-                let decoded = source.decode(item).await.map_err(|e| source_err(s, e))?;
-                let count = decoded.len();
-                for (i, decoded) in decoded.into_iter().enumerate() {
-                    let outcome = match decoded {
-                        SourceItem::Keepalive { wal_end } => {
-                            last_wal_end = wal_end;
-                            applier.on_keepalive(wal_end).await?
+                // Take what is already queued too (up to a bound), so the select above runs
+                // once per batch rather than once per message.
+                let mut next = Some(item);
+                let mut taken = 0;
+                while let Some(item) = next.take() {
+                    let item = item.map_err(|e| source_err(s, e.into()))?;
+                    let decoded = source.decode(item).await.map_err(|e| source_err(s, e))?;
+                    let count = decoded.len();
+                    for (i, decoded) in decoded.into_iter().enumerate() {
+                        let outcome = match decoded {
+                            SourceItem::Keepalive { wal_end } => {
+                                last_wal_end = wal_end;
+                                applier.on_keepalive(wal_end).await?
+                            }
+                            SourceItem::Event { event, .. } => {
+                                let more = i + 1 < count || source.has_queued();
+                                applier.on_event(event, more).await?
+                            }
+                        };
+                        if outcome == Outcome::Restream {
+                            return Ok(Pumped::Restream);
                         }
-                        SourceItem::Event { event, .. } => {
-                            let more = i + 1 < count || source.has_queued();
-                            applier.on_event(event, more).await?
-                        }
-                    };
-                    if outcome == Outcome::Restream {
-                        return Ok(Pumped::Restream);
+                    }
+                    taken += 1;
+                    if taken < 256 && applier.ready_for_more() && !ctx.shutdown.is_cancelled() {
+                        next = source.try_recv();
                     }
                 }
-                // Nothing more delivered yet: do not hold a group open waiting for it.
-                if !source.has_queued() && applier.close_group().await? == Outcome::Restream {
+                // Nothing more delivered yet: send the group if the target is idle.
+                if applier.maybe_close(source.has_queued()).await? == Outcome::Restream {
                     return Ok(Pumped::Restream);
                 }
             }
