@@ -253,11 +253,6 @@ fn backlog_drain(r: &Replicator, txns: usize) -> f64 {
     sql(&p.a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
     let started = Instant::now();
     let child = resume(&p, r, &config);
-    let first = wait_true(
-        &p.b,
-        "SELECT EXISTS (SELECT 1 FROM bench)",
-        Duration::from_secs(600),
-    );
     wait_true(
         &p.b,
         "SELECT EXISTS (SELECT 1 FROM bench WHERE id = -1)",

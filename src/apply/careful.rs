@@ -7,7 +7,6 @@
 //! `walbridge.conflicts` — all in the same transaction as the resolution, committed with the
 //! origin's progress like any applied transaction.
 
-use bytes::Bytes;
 use serde_json::{Map, Value as Json};
 
 use super::sql::{self, TableMap};
@@ -15,7 +14,6 @@ use super::{proto, text, value_param, Applier, Item, Sent, TableState};
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
 use crate::lsn::PgTimestamp;
-use crate::protocol::pipeline::Response;
 use crate::protocol::ServerError;
 use crate::runtime::DirectionError;
 
@@ -37,7 +35,7 @@ enum Failed {
     Stop(DirectionError),
 }
 
-type Rows = Vec<Vec<Option<Bytes>>>;
+use crate::protocol::pipeline::Rows;
 
 impl Applier {
     /// One statement as its own round trip: `Parse` (unnamed) + `Bind` + `Execute` + `Sync`.
@@ -52,16 +50,7 @@ impl Applier {
             .map_err(proto)?;
         self.enc.sync();
         self.pipe.send(self.enc.take()).await.map_err(proto)?;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.pipe.recv().await.map_err(proto)? {
-                Response::Row(r) => rows.push(r),
-                Response::Error(e) => error = Some(e),
-                Response::Ready(_) => break,
-                _ => {}
-            }
-        }
+        let (rows, error) = self.read_group().await?;
         Ok(match error {
             Some(e) => Err(e),
             None => Ok(rows),

@@ -50,7 +50,7 @@ use crate::conflict::{ConflictKind, Resolution};
 use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
-use crate::protocol::pipeline::{Encoder, Pipeline, Response};
+use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
 use crate::runtime::DirectionError;
 use sql::TableMap;
@@ -1181,19 +1181,8 @@ impl Applier {
     }
 
     /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
-    async fn read_group(
-        &mut self,
-    ) -> Result<(Vec<Vec<Option<Bytes>>>, Option<ServerError>), DirectionError> {
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.pipe.recv().await.map_err(proto)? {
-                Response::Row(r) => rows.push(r),
-                Response::Error(e) => error = Some(e),
-                Response::Ready(_) => return Ok((rows, error)),
-                _ => {}
-            }
-        }
+    async fn read_group(&mut self) -> Result<(Rows, Option<ServerError>), DirectionError> {
+        self.pipe.finish_group().await.map_err(proto)
     }
 
     /// Closes statements first parsed in failed groups (the server may or may not have them)

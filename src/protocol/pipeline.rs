@@ -137,6 +137,9 @@ impl Encoder {
     }
 }
 
+/// Result rows of a statement, columns in text format (`None` = NULL).
+pub type Rows = Vec<Vec<Option<Bytes>>>;
+
 /// The caller's side of a pipelined session.
 pub struct Pipeline {
     writes: mpsc::Sender<Bytes>,
@@ -208,6 +211,21 @@ impl Pipeline {
         &self.address
     }
 
+    /// Reads replies up to the next `ReadyForQuery`: the rows, and the error if the group
+    /// failed (the server skipped the rest of it).
+    pub async fn finish_group(&mut self) -> Result<(Rows, Option<ServerError>), ProtocolError> {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Response::Row(r) => rows.push(r),
+                Response::Error(e) => error = Some(e),
+                Response::Ready(_) => return Ok((rows, error)),
+                _ => {}
+            }
+        }
+    }
+
     /// Runs one simple query to completion and returns its rows (text) or the server error.
     pub async fn simple(
         &mut self,
@@ -216,16 +234,7 @@ impl Pipeline {
         let mut enc = Encoder::default();
         enc.simple_query(sql)?;
         self.send(enc.take()).await?;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.recv().await? {
-                Response::Row(r) => rows.push(r),
-                Response::Error(e) => error = Some(e),
-                Response::Ready(_) => break,
-                _ => {}
-            }
-        }
+        let (rows, error) = self.finish_group().await?;
         Ok(match error {
             Some(e) => Err(e),
             None => Ok(rows),

@@ -111,7 +111,8 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn sql_err(
+/// Maps a failed statement to [`SetupError::Sql`] naming the node and what was being done.
+pub(crate) fn sql_err(
     node: &str,
     what: impl Into<String>,
 ) -> impl FnOnce(tokio_postgres::Error) -> SetupError {

@@ -22,14 +22,7 @@ const CREATED_COMMENT: &str = "walbridge change table (created by walbridge setu
 /// The logical decoding message prefix of the cut-over fence.
 const FENCE_PREFIX: &str = "walbridge_cutover";
 
-fn sql_err(
-    node: &str,
-    what: impl Into<String>,
-) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
-    let node = node.to_string();
-    let what = what.into();
-    move |source| SetupError::Sql { node, what, source }
-}
+use crate::setup::sql_err;
 
 /// Creates the bookkeeping tables of `sql/trigger_mode.sql` (every node of a deployment that
 /// has a trigger-mode node: every node is a target).
