@@ -404,34 +404,69 @@ fn main() {
         Replicator::Walbridge("wal2json"),
     ];
     println!("walbridge end-to-end benchmark (ratios are walbridge / native)\n");
+    // The machine is shared and noisy: repeat the throughput scenarios, interleaving the
+    // replicators, and report medians with the range.
+    let reps = if quick { 1 } else { 3 };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let range = |v: &[f64]| format!("[{:.0} .. {:.0}]", v[0], v[v.len() - 1]);
     if wanted("a") {
         let n = 100_000 / scale;
-        println!("(a) backlog drain of {n} single-row INSERT transactions");
-        let native = backlog_drain(&replicators[0], n);
-        println!("    {:<20} {:>10.0} rows/s", "native", native);
-        for r in &replicators[1..] {
-            let v = backlog_drain(r, n);
+        println!("(a) backlog drain of {n} single-row INSERT transactions, median of {reps}");
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); replicators.len()];
+        for _ in 0..reps {
+            for (i, r) in replicators.iter().enumerate() {
+                runs[i].push(backlog_drain(r, n));
+            }
+        }
+        let native = median(&mut runs[0]);
+        println!(
+            "    {:<20} {:>10.0} rows/s  {}",
+            "native",
+            native,
+            range(&runs[0])
+        );
+        for (i, r) in replicators.iter().enumerate().skip(1) {
+            let v = median(&mut runs[i]);
             println!(
-                "    {:<20} {:>10.0} rows/s   ratio {:.2}",
+                "    {:<20} {:>10.0} rows/s  {}   ratio {:.2}",
                 r.name(),
                 v,
+                range(&runs[i]),
                 v / native
             );
         }
     }
     if wanted("b") {
         let n = 1_000_000 / scale;
-        println!("(b) one transaction of {n} rows");
-        let (native, _) = big_transaction(&replicators[0], n);
-        println!("    {:<20} {:>10.0} rows/s", "native", native);
-        for r in &replicators[1..] {
-            let (v, rss) = big_transaction(r, n);
+        println!("(b) one transaction of {n} rows, median of {reps}");
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); replicators.len()];
+        let mut rss: Vec<f64> = vec![0.0; replicators.len()];
+        for _ in 0..reps {
+            for (i, r) in replicators.iter().enumerate() {
+                let (v, m) = big_transaction(r, n);
+                runs[i].push(v);
+                rss[i] = rss[i].max(m);
+            }
+        }
+        let native = median(&mut runs[0]);
+        println!(
+            "    {:<20} {:>10.0} rows/s  {}",
+            "native",
+            native,
+            range(&runs[0])
+        );
+        for (i, r) in replicators.iter().enumerate().skip(1) {
+            let v = median(&mut runs[i]);
             println!(
-                "    {:<20} {:>10.0} rows/s   ratio {:.2}   peak RSS {:.0} MB",
+                "    {:<20} {:>10.0} rows/s  {}   ratio {:.2}   peak RSS {:.0} MB",
                 r.name(),
                 v,
+                range(&runs[i]),
                 v / native,
-                rss
+                rss[i]
             );
         }
     }

@@ -108,3 +108,15 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Guards plain multi-row INSERTs of a table that had no delete tombstones when walbridge last
+-- looked: if one has appeared since, the transaction must take the per-row check instead.
+CREATE OR REPLACE FUNCTION walbridge.expect_no_tombstones(rel oid)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM walbridge.tombstones WHERE relid = rel) THEN
+        RAISE EXCEPTION 'walbridge: relation % has tombstones', rel
+            USING ERRCODE = 'WB003';
+    END IF;
+END
+$$;

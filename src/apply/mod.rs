@@ -101,6 +101,9 @@ struct TableState {
     /// The table has had such conflicts: use the resolving statements from now on (they cost
     /// a little more than the plain ones, so only contended tables get them).
     hot: AtomicBool,
+    /// The table has (or had, this session) delete tombstones: inserts check each key
+    /// against them; without any, plain multi-row INSERTs behind one guard per group.
+    tombstoned: AtomicBool,
 }
 
 impl TableState {
@@ -157,6 +160,10 @@ struct OpenGroup {
     parsed: Vec<String>,
     batch: Vec<Tuple>,
     batch_table: Option<u32>,
+    /// Tables whose "no tombstones" guard is already in this group.
+    guarded: Vec<u32>,
+    /// When the group opened.
+    opened: Instant,
 }
 
 enum Group {
@@ -558,6 +565,21 @@ impl Applier {
         let map = TableMap::new(relation, info, &skip).map_err(|e| {
             DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
         })?;
+        let tombstoned = map.unique_key.is_some()
+            && self
+                .catalog
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM walbridge.tombstones WHERE relid = $1)",
+                    &[&map.target.oid],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(|e| {
+                    DirectionError::transient(format!(
+                        "node {}: reading walbridge.tombstones: {e}",
+                        self.target
+                    ))
+                })?;
         let policy = self
             .config
             .conflict_policy_for(&relation.schema, &relation.table);
@@ -575,6 +597,7 @@ impl Applier {
             map,
             resolving,
             hot: AtomicBool::new(false),
+            tombstoned: AtomicBool::new(tombstoned),
         });
         self.tables.insert(relation.oid, state.clone());
         self.labels.insert(relation.oid, state.label.clone());
@@ -652,6 +675,8 @@ impl Applier {
             parsed: Vec::new(),
             batch: Vec::new(),
             batch_table: None,
+            guarded: Vec::new(),
+            opened: Instant::now(),
         })
     }
 
@@ -830,6 +855,24 @@ impl Applier {
             .ok_or_else(|| DirectionError::definite("insert batch for an unknown table"))?;
         let written: Vec<usize> = table.map.written().collect();
         let max_rows = (60_000 / written.len().max(1)).max(1);
+        let plain = !table.tombstoned.load(Ordering::Relaxed);
+        if plain && table.map.unique_key.is_some() {
+            let target_oid = table.map.target.oid;
+            let needs_guard = self
+                .group
+                .as_ref()
+                .is_some_and(|g| !g.guarded.contains(&target_oid));
+            if needs_guard {
+                let name = self.statement(sql::TOMBSTONE_GUARD)?;
+                let oid = target_oid.to_string();
+                self.enc
+                    .execute(&name, [Some(oid.as_bytes())])
+                    .map_err(proto)?;
+                if let Some(g) = self.group.as_mut() {
+                    g.guarded.push(target_oid);
+                }
+            }
+        }
         let mut rest: &[Tuple] = &rows;
         while !rest.is_empty() {
             let n = rest.len().min(max_rows);
@@ -839,7 +882,11 @@ impl Applier {
                 1 << (usize::BITS - 1 - n.leading_zeros())
             };
             let (now, later) = rest.split_at(chunk);
-            let sql = table.map.insert_optimistic(chunk);
+            let sql = if plain {
+                table.map.insert_plain_rows(chunk)
+            } else {
+                table.map.insert_optimistic(chunk)
+            };
             let name = self.statement(&sql)?;
             let params = now
                 .iter()
@@ -946,6 +993,40 @@ impl Applier {
         }
         if !more_pending {
             self.flush().await?;
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// Whether the transactions coming in were committed a while ago on the source (a
+    /// backlog is being drained): then groups gather instead of closing whenever the source
+    /// queue is momentarily empty. Live transactions arrive within milliseconds of their
+    /// commit.
+    pub fn draining_backlog(&self) -> bool {
+        const BACKLOG_AGE_MICROS: i64 = 50_000;
+        self.open
+            .as_ref()
+            .map(|o| o.begin.commit_time)
+            .or(self.last_commit_time)
+            .is_some_and(|t| PgTimestamp::now().0 - t.0 > BACKLOG_AGE_MICROS)
+    }
+
+    /// Whether a group is gathering (encoded, not yet sent with `Sync`).
+    pub fn has_open_group(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// Closes a gathering group that has been open longer than `age` (between transactions).
+    pub async fn close_group_older_than(
+        &mut self,
+        age: Duration,
+    ) -> Result<Outcome, DirectionError> {
+        if self.open.is_none()
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| g.opened.elapsed() > age)
+        {
+            return self.close_group().await;
         }
         Ok(Outcome::Continue)
     }
@@ -1129,7 +1210,19 @@ impl Applier {
         error: ServerError,
     ) -> Result<Outcome, DirectionError> {
         let class = &error.code[..2.min(error.code.len())];
-        let conflict_like = error.code == "WB001" || class == "23";
+        if error.code == "WB003" {
+            // A table got tombstones: its inserts take the per-row check from now on.
+            let oid = error
+                .message
+                .split_whitespace()
+                .find_map(|w| w.parse::<u32>().ok());
+            for t in self.tables.values() {
+                if oid.is_none_or(|o| o == t.map.target.oid) {
+                    t.tombstoned.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let conflict_like = error.code == "WB001" || error.code == "WB003" || class == "23";
         if !conflict_like && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
             return Err(DirectionError::definite(format!(

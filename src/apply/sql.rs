@@ -239,6 +239,39 @@ impl TableMap {
         )
     }
 
+    /// Plain multi-row INSERT of `rows` rows, for a table without tombstones (guarded by
+    /// [`TOMBSTONE_GUARD`] once per group): a key that exists fails with 23505.
+    pub fn insert_plain_rows(&self, rows: usize) -> String {
+        let cols: Vec<usize> = self.written().collect();
+        let names: Vec<String> = cols.iter().map(|&p| self.name(p)).collect();
+        let mut values = String::new();
+        let mut param = 1;
+        for r in 0..rows {
+            if r > 0 {
+                values.push_str(", ");
+            }
+            values.push('(');
+            for (n, &pos) in cols.iter().enumerate() {
+                if n > 0 {
+                    values.push_str(", ");
+                }
+                values.push_str(&self.cast(pos, param));
+                param += 1;
+            }
+            values.push(')');
+        }
+        format!(
+            "INSERT INTO {} ({}){} VALUES {values}",
+            self.target.quoted_name(),
+            names.join(", "),
+            if self.overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+        )
+    }
+
     /// Guard that holds when the row's current version cannot be in conflict with the
     /// incoming change: written by a node whose origin id is in the array `$o` (the source
     /// itself, and under node_priority the nodes it outranks) or, when `by_time`, committed
@@ -568,6 +601,10 @@ pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> Str
         if cascade { " CASCADE" } else { "" }
     )
 }
+
+/// Fails (WB003) when the table (`$1`, its OID) has delete tombstones: plain INSERTs of it
+/// must then take the per-row check.
+pub const TOMBSTONE_GUARD: &str = "SELECT walbridge.expect_no_tombstones($1::oid)";
 
 /// Last statement of every applied transaction: checks the pipeline's position and stamps the
 /// source's commit. Parameters: expected origin progress, end LSN, commit time.

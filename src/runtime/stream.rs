@@ -201,6 +201,14 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     }
 }
 
+/// How long a gathering group may stay open at most.
+const GROUP_LINGER: Duration = Duration::from_millis(20);
+
+/// Whether more source data is queued or clearly on its way (a backlog is being drained).
+fn more_coming(source: &Source, applier: &Applier) -> bool {
+    source.has_queued() || applier.draining_backlog()
+}
+
 enum Pumped {
     Shutdown,
     Restream,
@@ -213,6 +221,8 @@ async fn pump(
 ) -> Result<Pumped, DirectionError> {
     let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut linger = tokio::time::interval(GROUP_LINGER);
+    linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_wal_end = Lsn::ZERO;
     loop {
@@ -227,6 +237,12 @@ async fn pump(
             // Replies from the target: acknowledge or redo.
             reply = applier.recv_response(), if applier.has_in_flight() => {
                 if applier.on_response(reply?).await? == Outcome::Restream {
+                    return Ok(Pumped::Restream);
+                }
+            }
+            // A group gathering a backlog is sent after a short while at most.
+            _ = linger.tick(), if applier.has_open_group() => {
+                if applier.close_group_older_than(GROUP_LINGER).await? == Outcome::Restream {
                     return Ok(Pumped::Restream);
                 }
             }
@@ -268,7 +284,7 @@ async fn pump(
                                 applier.on_keepalive(wal_end).await?
                             }
                             SourceItem::Event { event, .. } => {
-                                let more = i + 1 < count || source.has_queued();
+                                let more = i + 1 < count || more_coming(source, applier);
                                 applier.on_event(event, more).await?
                             }
                         };
@@ -281,8 +297,9 @@ async fn pump(
                         next = source.try_recv();
                     }
                 }
-                // Nothing more delivered yet: send the group if the target is idle.
-                if applier.maybe_close(source.has_queued()).await? == Outcome::Restream {
+                // Nothing more delivered yet: send the group if the target is idle (unless a
+                // backlog is being drained: then bigger groups cost far less).
+                if applier.maybe_close(more_coming(source, applier)).await? == Outcome::Restream {
                     return Ok(Pumped::Restream);
                 }
             }
