@@ -67,3 +67,33 @@ fn both_directions_pgoutput() {
 fn both_directions_wal2json() {
     both_directions("wal2json");
 }
+
+#[test]
+fn large_batches_with_awkward_values_arrive_intact() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.awkward (
+             id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             t text, b bytea, a text[], j jsonb, n numeric, ts timestamptz);",
+        "tables = [\"public.*\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    let run = d.spawn_run("run.log");
+    // One transaction of 300 rows: applied as COPY (no tombstones on the table yet).
+    d.sql(
+        "east",
+        "INSERT INTO awkward (t, b, a, j, n, ts)
+         SELECT CASE i % 5 WHEN 0 THEN NULL WHEN 1 THEN E'tab\\there\\nnew line' WHEN 2 THEN E'back\\\\slash'
+                           WHEN 3 THEN E'cr\\rlf éè \\\\N' ELSE repeat('x', i) END,
+                decode(md5(i::text), 'hex'),
+                ARRAY['a', NULL, E'q\"uote', E'tab\\t'],
+                jsonb_build_object('i', i, 's', E'line\\nbreak'),
+                i / 7.0,
+                '2026-01-01 00:00:00+00'::timestamptz + i * interval '1 minute'
+           FROM generate_series(1, 300) i",
+    );
+    let q = "SELECT count(*) || '|' || md5(string_agg(t::text, ',' ORDER BY id)) FROM awkward t";
+    let east = d.sql("east", q);
+    d.wait_for("west", q, &east);
+    drop(run);
+}

@@ -68,8 +68,10 @@ pub struct ApplyLimits {
     /// Changes of one transaction kept for a careful redo; a larger transaction that
     /// conflicts is read again from the source and applied change by change.
     pub max_buffered_changes: usize,
-    /// Rows per multi-row INSERT.
+    /// Rows per multi-row INSERT (a batch is sent when it reaches this size).
     pub insert_batch_rows: usize,
+    /// Batches of at least this many rows of a table without tombstones go as COPY.
+    pub copy_min_rows: usize,
     /// Send encoded statements once this many bytes are waiting.
     pub flush_bytes: usize,
 }
@@ -81,7 +83,8 @@ impl Default for ApplyLimits {
             max_group_transactions: 2_000,
             group_span: Duration::from_millis(2),
             max_buffered_changes: 20_000,
-            insert_batch_rows: 128,
+            insert_batch_rows: 1024,
+            copy_min_rows: 64,
             flush_bytes: 256 * 1024,
         }
     }
@@ -873,6 +876,36 @@ impl Applier {
                 }
             }
         }
+        if plain && rows.len() >= self.limits.copy_min_rows {
+            // Large batches of a table without tombstones: COPY, inside the same group.
+            self.enc.parse("", &table.map.copy_in()).map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+            let mut line = Vec::with_capacity(256);
+            let mut chunk = Vec::with_capacity(64 * 1024);
+            for t in &rows {
+                line.clear();
+                for (n, &p) in written.iter().enumerate() {
+                    if n > 0 {
+                        line.push(b'\t');
+                    }
+                    copy_text(&mut line, value_param(t, p));
+                }
+                line.push(b'\n');
+                chunk.extend_from_slice(&line);
+                if chunk.len() >= 64 * 1024 {
+                    self.enc.copy_data(&chunk).map_err(proto)?;
+                    chunk.clear();
+                }
+            }
+            if !chunk.is_empty() {
+                self.enc.copy_data(&chunk).map_err(proto)?;
+            }
+            self.enc.copy_done();
+            if self.enc.len() >= self.limits.flush_bytes {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
         let mut rest: &[Tuple] = &rows;
         while !rest.is_empty() {
             let n = rest.len().min(max_rows);
@@ -1400,10 +1433,44 @@ fn guard_params<'a>(table: &'a TableState, ts: &'a str) -> impl Iterator<Item = 
         .chain(table.by_time.then_some(Some(ts.as_bytes())))
 }
 
+/// Appends a value in COPY text format: NULL as `\N`, backslash, tab, newline and carriage
+/// return escaped.
+fn copy_text(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    let Some(bytes) = value else {
+        out.extend_from_slice(b"\\N");
+        return;
+    };
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
 /// The text-format parameter for column `pos` of `tuple` (`None` = NULL).
 fn value_param(tuple: &Tuple, pos: usize) -> Option<&[u8]> {
     match tuple.0.get(pos) {
         Some(Value::Text(b)) | Some(Value::Binary(b)) => Some(b.as_ref()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_text;
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        let mut out = Vec::new();
+        copy_text(&mut out, Some(b"a\tb\nc\\d\re"));
+        out.push(b'|');
+        copy_text(&mut out, None);
+        out.push(b'|');
+        copy_text(&mut out, Some(b"\\x00ff"));
+        assert_eq!(out, b"a\\tb\\nc\\\\d\\re|\\N|\\\\x00ff".to_vec());
     }
 }

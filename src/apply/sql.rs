@@ -239,6 +239,17 @@ impl TableMap {
         )
     }
 
+    /// `COPY ... FROM STDIN` of the written columns (text format), for large batches of a
+    /// table without tombstones; identity columns take the copied values as they are.
+    pub fn copy_in(&self) -> String {
+        let names: Vec<String> = self.written().map(|p| self.name(p)).collect();
+        format!(
+            "COPY {} ({}) FROM STDIN",
+            self.target.quoted_name(),
+            names.join(", ")
+        )
+    }
+
     /// Plain multi-row INSERT of `rows` rows, for a table without tombstones (guarded by
     /// [`TOMBSTONE_GUARD`] once per group): a key that exists fails with 23505.
     pub fn insert_plain_rows(&self, rows: usize) -> String {
