@@ -387,6 +387,46 @@ fn trailing(r: &Replicator, txns: usize) -> (f64, f64) {
     (trail.as_secs_f64(), tps)
 }
 
+/// Runs `measure` (rows/s, peak RSS in MB) `reps` times per replicator, interleaved, and
+/// prints each median with its range and its ratio to native's.
+fn report_rates(
+    replicators: &[Replicator],
+    reps: usize,
+    measure: impl Fn(&Replicator) -> (f64, f64),
+) {
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); replicators.len()];
+    let mut rss: Vec<f64> = vec![0.0; replicators.len()];
+    for _ in 0..reps {
+        for (i, r) in replicators.iter().enumerate() {
+            let (v, m) = measure(r);
+            runs[i].push(v);
+            rss[i] = rss[i].max(m);
+        }
+    }
+    let mut native = f64::NAN;
+    for (i, r) in replicators.iter().enumerate() {
+        let v = &mut runs[i];
+        v.sort_by(|a, b| a.total_cmp(b));
+        let median = v[v.len() / 2];
+        let range = format!("[{:.0} .. {:.0}]", v[0], v[v.len() - 1]);
+        if i == 0 {
+            native = median;
+            println!("    {:<20} {median:>10.0} rows/s  {range}", r.name());
+        } else {
+            let memory = if rss[i] > 0.0 {
+                format!("   peak RSS {:.0} MB", rss[i])
+            } else {
+                String::new()
+            };
+            println!(
+                "    {:<20} {median:>10.0} rows/s  {range}   ratio {:.2}{memory}",
+                r.name(),
+                median / native
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -407,68 +447,15 @@ fn main() {
     // The machine is shared and noisy: repeat the throughput scenarios, interleaving the
     // replicators, and report medians with the range.
     let reps = if quick { 1 } else { 3 };
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let range = |v: &[f64]| format!("[{:.0} .. {:.0}]", v[0], v[v.len() - 1]);
     if wanted("a") {
         let n = 100_000 / scale;
         println!("(a) backlog drain of {n} single-row INSERT transactions, median of {reps}");
-        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); replicators.len()];
-        for _ in 0..reps {
-            for (i, r) in replicators.iter().enumerate() {
-                runs[i].push(backlog_drain(r, n));
-            }
-        }
-        let native = median(&mut runs[0]);
-        println!(
-            "    {:<20} {:>10.0} rows/s  {}",
-            "native",
-            native,
-            range(&runs[0])
-        );
-        for (i, r) in replicators.iter().enumerate().skip(1) {
-            let v = median(&mut runs[i]);
-            println!(
-                "    {:<20} {:>10.0} rows/s  {}   ratio {:.2}",
-                r.name(),
-                v,
-                range(&runs[i]),
-                v / native
-            );
-        }
+        report_rates(&replicators, reps, |r| (backlog_drain(r, n), 0.0));
     }
     if wanted("b") {
         let n = 1_000_000 / scale;
         println!("(b) one transaction of {n} rows, median of {reps}");
-        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); replicators.len()];
-        let mut rss: Vec<f64> = vec![0.0; replicators.len()];
-        for _ in 0..reps {
-            for (i, r) in replicators.iter().enumerate() {
-                let (v, m) = big_transaction(r, n);
-                runs[i].push(v);
-                rss[i] = rss[i].max(m);
-            }
-        }
-        let native = median(&mut runs[0]);
-        println!(
-            "    {:<20} {:>10.0} rows/s  {}",
-            "native",
-            native,
-            range(&runs[0])
-        );
-        for (i, r) in replicators.iter().enumerate().skip(1) {
-            let v = median(&mut runs[i]);
-            println!(
-                "    {:<20} {:>10.0} rows/s  {}   ratio {:.2}   peak RSS {:.0} MB",
-                r.name(),
-                v,
-                range(&runs[i]),
-                v / native,
-                rss[i]
-            );
-        }
+        report_rates(&replicators, reps, |r| big_transaction(r, n));
     }
     if wanted("c") {
         let secs = if quick { 5 } else { 15 };

@@ -195,24 +195,8 @@ impl TableMap {
     /// in order). Fails with WB001 when a key exists or a tombstone has the key (a possible
     /// conflict), and with 23505 on a unique violation.
     pub fn insert_optimistic(&self, rows: usize) -> String {
-        let cols: Vec<usize> = self.written().collect();
-        let names: Vec<String> = cols.iter().map(|&p| self.name(p)).collect();
-        let mut values = String::new();
-        let mut param = 1;
-        for r in 0..rows {
-            if r > 0 {
-                values.push_str(", ");
-            }
-            values.push('(');
-            for (n, &pos) in cols.iter().enumerate() {
-                if n > 0 {
-                    values.push_str(", ");
-                }
-                values.push_str(&self.cast(pos, param));
-                param += 1;
-            }
-            values.push(')');
-        }
+        let names: Vec<String> = self.written().map(|p| self.name(p)).collect();
+        let values = self.values_list(rows);
         let overriding = if self.overriding {
             " OVERRIDING SYSTEM VALUE"
         } else {
@@ -250,11 +234,9 @@ impl TableMap {
         )
     }
 
-    /// Plain multi-row INSERT of `rows` rows, for a table without tombstones (guarded by
-    /// [`TOMBSTONE_GUARD`] once per group): a key that exists fails with 23505.
-    pub fn insert_plain_rows(&self, rows: usize) -> String {
+    /// `($1::t1, $2::t2), ($3::t1, $4::t2), ...`: `rows` rows of the written columns.
+    fn values_list(&self, rows: usize) -> String {
         let cols: Vec<usize> = self.written().collect();
-        let names: Vec<String> = cols.iter().map(|&p| self.name(p)).collect();
         let mut values = String::new();
         let mut param = 1;
         for r in 0..rows {
@@ -271,6 +253,14 @@ impl TableMap {
             }
             values.push(')');
         }
+        values
+    }
+
+    /// Plain multi-row INSERT of `rows` rows, for a table without tombstones (guarded by
+    /// [`TOMBSTONE_GUARD`] once per group): a key that exists fails with 23505.
+    pub fn insert_plain_rows(&self, rows: usize) -> String {
+        let names: Vec<String> = self.written().map(|p| self.name(p)).collect();
+        let values = self.values_list(rows);
         format!(
             "INSERT INTO {} ({}){} VALUES {values}",
             self.target.quoted_name(),
