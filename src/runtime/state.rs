@@ -132,6 +132,10 @@ pub struct DirectionStatus {
     /// WAL end of the last keepalive the worker consumed.
     #[serde(skip)]
     keepalive_lsn: Lsn,
+    /// Wall time of the worker's last report while streaming: while the direction is down
+    /// and nothing better is known, it has been behind at least since then.
+    #[serde(skip)]
+    last_streaming_at: Option<PgTimestamp>,
     /// When the worker last reported.
     #[serde(skip)]
     observed_at: Option<Instant>,
@@ -161,6 +165,7 @@ impl DirectionStatus {
             idle: false,
             keepalive_lsn: Lsn::ZERO,
             observed_at: None,
+            last_streaming_at: None,
         }
     }
 
@@ -333,6 +338,7 @@ impl StatusBoard {
         }
         entry.transactions_applied = o.transactions_applied;
         entry.observed_at = Some(Instant::now());
+        entry.last_streaming_at = Some(PgTimestamp::now());
         if caught_up(entry, source_wal) {
             entry.in_sync_at = Some(PgTimestamp::now());
         }
@@ -537,7 +543,13 @@ fn derive_lag(d: &mut DirectionStatus, source: Option<&NodeStatus>, now: PgTimes
         d.lag_seconds = Some(0.0);
         return;
     }
-    let anchor = max_opt(d.in_sync_at, d.last_applied_commit_time);
+    let mut anchor = max_opt(d.in_sync_at, d.last_applied_commit_time);
+    if anchor.is_none()
+        && d.state != DirectionState::Streaming
+        && d.lag_bytes.is_some_and(|b| b > 0)
+    {
+        anchor = d.last_streaming_at;
+    }
     d.lag_seconds = anchor.map(|a| a.seconds_until(now).max(0.0));
 }
 
@@ -653,6 +665,23 @@ mod tests {
         assert_eq!(d.lag_bytes, Some(4000));
         let lag = d.lag_seconds.unwrap();
         assert!((89.0..120.0).contains(&lag), "{lag}");
+    }
+
+    #[test]
+    fn lag_seconds_is_known_while_down_even_if_never_seen_in_sync() {
+        let b = board();
+        b.node("a", |n| n.current_wal_lsn = Some(Lsn(1000)));
+        // Streaming, but no keepalive proved it caught up, and nothing applied yet.
+        b.observe("a", "b", obs(500, 0, true));
+        b.direction("a", "b", |d| d.state = DirectionState::Reconnecting);
+        b.node("a", |n| n.current_wal_lsn = Some(Lsn(9000)));
+        b.refresh(None);
+        let d = get(&b, "a", "b");
+        assert!(d.lag_bytes.is_some_and(|l| l > 0));
+        assert!(
+            d.lag_seconds.is_some(),
+            "lag in seconds must not read as unknown/0 while down"
+        );
     }
 
     #[test]
