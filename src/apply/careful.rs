@@ -174,16 +174,12 @@ impl Applier {
                 self.streaming_careful = Some(txn);
                 Ok(())
             }
-            Err(f) => {
-                let _ = self.round_trip("ROLLBACK", &[]).await?;
-                Err(match f {
-                    Failed::Stop(e) => e,
-                    Failed::Server(e) => DirectionError::transient(format!(
-                        "{} -> {}: careful apply failed, retrying from the target's progress: {e}",
-                        self.source, self.target
-                    )),
-                })
-            }
+            Err(f) => Err(self
+                .roll_back(
+                    f,
+                    "careful apply failed, retrying from the target's progress",
+                )
+                .await?),
         }
     }
 
@@ -203,17 +199,27 @@ impl Applier {
                 self.acknowledge(&txn.sent, &txn.conflicts);
                 Ok(())
             }
-            Err(f) => {
-                let _ = self.round_trip("ROLLBACK", &[]).await?;
-                Err(match f {
-                    Failed::Stop(e) => e,
-                    Failed::Server(e) => DirectionError::transient(format!(
-                        "{} -> {}: committing a careful transaction failed: {e}",
-                        self.source, self.target
-                    )),
-                })
-            }
+            Err(f) => Err(self
+                .roll_back(f, "committing a careful transaction failed")
+                .await?),
         }
+    }
+
+    /// Rolls back after a failed careful step: a refused statement is worth retrying from the
+    /// target's progress (transient), a stop is final.
+    async fn roll_back(
+        &mut self,
+        failed: Failed,
+        what: &str,
+    ) -> Result<DirectionError, DirectionError> {
+        let _ = self.round_trip("ROLLBACK", &[]).await?;
+        Ok(match failed {
+            Failed::Stop(e) => e,
+            Failed::Server(e) => DirectionError::transient(format!(
+                "{} -> {}: {what}: {e}",
+                self.source, self.target
+            )),
+        })
     }
 
     /// Rolls back a streamed careful transaction (shutdown).

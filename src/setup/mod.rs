@@ -148,7 +148,7 @@ pub async fn connect_all(config: &Config, purpose: &str) -> Result<Vec<NodeSessi
 }
 
 /// The replicated tables, identical on every node: resolved from the patterns on each node,
-/// and a problem for each table some node lacks.
+/// with a problem for each table some node lacks and for each table without a key.
 pub async fn resolve_tables(
     config: &Config,
     nodes: &[NodeSession],
@@ -191,6 +191,12 @@ pub async fn resolve_tables(
             }
         }
     }
+    // Updates and deletes need a key on every node (from what was just read: no second look).
+    for n in nodes {
+        for info in per_node[n.name.as_str()].values() {
+            problems.extend(prereq::identity_problem(&n.name, info));
+        }
+    }
     let first = nodes
         .first()
         .map(|n| per_node[n.name.as_str()].clone())
@@ -217,44 +223,13 @@ pub async fn setup(
             .await
             .map_err(sql_err(&n.name, "reading server settings"))?;
         let (mode, reason) = trigger::choose(config.replication.mode, &facts);
+        let (p, w) = node_problems(config, n, mode, &facts).await?;
+        problems.extend(p);
+        warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
         modes.insert(n.name.clone(), (mode, reason));
-        if mode == CaptureMode::Trigger {
-            let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
-                .await
-                .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
-            problems.extend(p.into_iter().map(|message| Problem {
-                node: n.name.clone(),
-                message,
-            }));
-            warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
-            continue;
-        }
-        problems.extend(prereq::common_problems(&n.name, &facts));
-        problems.extend(prereq::stream_problems(&n.name, &facts, nodes.len()));
-        if facts.stream_blocker().is_none() {
-            if let Some(p) = prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
-                .await
-                .map_err(sql_err(&n.name, "probing the output plugin"))?
-            {
-                problems.push(p);
-            }
-        }
     }
     let (tables, missing) = resolve_tables(config, &nodes).await?;
     problems.extend(missing);
-    for n in &nodes {
-        for t in &tables {
-            if let Some(info) = catalog::table_info(&n.client, &t.schema, &t.name)
-                .await
-                .map_err(|source| SetupError::Catalog {
-                    node: n.name.clone(),
-                    source,
-                })?
-            {
-                problems.extend(prereq::identity_problem(&n.name, &info));
-            }
-        }
-    }
     if tables.is_empty() {
         problems.push(Problem {
             node: nodes.first().map(|n| n.name.clone()).unwrap_or_default(),
@@ -511,51 +486,50 @@ pub async fn check(
         // Each node is checked for the mode it gets (`auto` decides per node).
         let (mode, reason) = trigger::choose(config.replication.mode, &facts);
         let _ = writeln!(out, "{}: {} mode ({reason})", n.name, mode.as_str());
-        match mode {
-            CaptureMode::Stream => {
-                problems.extend(prereq::common_problems(&n.name, &facts));
-                problems.extend(prereq::stream_problems(&n.name, &facts, config.nodes.len()));
-                if facts.stream_blocker().is_none() {
-                    problems.extend(
-                        prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
-                            .await
-                            .map_err(sql_err(&n.name, "probing the output plugin"))?,
-                    );
-                }
-            }
-            CaptureMode::Trigger => {
-                let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
-                    .await
-                    .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
-                problems.extend(p.into_iter().map(|message| Problem {
-                    node: n.name.clone(),
-                    message,
-                }));
-                for w in w {
-                    let _ = writeln!(out, "{}: note: {w}", n.name);
-                }
-            }
+        let (p, w) = node_problems(config, n, mode, &facts).await?;
+        problems.extend(p);
+        for w in w {
+            let _ = writeln!(out, "{}: note: {w}", n.name);
         }
     }
     if nodes.len() == config.nodes.len() {
         let (tables, missing) = resolve_tables(config, &nodes).await?;
         problems.extend(missing);
-        for n in &nodes {
-            for t in &tables {
-                if let Some(info) = catalog::table_info(&n.client, &t.schema, &t.name)
-                    .await
-                    .map_err(|source| SetupError::Catalog {
-                        node: n.name.clone(),
-                        source,
-                    })?
-                {
-                    problems.extend(prereq::identity_problem(&n.name, &info));
-                }
-            }
-        }
         let _ = writeln!(out, "tables resolved: {}", tables.len());
     }
     Ok(problems)
+}
+
+/// What one node lacks for the capture mode it gets, and warnings that do not stop setup.
+async fn node_problems(
+    config: &Config,
+    n: &NodeSession,
+    mode: CaptureMode,
+    facts: &prereq::NodeFacts,
+) -> Result<(Vec<Problem>, Vec<String>), SetupError> {
+    if mode == CaptureMode::Trigger {
+        let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
+            .await
+            .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
+        let problems = p
+            .into_iter()
+            .map(|message| Problem {
+                node: n.name.clone(),
+                message,
+            })
+            .collect();
+        return Ok((problems, w));
+    }
+    let mut problems = prereq::common_problems(&n.name, facts);
+    problems.extend(prereq::stream_problems(&n.name, facts, config.nodes.len()));
+    if facts.stream_blocker().is_none() {
+        problems.extend(
+            prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
+                .await
+                .map_err(sql_err(&n.name, "probing the output plugin"))?,
+        );
+    }
+    Ok((problems, Vec::new()))
 }
 
 fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {

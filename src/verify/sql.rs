@@ -66,15 +66,19 @@ impl TableSql {
         format!("ROW({cols})::text COLLATE \"C\"")
     }
 
+    /// The key columns, quoted, each wrapped in `prefix` / `suffix`, comma-separated
+    /// (`s."k1"::text, s."k2"::text`).
+    fn key_list(&self, prefix: &str, suffix: &str) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("{prefix}{}{suffix}", quote_ident(&k.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// `("k1", "k2")`.
     fn key_tuple(&self) -> String {
-        let cols = self
-            .key
-            .iter()
-            .map(|k| quote_ident(&k.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("({cols})")
+        format!("({})", self.key_list("", ""))
     }
 
     /// `($n::text::type1, $n+1::text::type2)`, pushing `values` as parameters.
@@ -180,18 +184,8 @@ impl TableSql {
         let cond = self.range_condition(range, &mut params);
         params.push(step.to_string());
         let step_param = params.len();
-        let key_cols = self
-            .key
-            .iter()
-            .map(|k| quote_ident(&k.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_text = self
-            .key
-            .iter()
-            .map(|k| format!("s.{}::text", quote_ident(&k.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let key_cols = self.key_list("", "");
+        let key_text = self.key_list("s.", "::text");
         Statement {
             sql: format!(
                 "SELECT {key_text} FROM (SELECT {key_cols}, row_number() OVER (ORDER BY \
@@ -208,24 +202,9 @@ impl TableSql {
     pub fn row_hashes(&self, range: &KeyRange) -> Statement {
         let mut params = Vec::new();
         let cond = self.range_condition(range, &mut params);
-        let key_cols = self
-            .key
-            .iter()
-            .map(|k| quote_ident(&k.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_text = self
-            .key
-            .iter()
-            .map(|k| format!("s.{}::text", quote_ident(&k.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_order = self
-            .key
-            .iter()
-            .map(|k| format!("s.{}", quote_ident(&k.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let key_cols = self.key_list("", "");
+        let key_text = self.key_list("s.", "::text");
+        let key_order = self.key_list("s.", "");
         Statement {
             sql: format!(
                 "SELECT {key_text}, \
