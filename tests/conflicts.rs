@@ -307,3 +307,51 @@ fn sequence_ranges_keep_generated_keys_apart() {
         );
     }
 }
+
+/// `TRUNCATE ... RESTART IDENTITY` is replayed on every node, and each node's sequence restarts
+/// at the first value of its own class (START WITH), not at 1 for everyone.
+#[test]
+fn sequence_ranges_survive_truncate_restart_identity() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.orders (id bigserial PRIMARY KEY, note text);
+         CREATE TABLE public.events (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text);",
+        "tables = [\"public.*\"]\nsequence_ranges = true",
+    );
+    d.walbridge_ok(&["setup"]);
+    for node in ["a", "b"] {
+        d.sql(
+            node,
+            &format!("INSERT INTO orders (note) SELECT '{node}' FROM generate_series(1, 3)"),
+        );
+    }
+    d.replicate_once("before.log");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM orders"), "6");
+    d.sql("a", "TRUNCATE orders, events RESTART IDENTITY");
+    d.replicate_once("truncate.log");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM orders"), "0");
+    for node in ["a", "b"] {
+        for table in ["orders", "events"] {
+            d.sql(
+                node,
+                &format!("INSERT INTO {table} (note) SELECT '{node}' FROM generate_series(1, 4)"),
+            );
+        }
+    }
+    d.replicate_once("after.log");
+    for table in ["orders", "events"] {
+        assert_eq!(
+            d.sql(
+                "a",
+                &format!("SELECT string_agg(id || ':' || note, ' ' ORDER BY id) FROM {table}")
+            ),
+            "1:a 2:b 3:a 4:b 5:a 6:b 7:a 8:b",
+            "{table}"
+        );
+        assert_eq!(
+            d.fingerprint("a", table, "id"),
+            d.fingerprint("b", table, "id")
+        );
+    }
+    assert_eq!(conflicts(&d, "a") + &conflicts(&d, "b"), "");
+}
