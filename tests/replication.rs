@@ -97,3 +97,80 @@ fn large_batches_with_awkward_values_arrive_intact() {
     d.wait_for("west", q, &east);
     drop(run);
 }
+
+const TRUNCATE_SCHEMA: &str = "
+    CREATE TABLE public.parent (id int PRIMARY KEY, v text);
+    CREATE TABLE public.kid (id int PRIMARY KEY, parent_id int REFERENCES public.parent);
+";
+
+/// `TRUNCATE parent CASCADE` with the referencing table replicated too: the source's message
+/// lists both, and the target truncates both (without cascading any further).
+#[test]
+fn truncate_cascade_of_replicated_tables_applies_the_listed_tables() {
+    let d = Deployment::new(
+        &["east", "west"],
+        TRUNCATE_SCHEMA,
+        "tables = [\"public.*\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "east",
+        "INSERT INTO parent VALUES (1, 'p'), (2, 'p'); INSERT INTO kid VALUES (10, 1), (20, 2)",
+    );
+    d.replicate_once("seed.log");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM kid"), "2");
+    d.sql("east", "TRUNCATE parent CASCADE");
+    d.replicate_once("truncate.log");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT (SELECT count(*) FROM parent) + (SELECT count(*) FROM kid)"
+        ),
+        "0"
+    );
+}
+
+/// A table walbridge does not replicate references a replicated one on the target: the
+/// source's `TRUNCATE ... CASCADE` must not empty it there. Like PostgreSQL's own apply, the
+/// target truncates only the listed tables, which the foreign key refuses, so the direction
+/// stops and says why; the unreplicated rows stay.
+#[test]
+fn truncate_cascade_never_empties_unreplicated_tables_on_the_peer() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!(
+            "{TRUNCATE_SCHEMA}
+             CREATE TABLE public.audit (id int PRIMARY KEY, parent_id int REFERENCES public.parent);"
+        ),
+        "tables = [\"public.*\"]\nexclude = [\"public.audit\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "east",
+        "INSERT INTO parent VALUES (1, 'p'), (2, 'p'); INSERT INTO kid VALUES (10, 1)",
+    );
+    d.replicate_once("seed.log");
+    d.sql("west", "INSERT INTO audit VALUES (100, 1), (200, 2)");
+    d.sql("east", "TRUNCATE parent CASCADE");
+    let run = d.spawn_run("run.log");
+    let stopped = wait_until(WAIT, || run.log().contains("never cascades"));
+    let log = run.log();
+    assert!(stopped, "log:\n{log}");
+    assert!(
+        log.contains("\"audit\""),
+        "the error names the table:\n{log}"
+    );
+    assert_eq!(d.sql("west", "SELECT count(*) FROM audit"), "2");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM parent"), "2");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM kid"), "1");
+    // Nothing of that transaction was applied or confirmed.
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots \
+             WHERE slot_name = 'walbridge_east_to_west'"
+        ),
+        "t"
+    );
+    drop(run);
+}

@@ -242,8 +242,12 @@ impl Applier {
 
     async fn careful_truncate(&mut self, t: &Truncate) -> Result<(), Failed> {
         let sql = self.truncate_sql(t).await.map_err(Failed::Stop)?;
-        self.exec(&sql, &[]).await?;
-        Ok(())
+        match self.exec(&sql, &[]).await {
+            Err(Failed::Server(e)) if sql::truncate_refused(&e) => Err(Failed::Stop(
+                self.truncate_refused("applying a transaction carefully", &e),
+            )),
+            other => other.map(drop),
+        }
     }
 
     async fn careful_change(

@@ -963,7 +963,21 @@ impl Applier {
         for rel in &t.relations {
             names.push(self.table(rel).await?.map.target.quoted_name());
         }
-        Ok(sql::truncate(&names, t.restart_identity, t.cascade))
+        // Exactly the listed tables, never CASCADE (see `sql::truncate`).
+        Ok(sql::truncate(&names, t.restart_identity))
+    }
+
+    /// The error for a TRUNCATE the target refused because a table outside it references one
+    /// of the truncated tables (see [`sql::truncate_refused`]).
+    fn truncate_refused(&self, what: &str, e: &ServerError) -> DirectionError {
+        DirectionError::definite(format!(
+            "{} -> {}: {what}: a TRUNCATE cannot be applied on {}: {e}. walbridge truncates \
+             exactly the tables the source's TRUNCATE lists and never cascades to tables it \
+             does not replicate (like PostgreSQL's own logical replication); replicate the \
+             referencing table too (a TRUNCATE ... CASCADE on the source then lists it), or \
+             drop that foreign key on {}, then restart walbridge",
+            self.source, self.target, self.target, self.target
+        ))
     }
 
     async fn on_commit(
@@ -1258,6 +1272,17 @@ impl Applier {
         let conflict_like = error.code == "WB001" || error.code == "WB003" || class == "23";
         if !conflict_like && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
+            if sql::truncate_refused(&error) {
+                return Err(self.truncate_refused(
+                    &format!(
+                        "applying the transaction of {} (xid {}, end {})",
+                        first.map_or_else(String::new, |s| s.commit_time.to_string()),
+                        first.map_or(0, |s| s.begin.xid),
+                        failed.last().map_or(Lsn::ZERO, |s| s.end_lsn)
+                    ),
+                    &error,
+                ));
+            }
             return Err(DirectionError::definite(format!(
                 "{} -> {}: applying the transaction of {} (xid {}, end {}) failed: {error}",
                 self.source,

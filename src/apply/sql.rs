@@ -589,18 +589,32 @@ pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
      local_commit_ts, remote_commit_ts) \
     VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz)";
 
-/// `TRUNCATE` of the given quoted table names with the source's options.
-pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> String {
+/// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
+///
+/// Never `CASCADE`, whatever the source used: the source's message already lists every table
+/// its cascade emptied that is replicated, and a cascade on the target would also empty tables
+/// walbridge does not replicate that happen to reference one of them. This is what
+/// PostgreSQL's own apply worker does (it truncates the listed relations with
+/// `DROP_RESTRICT`); as there, a table that is not in the list but references one of them with
+/// a foreign key makes the statement fail (SQLSTATE 0A000), and the direction stops with an
+/// error saying so (see [`truncate_refused`]) instead of deleting rows the source never sent.
+pub fn truncate(tables: &[String], restart_identity: bool) -> String {
     format!(
-        "TRUNCATE {}{}{}",
+        "TRUNCATE {}{}",
         tables.join(", "),
         if restart_identity {
             " RESTART IDENTITY"
         } else {
             ""
         },
-        if cascade { " CASCADE" } else { "" }
     )
+}
+
+/// Whether `error` is the target refusing a replicated TRUNCATE because a table outside it
+/// references one of the truncated tables (PostgreSQL's "cannot truncate a table referenced
+/// in a foreign key constraint"): the operator must decide, nothing is cascaded.
+pub fn truncate_refused(error: &crate::protocol::ServerError) -> bool {
+    error.code == "0A000" && error.message.contains("foreign key")
 }
 
 /// Fails (WB003) when the table (`$1`, its OID) has delete tombstones: plain INSERTs of it
