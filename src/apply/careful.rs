@@ -39,11 +39,13 @@ use crate::protocol::pipeline::Rows;
 
 impl Applier {
     /// One statement as its own round trip: `Parse` (unnamed) + `Bind` + `Execute` + `Sync`.
+    /// Whatever is still in flight is read first, so the reply read here is this statement's.
     async fn round_trip(
         &mut self,
         sql: &str,
         params: &[Option<&[u8]>],
     ) -> Result<Result<Rows, ServerError>, DirectionError> {
+        self.settle_in_flight().await?;
         self.enc.parse("", sql).map_err(proto)?;
         self.enc
             .execute("", params.iter().copied())

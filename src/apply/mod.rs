@@ -1336,6 +1336,56 @@ impl Applier {
         self.pipe.finish_group().await.map_err(proto)
     }
 
+    /// Reads and handles the replies of everything still in flight, oldest first, so the
+    /// next reply on the session is the answer to whatever is sent next.
+    ///
+    /// The session answers requests strictly in order and replies carry no tag, so a careful
+    /// round trip (which reads "its" reply right after sending) must start with nothing in
+    /// flight. After a restream the runtime's progress tick may have queued a progress query
+    /// whose reply is still unread: without this, the careful transaction's `BEGIN` would read
+    /// that reply, its row lookup would read the `BEGIN`'s (no row), and every later step
+    /// would be one answer behind.
+    ///
+    /// ```text
+    ///   sent:   progress?   BEGIN   lookup(key)   ...
+    ///   read:   └ here, handled as progress; then each careful step reads its own answer
+    /// ```
+    pub(super) async fn settle_in_flight(&mut self) -> Result<(), DirectionError> {
+        while let Some(group) = self.in_flight.pop_front() {
+            // Replies of the oldest group may already have been taken one by one.
+            let (more, error) = self.read_group().await?;
+            let mut rows = std::mem::take(&mut self.acc_rows);
+            rows.extend(more);
+            let error = self.acc_error.take().or(error);
+            match group {
+                Group::Progress => {
+                    self.progress_pending = false;
+                    if let Some(e) = error {
+                        return Err(server(&self.target, "reading the origin's progress", e));
+                    }
+                    self.note_progress(&rows);
+                }
+                Group::Abort | Group::Close => {}
+                Group::Txns(members, _) => {
+                    if let Some(e) = error {
+                        // Its redo must come first; restart from the target's progress.
+                        return Err(DirectionError::transient(format!(
+                            "{} -> {}: a group sent before a careful step failed ({e}); \
+                             restarting from the target's progress",
+                            self.source, self.target
+                        )));
+                    }
+                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    for (i, sent) in members.iter().enumerate() {
+                        self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
+                    }
+                    self.cautious = self.cautious.saturating_sub(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Closes statements first parsed in failed groups (the server may or may not have them)
     /// so they are parsed afresh under new names.
     async fn forget_statements(&mut self, names: Vec<String>) -> Result<(), DirectionError> {
