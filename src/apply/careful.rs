@@ -472,10 +472,38 @@ impl Applier {
                 } else {
                     key_tuple
                 };
-                let mut params: Vec<Option<&[u8]>> =
-                    present.iter().map(|&p| value_param(new, p)).collect();
-                params.extend(map.key.iter().map(|&p| value_param(key_src, p)));
-                self.exec(&map.update_plain(&present), &params).await?;
+                let keys = || map.key.iter().map(|&p| value_param(key_src, p));
+                let settable = map.settable(&present);
+                if !settable.is_empty() {
+                    let params: Vec<Option<&[u8]>> = settable
+                        .iter()
+                        .map(|&p| value_param(new, p))
+                        .chain(keys())
+                        .collect();
+                    self.exec(&map.update_plain(&present), &params).await?;
+                }
+                // GENERATED ALWAYS identity values are left out above; write those that
+                // differ from the row's (see `sql::IdentityChange`).
+                let identity: Vec<usize> = map
+                    .always_identity
+                    .iter()
+                    .copied()
+                    .filter(|&p| present.contains(&p))
+                    .collect();
+                if !identity.is_empty() {
+                    let params: Vec<Option<&[u8]>> = identity
+                        .iter()
+                        .map(|&p| value_param(new, p))
+                        .chain(keys())
+                        .collect();
+                    let differs = self.exec(&map.identity_differs(&identity), &params).await?;
+                    if differs.first().and_then(|r| r.first()).and_then(text) == Some("t") {
+                        let [by_default, update, always] = map.identity_rewrite(&identity);
+                        self.exec(&by_default, &[]).await?;
+                        self.exec(&update, &params).await?;
+                        self.exec(&always, &[]).await?;
+                    }
+                }
             }
             Action::Delete => {
                 let params: Vec<Option<&[u8]>> =

@@ -800,15 +800,29 @@ impl Applier {
             .filter(|&p| !matches!(new.0.get(p), Some(Value::UnchangedToast)))
             .collect();
         let key_tuple = change.identity_tuple().unwrap_or(new);
+        let check = match table.map.identity_change(new, change.old.as_ref()) {
+            sql::IdentityChange::Unchanged { check } if table.map.has_settable() => check,
+            _ => {
+                // A new GENERATED ALWAYS identity value: no UPDATE can write it. Fail this
+                // group so the transaction is redone carefully, where it is written (see
+                // `sql::IdentityChange`).
+                let name = self.statement(sql::NEEDS_CAREFUL)?;
+                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+                return Ok(());
+            }
+        };
         let sql = match table.resolving_now() {
-            Some(r) => table.map.update_resolving(&present, r),
-            None => table.map.update_optimistic(&present, table.by_time),
+            Some(r) => table.map.update_resolving(&present, &check, r),
+            None => table.map.update_optimistic(&present, &check, table.by_time),
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
-        let params = present
-            .iter()
-            .map(|&p| value_param(new, p))
+        let params = table
+            .map
+            .settable(&present)
+            .into_iter()
+            .chain(check.iter().copied())
+            .map(|p| value_param(new, p))
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
             .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
