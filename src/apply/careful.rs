@@ -499,7 +499,18 @@ impl Applier {
                     let differs = self.exec(&map.identity_differs(&identity), &params).await?;
                     if differs.first().and_then(|r| r.first()).and_then(text) == Some("t") {
                         let [by_default, update, always] = map.identity_rewrite(&identity);
-                        self.exec(&by_default, &[]).await?;
+                        match self.exec(&by_default, &[]).await {
+                            Err(Failed::Server(e)) if e.code == "42501" => {
+                                return Err(Failed::Stop(DirectionError::definite(format!(
+                                    "{} -> {}: a new GENERATED ALWAYS identity value of {} \
+                                     (the source ran UPDATE ... SET ... = DEFAULT) can only be \
+                                     written on {} by the table's owner or a superuser: {e}; \
+                                     let walbridge's role own the table there, then restart",
+                                    self.source, self.target, table.label, self.target
+                                ))));
+                            }
+                            other => other.map(drop)?,
+                        }
                         self.exec(&update, &params).await?;
                         self.exec(&always, &[]).await?;
                     }
