@@ -52,8 +52,14 @@ pub fn generate(cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, AssetsEr
             source,
         })?;
     }
+    let mut pages = vec![cmd.get_name().to_string()];
+    pages.extend(
+        cmd.get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_display_name().unwrap_or(s.get_name()).to_string()),
+    );
     let mut written = Vec::new();
-    man_pages(&cmd, &man_dir, &mut written)?;
+    man_pages(&cmd, &pages, &man_dir, &mut written)?;
     let name = cmd.get_name().to_string();
     for (shell, file) in COMPLETIONS {
         let mut text = Vec::new();
@@ -63,21 +69,67 @@ pub fn generate(cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, AssetsEr
     Ok(written)
 }
 
-/// The page of `cmd`, then those of its visible subcommands.
+/// The sections clap has no notion of, on the main page (roff).
+const MAIN_PAGE_EXTRA: &str = r#".SH "EXIT STATUS"
+0 on success; 1 when the command failed at run time (for \fBstatus\fR: a node is unreachable;
+for \fBverify\fR: the nodes differ); 2 for a usage or configuration error.
+.SH ENVIRONMENT
+.TP
+\fBWALBRIDGE_CONFIG\fR
+the configuration file when \fB\-\-config\fR is not given
+.TP
+\fBRUST_LOG\fR
+log filter (default \fBinfo\fR), e.g. \fBwalbridge=debug\fR
+.TP
+\fBPGPASSWORD\fR, \fBPGPASSFILE\fR
+a node's password when neither its DSN nor its \fBpassword_file\fR gives one
+.SH FILES
+.TP
+\fI/etc/walbridge/walbridge.toml\fR
+the configuration the \fBwalbridge\fR service runs; \fBwalbridge@NAME\fR runs
+\fI/etc/walbridge/NAME.toml\fR
+.TP
+\fI/usr/share/walbridge/sql/\fR
+the SQL walbridge runs on the nodes, to read or to run by hand (\fBuninstall.sql\fR)
+.TP
+\fI/usr/share/doc/walbridge/README.md\fR
+every configuration key, conflicts, operations, limits
+"#;
+
+/// The page of `cmd`, then those of its visible subcommands; each ends with SEE ALSO naming
+/// the other `pages`.
 fn man_pages(
     cmd: &clap::Command,
+    pages: &[String],
     dir: &Path,
     written: &mut Vec<PathBuf>,
 ) -> Result<(), AssetsError> {
-    let man = clap_mangen::Man::new(cmd.clone()).manual("walbridge manual");
+    // The footer names the program and its version on every page ("walbridge 0.1.0 ...").
+    let source = format!("{} {}", pages[0], cmd.get_version().unwrap_or_default());
+    let man = clap_mangen::Man::new(cmd.clone())
+        .manual("walbridge manual")
+        .source(source);
+    let path = dir.join(man.get_filename());
     let mut text = Vec::new();
     man.render(&mut text).map_err(|source| AssetsError {
-        path: dir.join(man.get_filename()),
+        path: path.clone(),
         source,
     })?;
-    written.push(write(&dir.join(man.get_filename()), &text)?);
+    let this = cmd.get_display_name().unwrap_or(cmd.get_name());
+    if this == pages[0] {
+        text.extend_from_slice(MAIN_PAGE_EXTRA.as_bytes());
+    }
+    let others: Vec<String> = pages
+        .iter()
+        .filter(|p| p.as_str() != this)
+        .map(|p| format!("\\fB{}\\fR(1)", p.replace('-', "\\-")))
+        .collect();
+    if !others.is_empty() {
+        text.extend_from_slice(format!(".SH \"SEE ALSO\"\n{}\n", others.join(", ")).as_bytes());
+    }
+    written.push(write(&path, &text)?);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        man_pages(sub, dir, written)?;
+        man_pages(sub, pages, dir, written)?;
     }
     Ok(())
 }
@@ -125,5 +177,12 @@ mod tests {
         let setup = std::fs::read_to_string(dir.path().join("man/walbridge-setup.1")).unwrap();
         assert!(setup.contains("Prepare every node"), "{setup}");
         assert!(setup.contains("config"), "global flag missing: {setup}");
+        assert!(
+            setup.contains(".SH \"SEE ALSO\"\n\\fBwalbridge\\fR(1)\n"),
+            "{setup}"
+        );
+        let main = std::fs::read_to_string(dir.path().join("man/walbridge.1")).unwrap();
+        assert!(main.contains(".SH \"EXIT STATUS\""), "{main}");
+        assert!(main.contains("\\fBwalbridge\\-setup\\fR(1)"), "{main}");
     }
 }
