@@ -28,7 +28,13 @@ use crate::telemetry::{self, LogFormat};
 
 /// `walbridge`: PostgreSQL active-active replication.
 #[derive(Debug, Parser)]
-#[command(name = "walbridge", version, about, propagate_version = true)]
+#[command(
+    name = "walbridge",
+    version = crate::version::SHORT,
+    long_version = crate::version::LONG,
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Flags every subcommand accepts, before or after its name.
     #[command(flatten)]

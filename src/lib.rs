@@ -13,6 +13,7 @@
 //! The binary (`walbridge`) is a thin shell over [`cli`].
 
 pub mod apply;
+pub mod assets;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -37,3 +38,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod trigger;
 pub mod verify;
+pub mod version;

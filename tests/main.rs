@@ -12,6 +12,7 @@ mod heavy_convergence;
 mod heavy_resilience;
 mod localpg;
 mod observability;
+mod packaging;
 mod protocol;
 mod replication;
 mod setup;
