@@ -205,6 +205,27 @@ pub enum DsnError {
         #[source]
         source: std::io::Error,
     },
+    /// `password_file` may be read by other users.
+    #[error(
+        "password file {} may be read by other users (mode {mode:04o}); allow only its owner: \
+         chmod 600 it (for a Kubernetes secret volume, set defaultMode: 0400)",
+        path.display()
+    )]
+    PasswordFileMode {
+        /// The file named by `password_file`.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A value could not be expanded (`${ENV}` interpolation).
+    #[error("invalid connection string: in the {key} value: {source}")]
+    Expand {
+        /// The option whose value failed.
+        key: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// `password_file` exists but holds no password.
     #[error("password file {} is empty; write the password on its first line", .0.display())]
     EmptyPasswordFile(PathBuf),
@@ -351,6 +372,44 @@ struct Raw {
     passfile: Option<String>,
 }
 
+impl Raw {
+    /// Every value given, with its key.
+    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 14] {
+        [
+            ("host", &mut self.host),
+            ("hostaddr", &mut self.hostaddr),
+            ("port", &mut self.port),
+            ("user", &mut self.user),
+            ("password", &mut self.password),
+            ("dbname", &mut self.dbname),
+            ("sslmode", &mut self.sslmode),
+            ("sslrootcert", &mut self.sslrootcert),
+            ("sslcert", &mut self.sslcert),
+            ("sslkey", &mut self.sslkey),
+            ("application_name", &mut self.application_name),
+            ("connect_timeout", &mut self.connect_timeout),
+            ("options", &mut self.options),
+            ("passfile", &mut self.passfile),
+        ]
+    }
+
+    /// Passes each value (already unquoted / percent-decoded) through `expand`.
+    fn expand<E>(&mut self, expand: &dyn Fn(&str) -> Result<String, E>) -> Result<(), DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        for (key, slot) in self.values_mut() {
+            if let Some(v) = slot.as_mut() {
+                *v = expand(v).map_err(|e| DsnError::Expand {
+                    key,
+                    source: Box::new(e),
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Hides input fragments that might be part of a password from error messages.
 struct Redactor<'a> {
     input: &'a str,
@@ -448,15 +507,46 @@ impl Dsn {
         Self::parse_with(s, &SystemEnv)
     }
 
+    /// [`Dsn::parse`], then each value goes through `expand` (for `${ENV}` interpolation).
+    ///
+    /// Expansion happens after the string is split into keys and values, so an expanded value
+    /// stays one value whatever it contains: spaces, quotes, `&` or `@` in an environment
+    /// variable cannot add or change other options.
+    pub fn parse_expanding<E>(
+        s: &str,
+        expand: &dyn Fn(&str) -> Result<String, E>,
+    ) -> Result<Dsn, DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        Self::parse_expanding_with(s, expand, &SystemEnv)
+    }
+
     /// [`Dsn::parse`] with defaults taken from `env`.
     pub(crate) fn parse_with(s: &str, env: &dyn Environment) -> Result<Dsn, DsnError> {
+        Self::parse_expanding_with(
+            s,
+            &|v| Ok::<_, std::convert::Infallible>(v.to_string()),
+            env,
+        )
+    }
+
+    fn parse_expanding_with<E>(
+        s: &str,
+        expand: &dyn Fn(&str) -> Result<String, E>,
+        env: &dyn Environment,
+    ) -> Result<Dsn, DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let trimmed = s.trim_start();
-        let (raw, red) =
+        let (mut raw, red) =
             if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://") {
                 parse_uri(s)?
             } else {
                 parse_key_value(s)?
             };
+        raw.expand(expand)?;
         build(raw, &red, env)
     }
 
@@ -476,6 +566,7 @@ impl Dsn {
             return Ok(());
         }
         if let Some(path) = password_file {
+            check_password_file_mode(path)?;
             let text = std::fs::read_to_string(path).map_err(|source| DsnError::PasswordFile {
                 path: path.to_path_buf(),
                 source,
@@ -582,6 +673,33 @@ impl Dsn {
             None => self.describe(),
         }
     }
+}
+
+/// Refuses a `password_file` that users other than its owner may read.
+///
+/// The rule is libpq's for private keys: no group or other access at all, except that a file
+/// owned by root may be group-readable (a secret managed by the system, read through a group).
+/// A `.pgpass` with loose permissions is ignored with a warning instead, as libpq does.
+fn check_password_file_mode(path: &Path) -> Result<(), DsnError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = std::fs::metadata(path).map_err(|source| DsnError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    let loose = if meta.uid() == 0 {
+        mode & 0o037 != 0
+    } else {
+        mode & 0o077 != 0
+    };
+    if loose {
+        return Err(DsnError::PasswordFileMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Looks `host:port:db:user` up in `.pgpass` text; `*` matches any value, `\` escapes.
@@ -815,7 +933,7 @@ fn parse_uri(s: &str) -> Result<(Raw, Redactor<'_>), DsnError> {
                         ))
                     }
                 };
-                (host.to_string(), port)
+                (decode(&red, "a host address", host)?, port)
             } else {
                 let (h, p) = match spec.split_once(':') {
                     Some((h, p)) => (h, Some(p)),
@@ -1453,6 +1571,82 @@ mod tests {
         let mut d = Dsn::parse_with(&format!("passfile={}", pgpass.display()), &env).unwrap();
         d.resolve_password_with(None, &env).unwrap();
         assert_eq!(d.password.as_ref().map(Secret::expose), Some("sock"));
+    }
+
+    #[test]
+    fn password_file_with_group_or_other_access_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Group-readable is allowed only for files owned by root (libpq's rule for keys).
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let group_read: &[u32] = if root { &[] } else { &[0o640] };
+        for &mode in [0o644, 0o604, 0o620, 0o660, 0o601].iter().chain(group_read) {
+            let f = write_file(dir.path(), "pw", "secret\n", mode);
+            let e = parse("")
+                .resolve_password_with(Some(&f), &FakeEnv::new())
+                .unwrap_err();
+            assert!(
+                matches!(e, DsnError::PasswordFileMode { .. }),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+            assert!(!e.to_string().contains("secret\n"), "{e}");
+        }
+        let ok: &[u32] = if root {
+            &[0o400, 0o600, 0o640]
+        } else {
+            &[0o400, 0o600]
+        };
+        for &mode in ok {
+            let f = write_file(dir.path(), "pw", "secret\n", mode);
+            let mut d = parse("");
+            d.resolve_password_with(Some(&f), &FakeEnv::new()).unwrap();
+            assert_eq!(d.password.as_ref().map(Secret::expose), Some("secret"));
+        }
+        let f = write_file(dir.path(), "pw", "secret\n", 0o400);
+        let mut d = parse("");
+        d.resolve_password_with(Some(&f), &FakeEnv::new()).unwrap();
+        assert_eq!(d.password.as_ref().map(Secret::expose), Some("secret"));
+    }
+
+    #[test]
+    fn expansion_happens_inside_one_value() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("no such variable")]
+        struct Missing;
+        let vars = |v: &str| -> Result<String, Missing> {
+            Ok(match v {
+                "${PW}" => "a' host=evil port=1 '".into(),
+                "${HOST}" => "h1,h2".into(),
+                "${BAD}" => return Err(Missing),
+                other => other.to_string(),
+            })
+        };
+        let env = FakeEnv::new();
+        let d = Dsn::parse_expanding_with("host=${HOST} password=${PW}", &vars, &env).unwrap();
+        assert_eq!(d.hosts, vec![tcp("h1"), tcp("h2")]);
+        assert_eq!(d.ports, vec![5432]);
+        assert_eq!(
+            d.password.as_ref().map(Secret::expose),
+            Some("a' host=evil port=1 '")
+        );
+        let d = Dsn::parse_expanding_with("postgres://u:${PW}@h/db", &vars, &env).unwrap();
+        assert_eq!((d.hosts.clone(), d.dbname.as_str()), (vec![tcp("h")], "db"));
+        assert_eq!(
+            d.password.as_ref().map(Secret::expose),
+            Some("a' host=evil port=1 '")
+        );
+        let e = Dsn::parse_expanding_with("host=h password=${BAD}", &vars, &env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid connection string: in the password value: no such variable"
+        );
+    }
+
+    #[test]
+    fn ipv6_uri_hosts_are_percent_decoded() {
+        let d = parse("postgres://[fe80::1%25eth0]:5433/db");
+        assert_eq!(d.hosts, vec![tcp("fe80::1%eth0")]);
     }
 
     #[test]
