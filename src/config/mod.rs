@@ -639,8 +639,17 @@ fn validate_node(
     }
     // Interpolated value by value, after parsing: a variable's value can never add or change
     // other keys of the connection string, whatever characters it holds.
+    // A dsn that is one reference (`dsn = "${DATABASE_URL}"`) deliberately holds a whole
+    // connection string: that one is expanded first, then parsed.
     let expand = |value: &str| interpolate::interpolate(value, ctx.env);
-    let mut dsn = match Dsn::parse_expanding(&dsn, &expand) {
+    let parsed = if interpolate::is_single_reference(dsn.trim()) {
+        expand(dsn.trim())
+            .map_err(|e| e.to_string())
+            .and_then(|whole| Dsn::parse(&whole).map_err(|e| e.to_string()))
+    } else {
+        Dsn::parse_expanding(&dsn, &expand).map_err(|e| e.to_string())
+    };
+    let mut dsn = match parsed {
         Ok(dsn) => dsn,
         Err(e) => {
             problems.add(dsn_key, format!("node {name:?}: {e}"));

@@ -713,6 +713,19 @@ dsn = "postgres://replicator:${WEST_PW}@b/app?application_name=${APP}"
     assert_eq!(west.dsn.dbname, "app");
     assert_eq!(west.dsn.application_name.as_deref(), Some(app));
     assert_eq!(west.dsn.sslmode, crate::dsn::SslMode::Prefer);
+    // A dsn that is a single reference holds a whole connection string.
+    let c = parse_with(
+        "[[nodes]]\nname = \"east\"\ndsn = \"${EAST_URL}\"\n\
+         [[nodes]]\nname = \"west\"\ndsn = \" ${WEST_DSN} \"\n",
+        Purpose::Replication,
+        &[
+            ("EAST_URL", "postgres://r:pw@a:6000/app"),
+            ("WEST_DSN", "host=b port=6001 dbname=app"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.node("east").unwrap().dsn.ports, [6000]);
+    assert_eq!(c.node("west").unwrap().dsn.ports, [6001]);
     // A value with a space in an unquoted key/value option is still one value.
     let c = parse_with(
         "[[nodes]]\nname = \"east\"\ndsn = \"host=${H} dbname=app\"\n\
