@@ -61,8 +61,10 @@ pub async fn run(shutdown: CancellationToken) -> Result<(), DemoError> {
         out,
         "walbridge demo: starting two local PostgreSQL clusters ..."
     );
+    // TCP needs the generated password; only the private socket directory is trusted.
     let options = ClusterOptions {
         fast_and_unsafe: true,
+        tcp_password: true,
         ..ClusterOptions::default()
     };
     let (east, west) = tokio::task::spawn_blocking(move || {
@@ -94,9 +96,12 @@ pub async fn run(shutdown: CancellationToken) -> Result<(), DemoError> {
     let config = Arc::new(Config::from_toml_str(&toml)?);
     let _ = writeln!(
         out,
-        "  east: psql -h 127.0.0.1 -p {} -U postgres postgres\n  west: psql -h 127.0.0.1 -p {} -U postgres postgres\n  \
+        "  east: psql -h {} -p {} -U postgres postgres\n  west: psql -h {} -p {} -U postgres postgres\n  \
+         (TCP logins need the generated password, in the dsn of the config file)\n  \
          config: {}\n",
+        east.base_dir().display(),
         east.port(),
+        west.base_dir().display(),
         west.port(),
         config_path.display()
     );

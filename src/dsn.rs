@@ -122,6 +122,202 @@ impl FromStr for SslMode {
     }
 }
 
+/// libpq's `channel_binding`: whether SCRAM binds the session to the server's TLS
+/// certificate (`SCRAM-SHA-256-PLUS` with `tls-server-end-point`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind.
+    Disable,
+    /// Bind when the session is TLS and the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    /// Only accept SCRAM with channel binding: refuse any other authentication (or none).
+    Require,
+}
+
+impl ChannelBinding {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelBinding::Disable => "disable",
+            ChannelBinding::Prefer => "prefer",
+            ChannelBinding::Require => "require",
+        }
+    }
+}
+
+impl FromStr for ChannelBinding {
+    type Err = DsnError;
+
+    fn from_str(s: &str) -> Result<Self, DsnError> {
+        Ok(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            _ => {
+                return Err(DsnError::InvalidValue {
+                    key: "channel_binding".into(),
+                    value: Some(s.to_string()),
+                    expected: "one of disable, prefer, require",
+                })
+            }
+        })
+    }
+}
+
+/// An authentication method a server may ask for, as `require_auth` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// Cleartext password (`password`).
+    Password,
+    /// MD5 challenge (`md5`).
+    Md5,
+    /// SCRAM-SHA-256, with or without channel binding (`scram-sha-256`).
+    ScramSha256,
+    /// GSSAPI (`gss`; walbridge does not implement it, so it fails anyway).
+    Gss,
+    /// SSPI (`sspi`; likewise).
+    Sspi,
+    /// No authentication at all: the server let us in without asking (`none`).
+    None,
+}
+
+impl AuthMethod {
+    const ALL: [AuthMethod; 6] = [
+        AuthMethod::Password,
+        AuthMethod::Md5,
+        AuthMethod::ScramSha256,
+        AuthMethod::Gss,
+        AuthMethod::Sspi,
+        AuthMethod::None,
+    ];
+
+    /// The `require_auth` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Gss => "gss",
+            AuthMethod::Sspi => "sspi",
+            AuthMethod::None => "none",
+        }
+    }
+
+    /// What the server asked for, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "a cleartext password",
+            AuthMethod::Md5 => "an MD5 password",
+            AuthMethod::ScramSha256 => "SCRAM-SHA-256 authentication",
+            AuthMethod::Gss => "GSSAPI authentication",
+            AuthMethod::Sspi => "SSPI authentication",
+            AuthMethod::None => "no authentication at all",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// libpq's `require_auth` (PostgreSQL 16 semantics): the authentication methods the client
+/// accepts. A comma list of `password`, `md5`, `scram-sha-256`, `gss`, `sspi`, `none`, or the
+/// same all prefixed with `!` to accept everything except those.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequireAuth {
+    allowed: u8,
+    text: String,
+}
+
+impl RequireAuth {
+    /// Whether the server may use `method`.
+    pub fn allows(&self, method: AuthMethod) -> bool {
+        self.allowed & method.bit() != 0
+    }
+
+    /// The setting as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl FromStr for RequireAuth {
+    type Err = DsnError;
+
+    fn from_str(s: &str) -> Result<Self, DsnError> {
+        let bad = |why: String| DsnError::RequireAuth {
+            value: s.to_string(),
+            why,
+        };
+        let mut listed = 0u8;
+        let mut negated: Option<bool> = None;
+        for item in s.split(',') {
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, item),
+            };
+            let method = AuthMethod::ALL
+                .into_iter()
+                .find(|m| m.as_str() == name)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unknown method {name:?}; use password, md5, scram-sha-256, gss, sspi \
+                         or none, each optionally prefixed with !"
+                    ))
+                })?;
+            if negated.is_some_and(|n| n != neg) {
+                return Err(bad(
+                    "negative methods (with !) cannot be mixed with positive ones".into(),
+                ));
+            }
+            negated = Some(neg);
+            if listed & method.bit() != 0 {
+                return Err(bad(format!("method {name:?} is listed twice")));
+            }
+            listed |= method.bit();
+        }
+        let everything = AuthMethod::ALL.iter().fold(0, |acc, m| acc | m.bit());
+        let allowed = if negated == Some(true) {
+            everything & !listed
+        } else {
+            listed
+        };
+        Ok(RequireAuth {
+            allowed,
+            text: s.to_string(),
+        })
+    }
+}
+
+/// The server asked for an authentication method the connection string rules out
+/// (`require_auth`, or `channel_binding=require`). Raised before anything is sent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", refusal_text(*.method, .setting))]
+pub struct AuthRefused {
+    /// What the server asked for.
+    pub method: AuthMethod,
+    /// The setting that forbids it, as `key=value`.
+    pub setting: String,
+}
+
+fn refusal_text(method: AuthMethod, setting: &str) -> String {
+    let key = setting.split('=').next().unwrap_or(setting);
+    match method {
+        AuthMethod::None => format!(
+            "the server let us in without any authentication (trust), which {setting} does not \
+             allow; configure password authentication (scram-sha-256) for this user in \
+             pg_hba.conf, or change {key}"
+        ),
+        _ => format!(
+            "the server asked for {}, which {setting} does not allow, so no password was sent; \
+             use scram-sha-256 for this user in pg_hba.conf (and password_encryption), or \
+             change {key}",
+            method.describe()
+        ),
+    }
+}
+
 /// A parsed connection string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dsn {
@@ -151,6 +347,10 @@ pub struct Dsn {
     pub options: Option<String>,
     /// `passfile` (defaults to `$PGPASSFILE` or `~/.pgpass` when resolving passwords).
     pub passfile: Option<PathBuf>,
+    /// SCRAM channel binding policy.
+    pub channel_binding: ChannelBinding,
+    /// Accepted authentication methods; `None` accepts any the client implements.
+    pub require_auth: Option<RequireAuth>,
 }
 
 /// A connection string could not be understood, or a password could not be read.
@@ -166,9 +366,17 @@ pub enum DsnError {
     #[error(
         "invalid connection string: unknown option {0}; valid options are host, hostaddr, port, \
          user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, \
-         connect_timeout, options, passfile"
+         connect_timeout, options, passfile, channel_binding, require_auth"
     )]
     UnknownKey(String),
+    /// `require_auth` is not a valid method list.
+    #[error("invalid connection string: invalid require_auth value {value:?}: {why}")]
+    RequireAuth {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A libpq option walbridge does not implement.
     #[error(
         "invalid connection string: option {0} is a libpq option that walbridge does not \
@@ -204,6 +412,27 @@ pub enum DsnError {
         /// Why reading failed.
         #[source]
         source: std::io::Error,
+    },
+    /// `password_file` may be read by other users.
+    #[error(
+        "password file {} may be read by other users (mode {mode:04o}); allow only its owner: \
+         chmod 600 it (for a Kubernetes secret volume, set defaultMode: 0400)",
+        path.display()
+    )]
+    PasswordFileMode {
+        /// The file named by `password_file`.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A value could not be expanded (`${ENV}` interpolation).
+    #[error("invalid connection string: in the {key} value: {source}")]
+    Expand {
+        /// The option whose value failed.
+        key: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// `password_file` exists but holds no password.
     #[error("password file {} is empty; write the password on its first line", .0.display())]
@@ -303,8 +532,6 @@ const DEFAULT_PORT: u16 = 5432;
 /// Options libpq knows that walbridge does not implement (a clearer error than "unknown").
 const UNSUPPORTED_LIBPQ_KEYS: &[&str] = &[
     "service",
-    "require_auth",
-    "channel_binding",
     "client_encoding",
     "fallback_application_name",
     "keepalives",
@@ -349,6 +576,48 @@ struct Raw {
     connect_timeout: Option<String>,
     options: Option<String>,
     passfile: Option<String>,
+    channel_binding: Option<String>,
+    require_auth: Option<String>,
+}
+
+impl Raw {
+    /// Every value given, with its key.
+    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 16] {
+        [
+            ("host", &mut self.host),
+            ("hostaddr", &mut self.hostaddr),
+            ("port", &mut self.port),
+            ("user", &mut self.user),
+            ("password", &mut self.password),
+            ("dbname", &mut self.dbname),
+            ("sslmode", &mut self.sslmode),
+            ("sslrootcert", &mut self.sslrootcert),
+            ("sslcert", &mut self.sslcert),
+            ("sslkey", &mut self.sslkey),
+            ("application_name", &mut self.application_name),
+            ("connect_timeout", &mut self.connect_timeout),
+            ("options", &mut self.options),
+            ("passfile", &mut self.passfile),
+            ("channel_binding", &mut self.channel_binding),
+            ("require_auth", &mut self.require_auth),
+        ]
+    }
+
+    /// Passes each value (already unquoted / percent-decoded) through `expand`.
+    fn expand<E>(&mut self, expand: &dyn Fn(&str) -> Result<String, E>) -> Result<(), DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        for (key, slot) in self.values_mut() {
+            if let Some(v) = slot.as_mut() {
+                *v = expand(v).map_err(|e| DsnError::Expand {
+                    key,
+                    source: Box::new(e),
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Hides input fragments that might be part of a password from error messages.
@@ -421,6 +690,8 @@ impl Raw {
             "connect_timeout" => &mut self.connect_timeout,
             "options" => &mut self.options,
             "passfile" => &mut self.passfile,
+            "channel_binding" => &mut self.channel_binding,
+            "require_auth" => &mut self.require_auth,
             _ => {
                 let shown = red
                     .show(key_frag, key)
@@ -448,15 +719,46 @@ impl Dsn {
         Self::parse_with(s, &SystemEnv)
     }
 
+    /// [`Dsn::parse`], then each value goes through `expand` (for `${ENV}` interpolation).
+    ///
+    /// Expansion happens after the string is split into keys and values, so an expanded value
+    /// stays one value whatever it contains: spaces, quotes, `&` or `@` in an environment
+    /// variable cannot add or change other options.
+    pub fn parse_expanding<E>(
+        s: &str,
+        expand: &dyn Fn(&str) -> Result<String, E>,
+    ) -> Result<Dsn, DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        Self::parse_expanding_with(s, expand, &SystemEnv)
+    }
+
     /// [`Dsn::parse`] with defaults taken from `env`.
     pub(crate) fn parse_with(s: &str, env: &dyn Environment) -> Result<Dsn, DsnError> {
+        Self::parse_expanding_with(
+            s,
+            &|v| Ok::<_, std::convert::Infallible>(v.to_string()),
+            env,
+        )
+    }
+
+    fn parse_expanding_with<E>(
+        s: &str,
+        expand: &dyn Fn(&str) -> Result<String, E>,
+        env: &dyn Environment,
+    ) -> Result<Dsn, DsnError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let trimmed = s.trim_start();
-        let (raw, red) =
+        let (mut raw, red) =
             if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://") {
                 parse_uri(s)?
             } else {
                 parse_key_value(s)?
             };
+        raw.expand(expand)?;
         build(raw, &red, env)
     }
 
@@ -476,6 +778,7 @@ impl Dsn {
             return Ok(());
         }
         if let Some(path) = password_file {
+            check_password_file_mode(path)?;
             let text = std::fs::read_to_string(path).map_err(|source| DsnError::PasswordFile {
                 path: path.to_path_buf(),
                 source,
@@ -582,6 +885,33 @@ impl Dsn {
             None => self.describe(),
         }
     }
+}
+
+/// Refuses a `password_file` that users other than its owner may read.
+///
+/// The rule is libpq's for private keys: no group or other access at all, except that a file
+/// owned by root may be group-readable (a secret managed by the system, read through a group).
+/// A `.pgpass` with loose permissions is ignored with a warning instead, as libpq does.
+fn check_password_file_mode(path: &Path) -> Result<(), DsnError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = std::fs::metadata(path).map_err(|source| DsnError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    let loose = if meta.uid() == 0 {
+        mode & 0o037 != 0
+    } else {
+        mode & 0o077 != 0
+    };
+    if loose {
+        return Err(DsnError::PasswordFileMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Looks `host:port:db:user` up in `.pgpass` text; `*` matches any value, `\` escapes.
@@ -815,7 +1145,7 @@ fn parse_uri(s: &str) -> Result<(Raw, Redactor<'_>), DsnError> {
                         ))
                     }
                 };
-                (host.to_string(), port)
+                (decode(&red, "a host address", host)?, port)
             } else {
                 let (h, p) = match spec.split_once(':') {
                     Some((h, p)) => (h, Some(p)),
@@ -1020,6 +1350,15 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
         _ => None,
     };
 
+    let channel_binding = match pick(raw.channel_binding, "PGCHANNELBINDING") {
+        Some(v) if !v.is_empty() => v.parse()?,
+        _ => ChannelBinding::Prefer,
+    };
+    let require_auth = match pick(raw.require_auth, "PGREQUIREAUTH") {
+        Some(v) if !v.is_empty() => Some(v.parse()?),
+        _ => None,
+    };
+
     Ok(Dsn {
         hosts,
         ports,
@@ -1034,6 +1373,8 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
         connect_timeout,
         options: pick(raw.options, "PGOPTIONS").filter(|s| !s.is_empty()),
         passfile: raw.passfile.filter(|s| !s.is_empty()).map(PathBuf::from),
+        channel_binding,
+        require_auth,
     })
 }
 
@@ -1456,6 +1797,82 @@ mod tests {
     }
 
     #[test]
+    fn password_file_with_group_or_other_access_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Group-readable is allowed only for files owned by root (libpq's rule for keys).
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let group_read: &[u32] = if root { &[] } else { &[0o640] };
+        for &mode in [0o644, 0o604, 0o620, 0o660, 0o601].iter().chain(group_read) {
+            let f = write_file(dir.path(), "pw", "secret\n", mode);
+            let e = parse("")
+                .resolve_password_with(Some(&f), &FakeEnv::new())
+                .unwrap_err();
+            assert!(
+                matches!(e, DsnError::PasswordFileMode { .. }),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+            assert!(!e.to_string().contains("secret\n"), "{e}");
+        }
+        let ok: &[u32] = if root {
+            &[0o400, 0o600, 0o640]
+        } else {
+            &[0o400, 0o600]
+        };
+        for &mode in ok {
+            let f = write_file(dir.path(), "pw", "secret\n", mode);
+            let mut d = parse("");
+            d.resolve_password_with(Some(&f), &FakeEnv::new()).unwrap();
+            assert_eq!(d.password.as_ref().map(Secret::expose), Some("secret"));
+        }
+        let f = write_file(dir.path(), "pw", "secret\n", 0o400);
+        let mut d = parse("");
+        d.resolve_password_with(Some(&f), &FakeEnv::new()).unwrap();
+        assert_eq!(d.password.as_ref().map(Secret::expose), Some("secret"));
+    }
+
+    #[test]
+    fn expansion_happens_inside_one_value() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("no such variable")]
+        struct Missing;
+        let vars = |v: &str| -> Result<String, Missing> {
+            Ok(match v {
+                "${PW}" => "a' host=evil port=1 '".into(),
+                "${HOST}" => "h1,h2".into(),
+                "${BAD}" => return Err(Missing),
+                other => other.to_string(),
+            })
+        };
+        let env = FakeEnv::new();
+        let d = Dsn::parse_expanding_with("host=${HOST} password=${PW}", &vars, &env).unwrap();
+        assert_eq!(d.hosts, vec![tcp("h1"), tcp("h2")]);
+        assert_eq!(d.ports, vec![5432]);
+        assert_eq!(
+            d.password.as_ref().map(Secret::expose),
+            Some("a' host=evil port=1 '")
+        );
+        let d = Dsn::parse_expanding_with("postgres://u:${PW}@h/db", &vars, &env).unwrap();
+        assert_eq!((d.hosts.clone(), d.dbname.as_str()), (vec![tcp("h")], "db"));
+        assert_eq!(
+            d.password.as_ref().map(Secret::expose),
+            Some("a' host=evil port=1 '")
+        );
+        let e = Dsn::parse_expanding_with("host=h password=${BAD}", &vars, &env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid connection string: in the password value: no such variable"
+        );
+    }
+
+    #[test]
+    fn ipv6_uri_hosts_are_percent_decoded() {
+        let d = parse("postgres://[fe80::1%25eth0]:5433/db");
+        assert_eq!(d.hosts, vec![tcp("fe80::1%eth0")]);
+    }
+
+    #[test]
     fn password_file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
@@ -1472,6 +1889,37 @@ mod tests {
             .resolve_password_with(Some(&empty), &FakeEnv::new())
             .unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn channel_binding_and_require_auth() {
+        let d = parse("");
+        assert_eq!(d.channel_binding, ChannelBinding::Prefer);
+        assert_eq!(d.require_auth, None);
+        let d = parse("channel_binding=require require_auth=scram-sha-256");
+        assert_eq!(d.channel_binding, ChannelBinding::Require);
+        let ra = d.require_auth.unwrap();
+        assert!(ra.allows(AuthMethod::ScramSha256));
+        for m in [AuthMethod::Password, AuthMethod::Md5, AuthMethod::None] {
+            assert!(!ra.allows(m), "{m:?}");
+        }
+        let ra = parse("postgres://h/db?require_auth=!password,!md5")
+            .require_auth
+            .unwrap();
+        assert!(ra.allows(AuthMethod::ScramSha256) && ra.allows(AuthMethod::None));
+        assert!(!ra.allows(AuthMethod::Password) && !ra.allows(AuthMethod::Md5));
+        let ra = parse("require_auth=md5,none").require_auth.unwrap();
+        assert!(ra.allows(AuthMethod::None) && !ra.allows(AuthMethod::ScramSha256));
+        let env = FakeEnv::new()
+            .var("PGCHANNELBINDING", "disable")
+            .var("PGREQUIREAUTH", "password");
+        let d = Dsn::parse_with("", &env).unwrap();
+        assert_eq!(d.channel_binding, ChannelBinding::Disable);
+        assert!(d.require_auth.unwrap().allows(AuthMethod::Password));
+        assert!(parse_err("channel_binding=maybe").contains("disable, prefer, require"));
+        assert!(parse_err("require_auth=kerberos").contains("unknown method"));
+        assert!(parse_err("require_auth=md5,!password").contains("mixed"));
+        assert!(parse_err("require_auth=md5,md5").contains("twice"));
     }
 
     #[test]

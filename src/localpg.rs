@@ -63,8 +63,13 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Loc
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` lines (`name = value`), appended after walbridge's defaults.
     pub conf: Vec<String>,
-    /// Complete `pg_hba.conf` contents; `None` trusts every local and loopback connection.
+    /// Complete `pg_hba.conf` contents; `None` trusts every local and loopback connection
+    /// (or, with `tcp_password`, only the private socket).
     pub hba: Option<String>,
+    /// TCP logins need a password (scram-sha-256): `postgres` gets a generated one, which
+    /// [`LocalCluster::dsn`] carries; only the Unix socket, in a directory no other user can
+    /// enter, stays trusted. The demo uses this; tests may keep trusting loopback.
+    pub tcp_password: bool,
     /// Files to place into the data directory before the server starts (name, contents,
     /// mode): TLS certificates and keys for tests.
     pub files: Vec<(String, Vec<u8>, u32)>,
@@ -77,6 +82,7 @@ impl Default for ClusterOptions {
         Self {
             conf: Vec::new(),
             hba: None,
+            tcp_password: false,
             files: Vec::new(),
             fast_and_unsafe: true,
         }
@@ -102,6 +108,8 @@ pub struct LocalCluster {
     run_as_postgres: bool,
     running: bool,
     keep: bool,
+    /// `postgres`'s password for TCP logins (with `tcp_password`).
+    password: Option<String>,
 }
 
 impl LocalCluster {
@@ -130,6 +138,7 @@ impl LocalCluster {
             run_as_postgres,
             running: false,
             keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
+            password: None,
         };
         cluster.write_files(options, owner)?;
 
@@ -139,7 +148,12 @@ impl LocalCluster {
             cluster.port = free_port()?;
             cluster.write_conf(options)?;
             match cluster.start_server() {
-                Ok(()) => return Ok(cluster),
+                Ok(()) => {
+                    if options.tcp_password {
+                        cluster.set_password()?;
+                    }
+                    return Ok(cluster);
+                }
                 Err(e) => last_error = Some(e),
             }
         }
@@ -152,10 +166,16 @@ impl LocalCluster {
         owner: Option<(u32, u32)>,
     ) -> Result<(), LocalPgError> {
         let hba = options.hba.clone().unwrap_or_else(|| {
-            "local all all trust\nlocal replication all trust\n\
-             host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n\
-             host all all ::1/128 trust\nhost replication all ::1/128 trust\n"
-                .to_string()
+            let tcp = if options.tcp_password {
+                "scram-sha-256"
+            } else {
+                "trust"
+            };
+            format!(
+                "local all all trust\nlocal replication all trust\n\
+                 host all all 127.0.0.1/32 {tcp}\nhost replication all 127.0.0.1/32 {tcp}\n\
+                 host all all ::1/128 {tcp}\nhost replication all ::1/128 {tcp}\n"
+            )
         });
         let mut files = vec![("pg_hba.conf".to_string(), hba.into_bytes(), 0o600)];
         files.extend(options.files.iter().cloned());
@@ -239,6 +259,22 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Gives `postgres` a generated password (over the socket, as a SCRAM verifier, so the
+    /// password itself never appears in a command line).
+    fn set_password(&mut self) -> Result<(), LocalPgError> {
+        use rand::distr::{Alphanumeric, SampleString};
+
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        // The socket directory is private (0700), so that path is trusted.
+        self.password = Some(password);
+        self.psql(
+            "postgres",
+            &format!("ALTER ROLE postgres PASSWORD '{verifier}'"),
+        )?;
+        Ok(())
+    }
+
     /// Starts the server again after [`LocalCluster::stop`], on the same port.
     pub fn restart(&mut self) -> Result<(), LocalPgError> {
         if self.running {
@@ -306,12 +342,18 @@ impl LocalCluster {
         &self.bin
     }
 
-    /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS.
+    /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS (with
+    /// the generated password under `tcp_password`).
     pub fn dsn(&self, dbname: &str) -> String {
-        format!(
+        let mut dsn = format!(
             "host=127.0.0.1 port={} user=postgres dbname={} sslmode=disable",
             self.port, dbname
-        )
+        );
+        if let Some(pw) = &self.password {
+            // Alphanumeric: no quoting needed.
+            dsn.push_str(&format!(" password={pw}"));
+        }
+        dsn
     }
 
     /// Runs SQL through `psql` as the superuser and returns its unaligned, tuples-only output
@@ -319,6 +361,12 @@ impl LocalCluster {
     pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, LocalPgError> {
         let psql = self.bin.join("psql");
         let port = self.port.to_string();
+        // With a TCP password, the (trusted, private) socket; else loopback as always.
+        let host = if self.password.is_some() {
+            self.base.display().to_string()
+        } else {
+            "127.0.0.1".to_string()
+        };
         let out = Command::new(&psql)
             .args([
                 "-X",
@@ -328,7 +376,7 @@ impl LocalCluster {
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                &host,
                 "-p",
                 &port,
                 "-U",

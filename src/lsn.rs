@@ -80,7 +80,13 @@ impl PgTimestamp {
 
     /// Converts from a chrono UTC time.
     pub fn from_datetime(t: DateTime<Utc>) -> Self {
-        PgTimestamp(t.timestamp_micros() - PG_EPOCH_OFFSET_MICROS)
+        PgTimestamp(t.timestamp_micros().saturating_sub(PG_EPOCH_OFFSET_MICROS))
+    }
+
+    /// Microseconds from `self` to `later` (negative when `later` is earlier), saturating:
+    /// timestamps come from the wire and from rows, where `±infinity` are ordinary values.
+    pub fn micros_until(self, later: PgTimestamp) -> i64 {
+        later.0.saturating_sub(self.0)
     }
 
     /// Converts to a chrono UTC time; `None` for the infinities or out-of-range values.
@@ -117,9 +123,19 @@ impl PgTimestamp {
         let minutes: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
         let seconds: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
         let local = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").ok()?;
-        let utc = local.and_utc().timestamp_micros()
-            - sign * (hours * 3600 + minutes * 60 + seconds) * 1_000_000;
-        Some(PgTimestamp(utc - PG_EPOCH_OFFSET_MICROS))
+        // The offset is text from a server or a row: checked, so a silly one is refused rather
+        // than wrapped (or a panic in debug builds).
+        let offset_micros = hours
+            .checked_mul(3600)?
+            .checked_add(minutes.checked_mul(60)?)?
+            .checked_add(seconds)?
+            .checked_mul(1_000_000)?
+            .checked_mul(sign)?;
+        let utc = local
+            .and_utc()
+            .timestamp_micros()
+            .checked_sub(offset_micros)?;
+        Some(PgTimestamp(utc.checked_sub(PG_EPOCH_OFFSET_MICROS)?))
     }
 }
 
@@ -160,6 +176,38 @@ mod tests {
     fn lsn_rejects_garbage() {
         for text in ["", "/", "0/", "/0", "12345", "G/0", "123456789/0"] {
             assert!(text.parse::<Lsn>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn lsn_arithmetic_at_the_limits() {
+        let max: Lsn = "FFFFFFFF/FFFFFFFF".parse().unwrap();
+        assert_eq!(max, Lsn(u64::MAX));
+        assert_eq!(Lsn::ZERO.bytes_until(max), u64::MAX);
+        assert_eq!(max.bytes_until(Lsn::ZERO), 0);
+        assert_eq!(max.bytes_until(max), 0);
+    }
+
+    #[test]
+    fn timestamp_arithmetic_saturates() {
+        let (lo, hi) = (PgTimestamp(i64::MIN), PgTimestamp(i64::MAX));
+        assert_eq!(lo.micros_until(hi), i64::MAX);
+        assert_eq!(hi.micros_until(lo), i64::MIN);
+        assert_eq!(PgTimestamp(5).micros_until(PgTimestamp(7)), 2);
+        assert_eq!(lo.to_datetime(), None);
+        assert!(lo.seconds_until(hi).is_finite());
+    }
+
+    #[test]
+    fn timestamp_with_absurd_offset_is_refused_not_wrapped() {
+        for text in [
+            "2000-01-01 00:00:00+99999999999999",
+            "2000-01-01 00:00:00-99999999999999",
+            "2000-01-01 00:00:00+00:9999999999999999",
+            "2000-01-01 00:00:00+00:00:9223372036854775807",
+            "2000-01-01 00:00:00+2562047789",
+        ] {
+            assert_eq!(PgTimestamp::parse(text), None, "{text}");
         }
     }
 

@@ -13,7 +13,18 @@
 //!  verify-full  TLS, chain and host name verified
 //! ```
 //!
-//! Unix-socket hosts never use TLS (as libpq). Every session gets `DateStyle=ISO`,
+//! Unix-socket hosts never use TLS (as libpq). `channel_binding` is tokio-postgres's own
+//! (SCRAM-SHA-256-PLUS with `tls-server-end-point` from tokio-postgres-rustls). tokio-postgres
+//! has no `require_auth`, so when it is set the socket is opened here and wrapped in an
+//! [`AuthGuard`] that reads the server's authentication requests on their way in and fails
+//! the session, before any password is sent, when the server asks for a method the setting
+//! rules out:
+//!
+//! ```text
+//!  server ──▶ TCP ──▶ [guard until 'S'] ──▶ TLS ──▶ [guard until AuthenticationOk] ──▶ tokio-postgres
+//! ```
+//!
+//! Every session gets `DateStyle=ISO`,
 //! `IntervalStyle=postgres`, `TimeZone=UTC` and `extra_float_digits=3` through the startup
 //! `options`, so values read from one node and written to another travel as unambiguous
 //! text.
@@ -23,9 +34,8 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::NoTls;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::dsn::{Dsn, Host, SslMode};
+use crate::dsn::{AuthMethod, AuthRefused, ChannelBinding, Dsn, Host, RequireAuth, SslMode};
 use crate::tls;
 
 pub use crate::protocol::{
@@ -97,6 +107,15 @@ impl ConnectError {
         }
     }
 
+    fn io(address: String, e: &io::Error) -> Self {
+        ConnectError {
+            address,
+            reason: e.to_string(),
+            transient: io_is_transient(e),
+            db: None,
+        }
+    }
+
     fn from_postgres(address: String, user: &str, e: &tokio_postgres::Error) -> Self {
         let (reason, transient) = classify(user, e);
         ConnectError {
@@ -137,6 +156,9 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
         }
         return (reason, sqlstate_is_transient(code));
     }
+    if let Some(refused) = find_refusal(e) {
+        return (refused.to_string(), false);
+    }
     if let Some(tls_err) = tls::find_rustls_error(e) {
         return (tls::explain(tls_err), !tls::is_definite(tls_err));
     }
@@ -144,7 +166,13 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
     let cause = std::error::Error::source(e).map(|c| c.to_string());
     if top.starts_with("authentication error") {
         let what = cause.unwrap_or_default();
-        let reason = if what.contains("password missing") {
+        let reason = if what.contains("channel binding") {
+            "channel_binding=require, but the server authenticated without channel binding \
+             (it asked for a password, an MD5 password or nothing, or offered no \
+             SCRAM-SHA-256-PLUS on TLS); use scram-sha-256 over TLS for this user in \
+             pg_hba.conf, or lower channel_binding"
+                .to_string()
+        } else if what.contains("password missing") {
             format!(
                 "the server asks for a password for user {user:?} and none is configured; \
                  put it in the DSN, password_file, PGPASSWORD or ~/.pgpass"
@@ -179,6 +207,11 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
     };
     let transient = reason.contains("timeout") || reason.contains("timed out");
     (reason, transient)
+}
+
+/// A refusal by the [`AuthGuard`], carried through tokio-postgres as an I/O error.
+fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AuthRefused> {
+    find_io(e)?.get_ref()?.downcast_ref::<AuthRefused>()
 }
 
 fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
@@ -233,15 +266,30 @@ async fn connect_with(
             Host::Unix(p) => config.host_path(p),
         };
         config.port(port);
-        let attempt = connect_one(dsn, &host, config, tls_config.clone(), notify.clone());
+        let tls_config = tls_config.clone();
+        let attempt = async {
+            match &dsn.require_auth {
+                None => connect_one(dsn, &host, config, tls_config, notify.clone())
+                    .await
+                    .map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e)),
+                Some(policy) => {
+                    let guarded = Guarded {
+                        dsn,
+                        host: &host,
+                        port,
+                        policy,
+                        address: &address,
+                    };
+                    guarded.connect(config, tls_config, notify.clone()).await
+                }
+            }
+        };
         let result = match dsn.connect_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
-                Ok(r) => r.map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e)),
+                Ok(r) => r,
                 Err(_) => Err(ConnectError::timeout(address.clone(), t)),
             },
-            None => attempt
-                .await
-                .map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e)),
+            None => attempt.await,
         };
         match result {
             Ok(client) => return Ok(client),
@@ -279,7 +327,445 @@ fn base_config(dsn: &Dsn, application_name: &str) -> tokio_postgres::Config {
     if let Some(t) = dsn.connect_timeout {
         config.connect_timeout(t);
     }
+    config.channel_binding(match dsn.channel_binding {
+        ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+        ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+        ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+    });
     config
+}
+
+/// One host with `require_auth`: the socket is opened here so that an [`AuthGuard`] sits
+/// under tokio-postgres (and another one above TLS); the sslmode emulation is the same as
+/// [`connect_one`]'s.
+struct Guarded<'a> {
+    dsn: &'a Dsn,
+    host: &'a Host,
+    port: u16,
+    policy: &'a RequireAuth,
+    address: &'a str,
+}
+
+impl Guarded<'_> {
+    async fn connect(
+        &self,
+        mut config: tokio_postgres::Config,
+        tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
+        notify: NotifySender,
+    ) -> Result<tokio_postgres::Client, ConnectError> {
+        let tls_config = match (self.host, tls_config) {
+            (Host::Tcp(_), Some(c)) => c,
+            _ => {
+                config.ssl_mode(PgSslMode::Disable);
+                return self.plain(&config, notify).await;
+            }
+        };
+        match self.dsn.sslmode {
+            SslMode::Disable => {
+                config.ssl_mode(PgSslMode::Disable);
+                self.plain(&config, notify).await
+            }
+            SslMode::Allow => {
+                config.ssl_mode(PgSslMode::Disable);
+                match self.plain(&config, notify.clone()).await {
+                    Err(e) if e.db.is_some() => {
+                        config.ssl_mode(PgSslMode::Require);
+                        self.with_tls(&config, &tls_config, notify).await
+                    }
+                    other => other,
+                }
+            }
+            SslMode::Prefer => {
+                config.ssl_mode(PgSslMode::Prefer);
+                self.with_tls(&config, &tls_config, notify).await
+            }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                config.ssl_mode(PgSslMode::Require);
+                self.with_tls(&config, &tls_config, notify).await
+            }
+        }
+    }
+
+    fn pg_err(&self, e: &tokio_postgres::Error) -> ConnectError {
+        ConnectError::from_postgres(self.address.to_string(), &self.dsn.user, e)
+    }
+
+    async fn plain(
+        &self,
+        config: &tokio_postgres::Config,
+        notify: NotifySender,
+    ) -> Result<tokio_postgres::Client, ConnectError> {
+        let io_err = |e: io::Error| ConnectError::io(self.address.to_string(), &e);
+        match self.host {
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", self.port));
+                let socket = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(io_err)?;
+                let guard = AuthGuard::new(socket, self.policy.clone(), false);
+                let (client, connection) = config
+                    .connect_raw(guard, NoTls)
+                    .await
+                    .map_err(|e| self.pg_err(&e))?;
+                spawn_driver(connection, notify);
+                Ok(client)
+            }
+            Host::Tcp(name) => {
+                let socket = tokio::net::TcpStream::connect((name.as_str(), self.port))
+                    .await
+                    .map_err(io_err)?;
+                socket.set_nodelay(true).map_err(io_err)?;
+                let guard = AuthGuard::new(socket, self.policy.clone(), false);
+                let (client, connection) = config
+                    .connect_raw(guard, NoTls)
+                    .await
+                    .map_err(|e| self.pg_err(&e))?;
+                spawn_driver(connection, notify);
+                Ok(client)
+            }
+        }
+    }
+
+    async fn with_tls(
+        &self,
+        config: &tokio_postgres::Config,
+        tls_config: &std::sync::Arc<rustls::ClientConfig>,
+        notify: NotifySender,
+    ) -> Result<tokio_postgres::Client, ConnectError> {
+        use tokio_postgres::tls::MakeTlsConnect;
+
+        let io_err = |e: io::Error| ConnectError::io(self.address.to_string(), &e);
+        let Host::Tcp(name) = self.host else {
+            return self.plain(config, notify).await;
+        };
+        let socket = tokio::net::TcpStream::connect((name.as_str(), self.port))
+            .await
+            .map_err(io_err)?;
+        socket.set_nodelay(true).map_err(io_err)?;
+        // tokio-postgres sends SSLRequest first: the guard under TLS reads only its answer.
+        let socket = AuthGuard::new(socket, self.policy.clone(), true);
+        let mut make = RustlsConnector(tls_config.clone());
+        let connect =
+            MakeTlsConnect::<AuthGuard<tokio::net::TcpStream>>::make_tls_connect(&mut make, name)
+                .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tls = GuardedTls {
+            inner: connect,
+            policy: self.policy.clone(),
+        };
+        let (client, connection) = config
+            .connect_raw(socket, tls)
+            .await
+            .map_err(|e| self.pg_err(&e))?;
+        spawn_driver(connection, notify);
+        Ok(client)
+    }
+}
+
+/// Where an [`AuthGuard`] is in the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GuardState {
+    /// The next byte answers SSLRequest: `S` hands over to TLS (and to the guard above it).
+    SslAnswer,
+    /// Reading backend messages up to AuthenticationOk.
+    Messages,
+    /// Authenticated (or TLS took over): bytes pass untouched.
+    Done,
+}
+
+/// Reads the server's authentication requests on their way to tokio-postgres and fails the
+/// read, before tokio-postgres sees the request (so before any password is sent), when
+/// `require_auth` rules the method out. After AuthenticationOk it only passes bytes.
+struct AuthGuard<S> {
+    inner: S,
+    policy: RequireAuth,
+    state: GuardState,
+    /// Tag, length and (for 'R') the request code of the message being read.
+    head: [u8; 9],
+    have: usize,
+    /// Bytes of the current message still to pass without looking.
+    skip: usize,
+    /// The server has asked for some method (so AuthenticationOk is not "none").
+    asked: bool,
+}
+
+impl<S> AuthGuard<S> {
+    fn new(inner: S, policy: RequireAuth, ssl_request_first: bool) -> Self {
+        AuthGuard {
+            inner,
+            policy,
+            state: if ssl_request_first {
+                GuardState::SslAnswer
+            } else {
+                GuardState::Messages
+            },
+            head: [0; 9],
+            have: 0,
+            skip: 0,
+            asked: false,
+        }
+    }
+
+    /// Follows the message framing through `bytes`; `Err` when the server asks for a method
+    /// the policy refuses.
+    fn inspect(&mut self, bytes: &[u8]) -> Result<(), AuthRefused> {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.state {
+                GuardState::Done => return Ok(()),
+                GuardState::SslAnswer => {
+                    self.state = if bytes[i] == b'S' {
+                        GuardState::Done
+                    } else {
+                        GuardState::Messages
+                    };
+                    i += 1;
+                }
+                GuardState::Messages if self.skip > 0 => {
+                    let n = self.skip.min(bytes.len() - i);
+                    self.skip -= n;
+                    i += n;
+                }
+                GuardState::Messages => {
+                    self.head[self.have] = bytes[i];
+                    self.have += 1;
+                    i += 1;
+                    let is_auth = self.head[0] == b'R';
+                    let header_done = if is_auth { 9 } else { 5 };
+                    if self.have < header_done {
+                        continue;
+                    }
+                    let len = u32::from_be_bytes([
+                        self.head[1],
+                        self.head[2],
+                        self.head[3],
+                        self.head[4],
+                    ]);
+                    let len = usize::try_from(len).unwrap_or(usize::MAX);
+                    self.skip = len.saturating_sub(header_done - 1);
+                    self.have = 0;
+                    if !is_auth {
+                        continue;
+                    }
+                    let code = u32::from_be_bytes([
+                        self.head[5],
+                        self.head[6],
+                        self.head[7],
+                        self.head[8],
+                    ]);
+                    let method = match code {
+                        0 => {
+                            self.state = GuardState::Done;
+                            if self.asked {
+                                continue;
+                            }
+                            AuthMethod::None
+                        }
+                        3 => AuthMethod::Password,
+                        5 => AuthMethod::Md5,
+                        10 => AuthMethod::ScramSha256,
+                        7 => AuthMethod::Gss,
+                        9 => AuthMethod::Sspi,
+                        // SASL and GSS continuations, and methods tokio-postgres refuses.
+                        _ => continue,
+                    };
+                    self.asked = true;
+                    if !self.policy.allows(method) {
+                        return Err(AuthRefused {
+                            method,
+                            setting: format!("require_auth={}", self.policy.as_str()),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AuthGuard<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.state == GuardState::Done || !matches!(polled, std::task::Poll::Ready(Ok(()))) {
+            return polled;
+        }
+        if let Err(refused) = this.inspect(&buf.filled()[before..]) {
+            // tokio-postgres never sees the request, so it never answers it.
+            buf.set_filled(before);
+            return std::task::Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                refused,
+            )));
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AuthGuard<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tokio_postgres::tls::TlsStream + Unpin> tokio_postgres::tls::TlsStream for AuthGuard<S> {
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
+/// rustls for tokio-postgres, with SCRAM channel binding.
+///
+/// tokio-postgres-rustls 0.13 reads the server certificate as a `TBSCertificate`, which never
+/// parses, so it never offers `tls-server-end-point` and `channel_binding=require` could not
+/// work; this connector takes the binding data from [`crate::tls::tls_server_end_point`], the
+/// same as the replication client.
+#[derive(Clone)]
+struct RustlsConnector(std::sync::Arc<rustls::ClientConfig>);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for RustlsConnector
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = BoundTls<S>;
+    type TlsConnect = RustlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, io::Error> {
+        let name = rustls::pki_types::ServerName::try_from(domain.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(RustlsConnect {
+            config: self.0.clone(),
+            name,
+        })
+    }
+}
+
+/// One TLS handshake to one server name.
+struct RustlsConnect {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl<S> tokio_postgres::tls::TlsConnect<S> for RustlsConnect
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = BoundTls<S>;
+    type Error = io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<BoundTls<S>, io::Error>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let tls = tokio_rustls::TlsConnector::from(self.config)
+                .connect(self.name, stream)
+                .await?;
+            Ok(BoundTls(Box::new(tls)))
+        })
+    }
+}
+
+/// A client TLS session that tells tokio-postgres its `tls-server-end-point`.
+struct BoundTls<S>(Box<tokio_rustls::client::TlsStream<S>>);
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead for BoundTls<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(self.get_mut().0.as_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for BoundTls<S>
+{
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(self.get_mut().0.as_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(self.get_mut().0.as_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(self.get_mut().0.as_mut()).poll_shutdown(cx)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream
+    for BoundTls<S>
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| crate::tls::tls_server_end_point(cert))
+            .map_or_else(
+                tokio_postgres::tls::ChannelBinding::none,
+                tokio_postgres::tls::ChannelBinding::tls_server_end_point,
+            )
+    }
+}
+
+/// The TLS connector, with an [`AuthGuard`] over the TLS stream it makes.
+struct GuardedTls<T> {
+    inner: T,
+    policy: RequireAuth,
+}
+
+impl<S, T> tokio_postgres::tls::TlsConnect<S> for GuardedTls<T>
+where
+    T: tokio_postgres::tls::TlsConnect<S>,
+    T::Future: Send + 'static,
+    T::Stream: Send + 'static,
+{
+    type Stream = AuthGuard<T::Stream>;
+    type Error = T::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Stream, T::Error>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        let policy = self.policy;
+        let handshake = self.inner.connect(stream);
+        Box::pin(async move { Ok(AuthGuard::new(handshake.await?, policy, false)) })
+    }
 }
 
 /// One host, with the sslmode emulation described in the module docs.
@@ -341,7 +827,7 @@ async fn with_tls(
     tls_config: &std::sync::Arc<rustls::ClientConfig>,
     notify: NotifySender,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let tls = MakeRustlsConnect::new(rustls::ClientConfig::clone(tls_config));
+    let tls = RustlsConnector(tls_config.clone());
     let (client, connection) = config.connect(tls).await?;
     spawn_driver(connection, notify);
     Ok(client)
@@ -387,6 +873,61 @@ mod tests {
         );
         let d = Dsn::parse("host=h").unwrap();
         assert_eq!(startup_options(&d), SESSION_OPTIONS);
+    }
+
+    fn auth_request(code: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        let len = u32::try_from(8 + body.len()).unwrap();
+        m.extend(len.to_be_bytes());
+        m.extend(code.to_be_bytes());
+        m.extend(body);
+        m
+    }
+
+    /// Feeds `stream` to a guard in chunks of `chunk` bytes; the method refused, if any.
+    fn guard_verdict(policy: &str, ssl: bool, stream: &[u8], chunk: usize) -> Option<AuthMethod> {
+        let mut g = AuthGuard::new((), policy.parse().unwrap(), ssl);
+        for piece in stream.chunks(chunk) {
+            if let Err(refused) = g.inspect(piece) {
+                return Some(refused.method);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn auth_guard_refuses_what_require_auth_rules_out() {
+        let notice = {
+            let mut m = vec![b'N'];
+            m.extend(10u32.to_be_bytes());
+            m.extend(b"Mhello");
+            m
+        };
+        let md5 = auth_request(5, b"salt");
+        let clear = auth_request(3, b"");
+        let sasl = auth_request(10, b"SCRAM-SHA-256\0\0");
+        let ok = auth_request(0, b"");
+        for chunk in [1, 3, 1000] {
+            let v = |p: &str, ssl: bool, s: &[u8]| guard_verdict(p, ssl, s, chunk);
+            let scram_only = "scram-sha-256";
+            assert_eq!(v(scram_only, false, &md5), Some(AuthMethod::Md5));
+            assert_eq!(v(scram_only, false, &clear), Some(AuthMethod::Password));
+            assert_eq!(v(scram_only, false, &[&sasl[..], &ok].concat()), None);
+            // After SSLRequest: 'N' then plain messages are still policed.
+            assert_eq!(
+                v(scram_only, true, &[&b"N"[..], &notice, &md5].concat()),
+                Some(AuthMethod::Md5)
+            );
+            // 'S': TLS takes over (the guard above TLS polices).
+            assert_eq!(v(scram_only, true, &[&b"S"[..], &md5].concat()), None);
+            // Trust: AuthenticationOk with nothing asked is "none".
+            assert_eq!(v(scram_only, false, &ok), Some(AuthMethod::None));
+            assert_eq!(v("none", false, &ok), None);
+            assert_eq!(v("!password,!md5", false, &[&ok[..], &md5].concat()), None);
+            assert_eq!(v("!password", false, &clear), Some(AuthMethod::Password));
+            // After AuthenticationOk, everything passes.
+            assert_eq!(v("md5", false, &[&md5[..], &ok, &clear].concat()), None);
+        }
     }
 
     #[test]

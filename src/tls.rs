@@ -430,6 +430,37 @@ fn server_name_text(name: &ServerName<'_>) -> String {
     }
 }
 
+/// The `tls-server-end-point` channel-binding data for a server certificate (RFC 5929): the
+/// certificate's hash, with the hash function of its signature algorithm (MD5 and SHA-1
+/// become SHA-256). `None` when the algorithm names no single hash (RSASSA-PSS, Ed25519,
+/// unknown), in which case SCRAM runs without channel binding, as with libpq.
+pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use const_oid::db::rfc5912::{
+        ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, SHA_1_WITH_RSA_ENCRYPTION,
+        SHA_256_WITH_RSA_ENCRYPTION, SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
+    };
+    use x509_cert::der::Decode;
+
+    let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
+    let oid = cert.signature_algorithm.oid;
+    let algorithm = if [
+        SHA_1_WITH_RSA_ENCRYPTION,
+        SHA_256_WITH_RSA_ENCRYPTION,
+        ECDSA_WITH_SHA_256,
+    ]
+    .contains(&oid)
+    {
+        &ring::digest::SHA256
+    } else if [SHA_384_WITH_RSA_ENCRYPTION, ECDSA_WITH_SHA_384].contains(&oid) {
+        &ring::digest::SHA384
+    } else if [SHA_512_WITH_RSA_ENCRYPTION, ECDSA_WITH_SHA_512].contains(&oid) {
+        &ring::digest::SHA512
+    } else {
+        return None;
+    };
+    Some(ring::digest::digest(algorithm, cert_der).as_ref().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

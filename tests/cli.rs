@@ -221,6 +221,11 @@ fn one_node_is_a_config_error_except_for_tail() {
 fn passwords_never_appear_in_output() {
     let files = Files::new();
     std::fs::write(files.dir.path().join("pw"), "TopSecretFile3\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(files.dir.path().join("pw"), private).unwrap();
+    }
     let text = format!(
         "{}\n[[nodes]]\nname = \"north\"\ndsn = \"host=10.0.0.3 dbname=app user=r password=${{NORTH_PW}}\"\n\
          [[nodes]]\nname = \"south\"\ndsn = \"host=10.0.0.4 dbname=app user=r\"\npassword_file = \"pw\"\n",
@@ -283,4 +288,33 @@ fn usage_errors_exit_2() {
     let out = walbridge(files.dir.path(), &["--help"], &[]);
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("check-config"));
+}
+
+#[test]
+fn password_file_readable_by_others_is_refused_by_check_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let files = Files::new();
+    let pw = files.write("east.pw", "TopSecretFile5\n");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = "[[nodes]]\nname = \"east\"\ndsn = \"host=10.0.0.1 dbname=app user=r\"\n\
+                password_file = \"east.pw\"\n\
+                [[nodes]]\nname = \"west\"\ndsn = \"host=10.0.0.2 dbname=app user=r password=${WEST_PW}\"\n\
+                [replication]\ntables = [\"public.*\"]\n";
+    let path = files.write("walbridge.toml", text);
+    let args = ["check-config", "--config", path.to_str().unwrap()];
+    // A variable whose value looks like more options stays the password.
+    let env = [("WEST_PW", "x sslmode=disable host=evil")];
+    let out = walbridge(files.dir.path(), &args, &env);
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let line = error_line(&out);
+    assert!(line.contains("nodes[0].password_file"), "{line}");
+    assert!(line.contains("chmod 600"), "{line}");
+    assert!(!stderr(&out).contains("TopSecretFile5"));
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = walbridge(files.dir.path(), &args, &env);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let shown = stdout(&out);
+    assert!(shown.contains("10.0.0.2"), "{shown}");
+    assert!(!shown.contains("evil"), "{shown}");
 }

@@ -16,11 +16,19 @@ fn demo_replicates_both_ways_and_cleans_up_on_ctrl_c() {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut base_dirs = Vec::new();
+    let mut ports = Vec::new();
     let mut converged = false;
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let Ok(line) = line else { break };
         seen.push(line.clone());
+        // "east: psql -h DIR -p PORT -U postgres postgres"
+        if line.contains(": psql ") {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Some(i) = words.iter().position(|w| *w == "-p") {
+                ports.push(words[i + 1].parse::<u16>().expect("port"));
+            }
+        }
         if let Some(path) = line.trim().strip_prefix("config: ") {
             base_dirs.push(
                 std::path::PathBuf::from(path)
@@ -49,6 +57,20 @@ fn demo_replicates_both_ways_and_cleans_up_on_ctrl_c() {
         }
     }
     assert!(converged, "demo output:\n{}", seen.join("\n"));
+    // The demo clusters do not trust TCP: a login without the password is refused.
+    assert_eq!(ports.len(), 2, "demo output:\n{}", seen.join("\n"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for port in ports {
+        let dsn = walbridge::dsn::Dsn::parse(&format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable"
+        ))
+        .unwrap();
+        let refused = rt
+            .block_on(walbridge::pgconn::connect(&dsn, "walbridge-test"))
+            .err()
+            .unwrap_or_else(|| panic!("port {port}: TCP login without a password succeeded"));
+        assert!(refused.to_string().contains("password"), "{refused}");
+    }
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);

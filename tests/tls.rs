@@ -437,3 +437,139 @@ fn client_keys_load_in_every_pem_form_and_errors_name_the_file() {
     let e = with_key("other.key").unwrap_err().to_string();
     assert!(e.contains("client.crt") && e.contains("other.key"), "{e}");
 }
+
+/// A TLS cluster with one role per password method: `scram` (scram-sha-256, TLS only), `md5`
+/// (an MD5 challenge), `clear` (cleartext password); `postgres` is trusted.
+fn auth_cluster(pki: &Pki) -> LocalCluster {
+    pki.issue(
+        "ca",
+        "server",
+        "localhost",
+        Some("DNS:localhost,IP:127.0.0.1"),
+        false,
+    );
+    let hba = "host all postgres 127.0.0.1/32 trust\n\
+               host all scram 127.0.0.1/32 scram-sha-256\n\
+               host all md5 127.0.0.1/32 md5\n\
+               host all clear 127.0.0.1/32 password\n";
+    let c = tls_cluster(pki, "server", Some(hba), false);
+    c.psql(
+        "postgres",
+        "SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE scram LOGIN PASSWORD 'pw-scram'; \
+         CREATE ROLE clear LOGIN PASSWORD 'pw-clear'; \
+         SET password_encryption = 'md5'; \
+         CREATE ROLE md5 LOGIN PASSWORD 'pw-md5';",
+    )
+    .unwrap();
+    c
+}
+
+#[tokio::test]
+async fn scram_binds_to_the_tls_certificate_by_default_and_on_require() {
+    let pki = Pki::new();
+    let c = auth_cluster(&pki);
+    let base = format!(
+        "host=127.0.0.1 port={} user=scram password=pw-scram dbname=postgres sslmode=require",
+        c.port()
+    );
+    for extra in ["", "channel_binding=require require_auth=scram-sha-256"] {
+        let d = dsn(&format!("{base} {extra}"));
+        assert_tls_works(&d).await;
+        let raw = protocol::connect(&d, protocol::ConnectOptions::default())
+            .await
+            .unwrap();
+        assert!(raw.is_channel_bound(), "SCRAM-SHA-256-PLUS with {extra:?}");
+    }
+    // channel_binding=disable: plain SCRAM.
+    let d = dsn(&format!("{base} channel_binding=disable"));
+    let raw = protocol::connect(&d, protocol::ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(!raw.is_channel_bound());
+    // channel_binding=require without TLS is refused before any password is sent.
+    let d = dsn(&format!(
+        "host=127.0.0.1 port={} user=scram password=pw-scram dbname=postgres sslmode=disable \
+         channel_binding=require",
+        c.port()
+    ));
+    let (e1, e2) = assert_both_fail(&d).await;
+    for e in [e1, e2] {
+        assert!(e.contains("channel_binding=require"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn channel_binding_require_refuses_md5_password_and_trust() {
+    let pki = Pki::new();
+    let c = auth_cluster(&pki);
+    for (user, what) in [
+        ("md5", "MD5 password"),
+        ("clear", "cleartext password"),
+        ("postgres", "without any authentication"),
+    ] {
+        let d = dsn(&format!(
+            "host=127.0.0.1 port={} user={user} password=pw-{user} dbname=postgres \
+             sslmode=require channel_binding=require",
+            c.port()
+        ));
+        let (e1, e2) = assert_both_fail(&d).await;
+        for e in [e1, e2] {
+            assert!(
+                e.contains("channel") && e.contains("require"),
+                "{user}: {e}"
+            );
+            // Our own client says which method the server wanted.
+            assert!(
+                e.contains(what) || e.contains("channel binding"),
+                "{user}: {e}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn require_auth_scram_refuses_cleartext_md5_and_trust_with_a_clear_error() {
+    let pki = Pki::new();
+    let c = auth_cluster(&pki);
+    for sslmode in ["disable", "require", "prefer"] {
+        for (user, what) in [
+            ("md5", "MD5 password"),
+            ("clear", "cleartext password"),
+            ("postgres", "without any authentication"),
+        ] {
+            let d = dsn(&format!(
+                "host=127.0.0.1 port={} user={user} password=pw-{user} dbname=postgres \
+                 sslmode={sslmode} require_auth=scram-sha-256",
+                c.port()
+            ));
+            let (e1, e2) = assert_both_fail(&d).await;
+            for e in [e1, e2] {
+                assert!(
+                    e.contains(what) && e.contains("require_auth=scram-sha-256"),
+                    "{user} with sslmode={sslmode}: {e}"
+                );
+                assert!(!e.contains(&format!("pw-{user}")), "{e}");
+            }
+        }
+    }
+    // Negated lists: everything but cleartext.
+    let d = dsn(&format!(
+        "host=127.0.0.1 port={} user=md5 password=pw-md5 dbname=postgres sslmode=disable \
+         require_auth=!password",
+        c.port()
+    ));
+    pgconn::connect(&d, "walbridge-test").await.unwrap();
+    protocol::connect(&d, protocol::ConnectOptions::default())
+        .await
+        .unwrap();
+    let d = dsn(&format!(
+        "host=127.0.0.1 port={} user=clear password=pw-clear dbname=postgres sslmode=disable \
+         require_auth=!password",
+        c.port()
+    ));
+    let (e1, e2) = assert_both_fail(&d).await;
+    for e in [e1, e2] {
+        assert!(e.contains("cleartext password"), "{e}");
+    }
+}

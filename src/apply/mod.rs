@@ -619,7 +619,8 @@ impl Applier {
                 // A third node's writes may race these rows: bound the group's time span.
                 let span_exceeded = match (&self.group, self.group_span) {
                     (Some(g), Some(span)) => {
-                        begin.commit_time.0 - g.first_commit_time.0 > span.as_micros() as i64
+                        g.first_commit_time.micros_until(begin.commit_time)
+                            > i64::try_from(span.as_micros()).unwrap_or(i64::MAX)
                     }
                     _ => false,
                 };
@@ -1068,7 +1069,7 @@ impl Applier {
             .as_ref()
             .map(|o| o.begin.commit_time)
             .or(self.last_commit_time)
-            .is_some_and(|t| PgTimestamp::now().0 - t.0 > BACKLOG_AGE_MICROS)
+            .is_some_and(|t| t.micros_until(PgTimestamp::now()) > BACKLOG_AGE_MICROS)
     }
 
     /// Whether a group is gathering (encoded, not yet sent with `Sync`).

@@ -64,6 +64,13 @@ pub fn interpolate(
     Ok(out)
 }
 
+/// Whether `text` is exactly one `${NAME}` and nothing else.
+pub fn is_single_reference(text: &str) -> bool {
+    text.strip_prefix("${")
+        .and_then(|t| t.strip_suffix('}'))
+        .is_some_and(is_var_name)
+}
+
 fn is_var_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -89,6 +96,14 @@ mod tests {
             "host=db1 password=s3cr$t"
         );
         assert_eq!(interpolate("no vars", &env).unwrap(), "no vars");
+    }
+
+    #[test]
+    fn single_references() {
+        assert!(is_single_reference("${DATABASE_URL}"));
+        assert!(!is_single_reference("host=${H}"));
+        assert!(!is_single_reference("${A}${B}"));
+        assert!(!is_single_reference("${}"));
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //!                       key path)         e.g. `nodes[1].name: "East" must match ...`)
 //! ```
 //!
-//! Inside validation each node's `dsn` is interpolated (`${NAME}` from the environment, `$$` for
-//! a literal `$`) and parsed with [`Dsn::parse`]; when it has no password,
+//! Inside validation each node's `dsn` is parsed with [`Dsn::parse_expanding`], which splits
+//! it into keys and values first and then interpolates each value (`${NAME}` from the
+//! environment, `$$` for a literal `$`), so a variable holding spaces, quotes, `&` or `@` stays
+//! inside its own value; when it has no password,
 //! [`Dsn::resolve_password`] takes it from `password_file` (first line), `PGPASSWORD` or the
 //! passfile. A password both in the DSN and in a `password_file` is an error.
 //! Passwords only ever live in [`crate::dsn::Secret`], so `Debug` of a [`Config`] never shows
@@ -635,14 +637,19 @@ fn validate_node(
         );
         return None;
     }
-    let text = match interpolate::interpolate(&dsn, ctx.env) {
-        Ok(text) => text,
-        Err(e) => {
-            problems.add(dsn_key, format!("node {name:?}: {e}"));
-            return None;
-        }
+    // Interpolated value by value, after parsing: a variable's value can never add or change
+    // other keys of the connection string, whatever characters it holds.
+    // A dsn that is one reference (`dsn = "${DATABASE_URL}"`) deliberately holds a whole
+    // connection string: that one is expanded first, then parsed.
+    let expand = |value: &str| interpolate::interpolate(value, ctx.env);
+    let parsed = if interpolate::is_single_reference(dsn.trim()) {
+        expand(dsn.trim())
+            .map_err(|e| e.to_string())
+            .and_then(|whole| Dsn::parse(&whole).map_err(|e| e.to_string()))
+    } else {
+        Dsn::parse_expanding(&dsn, &expand).map_err(|e| e.to_string())
     };
-    let mut dsn = match Dsn::parse(&text) {
+    let mut dsn = match parsed {
         Ok(dsn) => dsn,
         Err(e) => {
             problems.add(dsn_key, format!("node {name:?}: {e}"));
@@ -667,7 +674,9 @@ fn validate_node(
     }
     if let Err(e) = dsn.resolve_password(password_file.as_deref()) {
         let key = match e {
-            DsnError::PasswordFile { .. } | DsnError::EmptyPasswordFile(_) => file_key,
+            DsnError::PasswordFile { .. }
+            | DsnError::PasswordFileMode { .. }
+            | DsnError::EmptyPasswordFile(_) => file_key,
             _ => dsn_key,
         };
         problems.add(key, format!("node {name:?}: {e}"));

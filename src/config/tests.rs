@@ -609,6 +609,7 @@ dsn = "host=b dbname=app user=replicator password=$${literal}"
 fn password_file_is_read_and_trimmed() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("east.pw"), "s3cret-from-file\n").unwrap();
+    private(&dir.path().join("east.pw"));
     let text = r#"
 [[nodes]]
 name = "east"
@@ -632,6 +633,110 @@ dsn = "host=b dbname=app user=replicator"
     );
     assert_eq!(c.path.as_deref(), Some(path.as_path()));
     assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn password_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("east.pw");
+    std::fs::write(&pw, "s3cret-from-file\n").unwrap();
+    let text = format!(
+        "[[nodes]]\nname = \"east\"\ndsn = \"host=a dbname=app user=r\"\npassword_file = \"{}\"\n\
+         [[nodes]]\nname = \"west\"\ndsn = \"host=b dbname=app user=r\"\n",
+        pw.display()
+    );
+    for mode in [0o644, 0o604, 0o660] {
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = parse(&text).unwrap_err();
+        let p = &err.problems()[0];
+        assert_eq!(p.key, "nodes[0].password_file");
+        assert!(p.message.contains("chmod 600"), "{p}");
+        assert!(p.message.contains("east.pw"), "{p}");
+        assert!(!err.to_string().contains("s3cret"));
+    }
+    for mode in [0o600, 0o400] {
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(mode)).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.node("east")
+                .unwrap()
+                .dsn
+                .password
+                .as_ref()
+                .map(|p| p.expose()),
+            Some("s3cret-from-file")
+        );
+    }
+}
+
+#[test]
+fn env_values_cannot_change_other_dsn_keys() {
+    // Each value is interpolated after the connection string is split, so a variable's
+    // spaces, quotes, `&` or `@` stay inside its own value.
+    let text = r#"
+[[nodes]]
+name = "east"
+dsn = "host=a dbname=app user=replicator password=${EAST_PW}"
+[[nodes]]
+name = "west"
+dsn = "postgres://replicator:${WEST_PW}@b/app?application_name=${APP}"
+"#;
+    let east_pw = "x' sslmode=disable host=evil dbname='other";
+    let west_pw = "p@ss/w:rd?sslmode=disable&host=evil";
+    let app = "a&sslmode=disable";
+    let c = parse_with(
+        text,
+        Purpose::Replication,
+        &[("EAST_PW", east_pw), ("WEST_PW", west_pw), ("APP", app)],
+    )
+    .unwrap();
+    let east = c.node("east").unwrap();
+    assert_eq!(
+        east.dsn.password.as_ref().map(|p| p.expose()),
+        Some(east_pw)
+    );
+    assert_eq!(east.dsn.hosts, [crate::dsn::Host::Tcp("a".into())]);
+    assert_eq!(east.dsn.dbname, "app");
+    assert_eq!(east.dsn.sslmode, crate::dsn::SslMode::Prefer);
+    let west = c.node("west").unwrap();
+    assert_eq!(
+        west.dsn.password.as_ref().map(|p| p.expose()),
+        Some(west_pw)
+    );
+    assert_eq!(west.dsn.hosts, [crate::dsn::Host::Tcp("b".into())]);
+    assert_eq!(west.dsn.dbname, "app");
+    assert_eq!(west.dsn.application_name.as_deref(), Some(app));
+    assert_eq!(west.dsn.sslmode, crate::dsn::SslMode::Prefer);
+    // A dsn that is a single reference holds a whole connection string.
+    let c = parse_with(
+        "[[nodes]]\nname = \"east\"\ndsn = \"${EAST_URL}\"\n\
+         [[nodes]]\nname = \"west\"\ndsn = \" ${WEST_DSN} \"\n",
+        Purpose::Replication,
+        &[
+            ("EAST_URL", "postgres://r:pw@a:6000/app"),
+            ("WEST_DSN", "host=b port=6001 dbname=app"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.node("east").unwrap().dsn.ports, [6000]);
+    assert_eq!(c.node("west").unwrap().dsn.ports, [6001]);
+    // A value with a space in an unquoted key/value option is still one value.
+    let c = parse_with(
+        "[[nodes]]\nname = \"east\"\ndsn = \"host=${H} dbname=app\"\n\
+         [[nodes]]\nname = \"west\"\ndsn = \"host=b\"\n",
+        Purpose::Replication,
+        &[("H", "a port=1")],
+    )
+    .unwrap();
+    let east = c.node("east").unwrap();
+    assert_eq!(east.dsn.hosts, [crate::dsn::Host::Tcp("a port=1".into())]);
+    assert_eq!(east.dsn.ports, [5432]);
 }
 
 #[test]

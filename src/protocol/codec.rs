@@ -12,6 +12,11 @@ use crate::lsn::{Lsn, PgTimestamp};
 /// for the message's own header fields.
 pub const MAX_MESSAGE_LEN: usize = (1 << 30) + (1 << 20);
 
+/// Most room [`split_frame`] reserves ahead of bytes that have not arrived: a header is only
+/// a claim, so a large message grows the buffer as its bytes come in (the buffer doubles as
+/// it fills), never all at once on the word of a length field.
+pub const MAX_RESERVE_AHEAD: usize = 1 << 20;
+
 /// Takes one complete backend message (tag, length and body) off the front of `buf`.
 ///
 /// `Ok(None)` means more bytes are needed; `Err` means the stream is corrupt.
@@ -29,12 +34,32 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
             char::from(header.tag())
         ));
     }
-    let total = len + 1;
+    // The tag byte is not counted in the length; MAX_MESSAGE_LEN keeps this far from usize::MAX.
+    let total = len
+        .checked_add(1)
+        .ok_or_else(|| "message length overflows".to_string())?;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        buf.reserve((total - buf.len()).min(MAX_RESERVE_AHEAD));
         return Ok(None);
     }
     Ok(Some(buf.split_to(total)))
+}
+
+/// Takes one backend message off the front of `buf` and parses it with postgres-protocol.
+///
+/// Unlike `Message::parse` on the whole buffer, this never reserves the length a header
+/// claims before the bytes arrive (see [`split_frame`]).
+pub fn next_message(
+    buf: &mut BytesMut,
+) -> Result<Option<postgres_protocol::message::backend::Message>, String> {
+    let Some(mut frame) = split_frame(buf)? else {
+        return Ok(None);
+    };
+    match postgres_protocol::message::backend::Message::parse(&mut frame) {
+        Ok(Some(m)) => Ok(Some(m)),
+        Ok(None) => Err("incomplete message".into()),
+        Err(e) => Err(format!("malformed message from the server: {e}")),
+    }
 }
 
 /// A sub-message of a replication CopyData message.
@@ -217,6 +242,39 @@ mod tests {
         assert_eq!(&second[..], b"C\0\0\0\x0bSELECT\0");
         assert!(buf.is_empty());
         assert_eq!(split_frame(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn a_length_claim_reserves_no_memory_ahead_of_its_bytes() {
+        // A header claiming 1 GiB: accepted as a length, but the buffer grows only by the
+        // bounded look-ahead, not by the claim.
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'd');
+        buf.put_i32(1 << 30);
+        buf.put_slice(b"abc");
+        assert_eq!(split_frame(&mut buf).unwrap(), None);
+        assert!(
+            buf.capacity() <= MAX_RESERVE_AHEAD + 64,
+            "reserved {} bytes for a message whose bytes have not arrived",
+            buf.capacity()
+        );
+        // A header claiming 2 GiB (i32::MAX): refused outright.
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'd');
+        buf.put_i32(i32::MAX);
+        assert!(split_frame(&mut buf).unwrap_err().contains("claims"));
+        assert!(buf.capacity() <= MAX_RESERVE_AHEAD + 64);
+        // The same through the message parser the apply pipeline uses.
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'D');
+        buf.put_i32(0x4000_0000);
+        assert!(matches!(next_message(&mut buf), Ok(None)));
+        assert!(buf.capacity() <= MAX_RESERVE_AHEAD + 64);
+        // Negative lengths are corrupt.
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'd');
+        buf.put_i32(i32::MIN);
+        assert!(split_frame(&mut buf).is_err());
     }
 
     #[test]

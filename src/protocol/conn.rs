@@ -10,7 +10,9 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -21,7 +23,7 @@ use super::codec::split_frame;
 use super::error::{ErrorKind, ProtocolError, ServerError};
 use super::ConnectOptions;
 use super::SESSION_PARAMS;
-use crate::dsn::{Dsn, Host, SslMode};
+use crate::dsn::{AuthMethod, AuthRefused, ChannelBinding as BindingPolicy, Dsn, Host, SslMode};
 
 /// The byte stream under a session.
 pub(crate) enum Socket {
@@ -107,6 +109,10 @@ pub struct RawConnection {
     parameters: HashMap<String, String>,
     backend_key: Option<(i32, i32)>,
     tls: bool,
+    /// `tls-server-end-point` data of the server's certificate, when TLS is in use.
+    end_point: Option<Vec<u8>>,
+    /// SCRAM bound the session to the TLS certificate (SCRAM-SHA-256-PLUS).
+    channel_bound: bool,
 }
 
 impl std::fmt::Debug for RawConnection {
@@ -306,7 +312,17 @@ async fn attempt(
         parameters: HashMap::new(),
         backend_key: None,
         tls: is_tls,
+        end_point: None,
+        channel_bound: false,
     };
+    if let Socket::Tls(tls) = &conn.socket {
+        conn.end_point = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| crate::tls::tls_server_end_point(cert));
+    }
     conn.startup(dsn, options).await?;
     Ok(conn)
 }
@@ -324,6 +340,8 @@ impl RawConnection {
             parameters: HashMap::new(),
             backend_key: None,
             tls: false,
+            end_point: None,
+            channel_bound: false,
         }
     }
 
@@ -373,6 +391,27 @@ impl RawConnection {
         }
     }
 
+    /// Refuses a method `require_auth` or `channel_binding` rules out, before any password
+    /// is sent.
+    fn check_method(&self, dsn: &Dsn, method: AuthMethod) -> Result<(), ProtocolError> {
+        if let Some(policy) = &dsn.require_auth {
+            if !policy.allows(method) {
+                return Err(self.err(ErrorKind::AuthRefused(AuthRefused {
+                    method,
+                    setting: format!("require_auth={}", policy.as_str()),
+                })));
+            }
+        }
+        // SCRAM is checked where the mechanism is chosen.
+        if dsn.channel_binding == BindingPolicy::Require && method != AuthMethod::ScramSha256 {
+            return Err(self.err(ErrorKind::AuthRefused(AuthRefused {
+                method,
+                setting: "channel_binding=require".into(),
+            })));
+        }
+        Ok(())
+    }
+
     async fn authenticate(&mut self, dsn: &Dsn) -> Result<(), ProtocolError> {
         let user = dsn.user.clone();
         let address = self.address.clone();
@@ -386,13 +425,18 @@ impl RawConnection {
         };
         let mut buf = BytesMut::new();
         match self.read_message().await? {
-            Message::AuthenticationOk => return Ok(()),
+            Message::AuthenticationOk => {
+                self.check_method(dsn, AuthMethod::None)?;
+                return Ok(());
+            }
             Message::AuthenticationCleartextPassword => {
+                self.check_method(dsn, AuthMethod::Password)?;
                 let pw = password()?;
                 frontend::password_message(&pw, &mut buf).map_err(|e| self.encode_err(e))?;
                 self.send(&buf).await?;
             }
             Message::AuthenticationMd5Password(body) => {
+                self.check_method(dsn, AuthMethod::Md5)?;
                 let pw = password()?;
                 let hash = authentication::md5_hash(user.as_bytes(), &pw, body.salt());
                 frontend::password_message(hash.as_bytes(), &mut buf)
@@ -400,24 +444,42 @@ impl RawConnection {
                 self.send(&buf).await?;
             }
             Message::AuthenticationSasl(body) => {
-                let mut has_scram = false;
+                self.check_method(dsn, AuthMethod::ScramSha256)?;
+                let (mut has_scram, mut has_plus) = (false, false);
                 let mut mechanisms = body.mechanisms();
                 while let Some(m) = mechanisms
                     .next()
                     .map_err(|e| self.err(ErrorKind::Protocol(e.to_string())))?
                 {
                     has_scram |= m == SCRAM_SHA_256;
+                    has_plus |= m == SCRAM_SHA_256_PLUS;
                 }
-                if !has_scram {
+                if !has_scram && !has_plus {
                     return Err(self.err(ErrorKind::UnsupportedAuth(
                         "a SASL mechanism other than SCRAM-SHA-256".into(),
                     )));
                 }
+                // libpq's rules: bind when TLS gives us the certificate hash and the server
+                // offers SCRAM-SHA-256-PLUS; say "client supports binding, server did not
+                // offer it" (`y`) when we could have bound, so a downgrade is detected.
+                let end_point = self
+                    .end_point
+                    .clone()
+                    .filter(|_| dsn.channel_binding != BindingPolicy::Disable);
+                let (binding, mechanism) = match (end_point, has_plus) {
+                    (Some(ep), true) => {
+                        (ChannelBinding::tls_server_end_point(ep), SCRAM_SHA_256_PLUS)
+                    }
+                    (Some(_), false) => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+                    (None, _) => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+                };
+                if mechanism != SCRAM_SHA_256_PLUS && dsn.channel_binding == BindingPolicy::Require
+                {
+                    return Err(self.err(ErrorKind::ChannelBindingUnavailable { tls: self.tls }));
+                }
                 let pw = password()?;
-                // Channel binding is not used (libpq's channel_binding=prefer also works
-                // without it); the TLS verification above protects the session.
-                let mut scram = ScramSha256::new(&pw, ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut buf)
+                let mut scram = ScramSha256::new(&pw, binding);
+                frontend::sasl_initial_response(mechanism, scram.message(), &mut buf)
                     .map_err(|e| self.encode_err(e))?;
                 self.send(&buf).await?;
                 let body = match self.read_message().await? {
@@ -442,6 +504,7 @@ impl RawConnection {
                         "the server's proof is invalid: {e}"
                     )))
                 })?;
+                self.channel_bound = mechanism == SCRAM_SHA_256_PLUS;
             }
             Message::AuthenticationKerberosV5 => {
                 return Err(self.err(ErrorKind::UnsupportedAuth("Kerberos V5".into())))
@@ -450,10 +513,12 @@ impl RawConnection {
                 return Err(self.err(ErrorKind::UnsupportedAuth("SCM credential".into())))
             }
             Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
-                return Err(self.err(ErrorKind::UnsupportedAuth("GSSAPI".into())))
+                self.check_method(dsn, AuthMethod::Gss)?;
+                return Err(self.err(ErrorKind::UnsupportedAuth("GSSAPI".into())));
             }
             Message::AuthenticationSspi => {
-                return Err(self.err(ErrorKind::UnsupportedAuth("SSPI".into())))
+                self.check_method(dsn, AuthMethod::Sspi)?;
+                return Err(self.err(ErrorKind::UnsupportedAuth("SSPI".into())));
             }
             Message::ErrorResponse(e) => return Err(self.auth_error(&user, e.fields())),
             _ => return Err(self.unexpected("before authentication")),
@@ -683,6 +748,12 @@ impl RawConnection {
     /// Whether the session runs over TLS.
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// Whether SCRAM bound the session to the server's TLS certificate
+    /// (SCRAM-SHA-256-PLUS with `tls-server-end-point`).
+    pub fn is_channel_bound(&self) -> bool {
+        self.channel_bound
     }
 
     /// The node, as `user@host:port/dbname`.

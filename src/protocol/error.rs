@@ -104,6 +104,19 @@ pub(crate) fn auth_failure(user: &str, server: &ServerError) -> String {
     text
 }
 
+fn channel_binding_text(tls: bool) -> String {
+    if tls {
+        "channel_binding=require, but the server did not offer SCRAM-SHA-256-PLUS on this TLS \
+         session (or its certificate's signature algorithm has no channel-binding hash, such as \
+         RSA-PSS or Ed25519); use scram-sha-256 in pg_hba.conf or lower channel_binding"
+            .into()
+    } else {
+        "channel_binding=require needs TLS, but this session is not encrypted; set sslmode=require \
+         (or verify-full) and enable ssl on the server"
+            .into()
+    }
+}
+
 /// What went wrong, without the node address.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -154,6 +167,15 @@ pub enum ErrorKind {
          scram-sha-256, md5, password or trust in pg_hba.conf for this user"
     )]
     UnsupportedAuth(String),
+    /// The server asked for a method `require_auth` / `channel_binding` rules out.
+    #[error(transparent)]
+    AuthRefused(crate::dsn::AuthRefused),
+    /// `channel_binding=require`, but SCRAM could not be bound to the TLS session.
+    #[error("{}", channel_binding_text(*.tls))]
+    ChannelBindingUnavailable {
+        /// Whether the session runs over TLS.
+        tls: bool,
+    },
     /// The SCRAM exchange failed on our side (bad server proof or malformed messages).
     #[error("SCRAM authentication failed: {0}")]
     Scram(String),
@@ -254,6 +276,8 @@ impl ProtocolError {
             | ErrorKind::Auth { .. }
             | ErrorKind::PasswordMissing(_)
             | ErrorKind::UnsupportedAuth(_)
+            | ErrorKind::AuthRefused(_)
+            | ErrorKind::ChannelBindingUnavailable { .. }
             | ErrorKind::Scram(_)
             | ErrorKind::Protocol(_) => false,
         }

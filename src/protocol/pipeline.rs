@@ -21,6 +21,7 @@ use postgres_protocol::IsNull;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::codec::next_message;
 use super::error::{ErrorKind, ProtocolError, ServerError};
 
 /// One reply from the server, reduced to what the apply path needs.
@@ -274,9 +275,9 @@ where
     };
     let reader = async {
         loop {
-            let parsed = Message::parse(&mut leftover).map_err(|e| {
-                ProtocolError::new(address.clone(), ErrorKind::Protocol(e.to_string()))
-            })?;
+            // Never `Message::parse` on the raw buffer: it reserves whatever a header claims.
+            let parsed = next_message(&mut leftover)
+                .map_err(|e| ProtocolError::new(address.clone(), ErrorKind::Protocol(e)))?;
             let Some(message) = parsed else {
                 leftover.reserve(64 * 1024);
                 let n = rd.read_buf(&mut leftover).await.map_err(io)?;

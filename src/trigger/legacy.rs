@@ -1034,7 +1034,10 @@ fn construct(name: &str, args: Vec<Value>, kwargs: Vec<(String, Value)>) -> Resu
             let minutes = a.int_or(0, "offset", 0)?;
             a.skip("name");
             a.done()?;
-            Value::Tz(TzValue::Offset(minutes * 60))
+            let secs = minutes
+                .checked_mul(60)
+                .ok_or_else(|| format!("{name}(): offset out of range"))?;
+            Value::Tz(TzValue::Offset(secs))
         }
         "ZoneInfo" | "timezone_from_name" => {
             let key = a.string(0, "key")?;
@@ -1178,6 +1181,30 @@ mod tests {
         parse(text)
             .unwrap_or_else(|e| panic!("{text}: {e}"))
             .to_json()
+    }
+
+    #[test]
+    fn extreme_numbers_in_calls_are_errors_not_overflows() {
+        // Row contents are untrusted: arithmetic on them must not wrap or panic.
+        let e = parse(&format!(
+            "{{'at': datetime.datetime(2024, 1, 2, tzinfo=psycopg2.tz.FixedOffsetTimezone(offset={}))}}",
+            i64::MAX
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        let e = parse(&format!(
+            "{{'at': datetime.datetime(2024, 1, 2, tzinfo=datetime.timezone(datetime.timedelta(days={})))}}",
+            i64::MAX
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        // The largest timedelta still has an exact interval text.
+        let max = i64::MAX;
+        assert!(json(&format!(
+            "{{'iv': datetime.timedelta(days={max}, seconds={max}, microseconds={max}, \
+             milliseconds={max}, minutes={max}, hours={max}, weeks={max})}}"
+        ))
+        .contains(" seconds"));
     }
 
     #[test]
