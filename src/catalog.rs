@@ -248,7 +248,7 @@ pub async fn partitions_of(
         .query(
             "SELECT n.nspname, c.relname
                FROM pg_catalog.pg_partition_tree(
-                      format('%I.%I', $1::text, $2::text)::regclass) t
+                      pg_catalog.format('%I.%I', $1::text, $2::text)::regclass) t
                JOIN pg_catalog.pg_class c ON c.oid = t.relid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE t.level > 0
@@ -336,7 +336,7 @@ pub async fn table_info(
         let sql = format!(
             "SELECT a.attname
                FROM pg_catalog.pg_index i
-               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
               WHERE i.indrelid = $1 AND {}
               ORDER BY k.ord",

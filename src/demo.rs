@@ -42,7 +42,7 @@ CREATE TABLE public.accounts (
     id         bigint PRIMARY KEY,
     owner      text NOT NULL,
     balance    numeric(12,2) NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 CREATE TABLE public.events (
     id      bigint PRIMARY KEY,
@@ -157,7 +157,7 @@ async fn write_and_report(
                 .map_err(sql_err)?;
             client
                 .execute(
-                    "INSERT INTO events (id, node, payload) VALUES ($1, $2, jsonb_build_object('n', $3::int8))",
+                    "INSERT INTO events (id, node, payload) VALUES ($1, $2, pg_catalog.jsonb_build_object('n', $3::int8))",
                     &[&id, name, &n],
                 )
                 .await
@@ -165,7 +165,7 @@ async fn write_and_report(
             if n % 5 == 0 {
                 client
                     .execute(
-                        "UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id = $1",
+                        "UPDATE accounts SET balance = balance + 1, updated_at = pg_catalog.now() WHERE id = $1",
                         &[&(n * 2 - 10 + 1 - i as i64)],
                     )
                     .await

@@ -14,6 +14,7 @@ mod localpg;
 mod observability;
 mod protocol;
 mod replication;
+mod security;
 mod setup;
 mod status;
 mod tail;

@@ -181,14 +181,14 @@ impl TableMap {
         out
     }
 
-    /// `jsonb_build_array($a::t, ...)` over the unique key, parameters from `first`.
+    /// `pg_catalog.jsonb_build_array($a::t, ...)` over the unique key, parameters from `first`.
     fn key_json(&self, positions: &[usize], first: usize) -> String {
         let parts: Vec<String> = positions
             .iter()
             .enumerate()
             .map(|(n, &pos)| self.cast(pos, first + n))
             .collect();
-        format!("jsonb_build_array({})", parts.join(", "))
+        format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
     }
 
     /// Optimistic multi-row INSERT of `rows` rows (parameters: the written columns of each row
@@ -207,7 +207,7 @@ impl TableMap {
                 let key: Vec<String> = uk.iter().map(|&p| format!("v.{}", self.name(p))).collect();
                 format!(
                     " WHERE NOT EXISTS (SELECT 1 FROM walbridge.tombstones tb \
-                     WHERE tb.relid = {} AND tb.key = jsonb_build_array({}))",
+                     WHERE tb.relid = {} AND tb.key = pg_catalog.jsonb_build_array({}))",
                     self.target.oid,
                     key.join(", ")
                 )
@@ -374,7 +374,7 @@ impl TableMap {
             }
         }
         format!(
-            "SELECT to_jsonb(cur)::text, o.timestamp, o.roident::int8, {equals} \
+            "SELECT pg_catalog.to_jsonb(cur)::text, o.timestamp, o.roident::int8, {equals} \
              FROM {table} AS cur \
              LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o ON true \
              WHERE {target} LIMIT 1 FOR UPDATE OF cur",
@@ -484,7 +484,7 @@ impl TableMap {
         let limit = if self.full_identity { " LIMIT 1" } else { "" };
         format!(
             "cur AS (SELECT c.ctid AS wb_ctid, o.timestamp AS wb_ts, o.roident AS wb_ro, \
-             to_jsonb(c)::text AS wb_row FROM {table} AS c \
+             pg_catalog.to_jsonb(c)::text AS wb_row FROM {table} AS c \
              LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(c.xmin) o ON true \
              WHERE {key}{limit} FOR UPDATE OF c), \
              dec AS (SELECT cur.*, (wb_ro = ANY(${o}::oid[]) OR wb_ts IS NULL \
@@ -496,7 +496,7 @@ impl TableMap {
         )
     }
 
-    /// `jsonb_build_array(($n::type)::text, ...)` of the key, as the careful path logs it.
+    /// `pg_catalog.jsonb_build_array(($n::type)::text, ...)` of the key, as the careful path logs it.
     fn key_text_json(&self, first: usize) -> String {
         let parts: Vec<String> = self
             .key
@@ -504,7 +504,7 @@ impl TableMap {
             .enumerate()
             .map(|(n, &pos)| format!("({})::text", self.cast(pos, first + n)))
             .collect();
-        format!("jsonb_build_array({})", parts.join(", "))
+        format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
     }
 
     fn conflict_insert(
@@ -549,7 +549,7 @@ impl TableMap {
                 )
             })
             .collect();
-        let remote = format!("jsonb_build_object({})", remote.join(", "));
+        let remote = format!("pg_catalog.jsonb_build_object({})", remote.join(", "));
         format!(
             "WITH {dec}, \
              upd AS (UPDATE {table} AS c SET {set} FROM dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \

@@ -603,7 +603,7 @@ async fn ensure_slot(
     let existing = source
         .client
         .query_opt(
-            "SELECT plugin::text, database::text = current_database() FROM pg_catalog.pg_replication_slots
+            "SELECT plugin::text, database::text = pg_catalog.current_database() FROM pg_catalog.pg_replication_slots
               WHERE slot_name = $1",
             &[&slot],
         )

@@ -74,7 +74,7 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
         crate::trigger::setup::teardown_node(config, client, node, out).await?;
         let triggers = client
             .query(
-                "SELECT format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
+                "SELECT pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
                    FROM pg_catalog.pg_trigger WHERE tgname = ANY($1) AND tgparentid = 0",
                 &[&OWN_TRIGGERS],
             )
@@ -112,7 +112,7 @@ async fn drop_slots(client: &Client, node: &str, prefix: &str) -> Result<Vec<Str
     let rows = client
         .query(
             "SELECT slot_name::text, active_pid FROM pg_catalog.pg_replication_slots
-              WHERE slot_name LIKE $1 || '\\_%\\_to\\_%' AND database = current_database()",
+              WHERE slot_name LIKE $1 || '\\_%\\_to\\_%' AND database = pg_catalog.current_database()",
             &[&prefix],
         )
         .await

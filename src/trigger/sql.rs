@@ -1,7 +1,7 @@
 //! SQL text for trigger mode: the setup templates and the apply statements. Pure strings.
 //!
 //! Every identifier is quoted; every value travels as one JSON parameter (`$1::text::jsonb`)
-//! and reaches its column through `jsonb_populate_record(NULL::"schema"."table", ...)`, which
+//! and reaches its column through `pg_catalog.jsonb_populate_record(NULL::"schema"."table", ...)`, which
 //! casts each field to the column's own type with the type's input function (arrays and
 //! composites included, numbers exact). A field that does not fit its column is an SQL error
 //! for that one statement, never a change of the statement's meaning.
@@ -81,10 +81,10 @@ fn truncate_name(name: &str) -> String {
     name[..end].to_string()
 }
 
-/// `jsonb_populate_record(NULL::"s"."t", $n::text::jsonb) AS alias`.
+/// `pg_catalog.jsonb_populate_record(NULL::"s"."t", $n::text::jsonb) AS alias`.
 fn record(table: &TableInfo, param: usize, alias: &str) -> String {
     format!(
-        "jsonb_populate_record(NULL::{}, ${param}::text::jsonb) AS {alias}",
+        "pg_catalog.jsonb_populate_record(NULL::{}, ${param}::text::jsonb) AS {alias}",
         table.quoted_name()
     )
 }
@@ -128,7 +128,7 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
         format!(
             "LEFT JOIN LATERAL (SELECT true AS found, v.timestamp AS ts, v.roident AS ro \
                FROM walbridge.tombstones tb {v} \
-              WHERE tb.relid = {oid} AND tb.key = jsonb_build_array({cols})) AS d ON true",
+              WHERE tb.relid = {oid} AND tb.key = pg_catalog.jsonb_build_array({cols})) AS d ON true",
             v = version("tb"),
             oid = table.oid,
             cols = key
@@ -145,7 +145,7 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
     format!(
         "SELECT r.row_json, r.ts, r.ro, d.found, d.ts, d.ro \
            FROM {k} \
-           LEFT JOIN LATERAL (SELECT to_jsonb(t)::text AS row_json, v.timestamp AS ts, \
+           LEFT JOIN LATERAL (SELECT pg_catalog.to_jsonb(t)::text AS row_json, v.timestamp AS ts, \
                                      v.roident AS ro \
                                 FROM {table} AS t {v} \
                                WHERE {m} LIMIT 1 FOR UPDATE OF t) AS r ON true \
@@ -230,7 +230,7 @@ fn row_filter(table: &TableInfo, key: &[String], full: bool) -> String {
 pub fn tombstone_sql(table: &TableInfo, key: &[String]) -> String {
     format!(
         "INSERT INTO walbridge.tombstones (relid, key) \
-         SELECT {oid}, jsonb_build_array({cols}) FROM {k} \
+         SELECT {oid}, pg_catalog.jsonb_build_array({cols}) FROM {k} \
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         oid = table.oid,
         cols = key
@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(
             insert_sql(&t, &cols),
             "INSERT INTO \"Mixed Case\".\"users; DROP TABLE users\" (\"id\", \"a\"\"b\") \
-             OVERRIDING SYSTEM VALUE SELECT r.\"id\", r.\"a\"\"b\" FROM jsonb_populate_record(\
+             OVERRIDING SYSTEM VALUE SELECT r.\"id\", r.\"a\"\"b\" FROM pg_catalog.jsonb_populate_record(\
              NULL::\"Mixed Case\".\"users; DROP TABLE users\", $1::text::jsonb) AS r"
         );
         let u = update_sql(&t, &cols[1..], &cols[..1], false);
@@ -314,7 +314,7 @@ mod tests {
         let l = lookup_sql(&table(), &["id".to_string()], false, true);
         assert!(l.contains("FOR UPDATE OF t"), "{l}");
         assert!(
-            l.contains("tb.relid = 4242 AND tb.key = jsonb_build_array(k.\"id\")"),
+            l.contains("tb.relid = 4242 AND tb.key = pg_catalog.jsonb_build_array(k.\"id\")"),
             "{l}"
         );
         assert!(l.contains("pg_xact_commit_timestamp_origin(t.xmin)"), "{l}");
