@@ -44,6 +44,14 @@ fn ok_as(d: &Deployment, node: &str, user: &str, sql: &str) -> String {
     psql_as(d.node(node), user, sql).unwrap_or_else(|e| panic!("as {user} on {node}: {e}\n{sql}"))
 }
 
+/// `sql` fails as `user` with a privilege error.
+fn denied_as(d: &Deployment, node: &str, user: &str, sql: &str) {
+    match psql_as(d.node(node), user, sql) {
+        Ok(out) => panic!("as {user} on {node}, `{sql}` succeeded: {out:?}"),
+        Err(e) => assert!(e.contains("permission denied"), "`{sql}`: {e}"),
+    }
+}
+
 /// An ordinary role `alice` (LOGIN, no other attribute) that may create objects in `public`,
 /// and a canary table anyone may write, on every node.
 const ROLES: &str = "CREATE ROLE alice LOGIN;
@@ -156,4 +164,154 @@ fn functions_on_the_search_path_never_run_in_walbridge_sessions_trigger() {
     write_through_every_path(&d);
     d.walbridge_ok(&["verify"]);
     assert_no_canary(&d, &run);
+}
+
+// ---------------------------------------------------------------------------------------
+// SECURITY DEFINER functions: a table owner's cast to json never runs with their rights
+// ---------------------------------------------------------------------------------------
+
+/// Tables owned by `alice` on every node: `pets` has an enum of hers in its key.
+fn owner_deployment(toml: &str) -> Deployment {
+    let d = Deployment::new(&["east", "west"], ROLES, toml);
+    for node in ["east", "west"] {
+        ok_as(
+            &d,
+            node,
+            "alice",
+            "CREATE TABLE public.items (id int PRIMARY KEY, name text);
+             CREATE TYPE public.mood AS ENUM ('calm', 'wild');
+             CREATE TABLE public.pets (m public.mood, id int, note text, PRIMARY KEY (m, id))",
+        );
+    }
+    d
+}
+
+/// alice's cast from her enum to json: it tries to make her a superuser (which works only
+/// when it runs with a superuser's rights) and records who ran it.
+const CAST_ATTACK: &str = "
+    CREATE FUNCTION public.mood_json(public.mood) RETURNS json LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO public.canary VALUES ('cast', current_user);
+        BEGIN
+            EXECUTE 'ALTER ROLE alice SUPERUSER';
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
+        RETURN pg_catalog.to_json($1::text);
+    END $$;
+    CREATE CAST (public.mood AS json) WITH FUNCTION public.mood_json(public.mood);";
+
+/// alice writes her table on east, with the cast in place, through every kind of change.
+fn owner_writes(d: &Deployment) {
+    ok_as(d, "east", "alice", CAST_ATTACK);
+    ok_as(
+        d,
+        "east",
+        "alice",
+        "INSERT INTO pets VALUES ('calm', 1, 'a'), ('wild', 2, 'b')",
+    );
+    ok_as(
+        d,
+        "east",
+        "alice",
+        "UPDATE pets SET note = 'c' WHERE id = 1",
+    );
+    ok_as(d, "east", "alice", "DELETE FROM pets WHERE id = 2");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(m::text || ':' || id || ':' || note, ',' ORDER BY id) FROM pets",
+        "calm:1:c",
+    );
+    ok_as(d, "east", "alice", "TRUNCATE pets");
+    d.wait_for("west", "SELECT count(*) FROM pets", "0");
+}
+
+/// The cast never ran as anyone but alice, and alice is still no superuser.
+fn assert_attack_failed(d: &Deployment) {
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT string_agg(fired || ' as ' || as_user, ', ') FROM public.canary \
+              WHERE as_user <> 'alice'"
+        ),
+        "",
+        "alice's cast ran with someone else's rights"
+    );
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'alice'"
+        ),
+        "f"
+    );
+}
+
+/// What alice must not do to walbridge's own objects.
+fn assert_no_forgery(d: &Deployment, extra: &[&str]) {
+    let mut attempts = vec![
+        "INSERT INTO walbridge.tombstones VALUES ('public.items'::regclass, '[1]')",
+        "SELECT * FROM walbridge.settings",
+        "SELECT walbridge.apply_finish(NULL, '0/1', pg_catalog.now())",
+        "SELECT walbridge.expect_no_tombstones('public.items'::regclass)",
+        "SELECT walbridge.row_jsonb('public.items'::regclass, NULL::public.items)",
+        // Attaching walbridge's triggers (with arguments of her choice) to a table of hers.
+        "CREATE TABLE public.mine (id int PRIMARY KEY);
+         CREATE TRIGGER t AFTER DELETE ON public.mine REFERENCING OLD TABLE AS walbridge_deleted_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION walbridge.record_tombstones('id')",
+    ];
+    attempts.extend_from_slice(extra);
+    for sql in attempts {
+        denied_as(d, "east", "alice", sql);
+    }
+}
+
+#[test]
+fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
+    let d = owner_deployment(&stream_toml());
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    owner_writes(&d);
+    assert_attack_failed(&d);
+    // The delete's tombstone was recorded, its enum key in text form.
+    assert_eq!(
+        d.sql("east", "SELECT key::text FROM walbridge.tombstones"),
+        "[\"wild\", 2]"
+    );
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT string_agg(proname || ':' || proowner::regrole, ',' ORDER BY proname) \
+               FROM pg_proc WHERE prosecdef AND pronamespace = 'walbridge'::regnamespace"
+        ),
+        "record_tombstones:walbridge_capture,skip_session:walbridge_skip"
+    );
+    assert_no_forgery(&d, &[]);
+}
+
+#[test]
+fn a_table_owners_json_cast_never_runs_with_walbridge_rights_trigger() {
+    let d = owner_deployment(&trigger_toml());
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    owner_writes(&d);
+    assert_attack_failed(&d);
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT string_agg(proname || ':' || proowner::regrole, ',' ORDER BY proname) \
+               FROM pg_proc WHERE prosecdef AND pronamespace = 'walbridge'::regnamespace"
+        ),
+        "capture:walbridge_capture,capture_truncate:walbridge_capture,\
+         record_tombstones:walbridge_capture,skip_session:walbridge_skip"
+    );
+    assert_no_forgery(
+        &d,
+        &[
+            "INSERT INTO public.database_changes (metodo, tabla, descripcion) \
+             VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
+            "CREATE TABLE public.mine (id int PRIMARY KEY);
+             CREATE TRIGGER t AFTER INSERT ON public.mine FOR EACH ROW
+                 EXECUTE FUNCTION walbridge.capture('east', 'public.items', 'id')",
+        ],
+    );
 }

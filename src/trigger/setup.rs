@@ -188,6 +188,18 @@ pub async fn install_node(
             &n.name,
             "creating the capture functions (sql/trigger_capture.sql)",
         ))?;
+    if crate::setup::is_superuser(&n.client)
+        .await
+        .map_err(sql_err(&n.name, "reading the role's attributes"))?
+    {
+        n.client
+            .batch_execute(&sql::capture_owner_sql(table))
+            .await
+            .map_err(sql_err(
+                &n.name,
+                "handing the capture functions to role walbridge_capture",
+            ))?;
+    }
     let _ = writeln!(
         out,
         "{}: change table {table} {} (descripcion {descripcion_type}{}), dead rows in {dead}",

@@ -6,8 +6,28 @@
 //! composites included, numbers exact). A field that does not fit its column is an SQL error
 //! for that one statement, never a change of the statement's meaning.
 
-use crate::catalog::{quote_ident, quote_literal, TableInfo};
+use crate::catalog::{json_value, quote_ident, quote_literal, row_json, text_value, TableInfo};
 use crate::config::QualifiedName;
+
+/// Makes the NOLOGIN role `walbridge_capture` (sql/definer_roles.sql) own the capture
+/// functions, with the one right they need: inserting into the change table (and using its
+/// id sequence). Needs a superuser.
+pub fn capture_owner_sql(table: &QualifiedName) -> String {
+    format!(
+        "GRANT INSERT ON {t} TO walbridge_capture; \
+         DO $$ \
+         DECLARE s text := pg_catalog.pg_get_serial_sequence({lit}, 'id'); \
+         BEGIN \
+             IF s IS NOT NULL THEN \
+                 EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE %s TO walbridge_capture', s); \
+             END IF; \
+         END $$; \
+         ALTER FUNCTION walbridge.capture() OWNER TO walbridge_capture; \
+         ALTER FUNCTION walbridge.capture_truncate() OWNER TO walbridge_capture;",
+        t = table.quoted(),
+        lit = quote_literal(&table.quoted()),
+    )
+}
 
 /// `sql/trigger_mode.sql`: bookkeeping tables and the notify function (every node).
 pub const TRIGGER_MODE_SQL: &str = include_str!("../../sql/trigger_mode.sql");
@@ -100,11 +120,27 @@ fn matches(table: &TableInfo, key: &[String], full: bool, a: &str, b: &str) -> S
             match (eq, full) {
                 (true, false) => format!("{a}.{c} = {b}.{c}"),
                 (true, true) => format!("{a}.{c} IS NOT DISTINCT FROM {b}.{c}"),
-                (false, _) => format!("{a}.{c}::text IS NOT DISTINCT FROM {b}.{c}::text"),
+                (false, _) => {
+                    let col = table.column(k);
+                    format!(
+                        "{} IS NOT DISTINCT FROM {}",
+                        text_value(&format!("{a}.{c}"), col),
+                        text_value(&format!("{b}.{c}"), col)
+                    )
+                }
             }
         })
         .collect::<Vec<_>>()
         .join(" AND ")
+}
+
+/// The key columns of record `k`, as `jsonb_build_array` arguments for a tombstone key
+/// (the rule of [`json_value`], as `walbridge.record_tombstones` builds them).
+fn key_values(table: &TableInfo, key: &[String]) -> String {
+    key.iter()
+        .map(|k| json_value(&format!("k.{}", quote_ident(k)), table.column(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads the target's state for one key, locking the row: the row as JSON, its commit time
@@ -131,11 +167,7 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
               WHERE tb.relid = {oid} AND tb.key = pg_catalog.jsonb_build_array({cols})) AS d ON true",
             v = version("tb"),
             oid = table.oid,
-            cols = key
-                .iter()
-                .map(|k| format!("k.{}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            cols = key_values(table, key)
         )
     } else {
         "LEFT JOIN LATERAL (SELECT NULL::bool AS found, NULL::timestamptz AS ts, NULL::oid AS ro) \
@@ -145,12 +177,13 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
     format!(
         "SELECT r.row_json, r.ts, r.ro, d.found, d.ts, d.ro \
            FROM {k} \
-           LEFT JOIN LATERAL (SELECT pg_catalog.to_jsonb(t)::text AS row_json, v.timestamp AS ts, \
+           LEFT JOIN LATERAL (SELECT ({row})::text AS row_json, v.timestamp AS ts, \
                                      v.roident AS ro \
                                 FROM {table} AS t {v} \
                                WHERE {m} LIMIT 1 FOR UPDATE OF t) AS r ON true \
            {tombstone}",
         k = record(table, 1, "k"),
+        row = row_json("t", table),
         table = table.quoted_name(),
         v = version("t"),
         m = matches(table, key, full, "t", "k"),
@@ -233,11 +266,7 @@ pub fn tombstone_sql(table: &TableInfo, key: &[String]) -> String {
          SELECT {oid}, pg_catalog.jsonb_build_array({cols}) FROM {k} \
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         oid = table.oid,
-        cols = key
-            .iter()
-            .map(|c| format!("k.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        cols = key_values(table, key),
         k = record(table, 1, "k"),
     )
 }
@@ -303,7 +332,7 @@ mod tests {
         assert!(u.ends_with("WHERE t.\"id\" = k.\"id\""), "{u}");
         let d = delete_sql(&t, &["j".to_string()], true);
         assert!(
-            d.contains("t2.\"j\"::text IS NOT DISTINCT FROM k.\"j\"::text"),
+            d.contains("(t2.\"j\")::text IS NOT DISTINCT FROM (k.\"j\")::text"),
             "{d}"
         );
         assert!(d.contains("(t.tableoid, t.ctid) = (SELECT"), "{d}");
@@ -335,7 +364,7 @@ mod tests {
         assert!(s.contains("walbridge.notify_changes('wb_changes')"));
         let c = capture_sql(&t, "text", true);
         assert!(!c.contains("{{"), "{c}");
-        assert!(c.contains("to_jsonb(NEW)::text"));
+        assert!(c.contains("walbridge.row_jsonb(TG_RELID, NEW)::text"));
         assert!(c.contains("pg_replication_origin_session_is_setup"));
         assert!(!capture_sql(&t, "jsonb", false).contains("pg_replication_origin_session_is_setup"));
         let long = "x".repeat(70);
