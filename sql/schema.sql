@@ -4,6 +4,9 @@
 
 CREATE SCHEMA IF NOT EXISTS walbridge;
 COMMENT ON SCHEMA walbridge IS 'walbridge replication bookkeeping; see https://github.com/walbridge/walbridge';
+-- Any role may look names up here (to call walbridge.skip_session()); every table and every
+-- other function stays closed to PUBLIC, so no role can write walbridge's bookkeeping.
+--
 -- Privileges, in short: every function pins search_path = pg_catalog, pg_temp and has EXECUTE
 -- revoked from PUBLIC, except skip_session(). Triggers fire without EXECUTE, so application
 -- roles write replicated tables as before but cannot attach walbridge's trigger functions to
@@ -14,6 +17,7 @@ COMMENT ON SCHEMA walbridge IS 'walbridge replication bookkeeping; see https://g
 -- through walbridge.row_jsonb / walbridge.json_value_sql, which never call a user's cast.
 -- When setup runs as a superuser it makes them owned by NOLOGIN roles with just the rights
 -- they need (sql/definer_roles.sql).
+GRANT USAGE ON SCHEMA walbridge TO PUBLIC;
 
 -- Settings `setup` records for the functions below (the skip origin's name, the node's name).
 CREATE TABLE IF NOT EXISTS walbridge.settings (

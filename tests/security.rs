@@ -315,3 +315,59 @@ fn a_table_owners_json_cast_never_runs_with_walbridge_rights_trigger() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// walbridge.skip_session() for ordinary roles
+// ---------------------------------------------------------------------------------------
+
+/// alice keeps one insert out of replication; the next one, in another session, travels.
+fn skip_one_insert(d: &Deployment) {
+    ok_as(
+        d,
+        "east",
+        "alice",
+        "SELECT walbridge.skip_session(); INSERT INTO items VALUES (100, 'skipped')",
+    );
+    ok_as(
+        d,
+        "east",
+        "alice",
+        "INSERT INTO items VALUES (101, 'replicated')",
+    );
+    d.wait_for("west", "SELECT count(*) FROM items WHERE id = 101", "1");
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM items WHERE id = 100"),
+        "0"
+    );
+    assert_eq!(d.sql("east", "SELECT count(*) FROM items"), "2");
+}
+
+#[test]
+fn skip_session_works_for_an_ordinary_role_stream() {
+    let d = owner_deployment(&stream_toml());
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    skip_one_insert(&d);
+    // The right skip_session() uses is not hers: no other origin, no progress.
+    denied_as(
+        &d,
+        "east",
+        "alice",
+        "SELECT pg_catalog.pg_replication_origin_session_setup('walbridge_from_west')",
+    );
+    denied_as(
+        &d,
+        "east",
+        "alice",
+        "SELECT pg_catalog.pg_replication_origin_xact_setup('0/1', pg_catalog.now())",
+    );
+}
+
+#[test]
+fn skip_session_works_for_an_ordinary_role_trigger() {
+    let d = owner_deployment(&trigger_toml());
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    skip_one_insert(&d);
+    d.wait_for("east", "SELECT count(*) FROM public.database_changes", "0");
+}
