@@ -105,7 +105,8 @@ $$;
 REVOKE ALL ON FUNCTION walbridge.json_value_sql(oid, name, text) FROM PUBLIC;
 
 -- row_jsonb: row `r` of relation `rel` as a JSON object, by the rule above (to_jsonb itself
--- when no column needs its text form).
+-- when no column needs its text form). Callers on a hot path (the capture trigger) make the
+-- cheap check themselves and call this only for a table that has such a column.
 CREATE OR REPLACE FUNCTION walbridge.row_jsonb(rel oid, r anyelement)
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -122,11 +123,14 @@ BEGIN
     -- jsonb_build_object takes at most 100 arguments: objects of 40 columns, concatenated.
     SELECT pg_catalog.string_agg(part, ' OPERATOR(pg_catalog.||) ' ORDER BY grp) INTO expr
       FROM (SELECT grp, pg_catalog.format('pg_catalog.jsonb_build_object(%s)',
-                       pg_catalog.string_agg(pg_catalog.format('%L, %s', attname,
-                           walbridge.json_value_sql(rel, attname,
-                                                    pg_catalog.format('($1).%I', attname))),
+                       pg_catalog.string_agg(pg_catalog.format(
+                           CASE WHEN atttypid OPERATOR(pg_catalog.>=) 16384::oid
+                                THEN '%1$L, CASE WHEN pg_catalog.num_nulls(($1).%1$I) '
+                                     'OPERATOR(pg_catalog.=) 0 '
+                                     'THEN pg_catalog.format(''%%s'', ($1).%1$I) END'
+                                ELSE '%1$L, ($1).%1$I' END, attname),
                            ', ' ORDER BY attnum)) AS part
-              FROM (SELECT a.attname, a.attnum,
+              FROM (SELECT a.attname, a.attnum, a.atttypid,
                            (pg_catalog.row_number() OVER (ORDER BY a.attnum) OPERATOR(pg_catalog.-) 1)
                                OPERATOR(pg_catalog./) 40 AS grp
                       FROM pg_catalog.pg_attribute a

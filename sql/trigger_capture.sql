@@ -25,6 +25,7 @@
 CREATE OR REPLACE FUNCTION walbridge.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    v_plain   boolean;
     v_new     jsonb;
     v_old     jsonb;
     v_key     jsonb;
@@ -33,13 +34,31 @@ BEGIN
     IF pg_catalog.current_setting('walbridge.skip', true) = 'on' {{origin_check}} THEN
         RETURN NULL;
     END IF;
+    -- to_jsonb is safe when every column has a built-in type; otherwise walbridge.row_jsonb
+    -- (sql/schema.sql) never lets a user's cast to json run here.
+    v_plain := NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid OPERATOR(pg_catalog.=) TG_RELID
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+           AND a.atttypid OPERATOR(pg_catalog.>=) 16384::oid);
+    IF TG_OP <> 'DELETE' THEN
+        IF v_plain THEN
+            v_new := pg_catalog.to_jsonb(NEW);
+        ELSE
+            v_new := walbridge.row_jsonb(TG_RELID, NEW);
+        END IF;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        IF v_plain THEN
+            v_old := pg_catalog.to_jsonb(OLD);
+        ELSE
+            v_old := walbridge.row_jsonb(TG_RELID, OLD);
+        END IF;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {{change_table}} (metodo, tabla, descripcion, origin_node)
-        VALUES ('INSERT', TG_ARGV[1], walbridge.row_jsonb(TG_RELID, NEW)::{{descripcion_type}},
-                TG_ARGV[0]);
+        VALUES ('INSERT', TG_ARGV[1], v_new::{{descripcion_type}}, TG_ARGV[0]);
     ELSIF TG_OP = 'UPDATE' THEN
-        v_new := walbridge.row_jsonb(TG_RELID, NEW);
-        v_old := walbridge.row_jsonb(TG_RELID, OLD);
         IF TG_NARGS > 2 THEN
             FOR i IN 2 .. TG_NARGS - 1 LOOP
                 IF v_old -> TG_ARGV[i] IS DISTINCT FROM v_new -> TG_ARGV[i] THEN
@@ -54,7 +73,6 @@ BEGIN
         INSERT INTO {{change_table}} (metodo, tabla, descripcion, origin_node, old_key)
         VALUES ('UPDATE', TG_ARGV[1], v_new::{{descripcion_type}}, TG_ARGV[0], v_old_key);
     ELSE
-        v_old := walbridge.row_jsonb(TG_RELID, OLD);
         IF TG_NARGS > 2 THEN
             SELECT pg_catalog.jsonb_object_agg(a, v_old -> a) INTO v_key
               FROM pg_catalog.unnest(TG_ARGV[2:]) AS a;

@@ -364,7 +364,7 @@ mod tests {
         assert!(s.contains("walbridge.notify_changes('wb_changes')"));
         let c = capture_sql(&t, "text", true);
         assert!(!c.contains("{{"), "{c}");
-        assert!(c.contains("walbridge.row_jsonb(TG_RELID, NEW)::text"));
+        assert!(c.contains("walbridge.row_jsonb(TG_RELID, NEW)") && c.contains("v_new::text"));
         assert!(c.contains("pg_replication_origin_session_is_setup"));
         assert!(!capture_sql(&t, "jsonb", false).contains("pg_replication_origin_session_is_setup"));
         let long = "x".repeat(70);
