@@ -307,3 +307,169 @@ fn sequence_ranges_keep_generated_keys_apart() {
         );
     }
 }
+
+/// `TRUNCATE ... RESTART IDENTITY` is replayed on every node, and each node's sequence restarts
+/// at the first value of its own class (START WITH), not at 1 for everyone.
+#[test]
+fn sequence_ranges_survive_truncate_restart_identity() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.orders (id bigserial PRIMARY KEY, note text);
+         CREATE TABLE public.events (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text);",
+        "tables = [\"public.*\"]\nsequence_ranges = true",
+    );
+    d.walbridge_ok(&["setup"]);
+    for node in ["a", "b"] {
+        d.sql(
+            node,
+            &format!("INSERT INTO orders (note) SELECT '{node}' FROM generate_series(1, 3)"),
+        );
+    }
+    d.replicate_once("before.log");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM orders"), "6");
+    d.sql("a", "TRUNCATE orders, events RESTART IDENTITY");
+    d.replicate_once("truncate.log");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM orders"), "0");
+    for node in ["a", "b"] {
+        for table in ["orders", "events"] {
+            d.sql(
+                node,
+                &format!("INSERT INTO {table} (note) SELECT '{node}' FROM generate_series(1, 4)"),
+            );
+        }
+    }
+    d.replicate_once("after.log");
+    for table in ["orders", "events"] {
+        assert_eq!(
+            d.sql(
+                "a",
+                &format!("SELECT string_agg(id || ':' || note, ' ' ORDER BY id) FROM {table}")
+            ),
+            "1:a 2:b 3:a 4:b 5:a 6:b 7:a 8:b",
+            "{table}"
+        );
+        assert_eq!(
+            d.fingerprint("a", table, "id"),
+            d.fingerprint("b", table, "id")
+        );
+    }
+    assert_eq!(conflicts(&d, "a") + &conflicts(&d, "b"), "");
+}
+
+/// The careful path reads its own replies only. After a restream, a durable-progress query may
+/// still be in flight on the apply session when the careful transaction begins; its reply
+/// must be taken as progress, not as the answer to `BEGIN` (which would shift every later
+/// answer by one: the row lookup would see no row). Drives the applier on a real target and
+/// forces exactly that interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
+    use std::sync::Arc;
+    use walbridge::apply::{ApplyLimits, Outcome};
+    use walbridge::event::{
+        Begin, Change, ChangeOp, Column, Commit, Event, Relation, ReplicaIdentity, Tuple, Value,
+    };
+    use walbridge::lsn::{Lsn, PgTimestamp};
+    use walbridge::protocol::{self, pipeline::Pipeline, ConnectOptions};
+
+    let d = tokio::task::block_in_place(|| {
+        let d = pair("last_write_wins", "\"a\", \"b\"");
+        // The target's row, written locally before the incoming (later) update.
+        d.sql("b", "INSERT INTO items VALUES (1, 'old')");
+        d
+    });
+    let config = Arc::new(walbridge::config::Config::load(&d.config).expect("config"));
+    let dsn = config.node("b").expect("node b").dsn.clone();
+    let mut options = ConnectOptions::replication("walbridge-test-apply");
+    options.replication = false;
+    let raw = protocol::connect(&dsn, options)
+        .await
+        .expect("apply session");
+    let (pipe, driver) = Pipeline::from_raw(raw);
+    tokio::spawn(driver);
+    let catalog = walbridge::pgconn::connect(&dsn, "walbridge-test-catalog")
+        .await
+        .expect("catalog session");
+    let (mut applier, progress) = walbridge::apply::Applier::start(
+        pipe,
+        catalog,
+        config,
+        "a",
+        "b",
+        walbridge::metrics::Metrics::new(),
+        ApplyLimits::default(),
+    )
+    .await
+    .expect("applier");
+    assert_eq!(progress, Lsn::ZERO);
+
+    let relation = Arc::new(Relation {
+        oid: 4242,
+        schema: "public".into(),
+        table: "items".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            Column {
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+                is_key: true,
+            },
+            Column {
+                name: "v".into(),
+                type_oid: 25,
+                type_modifier: -1,
+                is_key: false,
+            },
+        ],
+    });
+    let text = |s: &str| Value::Text(bytes::Bytes::from(s.to_string()));
+    let commit_time = PgTimestamp::now();
+    let end: Lsn = "0/1000100".parse().expect("lsn");
+    let events = vec![
+        Event::Begin(Begin {
+            xid: 77,
+            final_lsn: end,
+            commit_time,
+        }),
+        Event::Relation(relation.clone()),
+        Event::Change(Change {
+            op: ChangeOp::Update,
+            relation,
+            new: Some(Tuple(vec![text("1"), text("new")])),
+            old: None,
+        }),
+        Event::Commit(Commit {
+            commit_lsn: end,
+            end_lsn: end,
+            commit_time,
+        }),
+    ];
+
+    let applied = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        // The restream's state: a progress query in flight, the next transaction careful.
+        applier.request_progress().await.expect("progress query");
+        applier.set_careful_next();
+        for event in events {
+            assert_eq!(
+                applier.on_event(event, false).await.expect("apply"),
+                Outcome::Continue
+            );
+        }
+        applier.finish().await.expect("finish")
+    })
+    .await
+    .expect("the applier lost track of its replies (timed out)");
+    assert_eq!(applied, end);
+
+    tokio::task::block_in_place(|| {
+        assert_eq!(value(&d, "b", 1), "new");
+        assert_eq!(conflicts(&d, "b"), "");
+        assert_eq!(
+            d.sql(
+                "b",
+                "SELECT pg_replication_origin_progress('walbridge_from_a', false)"
+            ),
+            "0/1000100"
+        );
+    });
+}

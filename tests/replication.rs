@@ -97,3 +97,199 @@ fn large_batches_with_awkward_values_arrive_intact() {
     d.wait_for("west", q, &east);
     drop(run);
 }
+
+const TRUNCATE_SCHEMA: &str = "
+    CREATE TABLE public.parent (id int PRIMARY KEY, v text);
+    CREATE TABLE public.kid (id int PRIMARY KEY, parent_id int REFERENCES public.parent);
+";
+
+/// `TRUNCATE parent CASCADE` with the referencing table replicated too: the source's message
+/// lists both, and the target truncates both (without cascading any further).
+#[test]
+fn truncate_cascade_of_replicated_tables_applies_the_listed_tables() {
+    let d = Deployment::new(
+        &["east", "west"],
+        TRUNCATE_SCHEMA,
+        "tables = [\"public.*\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "east",
+        "INSERT INTO parent VALUES (1, 'p'), (2, 'p'); INSERT INTO kid VALUES (10, 1), (20, 2)",
+    );
+    d.replicate_once("seed.log");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM kid"), "2");
+    d.sql("east", "TRUNCATE parent CASCADE");
+    d.replicate_once("truncate.log");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT (SELECT count(*) FROM parent) + (SELECT count(*) FROM kid)"
+        ),
+        "0"
+    );
+}
+
+/// A table walbridge does not replicate references a replicated one on the target: the
+/// source's `TRUNCATE ... CASCADE` must not empty it there. Like PostgreSQL's own apply, the
+/// target truncates only the listed tables, which the foreign key refuses, so the direction
+/// stops and says why; the unreplicated rows stay.
+#[test]
+fn truncate_cascade_never_empties_unreplicated_tables_on_the_peer() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!(
+            "{TRUNCATE_SCHEMA}
+             CREATE TABLE public.audit (id int PRIMARY KEY, parent_id int REFERENCES public.parent);"
+        ),
+        "tables = [\"public.*\"]\nexclude = [\"public.audit\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "east",
+        "INSERT INTO parent VALUES (1, 'p'), (2, 'p'); INSERT INTO kid VALUES (10, 1)",
+    );
+    d.replicate_once("seed.log");
+    d.sql("west", "INSERT INTO audit VALUES (100, 1), (200, 2)");
+    d.sql("east", "TRUNCATE parent CASCADE");
+    let run = d.spawn_run("run.log");
+    let stopped = wait_until(WAIT, || run.log().contains("never cascades"));
+    let log = run.log();
+    assert!(stopped, "log:\n{log}");
+    assert!(
+        log.contains("\"audit\""),
+        "the error names the table:\n{log}"
+    );
+    assert_eq!(d.sql("west", "SELECT count(*) FROM audit"), "2");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM parent"), "2");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM kid"), "1");
+    // Nothing of that transaction was applied or confirmed.
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots \
+             WHERE slot_name = 'walbridge_east_to_west'"
+        ),
+        "t"
+    );
+    drop(run);
+}
+
+const IDENTITY_SCHEMA: &str = "
+    CREATE TABLE public.ident_key (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+    CREATE TABLE public.ident_col (k int PRIMARY KEY, c_ident bigint GENERATED ALWAYS AS IDENTITY,
+                                   v text);
+";
+
+/// Both identity tables agree on both nodes, identity values included.
+fn identity_tables_agree(d: &Deployment) {
+    for (table, key) in [("ident_key", "id"), ("ident_col", "k")] {
+        assert_eq!(
+            d.fingerprint("east", table, key),
+            d.fingerprint("west", table, key),
+            "{table}"
+        );
+    }
+}
+
+/// UPDATEs of tables with `GENERATED ALWAYS AS IDENTITY` columns (as the key and as a plain
+/// column) replicate with their identity values exactly: plain updates of other columns leave
+/// the identity alone, and `SET ... = DEFAULT` on the source (a new identity value) is written
+/// on the peer too. Covers a backlog applied in groups (COPY, multi-row INSERTs, grouped
+/// updates), live optimistic apply, and the careful path after a conflict.
+fn identity_columns_replicate_exactly(plugin: &str) {
+    let d = Deployment::new(
+        &["east", "west"],
+        IDENTITY_SCHEMA,
+        &format!("tables = [\"public.*\"]\nplugin = \"{plugin}\""),
+    );
+    d.walbridge_ok(&["setup"]);
+
+    // A backlog: one COPY-sized insert, then many small transactions (applied in groups).
+    d.sql(
+        "east",
+        "INSERT INTO ident_key (v) SELECT 'r' || i FROM generate_series(1, 100) i;
+         INSERT INTO ident_col (k, v) SELECT i, 'r' || i FROM generate_series(1, 100) i;",
+    );
+    let mut backlog = String::new();
+    for i in 1..=20 {
+        backlog.push_str(&format!(
+            "INSERT INTO ident_key (v) VALUES ('s{i}'); INSERT INTO ident_col (k, v) VALUES ({}, 's{i}');
+             UPDATE ident_key SET v = 'g{i}' WHERE id = {i}; UPDATE ident_col SET v = 'g{i}' WHERE k = {i};\n",
+            100 + i
+        ));
+    }
+    backlog.push_str(
+        "UPDATE ident_key SET id = DEFAULT WHERE id = 30;
+         UPDATE ident_col SET c_ident = DEFAULT, v = 'moved' WHERE k = 30;
+         UPDATE ident_key SET v = 'after' WHERE id = 31;",
+    );
+    d.sql("east", &backlog);
+    d.replicate_once("backlog.log");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM ident_key"), "120");
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM ident_key WHERE id = 30"),
+        "0"
+    );
+    identity_tables_agree(&d);
+
+    // Live: plain updates and new identity values, one transaction each.
+    let mut run = d.spawn_run("live.log");
+    d.sql("east", "UPDATE ident_key SET v = 'live' WHERE id = 40");
+    d.sql("east", "UPDATE ident_col SET v = 'live' WHERE k = 40");
+    d.sql("east", "UPDATE ident_key SET id = DEFAULT WHERE id = 41");
+    d.sql(
+        "east",
+        "UPDATE ident_col SET c_ident = DEFAULT WHERE k = 41",
+    );
+    d.sql("west", "UPDATE ident_col SET v = 'from west' WHERE k = 42");
+    d.wait_for("west", "SELECT count(*) FROM ident_key WHERE id = 41", "0");
+    d.wait_caught_up();
+    identity_tables_agree(&d);
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+
+    // Careful path: a conflict on row 7 makes east's transaction be applied change by change
+    // on west, new identity values included.
+    d.sql(
+        "east",
+        "BEGIN;
+         UPDATE ident_key SET v = 'east' WHERE id = 7; UPDATE ident_key SET id = DEFAULT WHERE id = 9;
+         UPDATE ident_col SET v = 'east' WHERE k = 7; UPDATE ident_col SET c_ident = DEFAULT WHERE k = 9;
+         COMMIT;",
+    );
+    d.sql(
+        "west",
+        "UPDATE ident_key SET v = 'west' WHERE id = 7; UPDATE ident_col SET v = 'west' WHERE k = 7;",
+    );
+    d.replicate_once("conflict.log");
+    identity_tables_agree(&d);
+    assert_eq!(d.sql("east", "SELECT v FROM ident_col WHERE k = 7"), "west");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(kind || '/' || resolution, ' ' ORDER BY id) FROM walbridge.conflicts"
+        ),
+        "update_older/skipped update_older/skipped"
+    );
+
+    // The contended tables now settle conflicts in SQL: updates keep working there too.
+    d.sql("east", "UPDATE ident_col SET v = 'hot' WHERE k = 50");
+    d.sql(
+        "east",
+        "UPDATE ident_col SET c_ident = DEFAULT WHERE k = 51",
+    );
+    d.sql("east", "UPDATE ident_key SET id = DEFAULT WHERE id = 51");
+    d.replicate_once("hot.log");
+    identity_tables_agree(&d);
+}
+
+#[test]
+fn identity_columns_replicate_exactly_pgoutput() {
+    identity_columns_replicate_exactly("pgoutput");
+}
+
+#[test]
+fn identity_columns_replicate_exactly_wal2json() {
+    identity_columns_replicate_exactly("wal2json");
+}

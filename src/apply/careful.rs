@@ -39,11 +39,13 @@ use crate::protocol::pipeline::Rows;
 
 impl Applier {
     /// One statement as its own round trip: `Parse` (unnamed) + `Bind` + `Execute` + `Sync`.
+    /// Whatever is still in flight is read first, so the reply read here is this statement's.
     async fn round_trip(
         &mut self,
         sql: &str,
         params: &[Option<&[u8]>],
     ) -> Result<Result<Rows, ServerError>, DirectionError> {
+        self.settle_in_flight().await?;
         self.enc.parse("", sql).map_err(proto)?;
         self.enc
             .execute("", params.iter().copied())
@@ -242,8 +244,12 @@ impl Applier {
 
     async fn careful_truncate(&mut self, t: &Truncate) -> Result<(), Failed> {
         let sql = self.truncate_sql(t).await.map_err(Failed::Stop)?;
-        self.exec(&sql, &[]).await?;
-        Ok(())
+        match self.exec(&sql, &[]).await {
+            Err(Failed::Server(e)) if sql::truncate_refused(&e) => Err(Failed::Stop(
+                self.truncate_refused("applying a transaction carefully", &e),
+            )),
+            other => other.map(drop),
+        }
     }
 
     async fn careful_change(
@@ -466,10 +472,49 @@ impl Applier {
                 } else {
                     key_tuple
                 };
-                let mut params: Vec<Option<&[u8]>> =
-                    present.iter().map(|&p| value_param(new, p)).collect();
-                params.extend(map.key.iter().map(|&p| value_param(key_src, p)));
-                self.exec(&map.update_plain(&present), &params).await?;
+                let keys = || map.key.iter().map(|&p| value_param(key_src, p));
+                let settable = map.settable(&present);
+                if !settable.is_empty() {
+                    let params: Vec<Option<&[u8]>> = settable
+                        .iter()
+                        .map(|&p| value_param(new, p))
+                        .chain(keys())
+                        .collect();
+                    self.exec(&map.update_plain(&present), &params).await?;
+                }
+                // GENERATED ALWAYS identity values are left out above; write those that
+                // differ from the row's (see `sql::IdentityChange`).
+                let identity: Vec<usize> = map
+                    .always_identity
+                    .iter()
+                    .copied()
+                    .filter(|&p| present.contains(&p))
+                    .collect();
+                if !identity.is_empty() {
+                    let params: Vec<Option<&[u8]>> = identity
+                        .iter()
+                        .map(|&p| value_param(new, p))
+                        .chain(keys())
+                        .collect();
+                    let differs = self.exec(&map.identity_differs(&identity), &params).await?;
+                    if differs.first().and_then(|r| r.first()).and_then(text) == Some("t") {
+                        let [by_default, update, always] = map.identity_rewrite(&identity);
+                        match self.exec(&by_default, &[]).await {
+                            Err(Failed::Server(e)) if e.code == "42501" => {
+                                return Err(Failed::Stop(DirectionError::definite(format!(
+                                    "{} -> {}: a new GENERATED ALWAYS identity value of {} \
+                                     (the source ran UPDATE ... SET ... = DEFAULT) can only be \
+                                     written on {} by the table's owner or a superuser: {e}; \
+                                     let walbridge's role own the table there, then restart",
+                                    self.source, self.target, table.label, self.target
+                                ))));
+                            }
+                            other => other.map(drop)?,
+                        }
+                        self.exec(&update, &params).await?;
+                        self.exec(&always, &[]).await?;
+                    }
+                }
             }
             Action::Delete => {
                 let params: Vec<Option<&[u8]>> =

@@ -800,15 +800,29 @@ impl Applier {
             .filter(|&p| !matches!(new.0.get(p), Some(Value::UnchangedToast)))
             .collect();
         let key_tuple = change.identity_tuple().unwrap_or(new);
+        let check = match table.map.identity_change(new, change.old.as_ref()) {
+            sql::IdentityChange::Unchanged { check } if table.map.has_settable() => check,
+            _ => {
+                // A new GENERATED ALWAYS identity value: no UPDATE can write it. Fail this
+                // group so the transaction is redone carefully, where it is written (see
+                // `sql::IdentityChange`).
+                let name = self.statement(sql::NEEDS_CAREFUL)?;
+                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+                return Ok(());
+            }
+        };
         let sql = match table.resolving_now() {
-            Some(r) => table.map.update_resolving(&present, r),
-            None => table.map.update_optimistic(&present, table.by_time),
+            Some(r) => table.map.update_resolving(&present, &check, r),
+            None => table.map.update_optimistic(&present, &check, table.by_time),
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
-        let params = present
-            .iter()
-            .map(|&p| value_param(new, p))
+        let params = table
+            .map
+            .settable(&present)
+            .into_iter()
+            .chain(check.iter().copied())
+            .map(|p| value_param(new, p))
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
             .chain(guard_params(table, &ts));
         self.enc.execute(&name, params).map_err(proto)?;
@@ -963,7 +977,21 @@ impl Applier {
         for rel in &t.relations {
             names.push(self.table(rel).await?.map.target.quoted_name());
         }
-        Ok(sql::truncate(&names, t.restart_identity, t.cascade))
+        // Exactly the listed tables, never CASCADE (see `sql::truncate`).
+        Ok(sql::truncate(&names, t.restart_identity))
+    }
+
+    /// The error for a TRUNCATE the target refused because a table outside it references one
+    /// of the truncated tables (see [`sql::truncate_refused`]).
+    fn truncate_refused(&self, what: &str, e: &ServerError) -> DirectionError {
+        DirectionError::definite(format!(
+            "{} -> {}: {what}: a TRUNCATE cannot be applied on {}: {e}. walbridge truncates \
+             exactly the tables the source's TRUNCATE lists and never cascades to tables it \
+             does not replicate (like PostgreSQL's own logical replication); replicate the \
+             referencing table too (a TRUNCATE ... CASCADE on the source then lists it), or \
+             drop that foreign key on {}, then restart walbridge",
+            self.source, self.target, self.target, self.target
+        ))
     }
 
     async fn on_commit(
@@ -1258,6 +1286,17 @@ impl Applier {
         let conflict_like = error.code == "WB001" || error.code == "WB003" || class == "23";
         if !conflict_like && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
+            if sql::truncate_refused(&error) {
+                return Err(self.truncate_refused(
+                    &format!(
+                        "applying the transaction of {} (xid {}, end {})",
+                        first.map_or_else(String::new, |s| s.commit_time.to_string()),
+                        first.map_or(0, |s| s.begin.xid),
+                        failed.last().map_or(Lsn::ZERO, |s| s.end_lsn)
+                    ),
+                    &error,
+                ));
+            }
             return Err(DirectionError::definite(format!(
                 "{} -> {}: applying the transaction of {} (xid {}, end {}) failed: {error}",
                 self.source,
@@ -1309,6 +1348,56 @@ impl Applier {
     /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
     async fn read_group(&mut self) -> Result<(Rows, Option<ServerError>), DirectionError> {
         self.pipe.finish_group().await.map_err(proto)
+    }
+
+    /// Reads and handles the replies of everything still in flight, oldest first, so the
+    /// next reply on the session is the answer to whatever is sent next.
+    ///
+    /// The session answers requests strictly in order and replies carry no tag, so a careful
+    /// round trip (which reads "its" reply right after sending) must start with nothing in
+    /// flight. After a restream the runtime's progress tick may have queued a progress query
+    /// whose reply is still unread: without this, the careful transaction's `BEGIN` would read
+    /// that reply, its row lookup would read the `BEGIN`'s (no row), and every later step
+    /// would be one answer behind.
+    ///
+    /// ```text
+    ///   sent:   progress?   BEGIN   lookup(key)   ...
+    ///   read:   └ here, handled as progress; then each careful step reads its own answer
+    /// ```
+    pub(super) async fn settle_in_flight(&mut self) -> Result<(), DirectionError> {
+        while let Some(group) = self.in_flight.pop_front() {
+            // Replies of the oldest group may already have been taken one by one.
+            let (more, error) = self.read_group().await?;
+            let mut rows = std::mem::take(&mut self.acc_rows);
+            rows.extend(more);
+            let error = self.acc_error.take().or(error);
+            match group {
+                Group::Progress => {
+                    self.progress_pending = false;
+                    if let Some(e) = error {
+                        return Err(server(&self.target, "reading the origin's progress", e));
+                    }
+                    self.note_progress(&rows);
+                }
+                Group::Abort | Group::Close => {}
+                Group::Txns(members, _) => {
+                    if let Some(e) = error {
+                        // Its redo must come first; restart from the target's progress.
+                        return Err(DirectionError::transient(format!(
+                            "{} -> {}: a group sent before a careful step failed ({e}); \
+                             restarting from the target's progress",
+                            self.source, self.target
+                        )));
+                    }
+                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    for (i, sent) in members.iter().enumerate() {
+                        self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
+                    }
+                    self.cautious = self.cautious.saturating_sub(1);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Closes statements first parsed in failed groups (the server may or may not have them)

@@ -13,7 +13,7 @@
 use std::fmt::Write;
 
 use crate::catalog::{json_value, quote_ident, row_json, text_value, TableInfo};
-use crate::event::Relation;
+use crate::event::{OldTuple, Relation, Tuple, Value};
 
 /// How a source relation's columns land on a target table.
 #[derive(Clone, Debug)]
@@ -33,6 +33,31 @@ pub struct TableMap {
     pub full_identity: bool,
     /// Some written column is `GENERATED ALWAYS AS IDENTITY`.
     pub overriding: bool,
+    /// Source positions of the written `GENERATED ALWAYS AS IDENTITY` columns. They are never
+    /// in an UPDATE's SET list: PostgreSQL accepts only `DEFAULT` there (SQLSTATE 428C9), even
+    /// for an unchanged value. See [`IdentityChange`].
+    pub always_identity: Vec<usize>,
+}
+
+/// What an update does to the table's `GENERATED ALWAYS AS IDENTITY` columns.
+///
+/// An identity value must replicate exactly, but an UPDATE cannot write one (there is no
+/// `OVERRIDING SYSTEM VALUE` for UPDATE). In the common case (a plain UPDATE of other
+/// columns) the value is unchanged and simply left out of the SET list. When the stream shows
+/// it changed (the source ran `SET id = DEFAULT`) or cannot tell (a non-key identity column
+/// without a full old row), the optimistic statement either does not apply (changed) or
+/// applies only if the target's value already equals the new one; otherwise it fails into the
+/// careful path, which writes the new value with [`TableMap::identity_rewrite`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityChange {
+    /// No identity value is known to change; the statement must check that the target's
+    /// values of these source positions equal the new row's (the stream cannot tell).
+    Unchanged {
+        /// Positions whose equality the statement checks.
+        check: Vec<usize>,
+    },
+    /// An identity value changes: only the careful path can write it.
+    Changed,
 }
 
 /// The source relation cannot be applied to the target table.
@@ -67,7 +92,8 @@ impl TableMap {
         let table = relation.qualified_name();
         let mut target_column = Vec::with_capacity(relation.columns.len());
         let mut overriding = false;
-        for col in &relation.columns {
+        let mut always_identity = Vec::new();
+        for (pos, col) in relation.columns.iter().enumerate() {
             if skip.contains(&col.name) {
                 target_column.push(None);
                 continue;
@@ -84,6 +110,9 @@ impl TableMap {
                 continue;
             }
             overriding |= info.identity_always;
+            if info.identity_always {
+                always_identity.push(pos);
+            }
             target_column.push(Some(idx));
         }
         let key: Vec<usize> = relation
@@ -115,6 +144,7 @@ impl TableMap {
             unique_key,
             full_identity,
             overriding,
+            always_identity,
         })
     }
 
@@ -135,6 +165,66 @@ impl TableMap {
     /// Source positions of the written columns.
     pub fn written(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.target_column.len()).filter(|&i| self.target_column[i].is_some())
+    }
+
+    /// The columns of `present` an UPDATE sets (and takes parameters for, in this order):
+    /// written ones, without `GENERATED ALWAYS` identity columns.
+    pub fn settable(&self, present: &[usize]) -> Vec<usize> {
+        present
+            .iter()
+            .copied()
+            .filter(|&p| self.target_column[p].is_some() && !self.always_identity.contains(&p))
+            .collect()
+    }
+
+    /// Whether an UPDATE has a column it may set at all (a table of `GENERATED ALWAYS`
+    /// identity columns only has none).
+    pub fn has_settable(&self) -> bool {
+        let all: Vec<usize> = self.written().collect();
+        !self.settable(&all).is_empty()
+    }
+
+    /// Whether an update from `old` to `new` changes a `GENERATED ALWAYS` identity value, or
+    /// which values the statement must check because the stream cannot tell.
+    pub fn identity_change(&self, new: &Tuple, old: Option<&OldTuple>) -> IdentityChange {
+        let mut check = Vec::new();
+        for &p in &self.always_identity {
+            let Some(new_value) = new
+                .0
+                .get(p)
+                .filter(|v| !matches!(v, Value::UnchangedToast | Value::Null))
+            else {
+                continue;
+            };
+            // Identity columns are NOT NULL: a NULL in an old key tuple means "not sent".
+            let old_value = old
+                .and_then(|o| o.tuple.0.get(p))
+                .filter(|v| !matches!(v, Value::Null | Value::UnchangedToast));
+            match old_value {
+                Some(v) if v != new_value => return IdentityChange::Changed,
+                Some(_) => {}
+                // Without an old tuple the key did not change (both plugins send the old key
+                // whenever it does).
+                None if old.is_none() && self.key.contains(&p) => {}
+                None => check.push(p),
+            }
+        }
+        IdentityChange::Unchanged { check }
+    }
+
+    /// ` AND {alias}."c" = $n::t ...` for the identity positions `check`, parameters from
+    /// `first`.
+    fn identity_check(&self, alias: &str, check: &[usize], first: usize) -> String {
+        let mut out = String::new();
+        for (n, &pos) in check.iter().enumerate() {
+            let _ = write!(
+                out,
+                " AND {alias}.{} = {}",
+                self.name(pos),
+                self.cast(pos, first + n)
+            );
+        }
+        out
     }
 
     fn cast(&self, source_pos: usize, param: usize) -> String {
@@ -293,20 +383,92 @@ impl TableMap {
         )
     }
 
-    /// Optimistic UPDATE of one row. Parameters: the present written columns (`present` =
-    /// source positions whose value is not unchanged-TOAST), then the key values, then the
-    /// origin ids it may overwrite (an `oid[]`) and its commit time. `by_time`: whether an older target version may be
-    /// overwritten without a conflict check (last_write_wins, error).
-    pub fn update_optimistic(&self, present: &[usize], by_time: bool) -> String {
-        let (set, next) = self.set_list(present);
+    /// Optimistic UPDATE of one row. Parameters: the [`TableMap::settable`] columns of
+    /// `present` (source positions whose value is not unchanged-TOAST), then the new values of
+    /// the identity columns to `check` (see [`IdentityChange`]), then the key values, then the
+    /// origin ids it may overwrite (an `oid[]`) and its commit time. `by_time`: whether an
+    /// older target version may be overwritten without a conflict check (last_write_wins,
+    /// error).
+    pub fn update_optimistic(&self, present: &[usize], check: &[usize], by_time: bool) -> String {
+        let (set, next) = self.set_list(present, "cur");
+        let identity = self.identity_check("cur", check, next);
+        let next = next + check.len();
         let key = self.key_match("cur", next);
         let guard = self.guard(next + self.key.len(), next + self.key.len() + 1, by_time);
         format!(
-            "WITH upd AS (UPDATE {table} AS cur SET {set} WHERE {target} AND {guard} RETURNING 1) \
-             SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+            "WITH upd AS (UPDATE {table} AS cur SET {set} WHERE {target}{identity} AND {guard} \
+             RETURNING 1) SELECT walbridge.expect_rows(count(*), 1) FROM upd",
             table = self.target.quoted_name(),
             target = self.row_target(&key),
         )
+    }
+
+    /// Careful path: whether the row's identity values differ from the new ones. Parameters:
+    /// the new values of `identity` (source positions), then the key values. One row
+    /// (`t`/`f`), none when the row is gone.
+    pub fn identity_differs(&self, identity: &[usize]) -> String {
+        let differs: Vec<String> = identity
+            .iter()
+            .enumerate()
+            .map(|(n, &p)| {
+                format!(
+                    "cur.{} IS DISTINCT FROM {}",
+                    self.name(p),
+                    self.cast(p, n + 1)
+                )
+            })
+            .collect();
+        let key = self.key_match("cur", identity.len() + 1);
+        format!(
+            "SELECT {} FROM {} AS cur WHERE {} LIMIT 1",
+            differs.join(" OR "),
+            self.target.quoted_name(),
+            self.row_target(&key)
+        )
+    }
+
+    /// Careful path: the statements that write new values into `GENERATED ALWAYS` identity
+    /// columns, in one transaction: the columns become `GENERATED BY DEFAULT` (which an
+    /// UPDATE may set), the row is updated, and they become `GENERATED ALWAYS` again before the
+    /// transaction commits, so no other session ever sees the change. Parameters of the
+    /// UPDATE (the second statement): the new values of `identity`, then the key values.
+    ///
+    /// Chosen over DELETE + INSERT ... OVERRIDING SYSTEM VALUE because the row stays the same
+    /// row: the target sees an UPDATE as the source did, so foreign keys act as for an UPDATE
+    /// (a DELETE would fire `ON DELETE CASCADE`/`SET NULL` on referencing rows, or fail a
+    /// `RESTRICT`, whenever they are enforced), update triggers fire instead of delete and
+    /// insert triggers, and no delete tombstone is recorded for a key that still exists. The
+    /// price is an `ACCESS EXCLUSIVE` lock on the table until the apply transaction commits and
+    /// the need to own the table (or be superuser); it is paid only in the rare case of a
+    /// changed identity value.
+    pub fn identity_rewrite(&self, identity: &[usize]) -> [String; 3] {
+        let alter = |how: &str| {
+            let parts: Vec<String> = identity
+                .iter()
+                .map(|&p| format!("ALTER COLUMN {} SET GENERATED {how}", self.name(p)))
+                .collect();
+            format!(
+                "ALTER TABLE {} {}",
+                self.target.quoted_name(),
+                parts.join(", ")
+            )
+        };
+        let set: Vec<String> = identity
+            .iter()
+            .enumerate()
+            .map(|(n, &p)| format!("{} = {}", self.name(p), self.cast(p, n + 1)))
+            .collect();
+        let key = self.key_match("cur", identity.len() + 1);
+        [
+            alter("BY DEFAULT"),
+            format!(
+                "UPDATE {} AS cur SET {} WHERE {}",
+                self.target.quoted_name(),
+                set.join(", "),
+                self.row_target(&key)
+            ),
+            alter("ALWAYS"),
+        ]
     }
 
     /// Optimistic DELETE of one row. Parameters: key values, the origin ids it may overwrite
@@ -336,18 +498,26 @@ impl TableMap {
         }
     }
 
-    fn set_list(&self, present: &[usize]) -> (String, usize) {
+    /// `"c" = $1::t, ...` over the [`TableMap::settable`] columns of `present`, and the next
+    /// parameter number. With none of them (every present column is a `GENERATED ALWAYS`
+    /// identity or unchanged TOAST), a written column is set to itself (`{alias}` is the
+    /// updated table's alias), so the statement still writes a new row version.
+    fn set_list(&self, present: &[usize], alias: &str) -> (String, usize) {
         let mut set = String::new();
         let mut param = 1;
-        for &pos in present {
-            if self.target_column[pos].is_none() {
-                continue;
-            }
+        for pos in self.settable(present) {
             if param > 1 {
                 set.push_str(", ");
             }
             let _ = write!(set, "{} = {}", self.name(pos), self.cast(pos, param));
             param += 1;
+        }
+        if set.is_empty() {
+            let all: Vec<usize> = self.written().collect();
+            if let Some(&pos) = self.settable(&all).first() {
+                let name = self.name(pos);
+                let _ = write!(set, "{name} = {alias}.{name}");
+            }
         }
         (set, param)
     }
@@ -444,10 +614,10 @@ impl TableMap {
         )
     }
 
-    /// Careful path: plain UPDATE of the present columns; parameters as
-    /// [`TableMap::update_optimistic`] without origin and time.
+    /// Careful path: plain UPDATE of the [`TableMap::settable`] present columns; parameters:
+    /// their values, then the key values.
     pub fn update_plain(&self, present: &[usize]) -> String {
-        let (set, next) = self.set_list(present);
+        let (set, next) = self.set_list(present, "cur");
         let key = self.key_match("cur", next);
         format!(
             "UPDATE {} AS cur SET {set} WHERE {}",
@@ -484,8 +654,15 @@ impl TableMap {
     /// The locked current row with its version, and whether the incoming change wins under
     /// last-write-wins (`wb_apply`): written by an overwritable origin (`$o`), unknown time,
     /// older, or a tie the source wins by rank.
-    fn decided_row(&self, key_first: usize, o: usize, t: usize, r: &Resolving) -> String {
-        let key = self.key_match("c", key_first);
+    fn decided_row(
+        &self,
+        key_first: usize,
+        o: usize,
+        t: usize,
+        r: &Resolving,
+        identity: &str,
+    ) -> String {
+        let key = format!("{}{identity}", self.key_match("c", key_first));
         let limit = if self.full_identity { " LIMIT 1" } else { "" };
         format!(
             "cur AS (SELECT c.ctid AS wb_ctid, o.timestamp AS wb_ts, o.roident AS wb_ro, \
@@ -535,17 +712,20 @@ impl TableMap {
 
     /// A last-write-wins UPDATE that resolves `update_older` itself: applies when the incoming
     /// change wins, else records the conflict and skips; fails (WB001) only when the row is
-    /// missing. Parameters as [`TableMap::update_optimistic`] with `by_time`. Returns one row:
+    /// missing (or its identity values to `check` differ). Parameters as
+    /// [`TableMap::update_optimistic`] with `by_time`. Returns one row:
     /// `(_, skipped key or NULL, table, kind)`.
-    pub fn update_resolving(&self, present: &[usize], r: &Resolving) -> String {
-        let (set, next) = self.set_list(present);
+    pub fn update_resolving(&self, present: &[usize], check: &[usize], r: &Resolving) -> String {
+        let (set, next) = self.set_list(present, "c");
+        let identity = self.identity_check("c", check, next);
+        let next = next + check.len();
         let o = next + self.key.len();
         let t = o + 1;
-        let remote: Vec<String> = present
-            .iter()
-            .filter(|&&p| self.target_column[p].is_some())
+        let remote: Vec<String> = self
+            .settable(present)
+            .into_iter()
             .enumerate()
-            .map(|(n, &p)| {
+            .map(|(n, p)| {
                 format!(
                     "{}, {}",
                     crate::catalog::quote_literal(
@@ -562,7 +742,7 @@ impl TableMap {
              {skip} \
              SELECT walbridge.expect_rows((SELECT count(*) FROM upd) + (SELECT count(*) FROM skip), 1), \
              (SELECT key FROM skip), {label}, 'update_older'",
-            dec = self.decided_row(next, o, t, r),
+            dec = self.decided_row(next, o, t, r, &identity),
             table = self.target.quoted_name(),
             skip = self.conflict_insert(r, "update_older", next, &remote, t),
             label = crate::catalog::quote_literal(&self.target.qualified_name()),
@@ -579,7 +759,7 @@ impl TableMap {
              {skip} \
              SELECT walbridge.expect_rows((SELECT count(*) FROM del) + (SELECT count(*) FROM skip), 1), \
              (SELECT key FROM skip), {label}, 'delete_older'",
-            dec = self.decided_row(1, o, t, r),
+            dec = self.decided_row(1, o, t, r, ""),
             table = self.target.quoted_name(),
             skip = self.conflict_insert(r, "delete_older", 1, "NULL::jsonb", t),
             label = crate::catalog::quote_literal(&self.target.qualified_name()),
@@ -595,19 +775,37 @@ pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
      local_commit_ts, remote_commit_ts) \
     VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz)";
 
-/// `TRUNCATE` of the given quoted table names with the source's options.
-pub fn truncate(tables: &[String], restart_identity: bool, cascade: bool) -> String {
+/// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
+///
+/// Never `CASCADE`, whatever the source used: the source's message already lists every table
+/// its cascade emptied that is replicated, and a cascade on the target would also empty tables
+/// walbridge does not replicate that happen to reference one of them. This is what
+/// PostgreSQL's own apply worker does (it truncates the listed relations with
+/// `DROP_RESTRICT`); as there, a table that is not in the list but references one of them with
+/// a foreign key makes the statement fail (SQLSTATE 0A000), and the direction stops with an
+/// error saying so (see [`truncate_refused`]) instead of deleting rows the source never sent.
+pub fn truncate(tables: &[String], restart_identity: bool) -> String {
     format!(
-        "TRUNCATE {}{}{}",
+        "TRUNCATE {}{}",
         tables.join(", "),
         if restart_identity {
             " RESTART IDENTITY"
         } else {
             ""
         },
-        if cascade { " CASCADE" } else { "" }
     )
 }
+
+/// Whether `error` is the target refusing a replicated TRUNCATE because a table outside it
+/// references one of the truncated tables (PostgreSQL's "cannot truncate a table referenced
+/// in a foreign key constraint"): the operator must decide, nothing is cascaded.
+pub fn truncate_refused(error: &crate::protocol::ServerError) -> bool {
+    error.code == "0A000" && error.message.contains("foreign key")
+}
+
+/// Fails (WB001, like a possible conflict) so that the group rolls back and its transactions
+/// are redone carefully: used for a change only the careful path can write.
+pub const NEEDS_CAREFUL: &str = "SELECT walbridge.expect_rows(0, 1)";
 
 /// Fails (WB003) when the table (`$1`, its OID) has delete tombstones: plain INSERTs of it
 /// must then take the per-row check.

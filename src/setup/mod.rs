@@ -91,6 +91,21 @@ pub enum SetupError {
     /// The initial copy (`--copy-from`) failed; it says what it undid.
     #[error(transparent)]
     Copy(#[from] crate::copy::CopyError),
+    /// `replication.sequence_ranges`: a sequence cannot hold its node's range.
+    #[error(
+        "node {node}: sequence {sequence} has MAXVALUE {max_value}, below {first}, the first \
+         value of the node's range; raise its MAXVALUE or turn replication.sequence_ranges off"
+    )]
+    SequenceRange {
+        /// The node.
+        node: String,
+        /// The sequence (as `regclass` text).
+        sequence: String,
+        /// Its `MAXVALUE`.
+        max_value: i64,
+        /// The first value of the node's residue class.
+        first: i64,
+    },
     /// Something else that the message explains.
     #[error("{0}")]
     Other(String),

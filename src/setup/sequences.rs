@@ -8,8 +8,16 @@
 //!   N = 2:   east: 1, 3, 5, ...      west: 2, 4, 6, ...
 //! ```
 //!
-//! Idempotent: a sequence already stepping by N in its node's class is left where it is, so
-//! running setup again never moves a sequence backwards.
+//! Each sequence's `START WITH` is set to the first value of its node's class too, so a
+//! `TRUNCATE ... RESTART IDENTITY` (replicated to every node, each restarting its own sequence)
+//! stays in the class instead of sending every node back to 1:
+//!
+//! ```text
+//!   TRUNCATE ... RESTART IDENTITY   east: 1, 3, 5, ...      west: 2, 4, 6, ...
+//! ```
+//!
+//! Idempotent: a sequence already stepping by N in its node's class, with its start value in
+//! the class, is left where it is, so running setup again never moves a sequence backwards.
 
 use std::fmt::Write as _;
 
@@ -97,7 +105,8 @@ pub async fn give_each_node_its_range(
                     .client
                     .query_one(
                         &format!(
-                            "SELECT s.last_value, s.is_called, p.increment_by
+                            "SELECT s.last_value, s.is_called, p.increment_by, p.start_value,
+                                    p.min_value, p.max_value
                                FROM {seq} s, pg_catalog.pg_sequences p
                               WHERE pg_catalog.format('%I.%I', p.schemaname, p.sequencename)::regclass
                                     = {lit}::regclass",
@@ -109,23 +118,34 @@ pub async fn give_each_node_its_range(
                     .await
                     .map_err(sql_err(&n.name, format!("reading {}", owned.sequence)))?;
                 let (last, called, step): (i64, bool, i64) = (row.get(0), row.get(1), row.get(2));
+                let (start_value, min_value, max_value): (i64, i64, i64) =
+                    (row.get(3), row.get(4), row.get(5));
+                // Where `RESTART IDENTITY` sends the sequence: its class's first value.
+                let restart = first_in_class(min_value.max(1), residue, count);
+                if restart > max_value {
+                    return Err(SetupError::SequenceRange {
+                        node: n.name.clone(),
+                        sequence: owned.sequence.clone(),
+                        max_value,
+                        first: restart,
+                    });
+                }
                 let next = if called { last + step } else { last };
                 if step == count && (next - residue).rem_euclid(count) == 0 {
+                    if start_value != restart {
+                        set_start(n, &owned.sequence, &format!("START WITH {restart}")).await?;
+                    }
                     let _ = write!(line, " {} keeps {}+{}k", n.name, residue, count);
                     continue;
                 }
                 // The smallest value past `high` in this node's class.
-                let start = high + 1 + (residue - (high + 1)).rem_euclid(count);
-                n.client
-                    .execute(
-                        &format!("ALTER SEQUENCE {} INCREMENT BY {count}", owned.sequence),
-                        &[],
-                    )
-                    .await
-                    .map_err(sql_err(
-                        &n.name,
-                        format!("setting the step of {}", owned.sequence),
-                    ))?;
+                let start = first_in_class(high + 1, residue, count);
+                set_start(
+                    n,
+                    &owned.sequence,
+                    &format!("INCREMENT BY {count} START WITH {restart}"),
+                )
+                .await?;
                 n.client
                     .execute(
                         "SELECT pg_catalog.setval($1::text::regclass, $2, false)",
@@ -139,4 +159,33 @@ pub async fn give_each_node_its_range(
         }
     }
     Ok(())
+}
+
+/// The smallest value `>= from` that is `≡ residue (mod count)`.
+fn first_in_class(from: i64, residue: i64, count: i64) -> i64 {
+    from + (residue - from).rem_euclid(count)
+}
+
+/// `ALTER SEQUENCE <sequence> <options>` (step and restart value; the current value is moved
+/// separately by `setval`).
+async fn set_start(n: &NodeSession, sequence: &str, options: &str) -> Result<(), SetupError> {
+    n.client
+        .execute(&format!("ALTER SEQUENCE {sequence} {options}"), &[])
+        .await
+        .map_err(sql_err(&n.name, format!("setting {options} on {sequence}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_in_class;
+
+    #[test]
+    fn first_in_class_stays_in_the_residue_class() {
+        assert_eq!(first_in_class(1, 1, 2), 1);
+        assert_eq!(first_in_class(1, 2, 2), 2);
+        assert_eq!(first_in_class(2, 1, 2), 3);
+        assert_eq!(first_in_class(10, 3, 3), 12);
+        assert_eq!(first_in_class(12, 3, 3), 12);
+    }
 }
