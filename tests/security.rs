@@ -201,9 +201,12 @@ const CAST_ATTACK: &str = "
     END $$;
     CREATE CAST (public.mood AS json) WITH FUNCTION public.mood_json(public.mood);";
 
-/// alice writes her table on east, with the cast in place, through every kind of change.
+/// alice writes her table on east, with the cast in place on both nodes, through every kind
+/// of change.
 fn owner_writes(d: &Deployment) {
-    ok_as(d, "east", "alice", CAST_ATTACK);
+    for node in ["east", "west"] {
+        ok_as(d, node, "alice", CAST_ATTACK);
+    }
     ok_as(
         d,
         "east",
@@ -226,24 +229,50 @@ fn owner_writes(d: &Deployment) {
     d.wait_for("west", "SELECT count(*) FROM pets", "0");
 }
 
-/// The cast never ran as anyone but alice, and alice is still no superuser.
+/// The same new key written on both nodes while walbridge is stopped: when it runs again,
+/// each side resolves an insert_exists conflict on the careful path, which reads the
+/// target's row (with alice's enum) as JSON in walbridge's session.
+fn conflict_on_the_careful_path(d: &Deployment, run: Runner) -> Runner {
+    drop(run);
+    ok_as(
+        d,
+        "east",
+        "alice",
+        "INSERT INTO pets VALUES ('wild', 7, 'east')",
+    );
+    ok_as(
+        d,
+        "west",
+        "alice",
+        "INSERT INTO pets VALUES ('wild', 7, 'west')",
+    );
+    let run = d.spawn_run("run2.log");
+    for node in ["east", "west"] {
+        d.wait_for(node, "SELECT note FROM pets WHERE id = 7", "west");
+    }
+    run
+}
+
+/// The cast never ran as anyone but alice, and alice is still no superuser, on any node.
 fn assert_attack_failed(d: &Deployment) {
-    assert_eq!(
-        d.sql(
-            "east",
-            "SELECT string_agg(fired || ' as ' || as_user, ', ') FROM public.canary \
-              WHERE as_user <> 'alice'"
-        ),
-        "",
-        "alice's cast ran with someone else's rights"
-    );
-    assert_eq!(
-        d.sql(
-            "east",
-            "SELECT rolsuper FROM pg_roles WHERE rolname = 'alice'"
-        ),
-        "f"
-    );
+    for node in ["east", "west"] {
+        assert_eq!(
+            d.sql(
+                node,
+                "SELECT string_agg(fired || ' as ' || as_user, ', ') FROM public.canary \
+                  WHERE as_user <> 'alice'"
+            ),
+            "",
+            "alice's cast ran with someone else's rights on {node}"
+        );
+        assert_eq!(
+            d.sql(
+                node,
+                "SELECT rolsuper FROM pg_roles WHERE rolname = 'alice'"
+            ),
+            "f"
+        );
+    }
 }
 
 /// What alice must not do to walbridge's own objects.
@@ -269,8 +298,9 @@ fn assert_no_forgery(d: &Deployment, extra: &[&str]) {
 fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
     let d = owner_deployment(&stream_toml());
     d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let run = d.spawn_run("run.log");
     owner_writes(&d);
+    let _run = conflict_on_the_careful_path(&d, run);
     assert_attack_failed(&d);
     // The delete's tombstone was recorded, its enum key in text form.
     assert_eq!(
@@ -292,8 +322,9 @@ fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
 fn a_table_owners_json_cast_never_runs_with_walbridge_rights_trigger() {
     let d = owner_deployment(&trigger_toml());
     d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let run = d.spawn_run("run.log");
     owner_writes(&d);
+    let _run = conflict_on_the_careful_path(&d, run);
     assert_attack_failed(&d);
     assert_eq!(
         d.sql(
