@@ -40,10 +40,19 @@ DECLARE
 BEGIN
     PERFORM pg_catalog.set_config('walbridge.skip', 'on', false);
     SELECT s.value INTO origin FROM walbridge.settings s WHERE s.name = 'skip_origin';
-    IF origin IS NOT NULL
-       AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin o
-                    WHERE o.roname OPERATOR(pg_catalog.=) origin)
-       AND pg_catalog.pg_replication_origin_session_is_setup() IS NOT TRUE THEN
+    -- No skip origin (trigger mode set up without a superuser): walbridge.skip is all it takes.
+    IF origin IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin o
+                                      WHERE o.roname OPERATOR(pg_catalog.=) origin) THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                    WHERE p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::regnamespace
+                      AND p.proname OPERATOR(pg_catalog.=) 'pg_replication_origin_session_setup'
+                      AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')) THEN
+        RAISE EXCEPTION 'walbridge.skip_session(): the owner of this function may not set up replication origins'
+            USING HINT = 'run walbridge setup as a superuser once';
+    END IF;
+    IF pg_catalog.pg_replication_origin_session_is_setup() IS NOT TRUE THEN
         PERFORM pg_catalog.pg_replication_origin_session_setup(origin);
     END IF;
 END

@@ -402,3 +402,68 @@ fn skip_session_works_for_an_ordinary_role_trigger() {
     skip_one_insert(&d);
     d.wait_for("east", "SELECT count(*) FROM public.database_changes", "0");
 }
+
+// ---------------------------------------------------------------------------------------
+// Trigger mode set up by a role that is no superuser
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn trigger_mode_set_up_by_a_non_superuser_works_for_ordinary_writers() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE ROLE wb LOGIN;
+         GRANT CREATE ON DATABASE postgres TO wb;
+         GRANT CREATE ON SCHEMA public TO wb;
+         CREATE ROLE alice LOGIN;",
+        "",
+    );
+    let mut toml = String::new();
+    for node in ["east", "west"] {
+        ok_as(
+            &d,
+            node,
+            "wb",
+            "CREATE TABLE public.items (id int PRIMARY KEY, name text);
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO alice;",
+        );
+        toml.push_str(&format!(
+            "[[nodes]]\nname = \"{node}\"\ndsn = \"host=127.0.0.1 port={} user=wb dbname=postgres \
+             sslmode=disable\"\n\n",
+            d.node(node).port()
+        ));
+    }
+    toml.push_str(
+        "[replication]\nmode = \"trigger\"\ntables = [\"public.items\"]\n\n\
+         [trigger]\npoll_interval = \"1s\"\n\n[metrics]\nlisten = \"\"\n",
+    );
+    std::fs::write(&d.config, toml).expect("write config");
+    d.walbridge_ok(&["setup"]);
+    // No owner roles without a superuser: the definer functions stay the setup role's.
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT string_agg(DISTINCT proowner::regrole::text, ',') FROM pg_proc \
+              WHERE prosecdef AND pronamespace = 'walbridge'::regnamespace"
+        ),
+        "wb"
+    );
+    let _run = d.spawn_run("run.log");
+    ok_as(&d, "east", "alice", "INSERT INTO items VALUES (1, 'one')");
+    d.wait_for("west", "SELECT name FROM items WHERE id = 1", "one");
+    ok_as(
+        &d,
+        "west",
+        "alice",
+        "SELECT walbridge.skip_session(); UPDATE items SET name = 'local' WHERE id = 1",
+    );
+    ok_as(&d, "west", "alice", "INSERT INTO items VALUES (2, 'two')");
+    d.wait_for("east", "SELECT count(*) FROM items", "2");
+    assert_eq!(d.sql("east", "SELECT name FROM items WHERE id = 1"), "one");
+    denied_as(
+        &d,
+        "east",
+        "alice",
+        "INSERT INTO public.database_changes (metodo, tabla, descripcion) \
+         VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
+    );
+}
