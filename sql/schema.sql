@@ -4,6 +4,20 @@
 
 CREATE SCHEMA IF NOT EXISTS walbridge;
 COMMENT ON SCHEMA walbridge IS 'walbridge replication bookkeeping; see https://github.com/walbridge/walbridge';
+-- Any role may look names up here (to call walbridge.skip_session()); every table and every
+-- other function stays closed to PUBLIC, so no role can write walbridge's bookkeeping.
+--
+-- Privileges, in short: every function pins search_path = pg_catalog, pg_temp and has EXECUTE
+-- revoked from PUBLIC, except skip_session(). Triggers fire without EXECUTE, so application
+-- roles write replicated tables as before but cannot attach walbridge's trigger functions to
+-- tables of their own (with arguments of their choosing). The SECURITY DEFINER functions are
+-- the narrow pieces that write what application roles may not: skip_session() (a replication
+-- origin), record_tombstones() and trigger mode's capture functions (rows of walbridge's
+-- tables). They never run code a user wrote: no unqualified name, and rows become JSON
+-- through walbridge.row_jsonb / walbridge.json_value_sql, which never call a user's cast.
+-- When setup runs as a superuser it makes them owned by NOLOGIN roles with just the rights
+-- they need (sql/definer_roles.sql).
+GRANT USAGE ON SCHEMA walbridge TO PUBLIC;
 
 -- Settings `setup` records for the functions below (the skip origin's name, the node's name).
 CREATE TABLE IF NOT EXISTS walbridge.settings (
@@ -15,16 +29,30 @@ CREATE TABLE IF NOT EXISTS walbridge.settings (
 --   SELECT walbridge.skip_session();
 -- Stream mode: the session gets a local-only replication origin, so decoding drops its changes.
 -- Trigger mode: the change-logging trigger sees walbridge.skip = on and logs nothing.
+-- SECURITY DEFINER because setting up a replication origin needs a right ordinary roles lack;
+-- it only ever sets up the skip origin named in walbridge.settings (which no ordinary role can
+-- write), takes no argument and calls nothing by an unqualified name, so a caller can neither
+-- pick another origin (and pass its writes off as a peer's) nor move any origin's progress.
 CREATE OR REPLACE FUNCTION walbridge.skip_session() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     origin text;
 BEGIN
     PERFORM pg_catalog.set_config('walbridge.skip', 'on', false);
-    SELECT value INTO origin FROM walbridge.settings WHERE name = 'skip_origin';
-    IF origin IS NOT NULL
-       AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = origin)
-       AND pg_catalog.pg_replication_origin_session_is_setup() IS NOT TRUE THEN
+    SELECT s.value INTO origin FROM walbridge.settings s WHERE s.name = 'skip_origin';
+    -- No skip origin (trigger mode set up without a superuser): walbridge.skip is all it takes.
+    IF origin IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin o
+                                      WHERE o.roname OPERATOR(pg_catalog.=) origin) THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                    WHERE p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::regnamespace
+                      AND p.proname OPERATOR(pg_catalog.=) 'pg_replication_origin_session_setup'
+                      AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')) THEN
+        RAISE EXCEPTION 'walbridge.skip_session(): the owner of this function may not set up replication origins'
+            USING HINT = 'run walbridge setup as a superuser once';
+    END IF;
+    IF pg_catalog.pg_replication_origin_session_is_setup() IS NOT TRUE THEN
         PERFORM pg_catalog.pg_replication_origin_session_setup(origin);
     END IF;
 END
@@ -59,24 +87,95 @@ CREATE TABLE IF NOT EXISTS walbridge.tombstones (
     PRIMARY KEY (relid, key)
 );
 
+-- A row as JSON without running code a user wrote. to_jsonb and jsonb_build_array call a
+-- user-defined cast to json for any type created after initdb (an enum, a domain over one, a
+-- composite or array holding one): in a SECURITY DEFINER function, or in walbridge's own
+-- sessions, such a cast would run with walbridge's rights. So a column whose type was created
+-- after initdb (oid >= 16384: enums, domains, composites, extension types, arrays of them)
+-- becomes its text form through the type's output function (pg_catalog.format('%s', ...)),
+-- which a user cannot replace (a new base type needs C functions, so a superuser); every
+-- other column keeps its JSON form. The peer reads a text form back through the column
+-- type's input function (jsonb_populate_record does that for a JSON string). walbridge's generated SQL uses the same rule
+-- (catalog::json_value), so keys written here compare equal to keys built by the apply side.
+--
+-- json_value_sql: the SQL expression for column `col` of `rel`, written as `expr`.
+CREATE OR REPLACE FUNCTION walbridge.json_value_sql(rel oid, col name, expr text)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN EXISTS (
+                SELECT 1 FROM pg_catalog.pg_attribute a
+                 WHERE a.attrelid OPERATOR(pg_catalog.=) rel
+                   AND a.attname OPERATOR(pg_catalog.=) col
+                   AND a.atttypid OPERATOR(pg_catalog.>=) 16384::oid)
+           THEN pg_catalog.format(
+                'CASE WHEN pg_catalog.num_nulls(%1$s) OPERATOR(pg_catalog.=) 0 '
+                'THEN pg_catalog.format(''%%s'', %1$s) END', expr)
+           ELSE expr END
+$$;
+REVOKE ALL ON FUNCTION walbridge.json_value_sql(oid, name, text) FROM PUBLIC;
+
+-- row_jsonb: row `r` of relation `rel` as a JSON object, by the rule above (to_jsonb itself
+-- when no column needs its text form). Callers on a hot path (the capture trigger) make the
+-- cheap check themselves and call this only for a table that has such a column.
+CREATE OR REPLACE FUNCTION walbridge.row_jsonb(rel oid, r anyelement)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    expr   text;
+    result jsonb;
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid OPERATOR(pg_catalog.=) rel
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+           AND a.atttypid OPERATOR(pg_catalog.>=) 16384::oid) THEN
+        RETURN pg_catalog.to_jsonb(r);
+    END IF;
+    -- jsonb_build_object takes at most 100 arguments: objects of 40 columns, concatenated.
+    SELECT pg_catalog.string_agg(part, ' OPERATOR(pg_catalog.||) ' ORDER BY grp) INTO expr
+      FROM (SELECT grp, pg_catalog.format('pg_catalog.jsonb_build_object(%s)',
+                       pg_catalog.string_agg(pg_catalog.format(
+                           CASE WHEN atttypid OPERATOR(pg_catalog.>=) 16384::oid
+                                THEN '%1$L, CASE WHEN pg_catalog.num_nulls(($1).%1$I) '
+                                     'OPERATOR(pg_catalog.=) 0 '
+                                     'THEN pg_catalog.format(''%%s'', ($1).%1$I) END'
+                                ELSE '%1$L, ($1).%1$I' END, attname),
+                           ', ' ORDER BY attnum)) AS part
+              FROM (SELECT a.attname, a.attnum, a.atttypid,
+                           (pg_catalog.row_number() OVER (ORDER BY a.attnum) OPERATOR(pg_catalog.-) 1)
+                               OPERATOR(pg_catalog./) 40 AS grp
+                      FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid OPERATOR(pg_catalog.=) rel
+                       AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped) c
+             GROUP BY grp) g;
+    EXECUTE 'SELECT ' OPERATOR(pg_catalog.||) expr INTO result USING r;
+    RETURN result;
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.row_jsonb(oid, anyelement) FROM PUBLIC;
+
 -- Statement-level AFTER DELETE trigger body; the trigger's arguments are the key columns.
+-- SECURITY DEFINER: deleting roles may not write walbridge.tombstones themselves (they could
+-- forge tombstones). Only setup can attach it (EXECUTE is not granted), and it runs no code a
+-- user wrote (keys become JSON through json_value_sql).
 CREATE OR REPLACE FUNCTION walbridge.record_tombstones() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_expr text;
 BEGIN
-    IF TG_NARGS = 0 THEN
+    IF TG_NARGS OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
     END IF;
-    SELECT string_agg(format('%I', a), ', ') INTO key_expr FROM unnest(TG_ARGV) AS a;
-    EXECUTE format(
+    SELECT pg_catalog.string_agg(
+               walbridge.json_value_sql(TG_RELID, a::name, pg_catalog.format('%I', a)), ', ')
+      INTO key_expr FROM pg_catalog.unnest(TG_ARGV) AS a;
+    EXECUTE pg_catalog.format(
         'INSERT INTO walbridge.tombstones (relid, key) '
-        'SELECT %s, jsonb_build_array(%s) FROM walbridge_deleted_rows '
+        'SELECT %s, pg_catalog.jsonb_build_array(%s) FROM walbridge_deleted_rows '
         'ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key',
         TG_RELID, key_expr);
     RETURN NULL;
 END
 $$;
+REVOKE ALL ON FUNCTION walbridge.record_tombstones() FROM PUBLIC;
 
 -- Last statement of every transaction walbridge applies in stream mode. It refuses to commit
 -- unless this session's origin progress is exactly where the previous transaction of the
@@ -84,7 +183,7 @@ $$;
 -- of committing out of order; then it stamps the transaction with the source's end LSN and
 -- commit time, which commit atomically with the data as the origin's progress.
 CREATE OR REPLACE FUNCTION walbridge.apply_finish(expected pg_lsn, end_lsn pg_lsn, commit_time timestamptz)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     progress pg_lsn := pg_catalog.pg_replication_origin_session_progress(false);
 BEGIN
@@ -96,11 +195,12 @@ BEGIN
     PERFORM pg_catalog.pg_replication_origin_xact_setup(end_lsn, commit_time);
 END
 $$;
+REVOKE ALL ON FUNCTION walbridge.apply_finish(pg_lsn, pg_lsn, timestamptz) FROM PUBLIC;
 
 -- The optimistic apply path asks "did exactly the expected rows change?"; anything else is a
 -- possible conflict, which aborts this transaction so walbridge can resolve it carefully.
 CREATE OR REPLACE FUNCTION walbridge.expect_rows(actual bigint, expected bigint)
-RETURNS void LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+RETURNS void LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF actual IS DISTINCT FROM expected THEN
         RAISE EXCEPTION 'walbridge: % rows changed, % expected', actual, expected
@@ -108,15 +208,17 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE ALL ON FUNCTION walbridge.expect_rows(bigint, bigint) FROM PUBLIC;
 
 -- Guards plain multi-row INSERTs of a table that had no delete tombstones when walbridge last
 -- looked: if one has appeared since, the transaction must take the per-row check instead.
 CREATE OR REPLACE FUNCTION walbridge.expect_no_tombstones(rel oid)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM walbridge.tombstones WHERE relid = rel) THEN
+    IF EXISTS (SELECT 1 FROM walbridge.tombstones t WHERE t.relid OPERATOR(pg_catalog.=) rel) THEN
         RAISE EXCEPTION 'walbridge: relation % has tombstones', rel
             USING ERRCODE = 'WB003';
     END IF;
 END
 $$;
+REVOKE ALL ON FUNCTION walbridge.expect_no_tombstones(oid) FROM PUBLIC;

@@ -38,9 +38,10 @@ CREATE TABLE IF NOT EXISTS walbridge.trigger_peer_progress (
 -- by PostgreSQL into one per transaction, wakes the workers at once (rows written by old
 -- triggers or by hand included).
 CREATE OR REPLACE FUNCTION walbridge.notify_changes() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_catalog.pg_notify(TG_ARGV[0], '');
     RETURN NULL;
 END
 $$;
+REVOKE ALL ON FUNCTION walbridge.notify_changes() FROM PUBLIC;

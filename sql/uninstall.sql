@@ -30,3 +30,22 @@ $$;
 -- Trigger mode: the change table (public.database_changes by default) and its _dead twin are
 -- left alone here; drop them by hand once they hold nothing you need.
 DROP SCHEMA IF EXISTS walbridge CASCADE;
+
+-- The NOLOGIN owners of walbridge's functions (sql/definer_roles.sql), unless walbridge still
+-- uses them in another database of the cluster.
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOR r IN SELECT rolname FROM pg_catalog.pg_roles
+              WHERE rolname IN ('walbridge_skip', 'walbridge_capture')
+    LOOP
+        EXECUTE pg_catalog.format('DROP OWNED BY %I', r);
+        BEGIN
+            EXECUTE pg_catalog.format('DROP ROLE %I', r);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            NULL;
+        END;
+    END LOOP;
+END
+$$;

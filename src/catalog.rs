@@ -50,6 +50,71 @@ pub struct ColumnInfo {
     pub has_equality: bool,
 }
 
+/// The first OID PostgreSQL gives to objects created after initdb (`FirstNormalObjectId`).
+pub const FIRST_NORMAL_OID: u32 = 16384;
+
+impl ColumnInfo {
+    /// Whether the column's type was created after initdb (an enum, a domain, a composite, an
+    /// extension's type, an array of one): `to_jsonb` and `jsonb_build_array` call a cast to
+    /// json that the type's owner may have written for it, so walbridge never lets them see
+    /// such a value ([`json_value`]).
+    pub fn user_type(&self) -> bool {
+        self.type_oid >= FIRST_NORMAL_OID
+    }
+}
+
+/// `expr`, a value of column `col`, as an argument of `jsonb_build_array` /
+/// `jsonb_build_object` that runs no code a user wrote: a value of a type created after
+/// initdb becomes its text form through the type's output function (NULL stays NULL), since
+/// a JSON conversion would call its owner's cast to json with walbridge's rights. The same
+/// rule as `walbridge.json_value_sql` in `sql/schema.sql`, so keys built here and there
+/// compare equal.
+pub fn json_value(expr: &str, col: Option<&ColumnInfo>) -> String {
+    match col {
+        Some(c) if c.user_type() => format!(
+            "CASE WHEN pg_catalog.num_nulls({expr}) OPERATOR(pg_catalog.=) 0 \
+             THEN pg_catalog.format('%s', {expr}) END"
+        ),
+        _ => expr.to_string(),
+    }
+}
+
+/// `expr` as text without a cast a user may have written (`expr::text` for built-in types,
+/// the output function for the others; see [`json_value`]).
+pub fn text_value(expr: &str, col: Option<&ColumnInfo>) -> String {
+    match col {
+        Some(c) if c.user_type() => json_value(expr, Some(c)),
+        _ => format!("({expr})::text"),
+    }
+}
+
+/// Row `alias` of `table` as a JSON object, by the rule of [`json_value`]: `to_jsonb(alias)`
+/// when every column has a built-in type, else an object built column by column.
+pub fn row_json(alias: &str, table: &TableInfo) -> String {
+    if !table.columns.iter().any(ColumnInfo::user_type) {
+        return format!("pg_catalog.to_jsonb({alias})");
+    }
+    // jsonb_build_object takes at most 100 arguments.
+    table
+        .columns
+        .chunks(40)
+        .map(|chunk| {
+            let pairs: Vec<String> = chunk
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}, {}",
+                        quote_literal(&c.name),
+                        json_value(&format!("{alias}.{}", quote_ident(&c.name)), Some(c))
+                    )
+                })
+                .collect();
+            format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" OPERATOR(pg_catalog.||) ")
+}
+
 /// A table as the catalog has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableInfo {
@@ -248,7 +313,7 @@ pub async fn partitions_of(
         .query(
             "SELECT n.nspname, c.relname
                FROM pg_catalog.pg_partition_tree(
-                      format('%I.%I', $1::text, $2::text)::regclass) t
+                      pg_catalog.format('%I.%I', $1::text, $2::text)::regclass) t
                JOIN pg_catalog.pg_class c ON c.oid = t.relid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE t.level > 0
@@ -336,7 +401,7 @@ pub async fn table_info(
         let sql = format!(
             "SELECT a.attname
                FROM pg_catalog.pg_index i
-               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
               WHERE i.indrelid = $1 AND {}
               ORDER BY k.ord",

@@ -42,7 +42,7 @@ CREATE TABLE public.accounts (
     id         bigint PRIMARY KEY,
     owner      text NOT NULL,
     balance    numeric(12,2) NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 CREATE TABLE public.events (
     id      bigint PRIMARY KEY,
@@ -155,14 +155,14 @@ async fn write_and_report(
             let id = n * 2 + i as i64;
             client
                 .execute(
-                    "INSERT INTO accounts (id, owner, balance) VALUES ($1, $2, $3::int8)",
+                    "INSERT INTO public.accounts (id, owner, balance) VALUES ($1, $2, $3::int8)",
                     &[&id, &format!("{name}-{n}"), &(n % 1000)],
                 )
                 .await
                 .map_err(sql_err)?;
             client
                 .execute(
-                    "INSERT INTO events (id, node, payload) VALUES ($1, $2, jsonb_build_object('n', $3::int8))",
+                    "INSERT INTO public.events (id, node, payload) VALUES ($1, $2, pg_catalog.jsonb_build_object('n', $3::int8))",
                     &[&id, name, &n],
                 )
                 .await
@@ -170,7 +170,7 @@ async fn write_and_report(
             if n % 5 == 0 {
                 client
                     .execute(
-                        "UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id = $1",
+                        "UPDATE public.accounts SET balance = balance + 1, updated_at = pg_catalog.now() WHERE id = $1",
                         &[&(n * 2 - 10 + 1 - i as i64)],
                     )
                     .await
@@ -182,7 +182,7 @@ async fn write_and_report(
             let mut line = format!("[{:>4}s]", started.elapsed().as_secs());
             for (name, client) in &clients {
                 let row = client
-                    .query_one("SELECT count(*) FROM accounts", &[])
+                    .query_one("SELECT count(*) FROM public.accounts", &[])
                     .await
                     .map_err(sql_err)?;
                 let _ = write!(line, " {name}: {} accounts", row.get::<_, i64>(0));

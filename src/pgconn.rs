@@ -27,7 +27,8 @@
 //! Every session gets `DateStyle=ISO`,
 //! `IntervalStyle=postgres`, `TimeZone=UTC` and `extra_float_digits=3` through the startup
 //! `options`, so values read from one node and written to another travel as unambiguous
-//! text.
+//! text, and `search_path=pg_catalog,pg_temp`, so no unqualified name in walbridge's SQL can
+//! reach an object a user created.
 
 use std::io;
 use std::time::Duration;

@@ -15,6 +15,7 @@ mod observability;
 mod packaging;
 mod protocol;
 mod replication;
+mod security;
 mod setup;
 mod status;
 mod tail;

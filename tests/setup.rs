@@ -43,7 +43,8 @@ fn setup_creates_slots_origins_publication_and_is_idempotent() {
         assert_eq!(
             d.sql(node, "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_replication_origin)
                          + (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge')
-                         + (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%')"),
+                         + (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%')
+                         + (SELECT count(*) FROM pg_roles WHERE rolname IN ('walbridge_skip', 'walbridge_capture'))"),
             "0",
             "teardown left objects on {node}"
         );

@@ -616,20 +616,22 @@ fn old_script_triggers_do_not_echo_what_walbridge_applies() {
     let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
     d.walbridge_ok(&["setup"]);
     // The old script's trigger on west, made to fire even for walbridge's replica-role
-    // session: it logs what walbridge applies, without knowing walbridge's columns.
+    // session: it logs what walbridge applies, without knowing walbridge's columns. Like
+    // any trigger that fires for applied changes, it qualifies names: walbridge's sessions
+    // pin search_path (as PostgreSQL's own apply worker does).
     d.sql(
         "west",
         "CREATE FUNCTION old_log() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           INSERT INTO database_changes (metodo, tabla, descripcion)
-           VALUES (TG_OP, TG_TABLE_NAME, row_to_json(NEW)::jsonb);
+           INSERT INTO public.database_changes (metodo, tabla, descripcion)
+           VALUES (TG_OP, TG_TABLE_NAME, pg_catalog.row_to_json(NEW)::jsonb);
            RETURN NULL;
          END $$;
          CREATE TRIGGER old_log AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION old_log();
          ALTER TABLE users ENABLE ALWAYS TRIGGER old_log;",
     );
     let out = d.walbridge_ok(&["setup"]);
-    assert!(out.contains("trigger old_log on users"), "{out}");
+    assert!(out.contains("trigger old_log on public.users"), "{out}");
     let _run = d.spawn_run("run.log");
     d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'once')");
     d.wait_for("west", "SELECT name FROM users", "once");

@@ -12,7 +12,7 @@
 
 use std::fmt::Write;
 
-use crate::catalog::{quote_ident, TableInfo};
+use crate::catalog::{json_value, quote_ident, row_json, text_value, TableInfo};
 use crate::event::{OldTuple, Relation, Tuple, Value};
 
 /// How a source relation's columns land on a target table.
@@ -260,7 +260,8 @@ impl TableMap {
                 } else {
                     let _ = write!(
                         out,
-                        "{alias}.{name}::text IS NOT DISTINCT FROM ${}::text",
+                        "{} IS NOT DISTINCT FROM ${}::text",
+                        text_value(&format!("{alias}.{name}"), self.col(pos)),
                         first + n
                     );
                 }
@@ -271,14 +272,14 @@ impl TableMap {
         out
     }
 
-    /// `jsonb_build_array($a::t, ...)` over the unique key, parameters from `first`.
+    /// `pg_catalog.jsonb_build_array($a::t, ...)` over the unique key, parameters from `first`.
     fn key_json(&self, positions: &[usize], first: usize) -> String {
         let parts: Vec<String> = positions
             .iter()
             .enumerate()
-            .map(|(n, &pos)| self.cast(pos, first + n))
+            .map(|(n, &pos)| json_value(&self.cast(pos, first + n), self.col(pos)))
             .collect();
-        format!("jsonb_build_array({})", parts.join(", "))
+        format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
     }
 
     /// Optimistic multi-row INSERT of `rows` rows (parameters: the written columns of each row
@@ -294,10 +295,13 @@ impl TableMap {
         };
         let tombstone_check = match &self.unique_key {
             Some(uk) => {
-                let key: Vec<String> = uk.iter().map(|&p| format!("v.{}", self.name(p))).collect();
+                let key: Vec<String> = uk
+                    .iter()
+                    .map(|&p| json_value(&format!("v.{}", self.name(p)), self.col(p)))
+                    .collect();
                 format!(
                     " WHERE NOT EXISTS (SELECT 1 FROM walbridge.tombstones tb \
-                     WHERE tb.relid = {} AND tb.key = jsonb_build_array({}))",
+                     WHERE tb.relid = {} AND tb.key = pg_catalog.jsonb_build_array({}))",
                     self.target.oid,
                     key.join(", ")
                 )
@@ -532,8 +536,8 @@ impl TableMap {
                 .filter(|&&p| self.target_column[p].is_some())
                 .map(|&p| {
                     let s = format!(
-                        "cur.{}::text IS NOT DISTINCT FROM ${param}::text",
-                        self.name(p)
+                        "{} IS NOT DISTINCT FROM ${param}::text",
+                        text_value(&format!("cur.{}", self.name(p)), self.col(p))
                     );
                     param += 1;
                     s
@@ -544,10 +548,11 @@ impl TableMap {
             }
         }
         format!(
-            "SELECT to_jsonb(cur)::text, o.timestamp, o.roident::int8, {equals} \
+            "SELECT ({row})::text, o.timestamp, o.roident::int8, {equals} \
              FROM {table} AS cur \
              LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o ON true \
              WHERE {target} LIMIT 1 FOR UPDATE OF cur",
+            row = row_json("cur", &self.target),
             table = self.target.quoted_name(),
             target = self.row_target(&key),
         )
@@ -661,27 +666,28 @@ impl TableMap {
         let limit = if self.full_identity { " LIMIT 1" } else { "" };
         format!(
             "cur AS (SELECT c.ctid AS wb_ctid, o.timestamp AS wb_ts, o.roident AS wb_ro, \
-             to_jsonb(c)::text AS wb_row FROM {table} AS c \
+             ({row})::text AS wb_row FROM {table} AS c \
              LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(c.xmin) o ON true \
              WHERE {key}{limit} FOR UPDATE OF c), \
              dec AS (SELECT cur.*, (wb_ro = ANY(${o}::oid[]) OR wb_ts IS NULL \
              OR wb_ts < ${t}::timestamptz OR (wb_ts = ${t}::timestamptz AND {rank} > {src})) \
              AS wb_apply FROM cur)",
+            row = row_json("c", &self.target),
             table = self.target.quoted_name(),
             rank = r.rank_case.replace("{ro}", "wb_ro"),
             src = r.source_rank,
         )
     }
 
-    /// `jsonb_build_array(($n::type)::text, ...)` of the key, as the careful path logs it.
+    /// `pg_catalog.jsonb_build_array(($n::type)::text, ...)` of the key, as the careful path logs it.
     fn key_text_json(&self, first: usize) -> String {
         let parts: Vec<String> = self
             .key
             .iter()
             .enumerate()
-            .map(|(n, &pos)| format!("({})::text", self.cast(pos, first + n)))
+            .map(|(n, &pos)| text_value(&self.cast(pos, first + n), self.col(pos)))
             .collect();
-        format!("jsonb_build_array({})", parts.join(", "))
+        format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
     }
 
     fn conflict_insert(
@@ -721,15 +727,15 @@ impl TableMap {
             .enumerate()
             .map(|(n, p)| {
                 format!(
-                    "{}, ({})::text",
+                    "{}, {}",
                     crate::catalog::quote_literal(
                         &self.col(p).map(|c| c.name.clone()).unwrap_or_default()
                     ),
-                    self.cast(p, n + 1)
+                    text_value(&self.cast(p, n + 1), self.col(p))
                 )
             })
             .collect();
-        let remote = format!("jsonb_build_object({})", remote.join(", "));
+        let remote = format!("pg_catalog.jsonb_build_object({})", remote.join(", "));
         format!(
             "WITH {dec}, \
              upd AS (UPDATE {table} AS c SET {set} FROM dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \

@@ -35,15 +35,24 @@ pub use replication::{
 use crate::dsn::Dsn;
 
 /// Session settings every walbridge connection runs with, as startup `-c` options.
-pub const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3";
+///
+/// `search_path=pg_catalog,pg_temp` pins name lookup: walbridge often runs as a superuser,
+/// and an unqualified function or operator it calls must never resolve to an object that
+/// someone created in `public` or in a schema on the role's default path (the class of
+/// CVE-2020-14349). Generated SQL also qualifies the functions it calls; the pin covers the
+/// rest (operators, casts to built-in types). These come after the DSN's own `options`, so
+/// they win.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC \
+     -c extra_float_digits=3 -c search_path=pg_catalog,pg_temp";
 
-/// Session settings as `(name, value)` pairs, for clients that send startup parameters.
+/// Session settings as `(name, value)` pairs, for clients that send startup parameters
+/// (the same as [`SESSION_OPTIONS`]).
 pub const SESSION_PARAMS: &[(&str, &str)] = &[
     ("DateStyle", "ISO"),
     ("IntervalStyle", "postgres"),
     ("TimeZone", "UTC"),
     ("extra_float_digits", "3"),
+    ("search_path", "pg_catalog,pg_temp"),
 ];
 
 /// How to open a session.
@@ -71,8 +80,9 @@ impl ConnectOptions {
 
 /// Opens a session on the first host of `dsn` that accepts it: TCP (or Unix socket) within
 /// `connect_timeout`, TLS per `sslmode`, startup with `DateStyle=ISO`,
-/// `IntervalStyle=postgres`, `TimeZone=UTC`, `extra_float_digits=3` and
-/// `client_encoding=UTF8`, then trust, password, MD5 or SCRAM-SHA-256 authentication.
+/// `IntervalStyle=postgres`, `TimeZone=UTC`, `extra_float_digits=3`,
+/// `search_path=pg_catalog,pg_temp` and `client_encoding=UTF8`, then trust, password, MD5
+/// or SCRAM-SHA-256 authentication.
 ///
 /// The DSN's password must already be resolved ([`Dsn::resolve_password`]).
 pub async fn connect(dsn: &Dsn, options: ConnectOptions) -> Result<RawConnection, ProtocolError> {

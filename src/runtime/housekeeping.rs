@@ -33,10 +33,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) {
             let result = client
                 .query_one(
                     "WITH c AS (DELETE FROM walbridge.conflicts
-                                 WHERE resolved_at < now() - $1::interval RETURNING 1),
+                                 WHERE resolved_at < pg_catalog.now() - $1::interval RETURNING 1),
                           t AS (DELETE FROM walbridge.tombstones
                                  WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity')
-                                       < now() - $2::interval RETURNING 1)
+                                       < pg_catalog.now() - $2::interval RETURNING 1)
                      SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM t)",
                     &[&conflicts, &tombstones],
                 )

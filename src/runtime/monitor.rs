@@ -71,7 +71,7 @@ const SLOTS_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text, s.slot_na
         s.confirmed_flush_lsn::text, s.wal_status, s.plugin::text
    FROM (SELECT 1) AS one
    LEFT JOIN pg_catalog.pg_replication_slots s
-          ON s.database = current_database()
+          ON s.database = pg_catalog.current_database()
          AND s.slot_type = 'logical'
          AND starts_with(s.slot_name::text, $1 || '_')
          AND strpos(s.slot_name::text, '_to_') > 0

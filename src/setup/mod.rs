@@ -34,6 +34,8 @@ pub use teardown::teardown;
 
 /// The SQL that creates walbridge's schema objects on a node.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/schema.sql");
+/// `sql/definer_roles.sql`: NOLOGIN owners for the SECURITY DEFINER functions (superuser only).
+pub const DEFINER_ROLES_SQL: &str = include_str!("../../sql/definer_roles.sql");
 
 /// Name of the statement-level trigger that records delete tombstones.
 pub const TOMBSTONE_TRIGGER: &str = "walbridge_tombstones";
@@ -559,6 +561,18 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         &n.name,
         "creating the walbridge schema (sql/schema.sql)",
     ))?;
+    if is_superuser(&n.client)
+        .await
+        .map_err(sql_err(&n.name, "reading the role's attributes"))?
+    {
+        n.client
+            .batch_execute(DEFINER_ROLES_SQL)
+            .await
+            .map_err(sql_err(
+                &n.name,
+                "creating the owners of walbridge's functions (sql/definer_roles.sql)",
+            ))?;
+    }
     for (name, value) in [
         ("node_name", n.name.as_str()),
         ("skip_origin", &config.skip_origin_name()),
@@ -574,6 +588,17 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
             .map_err(sql_err(&n.name, "recording walbridge.settings"))?;
     }
     Ok(())
+}
+
+/// Whether the session's role is a superuser.
+pub async fn is_superuser(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// Creates a replication origin when missing; true when created.
@@ -618,7 +643,7 @@ async fn ensure_slot(
     let existing = source
         .client
         .query_opt(
-            "SELECT plugin::text, database::text = current_database() FROM pg_catalog.pg_replication_slots
+            "SELECT plugin::text, database::text = pg_catalog.current_database() FROM pg_catalog.pg_replication_slots
               WHERE slot_name = $1",
             &[&slot],
         )

@@ -72,16 +72,16 @@ pub async fn node_facts(
 ) -> Result<NodeFacts, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT current_setting('wal_level'),
-                    current_setting('track_commit_timestamp') = 'on',
-                    current_setting('max_replication_slots')::int8,
-                    current_setting('max_wal_senders')::int8,
+            "SELECT pg_catalog.current_setting('wal_level'),
+                    pg_catalog.current_setting('track_commit_timestamp') = 'on',
+                    pg_catalog.current_setting('max_replication_slots')::int8,
+                    pg_catalog.current_setting('max_wal_senders')::int8,
                     (SELECT count(*) FROM pg_catalog.pg_replication_slots
                       WHERE slot_name NOT LIKE $1 || '\\_%'),
                     r.rolsuper,
                     r.rolsuper OR r.rolreplication,
-                    current_setting('server_version_num')::int8,
-                    current_setting('server_encoding')
+                    pg_catalog.current_setting('server_version_num')::int8,
+                    pg_catalog.current_setting('server_encoding')
                FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
             &[&slot_prefix],
         )

@@ -42,7 +42,7 @@ async fn owned_sequences(
                FROM pg_catalog.pg_depend d
                JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
                JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-              WHERE d.refobjid = format('%I.%I', $1::text, $2::text)::regclass
+              WHERE d.refobjid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass
                 AND d.deptype IN ('a', 'i')
               ORDER BY 2",
             &[&table.schema, &table.name],
@@ -80,7 +80,7 @@ pub async fn give_each_node_its_range(
                         &format!(
                             "SELECT greatest(coalesce((SELECT max({col})::int8 FROM {table}), 0),
                                              coalesce((SELECT last_value FROM pg_catalog.pg_sequences
-                                                        WHERE format('%I.%I', schemaname, sequencename)::regclass
+                                                        WHERE pg_catalog.format('%I.%I', schemaname, sequencename)::regclass
                                                               = $1::text::regclass), 0))",
                             col = quote_ident(&owned.column),
                             table = table.quoted_name(),
@@ -108,7 +108,7 @@ pub async fn give_each_node_its_range(
                             "SELECT s.last_value, s.is_called, p.increment_by, p.start_value,
                                     p.min_value, p.max_value
                                FROM {seq} s, pg_catalog.pg_sequences p
-                              WHERE format('%I.%I', p.schemaname, p.sequencename)::regclass
+                              WHERE pg_catalog.format('%I.%I', p.schemaname, p.sequencename)::regclass
                                     = {lit}::regclass",
                             seq = owned.sequence,
                             lit = crate::catalog::quote_literal(&owned.sequence)

@@ -11,6 +11,29 @@ use crate::catalog::quote_ident;
 use crate::config::Config;
 use crate::pgconn;
 
+/// Drops the owners of walbridge's functions (sql/definer_roles.sql): their grants in this
+/// database go with `DROP OWNED`; a role still used by walbridge in another database of the
+/// cluster stays. Only a superuser made them, so only a superuser removes them.
+const DROP_DEFINER_ROLES: &str = "DO $$
+DECLARE
+    r text;
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT rolname FROM pg_catalog.pg_roles
+              WHERE rolname IN ('walbridge_skip', 'walbridge_capture')
+    LOOP
+        EXECUTE pg_catalog.format('DROP OWNED BY %I', r);
+        BEGIN
+            EXECUTE pg_catalog.format('DROP ROLE %I', r);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            NULL;
+        END;
+    END LOOP;
+END
+$$";
+
 /// Triggers walbridge puts on replicated tables (and the change table), in any mode.
 const OWN_TRIGGERS: &[&str] = &[
     TOMBSTONE_TRIGGER,
@@ -74,7 +97,7 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
         crate::trigger::setup::teardown_node(config, client, node, out).await?;
         let triggers = client
             .query(
-                "SELECT format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
+                "SELECT pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
                    FROM pg_catalog.pg_trigger WHERE tgname = ANY($1) AND tgparentid = 0",
                 &[&OWN_TRIGGERS],
             )
@@ -91,6 +114,13 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
             .batch_execute("DROP SCHEMA IF EXISTS walbridge CASCADE")
             .await
             .map_err(sql_err(node, "dropping the walbridge schema"))?;
+        client
+            .batch_execute(DROP_DEFINER_ROLES)
+            .await
+            .map_err(sql_err(
+                node,
+                "dropping roles walbridge_skip and walbridge_capture",
+            ))?;
         let _ = writeln!(
             out,
             "{node}: dropped publication, {} trigger(s) and the walbridge schema",
@@ -112,7 +142,7 @@ async fn drop_slots(client: &Client, node: &str, prefix: &str) -> Result<Vec<Str
     let rows = client
         .query(
             "SELECT slot_name::text, active_pid FROM pg_catalog.pg_replication_slots
-              WHERE slot_name LIKE $1 || '\\_%\\_to\\_%' AND database = current_database()",
+              WHERE slot_name LIKE $1 || '\\_%\\_to\\_%' AND database = pg_catalog.current_database()",
             &[&prefix],
         )
         .await

@@ -130,7 +130,10 @@ async fn recorded_mode(
     client: &Client,
 ) -> Result<Option<(CaptureMode, String)>, tokio_postgres::Error> {
     let has = client
-        .query_one("SELECT to_regclass('walbridge.settings') IS NOT NULL", &[])
+        .query_one(
+            "SELECT pg_catalog.to_regclass('walbridge.settings') IS NOT NULL",
+            &[],
+        )
         .await?
         .get::<_, bool>(0);
     if !has {

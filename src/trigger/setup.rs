@@ -51,7 +51,7 @@ pub async fn capture_installed(client: &Client) -> Result<bool, tokio_postgres::
 pub async fn cutover_pending(client: &Client) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_one(
-            "SELECT to_regclass('walbridge.settings') IS NOT NULL
+            "SELECT pg_catalog.to_regclass('walbridge.settings') IS NOT NULL
                 AND EXISTS (SELECT 1 FROM walbridge.settings WHERE name = 'cutover_fence_id')",
             &[],
         )
@@ -70,11 +70,11 @@ pub async fn check_node(
     let row = client
         .query_one(
             "SELECT r.rolsuper,
-                    pg_catalog.has_database_privilege(current_database(), 'CREATE'),
+                    pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),
                     pg_catalog.current_setting('track_commit_timestamp') = 'on',
                     (SELECT count(*) FROM pg_catalog.pg_replication_slots
                       WHERE slot_name LIKE $1 || '\\_' || $2 || '\\_to\\_%'
-                        AND database = current_database())
+                        AND database = pg_catalog.current_database())
                FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
             &[&config.replication.slot_prefix, &node],
         )
@@ -128,7 +128,10 @@ pub async fn install_node(
     let dead = config.trigger.dead_table();
     let existed = n
         .client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+        .query_one(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[&table.quoted()],
+        )
         .await
         .map_err(sql_err(&n.name, "looking up the change table"))?
         .get::<_, bool>(0);
@@ -185,6 +188,18 @@ pub async fn install_node(
             &n.name,
             "creating the capture functions (sql/trigger_capture.sql)",
         ))?;
+    if crate::setup::is_superuser(&n.client)
+        .await
+        .map_err(sql_err(&n.name, "reading the role's attributes"))?
+    {
+        n.client
+            .batch_execute(&sql::capture_owner_sql(table))
+            .await
+            .map_err(sql_err(
+                &n.name,
+                "handing the capture functions to role walbridge_capture",
+            ))?;
+    }
     let _ = writeln!(
         out,
         "{}: change table {table} {} (descripcion {descripcion_type}{}), dead rows in {dead}",
@@ -224,7 +239,7 @@ pub async fn install_node(
     let stale = n
         .client
         .query(
-            "SELECT format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
+            "SELECT pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
                FROM pg_catalog.pg_trigger
               WHERE tgname IN ($1, $2) AND NOT tgisinternal AND tgparentid = 0
                 AND NOT (tgrelid = ANY($3::oid[]))",
@@ -351,7 +366,7 @@ pub async fn cut_over(
     {
         let drops = c
             .query(
-                "SELECT format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
+                "SELECT pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)
                    FROM pg_catalog.pg_trigger
                   WHERE tgname IN ($1, $2) AND NOT tgisinternal AND tgparentid = 0",
                 &[&sql::CAPTURE_TRIGGER, &sql::TRUNCATE_TRIGGER],
@@ -580,9 +595,9 @@ pub async fn teardown_node(
     let dead = config.trigger.dead_table();
     let info = client
         .query_one(
-            "SELECT to_regclass($1) IS NOT NULL,
-                    pg_catalog.obj_description(to_regclass($1), 'pg_class') = $3,
-                    to_regclass($2) IS NOT NULL",
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL,
+                    pg_catalog.obj_description(pg_catalog.to_regclass($1), 'pg_class') = $3,
+                    pg_catalog.to_regclass($2) IS NOT NULL",
             &[&table.quoted(), &dead.quoted(), &CREATED_COMMENT],
         )
         .await

@@ -1,13 +1,33 @@
 //! SQL text for trigger mode: the setup templates and the apply statements. Pure strings.
 //!
 //! Every identifier is quoted; every value travels as one JSON parameter (`$1::text::jsonb`)
-//! and reaches its column through `jsonb_populate_record(NULL::"schema"."table", ...)`, which
+//! and reaches its column through `pg_catalog.jsonb_populate_record(NULL::"schema"."table", ...)`, which
 //! casts each field to the column's own type with the type's input function (arrays and
 //! composites included, numbers exact). A field that does not fit its column is an SQL error
 //! for that one statement, never a change of the statement's meaning.
 
-use crate::catalog::{quote_ident, quote_literal, TableInfo};
+use crate::catalog::{json_value, quote_ident, quote_literal, row_json, text_value, TableInfo};
 use crate::config::QualifiedName;
+
+/// Makes the NOLOGIN role `walbridge_capture` (sql/definer_roles.sql) own the capture
+/// functions, with the one right they need: inserting into the change table (and using its
+/// id sequence). Needs a superuser.
+pub fn capture_owner_sql(table: &QualifiedName) -> String {
+    format!(
+        "GRANT INSERT ON {t} TO walbridge_capture; \
+         DO $$ \
+         DECLARE s text := pg_catalog.pg_get_serial_sequence({lit}, 'id'); \
+         BEGIN \
+             IF s IS NOT NULL THEN \
+                 EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE %s TO walbridge_capture', s); \
+             END IF; \
+         END $$; \
+         ALTER FUNCTION walbridge.capture() OWNER TO walbridge_capture; \
+         ALTER FUNCTION walbridge.capture_truncate() OWNER TO walbridge_capture;",
+        t = table.quoted(),
+        lit = quote_literal(&table.quoted()),
+    )
+}
 
 /// `sql/trigger_mode.sql`: bookkeeping tables and the notify function (every node).
 pub const TRIGGER_MODE_SQL: &str = include_str!("../../sql/trigger_mode.sql");
@@ -81,10 +101,10 @@ fn truncate_name(name: &str) -> String {
     name[..end].to_string()
 }
 
-/// `jsonb_populate_record(NULL::"s"."t", $n::text::jsonb) AS alias`.
+/// `pg_catalog.jsonb_populate_record(NULL::"s"."t", $n::text::jsonb) AS alias`.
 fn record(table: &TableInfo, param: usize, alias: &str) -> String {
     format!(
-        "jsonb_populate_record(NULL::{}, ${param}::text::jsonb) AS {alias}",
+        "pg_catalog.jsonb_populate_record(NULL::{}, ${param}::text::jsonb) AS {alias}",
         table.quoted_name()
     )
 }
@@ -100,11 +120,27 @@ fn matches(table: &TableInfo, key: &[String], full: bool, a: &str, b: &str) -> S
             match (eq, full) {
                 (true, false) => format!("{a}.{c} = {b}.{c}"),
                 (true, true) => format!("{a}.{c} IS NOT DISTINCT FROM {b}.{c}"),
-                (false, _) => format!("{a}.{c}::text IS NOT DISTINCT FROM {b}.{c}::text"),
+                (false, _) => {
+                    let col = table.column(k);
+                    format!(
+                        "{} IS NOT DISTINCT FROM {}",
+                        text_value(&format!("{a}.{c}"), col),
+                        text_value(&format!("{b}.{c}"), col)
+                    )
+                }
             }
         })
         .collect::<Vec<_>>()
         .join(" AND ")
+}
+
+/// The key columns of record `k`, as `jsonb_build_array` arguments for a tombstone key
+/// (the rule of [`json_value`], as `walbridge.record_tombstones` builds them).
+fn key_values(table: &TableInfo, key: &[String]) -> String {
+    key.iter()
+        .map(|k| json_value(&format!("k.{}", quote_ident(k)), table.column(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads the target's state for one key, locking the row: the row as JSON, its commit time
@@ -128,14 +164,10 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
         format!(
             "LEFT JOIN LATERAL (SELECT true AS found, v.timestamp AS ts, v.roident AS ro \
                FROM walbridge.tombstones tb {v} \
-              WHERE tb.relid = {oid} AND tb.key = jsonb_build_array({cols})) AS d ON true",
+              WHERE tb.relid = {oid} AND tb.key = pg_catalog.jsonb_build_array({cols})) AS d ON true",
             v = version("tb"),
             oid = table.oid,
-            cols = key
-                .iter()
-                .map(|k| format!("k.{}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            cols = key_values(table, key)
         )
     } else {
         "LEFT JOIN LATERAL (SELECT NULL::bool AS found, NULL::timestamptz AS ts, NULL::oid AS ro) \
@@ -145,12 +177,13 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
     format!(
         "SELECT r.row_json, r.ts, r.ro, d.found, d.ts, d.ro \
            FROM {k} \
-           LEFT JOIN LATERAL (SELECT to_jsonb(t)::text AS row_json, v.timestamp AS ts, \
+           LEFT JOIN LATERAL (SELECT ({row})::text AS row_json, v.timestamp AS ts, \
                                      v.roident AS ro \
                                 FROM {table} AS t {v} \
                                WHERE {m} LIMIT 1 FOR UPDATE OF t) AS r ON true \
            {tombstone}",
         k = record(table, 1, "k"),
+        row = row_json("t", table),
         table = table.quoted_name(),
         v = version("t"),
         m = matches(table, key, full, "t", "k"),
@@ -230,14 +263,10 @@ fn row_filter(table: &TableInfo, key: &[String], full: bool) -> String {
 pub fn tombstone_sql(table: &TableInfo, key: &[String]) -> String {
     format!(
         "INSERT INTO walbridge.tombstones (relid, key) \
-         SELECT {oid}, jsonb_build_array({cols}) FROM {k} \
+         SELECT {oid}, pg_catalog.jsonb_build_array({cols}) FROM {k} \
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         oid = table.oid,
-        cols = key
-            .iter()
-            .map(|c| format!("k.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        cols = key_values(table, key),
         k = record(table, 1, "k"),
     )
 }
@@ -295,7 +324,7 @@ mod tests {
         assert_eq!(
             insert_sql(&t, &cols),
             "INSERT INTO \"Mixed Case\".\"users; DROP TABLE users\" (\"id\", \"a\"\"b\") \
-             OVERRIDING SYSTEM VALUE SELECT r.\"id\", r.\"a\"\"b\" FROM jsonb_populate_record(\
+             OVERRIDING SYSTEM VALUE SELECT r.\"id\", r.\"a\"\"b\" FROM pg_catalog.jsonb_populate_record(\
              NULL::\"Mixed Case\".\"users; DROP TABLE users\", $1::text::jsonb) AS r"
         );
         let u = update_sql(&t, &cols[1..], &cols[..1], false);
@@ -303,7 +332,7 @@ mod tests {
         assert!(u.ends_with("WHERE t.\"id\" = k.\"id\""), "{u}");
         let d = delete_sql(&t, &["j".to_string()], true);
         assert!(
-            d.contains("t2.\"j\"::text IS NOT DISTINCT FROM k.\"j\"::text"),
+            d.contains("(t2.\"j\")::text IS NOT DISTINCT FROM (k.\"j\")::text"),
             "{d}"
         );
         assert!(d.contains("(t.tableoid, t.ctid) = (SELECT"), "{d}");
@@ -314,7 +343,7 @@ mod tests {
         let l = lookup_sql(&table(), &["id".to_string()], false, true);
         assert!(l.contains("FOR UPDATE OF t"), "{l}");
         assert!(
-            l.contains("tb.relid = 4242 AND tb.key = jsonb_build_array(k.\"id\")"),
+            l.contains("tb.relid = 4242 AND tb.key = pg_catalog.jsonb_build_array(k.\"id\")"),
             "{l}"
         );
         assert!(l.contains("pg_xact_commit_timestamp_origin(t.xmin)"), "{l}");
@@ -335,7 +364,7 @@ mod tests {
         assert!(s.contains("walbridge.notify_changes('wb_changes')"));
         let c = capture_sql(&t, "text", true);
         assert!(!c.contains("{{"), "{c}");
-        assert!(c.contains("to_jsonb(NEW)::text"));
+        assert!(c.contains("walbridge.row_jsonb(TG_RELID, NEW)") && c.contains("v_new::text"));
         assert!(c.contains("pg_replication_origin_session_is_setup"));
         assert!(!capture_sql(&t, "jsonb", false).contains("pg_replication_origin_session_is_setup"));
         let long = "x".repeat(70);

@@ -1009,7 +1009,7 @@ impl<'a> Worker<'a> {
         // table are serialised, so the last peer to apply a row sees the others' progress.
         let sql = format!(
             "DELETE FROM {table} AS c WHERE {scope} AND {mine} \
-               AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS o(name) WHERE NOT EXISTS ( \
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS o(name) WHERE NOT EXISTS ( \
                    SELECT 1 FROM walbridge.trigger_peer_progress p \
                     WHERE p.target = o.name AND c.id <= p.last_id \
                       AND (c.txid < p.hold_xid OR c.txid IS NULL)))"
@@ -1031,7 +1031,7 @@ impl<'a> Worker<'a> {
             "INSERT INTO walbridge.trigger_peer_progress (target, last_id, hold_xid, updated_at)
              VALUES ($1, $2, $3::text::xid8, now())
              ON CONFLICT (target) DO UPDATE
-                SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = now()",
+                SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = pg_catalog.now()",
             &[&tgt, &self.state.last_id, &hold],
         )
         .await
@@ -1338,11 +1338,9 @@ impl Target {
                 .collect(),
             Err(_) => HashMap::new(),
         };
-        let search_path: Vec<String> = client
-            .query_one("SELECT pg_catalog.current_schemas(false)::text[]", &[])
+        let search_path = default_search_path(&client)
             .await
-            .map_err(err("reading search_path"))?
-            .get(0);
+            .map_err(err("reading the role's default search_path"))?;
         let mut t = Target {
             client,
             commit_ts,
@@ -1479,6 +1477,41 @@ fn local_state(origins: &HashMap<u32, String>, row: Option<&tokio_postgres::Row>
     }
 }
 
+/// The schemas a bare `tabla` is looked up in, in order: the `search_path` the role would
+/// have without walbridge's pinned one (`ALTER ROLE ... IN DATABASE`, `ALTER ROLE`, `ALTER
+/// DATABASE ... SET search_path`, else the server's built-in default), expanded by
+/// PostgreSQL itself (`$user`, schemas that do not exist dropped) in a transaction that is
+/// rolled back. Only names are read: nothing is resolved through that path.
+async fn default_search_path(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    let path = async {
+        client
+            .query_one(
+                "SELECT pg_catalog.set_config('search_path', COALESCE(
+                    (SELECT pg_catalog.substr(c, 13)
+                       FROM pg_catalog.pg_db_role_setting s
+                      CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS c
+                      WHERE c LIKE 'search\\_path=%'
+                        AND s.setrole IN (0, (SELECT r.oid FROM pg_catalog.pg_roles r
+                                               WHERE r.rolname = current_user))
+                        AND s.setdatabase IN (0, (SELECT d.oid FROM pg_catalog.pg_database d
+                                 WHERE d.datname = pg_catalog.current_database()))
+                      ORDER BY s.setrole = 0, s.setdatabase = 0
+                      LIMIT 1),
+                    (SELECT boot_val FROM pg_catalog.pg_settings WHERE name = 'search_path')),
+                    true)",
+                &[],
+            )
+            .await?;
+        client
+            .query_one("SELECT pg_catalog.current_schemas(false)::text[]", &[])
+            .await
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await?;
+    Ok(path?.get(0))
+}
+
 async fn track_commit_timestamp(client: &Client) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_one(
@@ -1553,7 +1586,7 @@ async fn record_progress(
         "INSERT INTO walbridge.trigger_progress (source, last_id, hold_xid, updated_at)
          VALUES ($1, $2, $3::text::xid8, now())
          ON CONFLICT (source) DO UPDATE
-            SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = now()",
+            SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = pg_catalog.now()",
         &upsert_params,
     );
     let prune = txn.execute(
