@@ -7,6 +7,9 @@ use std::time::Duration;
 
 pub use walbridge::localpg::{wait_until, ClusterOptions, LocalCluster, StopMode};
 
+pub mod proxy;
+pub use proxy::FaultProxy;
+
 /// How long a test waits for replication or a server to reach a state before failing.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -44,6 +47,8 @@ pub struct Deployment {
     pub config: PathBuf,
     extra_toml: String,
     metrics_listen: Option<String>,
+    /// Fault proxies by node name: walbridge reaches those nodes through them.
+    proxies: Vec<(String, FaultProxy)>,
 }
 
 impl Deployment {
@@ -86,6 +91,7 @@ impl Deployment {
             config,
             extra_toml: replication_toml.to_string(),
             metrics_listen: None,
+            proxies: Vec::new(),
         };
         d.write_config();
         d
@@ -95,9 +101,14 @@ impl Deployment {
     pub fn write_config(&self) {
         let mut toml = String::new();
         for (name, c) in self.names.iter().zip(&self.clusters) {
+            let dsn = match self.proxies.iter().find(|(n, _)| n == name) {
+                Some((_, p)) => c
+                    .dsn("postgres")
+                    .replace(&format!("port={}", c.port()), &format!("port={}", p.port())),
+                None => c.dsn("postgres"),
+            };
             toml.push_str(&format!(
-                "[[nodes]]\nname = \"{name}\"\ndsn = \"{}\"\n\n",
-                c.dsn("postgres")
+                "[[nodes]]\nname = \"{name}\"\ndsn = \"{dsn}\"\n\n"
             ));
         }
         toml.push_str("[replication]\n");
@@ -107,6 +118,25 @@ impl Deployment {
             self.metrics_listen.as_deref().unwrap_or("")
         ));
         std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    /// Puts a [`FaultProxy`] between walbridge and node `name` and rewrites the configuration
+    /// so walbridge connects through it (the tests' own psql sessions still go direct).
+    pub fn proxy_node(&mut self, name: &str) -> &FaultProxy {
+        let port = self.node(name).port();
+        self.proxies
+            .push((name.to_string(), FaultProxy::start(port)));
+        self.write_config();
+        self.proxy(name)
+    }
+
+    /// The proxy in front of node `name` (see [`Deployment::proxy_node`]).
+    pub fn proxy(&self, name: &str) -> &FaultProxy {
+        self.proxies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .expect("node has a proxy")
     }
 
     /// Replaces the `[replication]` body and rewrites the file.
