@@ -279,6 +279,20 @@ fn base_config(dsn: &Dsn, application_name: &str) -> tokio_postgres::Config {
     if let Some(t) = dsn.connect_timeout {
         config.connect_timeout(t);
     }
+    let tcp = &dsn.tcp;
+    config.keepalives(tcp.keepalives);
+    if let Some(t) = tcp.idle {
+        config.keepalives_idle(t);
+    }
+    if let Some(t) = tcp.interval {
+        config.keepalives_interval(t);
+    }
+    if let Some(n) = tcp.count {
+        config.keepalives_retries(n);
+    }
+    if let Some(t) = tcp.user_timeout {
+        config.tcp_user_timeout(t);
+    }
     config
 }
 
