@@ -10,6 +10,7 @@
 //! origins from `pg_replication_origin`. Both plugins then yield the same events.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -184,6 +185,36 @@ fn wal2json_options(opts: &SourceOptions, numeric_as_string: bool) -> Vec<(Strin
     v
 }
 
+/// The shortest silence after which a replication link is declared dead.
+pub const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound used when the source disables `wal_sender_timeout` (0) or shows no value.
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a replication stream may stay silent (although walbridge asks the walsender to
+/// answer) before walbridge reconnects: the source's own `wal_sender_timeout` (as shown by
+/// `SHOW`, e.g. `1min`), at least [`MIN_RECEIVE_TIMEOUT`]. The walsender gives up on a silent
+/// walbridge after the same time, so both ends agree about a dead link.
+pub fn receive_timeout(wal_sender_timeout: &str) -> Duration {
+    let s = wal_sender_timeout.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let Ok(n) = number.parse::<u64>() else {
+        return DEFAULT_RECEIVE_TIMEOUT;
+    };
+    let millis = match unit.trim() {
+        "ms" | "" => n,
+        "s" => n.saturating_mul(1000),
+        "min" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return DEFAULT_RECEIVE_TIMEOUT,
+    };
+    if millis == 0 {
+        return DEFAULT_RECEIVE_TIMEOUT;
+    }
+    Duration::from_millis(millis).max(MIN_RECEIVE_TIMEOUT)
+}
+
 impl Source {
     /// Opens the replication session on the existing slot `opts.slot` and starts streaming;
     /// the driver future must be spawned.
@@ -276,12 +307,18 @@ impl Source {
                 }
                 None
             };
+            let mut stream_config = opts.stream.clone();
+            if stream_config.receive_timeout.is_none() {
+                let shown = client.simple_query("SHOW wal_sender_timeout").await?;
+                stream_config.receive_timeout =
+                    Some(receive_timeout(shown.get(0, 0).unwrap_or("")));
+            }
             let options = match opts.plugin {
                 Plugin::PgOutput => pgoutput_options(&opts),
                 Plugin::Wal2Json => wal2json_options(&opts, numeric_as_string),
             };
             match client
-                .start_logical(&opts.slot, opts.start, &options, opts.stream.clone())
+                .start_logical(&opts.slot, opts.start, &options, stream_config)
                 .await
             {
                 Ok((stream, feedback, driver)) => break (stream, feedback, driver, created),
@@ -483,4 +520,21 @@ async fn origins(client: &Client) -> Result<Vec<(u16, String)>, SourceError> {
         .iter()
         .filter_map(|r| Some((u16::try_from(r.get::<_, i32>(0)).ok()?, r.get(1))))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receive_timeout_follows_wal_sender_timeout() {
+        assert_eq!(receive_timeout("1min"), Duration::from_secs(60));
+        assert_eq!(receive_timeout("90s"), Duration::from_secs(90));
+        assert_eq!(receive_timeout("2h"), Duration::from_secs(7200));
+        assert_eq!(receive_timeout("15000ms"), Duration::from_secs(15));
+        // Never below the floor; 0 (disabled) and nonsense take the default.
+        assert_eq!(receive_timeout("1s"), MIN_RECEIVE_TIMEOUT);
+        assert_eq!(receive_timeout("0"), DEFAULT_RECEIVE_TIMEOUT);
+        assert_eq!(receive_timeout("soon"), DEFAULT_RECEIVE_TIMEOUT);
+    }
 }
