@@ -396,3 +396,77 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// An inserts-only ledger without a key (a change applied twice shows as a duplicate row),
+/// and a small hot table that every writer updates (conflicts on the same keys).
+pub const LEDGER: &str = "CREATE TABLE public.ledger (seq bigint NOT NULL, note text);
+     ALTER TABLE public.ledger REPLICA IDENTITY FULL;
+     CREATE TABLE public.hot (id int PRIMARY KEY, n bigint NOT NULL, by text);
+     INSERT INTO public.hot SELECT g, 0, '' FROM generate_series(0, 7) g;";
+
+/// Starts a psql on `node` that commits `n` ledger rows `from..from+n` (note = the node), one
+/// per transaction, pausing `pause` seconds between; with `hot`, each transaction also
+/// updates one of the 8 hot rows. It dies with its node; what it committed stays the truth.
+pub fn ledger_writer(
+    d: &Deployment,
+    node: &str,
+    from: i64,
+    n: i64,
+    pause: &str,
+    hot: bool,
+) -> std::process::Child {
+    let c = d.node(node);
+    let hot_sql = if hot {
+        format!("UPDATE hot SET n = n + 1, by = '{node}' WHERE id = i % 8;")
+    } else {
+        String::new()
+    };
+    std::process::Command::new(c.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg(format!(
+            "DO $$ BEGIN FOR i IN {from}..{} LOOP \
+               INSERT INTO ledger VALUES (i, '{node}'); {hot_sql} COMMIT; \
+               PERFORM pg_sleep({pause}); \
+             END LOOP; END $$;",
+            from + n - 1
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the writer")
+}
+
+impl Deployment {
+    /// The ledger check, once everything is caught up: no node holds a row twice, every node
+    /// holds exactly the same rows (count and ordered content hash of `ledger` and `hot`), so
+    /// no row that its origin committed is missing anywhere. Returns the row count.
+    pub fn assert_ledger(&self) -> i64 {
+        let mut first: Option<(String, String, String)> = None;
+        for name in &self.names {
+            let dup = self.sql(
+                name,
+                "SELECT count(*) - count(DISTINCT (seq, note)) FROM ledger",
+            );
+            assert_eq!(dup, "0", "{name} holds ledger rows twice");
+            let fp = (
+                name.clone(),
+                self.fingerprint(name, "ledger", "seq, note"),
+                self.fingerprint(name, "hot", "id"),
+            );
+            match &first {
+                None => first = Some(fp),
+                Some(f) => {
+                    assert_eq!(f.1, fp.1, "ledger differs between {} and {name}", f.0);
+                    assert_eq!(f.2, fp.2, "hot rows differ between {} and {name}", f.0);
+                }
+            }
+        }
+        let (_, ledger, _) = first.expect("a node");
+        ledger
+            .split('|')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a count")
+    }
+}

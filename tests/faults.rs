@@ -1,0 +1,293 @@
+//! Network faults between walbridge and its nodes (through [`FaultProxy`]), crashes and
+//! restarts, under a bidirectional load: every scenario ends with every node identical and
+//! the ledger check (each row once, none missing, none twice).
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::support::*;
+
+const TABLES: &str = "tables = [\"public.ledger\", \"public.hot\"]";
+
+/// Nodes whose walsenders give up (and whose silence walbridge notices) after 10 s.
+const FAST_TIMEOUTS: &[&str] = &["wal_sender_timeout = '10s'"];
+
+fn reconnects(port: u16, s: &str, t: &str) -> f64 {
+    metric_sum(
+        &scrape(port),
+        "walbridge_reconnects_total",
+        &[("source", s), ("target", t)],
+    )
+}
+
+fn finish(writers: Vec<std::process::Child>) {
+    for mut w in writers {
+        assert!(w.wait().expect("writer").success(), "a writer failed");
+    }
+}
+
+/// Black-holes node a's link (a→b reads a's walsender through it, b→a applies on a through
+/// it): both directions notice within their bounds, reconnect after the heal, and converge.
+#[test]
+fn black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+    let port = d.enable_metrics();
+    d.proxy_node("a");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writers = vec![
+        ledger_writer(&d, "a", 1, 2500, "0.005", true),
+        ledger_writer(&d, "b", 1_000_001, 2500, "0.005", true),
+    ];
+    d.wait_for(
+        "b",
+        "SELECT count(*) > 50 FROM ledger WHERE note = 'a'",
+        "t",
+    );
+    d.wait_for(
+        "a",
+        "SELECT count(*) > 50 FROM ledger WHERE note = 'b'",
+        "t",
+    );
+    let t0 = Instant::now();
+    d.proxy("a").black_hole(true);
+    let (mut source_seen, mut target_seen) = (None, None);
+    let noticed = wait_until(Duration::from_secs(60), || {
+        if source_seen.is_none() && reconnects(port, "a", "b") >= 1.0 {
+            source_seen = Some(t0.elapsed());
+        }
+        if target_seen.is_none() && reconnects(port, "b", "a") >= 1.0 {
+            target_seen = Some(t0.elapsed());
+        }
+        source_seen.is_some() && target_seen.is_some()
+    });
+    assert!(
+        noticed,
+        "dead links not noticed (source {source_seen:?}, target {target_seen:?}); log:\n{}",
+        run.log()
+    );
+    let (src, tgt) = (
+        source_seen.unwrap_or_default(),
+        target_seen.unwrap_or_default(),
+    );
+    eprintln!("black hole noticed: source link after {src:?}, apply link after {tgt:?}");
+    // Documented bounds: the source's wal_sender_timeout (10 s here) plus a status tick;
+    // the apply probe (10 s) plus its own timeout (10 s) plus a tick. A little slack for load.
+    assert!(src <= Duration::from_secs(16), "source link: {src:?}");
+    assert!(tgt <= Duration::from_secs(27), "apply link: {tgt:?}");
+    d.proxy("a").black_hole(false);
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 5000);
+    run.assert_running();
+    let log = run.log();
+    assert!(
+        log.contains("the walsender sent nothing although asked to answer"),
+        "{log}"
+    );
+    assert!(log.contains("the link is dead"), "{log}");
+}
+
+/// Resets random links (RST both ways) every second or so while every node writes.
+fn cuts_under_load(names: &[&str], plugin: &str, cuts: usize) {
+    let mut d = Deployment::new(names, LEDGER, &format!("{TABLES}\nplugin = \"{plugin}\""));
+    for n in names {
+        d.proxy_node(n);
+    }
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writers: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ledger_writer(&d, n, 1 + i as i64 * 1_000_000, 1200, "0.004", true))
+        .collect();
+    let mut rng = rand::rng();
+    for _ in 0..cuts {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
+        let victim = names[rng.random_range(0..names.len())];
+        d.proxy(victim).cut();
+    }
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 1200 * names.len() as i64);
+    run.assert_running();
+    assert!(run.log().contains("reconnecting"), "{}", run.log());
+}
+
+#[test]
+fn cut_links_under_bidirectional_load_two_nodes_pgoutput() {
+    cuts_under_load(&["a", "b"], "pgoutput", 8);
+}
+
+#[test]
+fn cut_links_under_bidirectional_load_three_nodes_pgoutput() {
+    cuts_under_load(&["a", "b", "c"], "pgoutput", 8);
+}
+
+/// A large transaction on a; the link to a is cut in the middle of one of its CopyData
+/// messages (and, with `black_hole`, first black-holed while b is applying it).
+fn fault_inside_a_large_transaction(rows: i64, plugin: &str, black_hole: bool) {
+    let conf: &[&str] = if black_hole { FAST_TIMEOUTS } else { &[] };
+    let mut d = Deployment::with_conf(
+        &["a", "b"],
+        LEDGER,
+        &format!("{TABLES}\nplugin = \"{plugin}\""),
+        conf,
+    );
+    d.proxy_node("a");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    // b writes meanwhile (not on the hot rows: a conflict inside the big transaction would
+    // send it down the careful row-by-row path, another scenario).
+    let writer = ledger_writer(&d, "b", 10_000_001, 300, "0.01", false);
+    d.sql(
+        "a",
+        &format!("INSERT INTO ledger SELECT i, 'a' FROM generate_series(1, {rows}) i"),
+    );
+    // b is inside the big transaction: its apply session holds a transaction id.
+    let in_txn = "SELECT count(*) > 0 FROM pg_stat_activity \
+                  WHERE application_name LIKE 'walbridge-apply-a%' AND backend_xid IS NOT NULL";
+    d.wait_for("b", in_txn, "t");
+    if black_hole {
+        d.proxy("a").black_hole(true);
+        let noticed = wait_until(Duration::from_secs(40), || {
+            run.log().contains("the walsender sent nothing")
+        });
+        assert!(noticed, "black hole not noticed; log:\n{}", run.log());
+        d.proxy("a").black_hole(false);
+        d.wait_for("b", in_txn, "t");
+    }
+    d.proxy("a").cut_in_copy_data(40);
+    assert!(
+        wait_until(WAIT, || d.proxy("a").copy_data_cuts() == 1),
+        "no CopyData was cut"
+    );
+    finish(vec![writer]);
+    d.wait_for(
+        "b",
+        "SELECT count(*) FROM ledger WHERE note = 'a'",
+        &rows.to_string(),
+    );
+    d.wait_caught_up_within(Duration::from_secs(300));
+    assert_eq!(d.assert_ledger(), rows + 300);
+    run.assert_running();
+}
+
+#[test]
+fn cut_inside_a_copy_data_message_of_a_100k_row_transaction() {
+    fault_inside_a_large_transaction(100_000, "pgoutput", false);
+}
+
+#[test]
+fn heavy_black_hole_then_cut_inside_a_million_row_transaction() {
+    fault_inside_a_large_transaction(1_000_000, "pgoutput", true);
+}
+
+/// b refuses writes (read-only by default, then a lock held past walbridge's patience):
+/// the direction retries with backoff, never stops, and resumes when b recovers.
+#[test]
+fn target_refusing_writes_is_retried_until_it_recovers() {
+    let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    let port = d.enable_metrics();
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writer = ledger_writer(&d, "a", 1, 600, "0.01", true);
+    d.wait_for("b", "SELECT count(*) > 20 FROM ledger", "t");
+
+    // Read-only: the apply sessions fail with 25006 and reconnect into read-only sessions.
+    d.sql("b", "ALTER SYSTEM SET default_transaction_read_only = on");
+    d.sql("b", "SELECT pg_reload_conf()");
+    d.sql(
+        "b",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'walbridge-apply%'",
+    );
+    let failing = wait_until(WAIT, || {
+        metric_sum(
+            &scrape(port),
+            "walbridge_errors_total",
+            &[("source", "a"), ("target", "b"), ("kind", "transient")],
+        ) >= 3.0
+    });
+    assert!(failing, "no retries seen; log:\n{}", run.log());
+    assert!(run.log().contains("read-only"), "{}", run.log());
+    run.assert_running();
+    d.sql("b", "ALTER SYSTEM RESET default_transaction_read_only");
+    d.sql("b", "SELECT pg_reload_conf()");
+    d.wait_for("b", "SELECT count(*) > 100 FROM ledger", "t");
+
+    // A lock held by someone else: the apply waits (it is working, not dead), then goes on.
+    let c = d.node("b");
+    let mut locker = std::process::Command::new(c.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg("BEGIN; LOCK TABLE hot IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(14); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the locker");
+    assert!(locker.wait().expect("locker").success());
+    finish(vec![writer]);
+    d.wait_caught_up();
+    assert_eq!(d.assert_ledger(), 600);
+    run.assert_running();
+    let state = d.walbridge_ok(&["status", "--json"]);
+    assert!(!state.contains("\"failed\""), "{state}");
+}
+
+/// kill -9 of walbridge twenty times at random moments while both nodes write, on the same
+/// hot keys too.
+#[test]
+fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load() {
+    let d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let writers = vec![
+        ledger_writer(&d, "a", 1, 4000, "0.004", true),
+        ledger_writer(&d, "b", 1_000_001, 4000, "0.004", true),
+    ];
+    let mut rng = rand::rng();
+    let mut run = d.spawn_run("run-0.log");
+    for round in 1..=20 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+        run.signal(libc::SIGKILL);
+        run.wait_exit(WAIT);
+        run = d.spawn_run(&format!("run-{round}.log"));
+    }
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 8000);
+    run.assert_running();
+}
+
+/// Each node stopped immediately (crash-like) and restarted ten times while both write.
+#[test]
+fn heavy_immediate_node_restarts_under_bidirectional_load() {
+    let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let mut rng = rand::rng();
+    let mut next = [1i64, 1_000_001];
+    for round in 0..20 {
+        let victim = ["a", "b"][round % 2];
+        // Writers die with their node; start fresh ones from where each left off.
+        let writers: Vec<_> = ["a", "b"]
+            .iter()
+            .zip(next.iter_mut())
+            .map(|(n, from)| {
+                let w = ledger_writer(&d, n, *from, 150, "0.004", true);
+                *from += 150;
+                w
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        d.node_mut(victim).stop(StopMode::Immediate).expect("stop");
+        for mut w in writers {
+            let _ = w.wait();
+        }
+        d.node_mut(victim).restart().expect("restart");
+    }
+    d.wait_caught_up_within(Duration::from_secs(180));
+    let rows = d.assert_ledger();
+    assert!(rows > 0);
+    run.assert_running();
+}
