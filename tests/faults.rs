@@ -291,3 +291,55 @@ fn heavy_immediate_node_restarts_under_bidirectional_load() {
     assert!(rows > 0);
     run.assert_running();
 }
+
+/// A source that writes only to a table that is not replicated: its slot's confirmed
+/// position still follows (keepalive-driven confirmation with nothing pending), so the WAL
+/// it retains falls back under 64 MB as soon as the walsender has read it. Scaled down from
+/// 500 MB to about 220 MB of WAL for CI. During a burst the server itself keeps the WAL until
+/// the next running-transactions record (every 15 s) lets the slot's restart point move,
+/// whatever walbridge confirms; the peak is printed, not asserted.
+#[test]
+fn heavy_idle_source_slot_retains_bounded_wal_while_only_unreplicated_tables_change() {
+    let schema = format!("{LEDGER} CREATE TABLE public.junk (id int, pad text);");
+    let d = Deployment::new(&["a", "b"], &schema, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("a", "INSERT INTO ledger VALUES (1, 'a')");
+    d.wait_for("b", "SELECT count(*) FROM ledger", "1");
+    let retained_sql = "SELECT pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots \
+                        WHERE slot_name = 'walbridge_a_to_b'";
+    let retained = || -> f64 { d.sql("a", retained_sql).parse().unwrap_or(f64::MAX) };
+    let start_lsn = d.sql("a", "SELECT pg_current_wal_lsn()");
+    let mut peak = 0f64;
+    for _ in 0..20 {
+        d.sql(
+            "a",
+            "INSERT INTO junk SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 10000) g",
+        );
+        peak = peak.max(retained());
+    }
+    let written: f64 = d
+        .sql("a", &format!("SELECT pg_current_wal_lsn() - '{start_lsn}'"))
+        .parse()
+        .expect("WAL written");
+    const BOUND: f64 = 64.0 * 1024.0 * 1024.0;
+    let mut last = 0f64;
+    let bounded = wait_until(WAIT, || {
+        d.sql("a", "CHECKPOINT");
+        last = retained();
+        last < BOUND
+    });
+    eprintln!(
+        "unreplicated WAL written: {:.0} MB; slot retained: peak {:.0} MB while writing, {:.1} MB after",
+        written / 1e6,
+        peak / 1e6,
+        last / 1e6
+    );
+    assert!(written > 150e6, "only {written} bytes of WAL written");
+    assert!(
+        bounded,
+        "slot still retains {last} bytes; log:\n{}",
+        run.log()
+    );
+    run.assert_running();
+}
