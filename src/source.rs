@@ -85,6 +85,22 @@ pub enum SourceError {
         #[source]
         source: DecodeError,
     },
+    /// The server removed WAL the slot still needed (`max_slot_wal_keep_size`).
+    #[error(
+        "replication slot {slot} on {node} was invalidated: the server removed WAL it still \
+         needed (max_slot_wal_keep_size), so the changes committed there after {confirmed} \
+         never reached the peer and can no longer be streamed; run walbridge verify to see \
+         what differs, then rebuild this direction: walbridge teardown, then walbridge setup \
+         --copy-from this node (other directions go on meanwhile)"
+    )]
+    SlotLost {
+        /// The slot.
+        slot: String,
+        /// The node.
+        node: String,
+        /// The last position the peer confirmed.
+        confirmed: String,
+    },
     /// The slot does not exist.
     #[error("replication slot {slot} does not exist on {node}; run walbridge setup")]
     NoSlot {
@@ -103,7 +119,9 @@ impl SourceError {
             SourceError::Connect(e) => e.is_transient(),
             SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
             SourceError::Catalog(e) => e.0.is_closed() || e.0.as_db_error().is_none(),
-            SourceError::Decode { .. } | SourceError::NoSlot { .. } => false,
+            SourceError::Decode { .. }
+            | SourceError::NoSlot { .. }
+            | SourceError::SlotLost { .. } => false,
         }
     }
 }
@@ -295,7 +313,8 @@ impl Source {
             } else {
                 let exists = client
                     .simple_query(&format!(
-                        "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                        "SELECT wal_status, confirmed_flush_lsn::text \
+                         FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
                         catalog::quote_literal(&opts.slot)
                     ))
                     .await?;
@@ -303,6 +322,13 @@ impl Source {
                     return Err(SourceError::NoSlot {
                         slot: opts.slot.clone(),
                         node: dsn.describe(),
+                    });
+                }
+                if exists.get(0, 0) == Some("lost") {
+                    return Err(SourceError::SlotLost {
+                        slot: opts.slot.clone(),
+                        node: dsn.describe(),
+                        confirmed: exists.get(0, 1).unwrap_or("its last position").to_string(),
                     });
                 }
                 None
