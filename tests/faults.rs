@@ -343,3 +343,58 @@ fn heavy_idle_source_slot_retains_bounded_wal_while_only_unreplicated_tables_cha
     );
     run.assert_running();
 }
+
+/// a's slot for b is invalidated by `max_slot_wal_keep_size` while b is away: walbridge says
+/// which slot, what was lost and what to run; `/readyz` answers 503; b→a goes on; `verify`
+/// shows the damage.
+#[test]
+fn slot_invalidated_while_a_peer_is_away_is_reported_and_other_directions_go_on() {
+    use crate::observability::wait_readyz;
+    let mut d = Deployment::with_node_conf(
+        &["a", "b"],
+        LEDGER,
+        TABLES,
+        &[&["max_slot_wal_keep_size = '32MB'"], &[]],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    wait_readyz(addr, 200, &mut run);
+    d.node_mut("b").stop(StopMode::Immediate).expect("stop b");
+    // About 100 MB of replicated changes on a that b cannot receive, then checkpoints.
+    d.sql(
+        "a",
+        "INSERT INTO ledger SELECT i, repeat('x', 1000) FROM generate_series(1, 90000) i",
+    );
+    let lost = wait_until(WAIT, || {
+        d.sql("a", "SELECT pg_switch_wal(); CHECKPOINT;");
+        d.sql(
+            "a",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walbridge_a_to_b'",
+        ) == "lost"
+    });
+    assert!(lost, "the slot was not invalidated");
+    d.node_mut("b").restart().expect("restart b");
+    let said = wait_until(WAIT, || run.log().contains("was invalidated"));
+    assert!(said, "no clear message; log:\n{}", run.log());
+    let log = run.log();
+    for words in [
+        "walbridge_a_to_b",
+        "max_slot_wal_keep_size",
+        "walbridge verify",
+        "--copy-from",
+    ] {
+        assert!(log.contains(words), "{words:?} missing from:\n{log}");
+    }
+    let body = wait_readyz(addr, 503, &mut run);
+    assert!(body.contains("a"), "{body}");
+    // b→a goes on.
+    d.sql("b", "INSERT INTO ledger VALUES (5000001, 'b')");
+    d.wait_for("a", "SELECT count(*) FROM ledger WHERE seq = 5000001", "1");
+    run.assert_running();
+    // verify shows the damage: the ledger differs.
+    let out = d.walbridge(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ledger"), "{text}");
+}
