@@ -30,7 +30,7 @@ fn finish(writers: Vec<std::process::Child>) {
 /// Black-holes node a's link (a→b reads a's walsender through it, b→a applies on a through
 /// it): both directions notice within their bounds, reconnect after the heal, and converge.
 #[test]
-fn black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
+fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
     let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
     let port = d.enable_metrics();
     d.proxy_node("a");
@@ -187,7 +187,7 @@ fn heavy_black_hole_then_cut_inside_a_million_row_transaction() {
 /// b refuses writes (read-only by default, then a lock held past walbridge's patience):
 /// the direction retries with backoff, never stops, and resumes when b recovers.
 #[test]
-fn target_refusing_writes_is_retried_until_it_recovers() {
+fn heavy_target_refusing_writes_is_retried_until_it_recovers() {
     let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
     let port = d.enable_metrics();
     d.walbridge_ok(&["setup"]);
@@ -397,4 +397,138 @@ fn slot_invalidated_while_a_peer_is_away_is_reported_and_other_directions_go_on(
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ledger"), "{text}");
+}
+
+/// Peak resident memory of a process, from `/proc` (kB).
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The soak run (by hand, not in CI): `WALBRIDGE_SOAK_MINUTES=20 cargo nextest run
+/// --run-ignored only -E 'test(soak_)' --no-capture`. Random faults from the list above under
+/// a bidirectional load that conflicts on hot keys; prints faults injected, rows written, lost
+/// and duplicated (both must be 0), time to converge after the last fault, peak RSS.
+#[test]
+#[ignore = "soak run: minutes long, run by hand"]
+fn soak_random_faults_under_conflicting_load() {
+    let minutes: f64 = std::env::var("WALBRIDGE_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3.0);
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+    d.proxy_node("a");
+    d.proxy_node("b");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run-0.log");
+    let mut runs = 0;
+    let mut rng = rand::rng();
+    let mut next = [1i64, 1_000_000_001];
+    let mut faults: std::collections::BTreeMap<&str, u32> = Default::default();
+    let mut peak_kb = 0;
+    let end = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    while Instant::now() < end {
+        let writers: Vec<_> = ["a", "b"]
+            .iter()
+            .zip(next.iter_mut())
+            .map(|(n, from)| {
+                let w = ledger_writer(&d, n, *from, 400, "0.005", true);
+                *from += 400;
+                w
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+        let node = ["a", "b"][rng.random_range(0..2)];
+        let kind = match rng.random_range(0..7) {
+            0 => {
+                d.proxy(node).cut();
+                "reset"
+            }
+            1 => {
+                d.proxy(node).black_hole(true);
+                std::thread::sleep(Duration::from_secs(rng.random_range(5..25)));
+                d.proxy(node).black_hole(false);
+                "black hole"
+            }
+            2 => {
+                d.proxy(node)
+                    .set_latency(Duration::from_millis(150), Duration::from_millis(100));
+                std::thread::sleep(Duration::from_secs(8));
+                d.proxy(node).heal();
+                "latency"
+            }
+            3 => {
+                d.proxy(node).set_bandwidth(Some(64 * 1024));
+                std::thread::sleep(Duration::from_secs(8));
+                d.proxy(node).heal();
+                "bandwidth"
+            }
+            4 => {
+                d.proxy(node).cut_in_copy_data(40);
+                "cut in CopyData"
+            }
+            5 => {
+                peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+                run.signal(libc::SIGKILL);
+                run.wait_exit(WAIT);
+                runs += 1;
+                run = d.spawn_run(&format!("run-{runs}.log"));
+                "kill -9"
+            }
+            _ => {
+                d.node_mut(node).stop(StopMode::Immediate).expect("stop");
+                d.node_mut(node).restart().expect("restart");
+                "node restart"
+            }
+        };
+        *faults.entry(kind).or_default() += 1;
+        for mut w in writers {
+            let _ = w.wait();
+        }
+        peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+    }
+    d.proxy("a").heal();
+    d.proxy("b").heal();
+    let last_fault = Instant::now();
+    d.wait_caught_up_within(Duration::from_secs(600));
+    let converge = last_fault.elapsed();
+    peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+    let count = |node: &str, sql: &str| -> i64 { d.sql(node, sql).parse().expect("a count") };
+    let mut written = 0;
+    let mut lost = 0;
+    for origin in ["a", "b"] {
+        let own = count(
+            origin,
+            &format!("SELECT count(*) FROM ledger WHERE note = '{origin}'"),
+        );
+        written += own;
+        for other in ["a", "b"] {
+            let seen = count(
+                other,
+                &format!("SELECT count(DISTINCT seq) FROM ledger WHERE note = '{origin}'"),
+            );
+            lost += (own - seen).max(0);
+        }
+    }
+    let duplicated: i64 = ["a", "b"]
+        .iter()
+        .map(|n| {
+            count(
+                n,
+                "SELECT count(*) - count(DISTINCT (seq, note)) FROM ledger",
+            )
+        })
+        .sum();
+    eprintln!(
+        "soak: {minutes} min, faults {faults:?}, rows written {written}, lost {lost}, \
+         duplicated {duplicated}, converged {converge:?} after the last fault, peak RSS {} MB",
+        peak_kb / 1024
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    d.assert_ledger();
+    run.assert_running();
 }
