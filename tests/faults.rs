@@ -164,10 +164,16 @@ fn fault_inside_a_large_transaction(rows: i64, plugin: &str, black_hole: bool) {
         "no CopyData was cut"
     );
     finish(vec![writer]);
-    d.wait_for(
-        "b",
-        "SELECT count(*) FROM ledger WHERE note = 'a'",
-        &rows.to_string(),
+    // Re-streaming a million rows after the fault takes minutes on a loaded machine.
+    let mut last = String::new();
+    let arrived = wait_until(Duration::from_secs(300), || {
+        last = d.sql("b", "SELECT count(*) FROM ledger WHERE note = 'a'");
+        last == rows.to_string()
+    });
+    assert!(
+        arrived,
+        "b holds {last} of a's {rows} rows; log:\n{}",
+        run.log()
     );
     d.wait_caught_up_within(Duration::from_secs(300));
     assert_eq!(d.assert_ledger(), rows + 300);
