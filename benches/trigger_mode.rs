@@ -237,6 +237,7 @@ async fn walbridge_trigger(p: &Params) -> Figures {
                 metrics: metrics.clone(),
                 status: status.clone(),
                 shutdown: shutdown.clone(),
+                abandoned_apply_pid: Default::default(),
             };
             tasks.push(tokio::spawn(async move {
                 walbridge::trigger::run_direction(&ctx)

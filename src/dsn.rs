@@ -341,8 +341,11 @@ pub struct Dsn {
     pub sslkey: Option<PathBuf>,
     /// `application_name` asked for in the DSN; walbridge sets its own when empty.
     pub application_name: Option<String>,
-    /// Give up connecting after this long.
+    /// Give up connecting after this long (default [`DEFAULT_CONNECT_TIMEOUT`]; `None` when
+    /// the DSN says `connect_timeout=0`: wait forever, as libpq).
     pub connect_timeout: Option<Duration>,
+    /// TCP keepalives and `tcp_user_timeout`: how the kernel notices a dead peer.
+    pub tcp: TcpSettings,
     /// Server options (`-c name=value ...`).
     pub options: Option<String>,
     /// `passfile` (defaults to `$PGPASSFILE` or `~/.pgpass` when resolving passwords).
@@ -366,7 +369,8 @@ pub enum DsnError {
     #[error(
         "invalid connection string: unknown option {0}; valid options are host, hostaddr, port, \
          user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, \
-         connect_timeout, options, passfile, channel_binding, require_auth"
+         connect_timeout, options, passfile, channel_binding, require_auth, keepalives, \
+         keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
     )]
     UnknownKey(String),
     /// `require_auth` is not a valid method list.
@@ -534,11 +538,6 @@ const UNSUPPORTED_LIBPQ_KEYS: &[&str] = &[
     "service",
     "client_encoding",
     "fallback_application_name",
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
     "replication",
     "gssencmode",
     "requiressl",
@@ -578,11 +577,16 @@ struct Raw {
     passfile: Option<String>,
     channel_binding: Option<String>,
     require_auth: Option<String>,
+    keepalives: Option<String>,
+    keepalives_idle: Option<String>,
+    keepalives_interval: Option<String>,
+    keepalives_count: Option<String>,
+    tcp_user_timeout: Option<String>,
 }
 
 impl Raw {
     /// Every value given, with its key.
-    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 16] {
+    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 21] {
         [
             ("host", &mut self.host),
             ("hostaddr", &mut self.hostaddr),
@@ -600,6 +604,11 @@ impl Raw {
             ("passfile", &mut self.passfile),
             ("channel_binding", &mut self.channel_binding),
             ("require_auth", &mut self.require_auth),
+            ("keepalives", &mut self.keepalives),
+            ("keepalives_idle", &mut self.keepalives_idle),
+            ("keepalives_interval", &mut self.keepalives_interval),
+            ("keepalives_count", &mut self.keepalives_count),
+            ("tcp_user_timeout", &mut self.tcp_user_timeout),
         ]
     }
 
@@ -692,6 +701,11 @@ impl Raw {
             "passfile" => &mut self.passfile,
             "channel_binding" => &mut self.channel_binding,
             "require_auth" => &mut self.require_auth,
+            "keepalives" => &mut self.keepalives,
+            "keepalives_idle" => &mut self.keepalives_idle,
+            "keepalives_interval" => &mut self.keepalives_interval,
+            "keepalives_count" => &mut self.keepalives_count,
+            "tcp_user_timeout" => &mut self.tcp_user_timeout,
             _ => {
                 let shown = red
                     .show(key_frag, key)
@@ -1334,6 +1348,13 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
     let sslcert = path_or_default(raw.sslcert, "PGSSLCERT", "postgresql.crt");
     let sslkey = path_or_default(raw.sslkey, "PGSSLKEY", "postgresql.key");
 
+    let raw_tcp = [
+        raw.keepalives,
+        raw.keepalives_idle,
+        raw.keepalives_interval,
+        raw.keepalives_count,
+        raw.tcp_user_timeout,
+    ];
     let connect_timeout = match pick(raw.connect_timeout, "PGCONNECT_TIMEOUT") {
         Some(t) if !t.trim().is_empty() => match t.trim().parse::<i64>() {
             // libpq: zero or negative waits forever; 1 is raised to 2 seconds.
@@ -1347,8 +1368,10 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
                 })
             }
         },
-        _ => None,
+        Some(_) => None,
+        None => Some(DEFAULT_CONNECT_TIMEOUT),
     };
+    let tcp = tcp_settings(&raw_tcp, red)?;
 
     let channel_binding = match pick(raw.channel_binding, "PGCHANNELBINDING") {
         Some(v) if !v.is_empty() => v.parse()?,
@@ -1371,10 +1394,116 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
         sslkey,
         application_name: pick(raw.application_name, "PGAPPNAME").filter(|s| !s.is_empty()),
         connect_timeout,
+        tcp,
         options: pick(raw.options, "PGOPTIONS").filter(|s| !s.is_empty()),
         passfile: raw.passfile.filter(|s| !s.is_empty()).map(PathBuf::from),
         channel_binding,
         require_auth,
+    })
+}
+
+/// How long a connection attempt may take when the DSN does not say (libpq waits forever; a
+/// replication tool that must reconnect by itself cannot).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP-level failure detection of one connection.
+///
+/// libpq leaves keepalives to the operating system (first probe after two hours) and
+/// `tcp_user_timeout` off; walbridge's defaults notice a dead peer within about half a
+/// minute: an idle link after `idle + interval × count` = 10 + 5 × 3 = 25 s, a link with
+/// unacknowledged data after `tcp_user_timeout` = 30 s. A link that the network keeps open but
+/// that carries nothing (a stuck middlebox, a frozen proxy) is caught by walbridge's own reply
+/// timeouts instead (see the README's "Failure detection").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// Send keepalive probes on an idle link (`keepalives`, 0 or 1).
+    pub keepalives: bool,
+    /// Idle time before the first probe (`keepalives_idle`, seconds; `None`: system default).
+    pub idle: Option<Duration>,
+    /// Time between probes (`keepalives_interval`, seconds; `None`: system default).
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the link is dead (`keepalives_count`; `None`: system default).
+    pub count: Option<u32>,
+    /// How long sent data may stay unacknowledged (`tcp_user_timeout`, milliseconds; `None`:
+    /// system default).
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        TcpSettings {
+            keepalives: true,
+            idle: Some(Duration::from_secs(10)),
+            interval: Some(Duration::from_secs(5)),
+            count: Some(3),
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl TcpSettings {
+    /// Sets these options on a connected TCP socket.
+    pub fn apply(&self, socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        let sock = socket2::SockRef::from(socket);
+        sock.set_keepalive(self.keepalives)?;
+        if self.keepalives {
+            let mut ka = socket2::TcpKeepalive::new();
+            if let Some(t) = self.idle {
+                ka = ka.with_time(t);
+            }
+            if let Some(t) = self.interval {
+                ka = ka.with_interval(t);
+            }
+            if let Some(n) = self.count {
+                ka = ka.with_retries(n);
+            }
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        sock.set_tcp_user_timeout(self.user_timeout)
+    }
+}
+
+/// Reads `keepalives`, `keepalives_idle`, `keepalives_interval`, `keepalives_count` and
+/// `tcp_user_timeout` (in that order); a value of 0 means the system default, as in libpq.
+fn tcp_settings(raw: &[Option<String>; 5], red: &Redactor<'_>) -> Result<TcpSettings, DsnError> {
+    const KEYS: [&str; 5] = [
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+    ];
+    let mut values: [Option<u32>; 5] = [None; 5];
+    for (i, v) in raw.iter().enumerate() {
+        let Some(v) = v.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        values[i] = Some(v.parse::<u32>().map_err(|_| DsnError::InvalidValue {
+            key: KEYS[i].into(),
+            value: red.show_owned(v),
+            expected: "a whole number, 0 or more",
+        })?);
+    }
+    let d = TcpSettings::default();
+    let secs = |v: Option<u32>, default| match v {
+        None => default,
+        Some(0) => None,
+        Some(n) => Some(Duration::from_secs(u64::from(n))),
+    };
+    Ok(TcpSettings {
+        keepalives: values[0].is_none_or(|n| n != 0),
+        idle: secs(values[1], d.idle),
+        interval: secs(values[2], d.interval),
+        count: match values[3] {
+            None => d.count,
+            Some(0) => None,
+            Some(n) => Some(n),
+        },
+        user_timeout: match values[4] {
+            None => d.user_timeout,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(u64::from(ms))),
+        },
     })
 }
 
@@ -1506,7 +1635,36 @@ mod tests {
         assert_eq!(d.dbname, "me");
         assert_eq!(d.sslmode, SslMode::Prefer);
         assert_eq!(d.sslrootcert, None);
-        assert_eq!(d.connect_timeout, None);
+        assert_eq!(d.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(d.tcp, TcpSettings::default());
+        assert_eq!(parse("connect_timeout=0").connect_timeout, None);
+    }
+
+    #[test]
+    fn tcp_keepalive_keys() {
+        let d = parse(
+            "keepalives_idle=30 keepalives_interval=2 keepalives_count=9 tcp_user_timeout=1500",
+        );
+        assert_eq!(
+            d.tcp,
+            TcpSettings {
+                keepalives: true,
+                idle: Some(Duration::from_secs(30)),
+                interval: Some(Duration::from_secs(2)),
+                count: Some(9),
+                user_timeout: Some(Duration::from_millis(1500)),
+            }
+        );
+        // 0 leaves a value to the system, as libpq; keepalives=0 turns probes off.
+        let d = parse("keepalives=0 keepalives_idle=0 tcp_user_timeout=0");
+        assert!(!d.tcp.keepalives);
+        assert_eq!(d.tcp.idle, None);
+        assert_eq!(d.tcp.user_timeout, None);
+        let d = parse("postgres://u@h/db?keepalives_count=0&tcp_user_timeout=250");
+        assert_eq!(d.tcp.count, None);
+        assert_eq!(d.tcp.user_timeout, Some(Duration::from_millis(250)));
+        assert!(parse_err("keepalives_idle=soon").contains("keepalives_idle"));
+        assert!(parse_err("tcp_user_timeout=-1").contains("tcp_user_timeout"));
     }
 
     #[test]

@@ -333,6 +333,20 @@ fn base_config(dsn: &Dsn, application_name: &str) -> tokio_postgres::Config {
         ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
         ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
     });
+    let tcp = &dsn.tcp;
+    config.keepalives(tcp.keepalives);
+    if let Some(t) = tcp.idle {
+        config.keepalives_idle(t);
+    }
+    if let Some(t) = tcp.interval {
+        config.keepalives_interval(t);
+    }
+    if let Some(n) = tcp.count {
+        config.keepalives_retries(n);
+    }
+    if let Some(t) = tcp.user_timeout {
+        config.tcp_user_timeout(t);
+    }
     config
 }
 
@@ -416,6 +430,7 @@ impl Guarded<'_> {
                     .await
                     .map_err(io_err)?;
                 socket.set_nodelay(true).map_err(io_err)?;
+                self.dsn.tcp.apply(&socket).map_err(io_err)?;
                 let guard = AuthGuard::new(socket, self.policy.clone(), false);
                 let (client, connection) = config
                     .connect_raw(guard, NoTls)
@@ -443,6 +458,7 @@ impl Guarded<'_> {
             .await
             .map_err(io_err)?;
         socket.set_nodelay(true).map_err(io_err)?;
+        self.dsn.tcp.apply(&socket).map_err(io_err)?;
         // tokio-postgres sends SSLRequest first: the guard under TLS reads only its answer.
         let socket = AuthGuard::new(socket, self.policy.clone(), true);
         let mut make = RustlsConnector(tls_config.clone());

@@ -10,6 +10,7 @@
 //! origins from `pg_replication_origin`. Both plugins then yield the same events.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -84,6 +85,22 @@ pub enum SourceError {
         #[source]
         source: DecodeError,
     },
+    /// The server removed WAL the slot still needed (`max_slot_wal_keep_size`).
+    #[error(
+        "replication slot {slot} on {node} was invalidated: the server removed WAL it still \
+         needed (max_slot_wal_keep_size), so the changes committed there after {confirmed} \
+         never reached the peer and can no longer be streamed; run walbridge verify to see \
+         what differs, then rebuild this direction: walbridge teardown, then walbridge setup \
+         --copy-from this node (other directions go on meanwhile)"
+    )]
+    SlotLost {
+        /// The slot.
+        slot: String,
+        /// The node.
+        node: String,
+        /// The last position the peer confirmed.
+        confirmed: String,
+    },
     /// The slot does not exist.
     #[error("replication slot {slot} does not exist on {node}; run walbridge setup")]
     NoSlot {
@@ -102,7 +119,9 @@ impl SourceError {
             SourceError::Connect(e) => e.is_transient(),
             SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
             SourceError::Catalog(e) => e.0.is_closed() || e.0.as_db_error().is_none(),
-            SourceError::Decode { .. } | SourceError::NoSlot { .. } => false,
+            SourceError::Decode { .. }
+            | SourceError::NoSlot { .. }
+            | SourceError::SlotLost { .. } => false,
         }
     }
 }
@@ -182,6 +201,36 @@ fn wal2json_options(opts: &SourceOptions, numeric_as_string: bool) -> Vec<(Strin
     // wal2json has no option to turn messages on: 2.5 rejects `include-messages` as unknown
     // and always sends them; without `SourceOptions::messages` the source drops them.
     v
+}
+
+/// The shortest silence after which a replication link is declared dead.
+pub const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound used when the source disables `wal_sender_timeout` (0) or shows no value.
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a replication stream may stay silent (although walbridge asks the walsender to
+/// answer) before walbridge reconnects: the source's own `wal_sender_timeout` (as shown by
+/// `SHOW`, e.g. `1min`), at least [`MIN_RECEIVE_TIMEOUT`]. The walsender gives up on a silent
+/// walbridge after the same time, so both ends agree about a dead link.
+pub fn receive_timeout(wal_sender_timeout: &str) -> Duration {
+    let s = wal_sender_timeout.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let Ok(n) = number.parse::<u64>() else {
+        return DEFAULT_RECEIVE_TIMEOUT;
+    };
+    let millis = match unit.trim() {
+        "ms" | "" => n,
+        "s" => n.saturating_mul(1000),
+        "min" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return DEFAULT_RECEIVE_TIMEOUT,
+    };
+    if millis == 0 {
+        return DEFAULT_RECEIVE_TIMEOUT;
+    }
+    Duration::from_millis(millis).max(MIN_RECEIVE_TIMEOUT)
 }
 
 impl Source {
@@ -264,7 +313,8 @@ impl Source {
             } else {
                 let exists = client
                     .simple_query(&format!(
-                        "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                        "SELECT wal_status, confirmed_flush_lsn::text \
+                         FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
                         catalog::quote_literal(&opts.slot)
                     ))
                     .await?;
@@ -274,14 +324,27 @@ impl Source {
                         node: dsn.describe(),
                     });
                 }
+                if exists.get(0, 0) == Some("lost") {
+                    return Err(SourceError::SlotLost {
+                        slot: opts.slot.clone(),
+                        node: dsn.describe(),
+                        confirmed: exists.get(0, 1).unwrap_or("its last position").to_string(),
+                    });
+                }
                 None
             };
+            let mut stream_config = opts.stream.clone();
+            if stream_config.receive_timeout.is_none() {
+                let shown = client.simple_query("SHOW wal_sender_timeout").await?;
+                stream_config.receive_timeout =
+                    Some(receive_timeout(shown.get(0, 0).unwrap_or("")));
+            }
             let options = match opts.plugin {
                 Plugin::PgOutput => pgoutput_options(&opts),
                 Plugin::Wal2Json => wal2json_options(&opts, numeric_as_string),
             };
             match client
-                .start_logical(&opts.slot, opts.start, &options, opts.stream.clone())
+                .start_logical(&opts.slot, opts.start, &options, stream_config)
                 .await
             {
                 Ok((stream, feedback, driver)) => break (stream, feedback, driver, created),
@@ -483,4 +546,21 @@ async fn origins(client: &Client) -> Result<Vec<(u16, String)>, SourceError> {
         .iter()
         .filter_map(|r| Some((u16::try_from(r.get::<_, i32>(0)).ok()?, r.get(1))))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receive_timeout_follows_wal_sender_timeout() {
+        assert_eq!(receive_timeout("1min"), Duration::from_secs(60));
+        assert_eq!(receive_timeout("90s"), Duration::from_secs(90));
+        assert_eq!(receive_timeout("2h"), Duration::from_secs(7200));
+        assert_eq!(receive_timeout("15000ms"), Duration::from_secs(15));
+        // Never below the floor; 0 (disabled) and nonsense take the default.
+        assert_eq!(receive_timeout("1s"), MIN_RECEIVE_TIMEOUT);
+        assert_eq!(receive_timeout("0"), DEFAULT_RECEIVE_TIMEOUT);
+        assert_eq!(receive_timeout("soon"), DEFAULT_RECEIVE_TIMEOUT);
+    }
 }

@@ -246,7 +246,12 @@ pub struct Applier {
 
 /// The target session could not be prepared.
 fn server(target: &str, what: &str, e: ServerError) -> DirectionError {
-    DirectionError::definite(format!("node {target}: {what}: {e}"))
+    let msg = format!("node {target}: {what}: {e}");
+    if crate::protocol::sqlstate_is_transient(&e.code) {
+        DirectionError::transient(msg)
+    } else {
+        DirectionError::definite(msg)
+    }
 }
 
 fn proto(e: crate::protocol::ProtocolError) -> DirectionError {
@@ -1298,14 +1303,21 @@ impl Applier {
                     &error,
                 ));
             }
-            return Err(DirectionError::definite(format!(
+            let msg = format!(
                 "{} -> {}: applying the transaction of {} (xid {}, end {}) failed: {error}",
                 self.source,
                 self.target,
                 first.map_or_else(String::new, |s| s.commit_time.to_string()),
                 first.map_or(0, |s| s.begin.xid),
                 failed.last().map_or(Lsn::ZERO, |s| s.end_lsn)
-            )));
+            );
+            // The target refuses writes for now (read-only, lock_timeout, cancelled): the
+            // direction starts again from the origin's progress after a backoff.
+            return Err(if crate::protocol::sqlstate_is_transient(&error.code) {
+                DirectionError::transient(msg)
+            } else {
+                DirectionError::definite(msg)
+            });
         }
         // Everything after the failed group fails in apply_finish (progress mismatch).
         let mut followers = Vec::new();

@@ -259,6 +259,7 @@ async fn attempt(
                 .await
                 .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
+            dsn.tcp.apply(&tcp).map_err(io)?;
             match (tls, tls_config) {
                 (TlsAttempt::Plain, _) | (_, None) => (Socket::Tcp(tcp), false),
                 (mode, Some(config)) => {

@@ -14,12 +14,24 @@ use crate::tls::{self, TlsError};
 ///
 /// Transient: connection exceptions (class 08), shutdown/restart (57P01, 57P02, 57P03),
 /// idle-session timeouts (57P05), resource shortages (class 53, e.g. too many connections),
-/// serialization failures and deadlocks (40001, 40P01), and a replication slot still held by
-/// a walsender that is going away (55006). Everything else is definite.
+/// serialization failures and deadlocks (40001, 40P01), a replication slot still held by
+/// a walsender that is going away (55006), a node that refuses writes for now (25006: a
+/// read-only transaction, e.g. `default_transaction_read_only` or a standby about to be
+/// promoted), a lock not granted within `lock_timeout` (55P03) and a statement cancelled
+/// (57014: `statement_timeout`, `pg_cancel_backend`). Everything else is definite.
 pub fn sqlstate_is_transient(code: &str) -> bool {
     matches!(
         code,
-        "57P01" | "57P02" | "57P03" | "57P05" | "40001" | "40P01" | "55006"
+        "57P01"
+            | "57P02"
+            | "57P03"
+            | "57P05"
+            | "40001"
+            | "40P01"
+            | "55006"
+            | "25006"
+            | "55P03"
+            | "57014"
     ) || code.starts_with("08")
         || code.starts_with("53")
 }

@@ -74,6 +74,10 @@ pub struct StreamConfig {
     pub cancel: CancellationToken,
     /// How long a clean shutdown may take before the socket is simply closed.
     pub shutdown_timeout: Duration,
+    /// Declare the link dead when the server sent nothing at all for this long although the
+    /// driver was reading and asking for replies (`None`: wait forever). Once a third of it
+    /// has passed in silence, every status update asks the walsender to answer at once.
+    pub receive_timeout: Option<Duration>,
 }
 
 impl Default for StreamConfig {
@@ -84,6 +88,7 @@ impl Default for StreamConfig {
             max_buffered_bytes: 64 * 1024 * 1024,
             cancel: CancellationToken::new(),
             shutdown_timeout: Duration::from_secs(10),
+            receive_timeout: None,
         }
     }
 }
@@ -422,12 +427,18 @@ impl Driver {
         let tx = self.tx.clone();
         // Budget already granted to the pending message.
         let mut granted: Option<OwnedSemaphorePermit> = None;
+        // When the server last sent anything (or when we last stopped listening to it).
+        let mut heard = tokio::time::Instant::now();
         loop {
             // Hand over whatever is already buffered, as far as budget and channel allow.
             if self.pending.is_none() {
                 self.process_buffered().await?;
             }
             let need = self.pending.as_ref().map(|p| p.need);
+            if need.is_some() {
+                // Not reading (the consumer is behind): silence proves nothing.
+                heard = tokio::time::Instant::now();
+            }
             let wants_budget = need.is_some() && granted.is_none();
             let wants_slot = need.is_some() && granted.is_some();
             tokio::select! {
@@ -438,9 +449,26 @@ impl Driver {
                 _ = tx.closed() => return Ok(()),
                 // 3. Status update on the timer: keeps the walsender content even while we
                 //    are not reading because the consumer is slow.
-                _ = status_timer.tick() => self.send_status().await?,
+                //    Also the dead-link check: a server silent although asked to answer.
+                _ = status_timer.tick() => {
+                    let silent = heard.elapsed();
+                    let ask = match self.config.receive_timeout {
+                        Some(limit) if silent >= limit => {
+                            return Err(ProtocolError::new(
+                                self.conn.address().to_string(),
+                                ErrorKind::Timeout {
+                                    what: "the walsender sent nothing although asked to answer",
+                                    after: limit,
+                                },
+                            ));
+                        }
+                        Some(limit) => silent >= limit / 3,
+                        None => false,
+                    };
+                    self.send_status_bounded(ask).await?
+                }
                 // 4. The consumer confirmed something and wants it reported now.
-                _ = feedback.inner.wake.notified() => self.send_status().await?,
+                _ = feedback.inner.wake.notified() => self.send_status_bounded(false).await?,
                 // 5. Budget for the pending message (the consumer dropped earlier ones).
                 permit = Arc::clone(&budget).acquire_many_owned(need.unwrap_or(0)), if wants_budget => {
                     granted = Some(permit.map_err(|_| {
@@ -456,7 +484,10 @@ impl Driver {
                     }
                 }
                 // 7. Read the socket, only when nothing is waiting for room.
-                r = self.conn.fill(), if need.is_none() => r?,
+                r = self.conn.fill(), if need.is_none() => {
+                    r?;
+                    heard = tokio::time::Instant::now();
+                }
             }
         }
     }
@@ -519,7 +550,7 @@ impl Driver {
                     } => {
                         self.feedback.received(wal_end);
                         if reply_requested {
-                            self.send_status().await?;
+                            self.send_status_bounded(false).await?;
                         }
                         // Informational: dropped when the consumer is behind.
                         let _ = self.tx.try_send(Ok(StreamItem::Keepalive { wal_end }));
@@ -563,7 +594,7 @@ impl Driver {
     }
 
     /// Standby status update: write = last received, flush = apply = confirmed.
-    async fn send_status(&mut self) -> Result<(), ProtocolError> {
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), ProtocolError> {
         let write = self.feedback.last_received();
         let confirmed = self.feedback.confirmed();
         codec::standby_status_update(
@@ -571,16 +602,34 @@ impl Driver {
             confirmed,
             confirmed,
             PgTimestamp::now(),
-            false,
+            reply_requested,
             &mut self.conn.write_buf,
         );
         self.conn.flush_write_buf().await
     }
 
+    /// [`Driver::send_status`] within the receive timeout: a write that cannot drain (the
+    /// peer stopped reading, or the link is black-holed) is a dead link too.
+    async fn send_status_bounded(&mut self, reply_requested: bool) -> Result<(), ProtocolError> {
+        let Some(limit) = self.config.receive_timeout else {
+            return self.send_status(reply_requested).await;
+        };
+        match tokio::time::timeout(limit, self.send_status(reply_requested)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProtocolError::new(
+                self.conn.address().to_string(),
+                ErrorKind::Timeout {
+                    what: "sending a status update to the walsender",
+                    after: limit,
+                },
+            )),
+        }
+    }
+
     /// Final status update, CopyDone, then read (and drop) until the server is done.
     async fn shutdown(&mut self) -> Result<(), ProtocolError> {
         self.pending = None;
-        self.send_status().await?;
+        self.send_status(false).await?;
         frontend::copy_done(&mut self.conn.write_buf);
         self.conn.flush_write_buf().await?;
         self.drain_to_end().await?;

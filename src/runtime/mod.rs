@@ -35,6 +35,9 @@ pub struct DirectionContext {
     pub status: StatusBoard,
     /// Cancelled on SIGINT/SIGTERM: finish or abandon the in-flight transaction, then return.
     pub shutdown: CancellationToken,
+    /// Server process id of an apply session given up as dead (0: none): the next attempt
+    /// ends it on the target, so it cannot keep holding the replication origin.
+    pub abandoned_apply_pid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl DirectionContext {
@@ -168,6 +171,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             metrics: metrics.clone(),
             status: status.clone(),
             shutdown: shutdown.child_token(),
+            abandoned_apply_pid: Arc::default(),
         };
         let name = format!("{}->{}", d.source, d.target);
         let span = tracing::info_span!("direction", source = %d.source, target = %d.target);

@@ -10,7 +10,17 @@
 //!   tick      ─▶ ask T for durable progress; confirm it to S; lag metrics
 //!   source    ─▶ decode, apply (only while the in-flight window has room)
 //! ```
+//!
+//! Dead links. The source side is watched by the stream driver (nothing from the walsender
+//! for its `wal_sender_timeout` although asked to answer: see `source::receive_timeout`).
+//! The apply side is watched beside the loop: when a request to the target has been
+//! unanswered for [`APPLY_PROBE_AFTER`], a fresh connection looks at the apply session's
+//! server process. Working on it (`active`, not blocked writing to us): wait on. Idle, gone,
+//! blocked writing to us, or the target unreachable within [`APPLY_PROBE_TIMEOUT`]: the link
+//! is dead, the direction reconnects, and the abandoned server process is ended so it cannot
+//! keep holding the replication origin.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -53,6 +63,137 @@ fn sql_err(node: &str, what: &str, e: tokio_postgres::Error) -> DirectionError {
     }
 }
 
+/// A request to the target unanswered this long makes walbridge look at the apply session.
+pub const APPLY_PROBE_AFTER: Duration = Duration::from_secs(10);
+/// How long that look (a fresh connection and one query) may take.
+pub const APPLY_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When the target last answered (or nothing was awaited), shared by the loop and the probe.
+struct Liveness {
+    epoch: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            epoch: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Release);
+    }
+
+    fn silent(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Resolves (with the reason) only once the apply link is found dead; see the module docs.
+async fn watch_apply(
+    live: &Liveness,
+    dsn: &crate::dsn::Dsn,
+    pid: i32,
+    app: &str,
+    target: &str,
+) -> DirectionError {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let silent = live.silent();
+        if silent < APPLY_PROBE_AFTER {
+            continue;
+        }
+        let mut dsn = dsn.clone();
+        dsn.connect_timeout = Some(APPLY_PROBE_TIMEOUT);
+        let look = async {
+            let client = pgconn::connect(&dsn, &format!("walbridge-probe-{target}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = client
+                .query_opt(
+                    "SELECT state, wait_event FROM pg_catalog.pg_stat_activity \
+                     WHERE pid = $1 AND application_name = $2",
+                    &[&pid, &app],
+                )
+                .await
+                .map_err(|e| crate::setup::pg_message(&e))?;
+            let seen = row.map(|r| {
+                (
+                    r.get::<_, Option<String>>(0).unwrap_or_default(),
+                    r.get::<_, Option<String>>(1).unwrap_or_default(),
+                )
+            });
+            let working =
+                matches!(&seen, Some((state, wait)) if state == "active" && wait != "ClientWrite");
+            if !working {
+                // Ours and given up: end it so it releases the origin and its locks.
+                let _ = client
+                    .execute(
+                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM \
+                         pg_catalog.pg_stat_activity WHERE pid = $1 AND application_name = $2",
+                        &[&pid, &app],
+                    )
+                    .await;
+            }
+            Ok::<_, String>((working, seen))
+        };
+        let reason = match tokio::time::timeout(APPLY_PROBE_TIMEOUT, look).await {
+            Ok(Ok((true, _))) => {
+                debug!(target = %target, pid, silent_s = silent.as_secs(), "apply session is busy on the target; waiting");
+                live.mark();
+                continue;
+            }
+            Ok(Ok((false, Some((state, wait))))) => format!(
+                "its server process {pid} is {state}{}",
+                if wait.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({wait})")
+                }
+            ),
+            Ok(Ok((false, None))) => format!("its server process {pid} is gone"),
+            Ok(Err(e)) => format!("a fresh connection failed too: {e}"),
+            Err(_) => format!(
+                "a fresh connection got no answer within {}s either",
+                APPLY_PROBE_TIMEOUT.as_secs()
+            ),
+        };
+        return DirectionError::transient(format!(
+            "node {target}: the apply session got no answer for {}s and {reason}; the link is \
+             dead, reconnecting",
+            silent.as_secs()
+        ));
+    }
+}
+
+/// Ends the apply session that an earlier attempt gave up as dead, if it is still there.
+async fn end_abandoned(ctx: &DirectionContext, catalog: &tokio_postgres::Client, app: &str) {
+    let pid = ctx.abandoned_apply_pid.swap(0, Ordering::AcqRel);
+    if pid == 0 {
+        return;
+    }
+    match catalog
+        .execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+             WHERE pid = $1 AND application_name = $2",
+            &[&pid, &app],
+        )
+        .await
+    {
+        Ok(1) => info!(target = %ctx.target, pid, "ended the abandoned apply session"),
+        Ok(_) => {}
+        Err(e) => {
+            debug!(target = %ctx.target, pid, error = %e, "could not end the abandoned apply session")
+        }
+    }
+}
+
 /// Runs the direction until shutdown (`Ok`) or an error.
 pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     let config = &ctx.config;
@@ -74,10 +215,11 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     });
 
     // The target: a pipelined session under the source's origin, and a catalog connection.
+    let apply_app = format!("walbridge-apply-{s}-to-{t}");
     let raw = protocol::connect(
         &target_node.dsn,
         ConnectOptions {
-            application_name: format!("walbridge-apply-{s}-to-{t}"),
+            application_name: apply_app.clone(),
             replication: false,
             params: Vec::new(),
         },
@@ -90,11 +232,13 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             DirectionError::definite(e.to_string())
         }
     })?;
+    let apply_pid = raw.backend_key().map(|(pid, _)| pid).unwrap_or(0);
     let (pipe, driver) = Pipeline::from_raw(raw);
     let apply_driver = tokio::spawn(driver);
     let catalog = pgconn::connect(&target_node.dsn, &format!("walbridge-catalog-{t}"))
         .await
         .map_err(connect_err)?;
+    end_abandoned(ctx, &catalog, &apply_app).await;
     let (mut applier, progress) = Applier::start(
         pipe,
         catalog,
@@ -168,7 +312,14 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             st.last_error = None;
         });
 
-        let result = pump(ctx, &mut applier, &mut source).await;
+        let live = Liveness::new();
+        let result = tokio::select! {
+            r = pump(ctx, &mut applier, &mut source, &live) => r,
+            e = watch_apply(&live, &target_node.dsn, apply_pid, &apply_app, t) => {
+                ctx.abandoned_apply_pid.store(apply_pid, Ordering::Release);
+                Err(e)
+            }
+        };
         match result {
             Ok(Pumped::Shutdown) => {
                 let confirm = applier.finish().await;
@@ -218,6 +369,7 @@ async fn pump(
     ctx: &DirectionContext,
     applier: &mut Applier,
     source: &mut Source,
+    live: &Liveness,
 ) -> Result<Pumped, DirectionError> {
     let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -226,6 +378,9 @@ async fn pump(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_wal_end = Lsn::ZERO;
     loop {
+        if !applier.has_in_flight() {
+            live.mark();
+        }
         if applier.has_redo() {
             applier.redo_one().await?;
             continue;
@@ -236,6 +391,7 @@ async fn pump(
             _ = ctx.shutdown.cancelled() => return Ok(Pumped::Shutdown),
             // Replies from the target: acknowledge or redo.
             reply = applier.recv_response(), if applier.has_in_flight() => {
+                live.mark();
                 if applier.on_response(reply?).await? == Outcome::Restream {
                     return Ok(Pumped::Restream);
                 }

@@ -509,6 +509,7 @@ pub async fn cut_over(
             metrics: metrics.clone(),
             status: status.clone(),
             shutdown: CancellationToken::new(),
+            abandoned_apply_pid: Arc::default(),
         };
         let applied = super::worker::drain_direction(&ctx, fence_id)
             .await

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 pub use walbridge::localpg::{wait_until, ClusterOptions, LocalCluster, StopMode};
 
+pub mod proxy;
+pub use proxy::FaultProxy;
+
 /// How long a test waits for replication or a server to reach a state before failing.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -44,6 +47,8 @@ pub struct Deployment {
     pub config: PathBuf,
     extra_toml: String,
     metrics_listen: Option<String>,
+    /// Fault proxies by node name: walbridge reaches those nodes through them.
+    proxies: Vec<(String, FaultProxy)>,
 }
 
 impl Deployment {
@@ -86,6 +91,7 @@ impl Deployment {
             config,
             extra_toml: replication_toml.to_string(),
             metrics_listen: None,
+            proxies: Vec::new(),
         };
         d.write_config();
         d
@@ -95,9 +101,14 @@ impl Deployment {
     pub fn write_config(&self) {
         let mut toml = String::new();
         for (name, c) in self.names.iter().zip(&self.clusters) {
+            let dsn = match self.proxies.iter().find(|(n, _)| n == name) {
+                Some((_, p)) => c
+                    .dsn("postgres")
+                    .replace(&format!("port={}", c.port()), &format!("port={}", p.port())),
+                None => c.dsn("postgres"),
+            };
             toml.push_str(&format!(
-                "[[nodes]]\nname = \"{name}\"\ndsn = \"{}\"\n\n",
-                c.dsn("postgres")
+                "[[nodes]]\nname = \"{name}\"\ndsn = \"{dsn}\"\n\n"
             ));
         }
         toml.push_str("[replication]\n");
@@ -107,6 +118,25 @@ impl Deployment {
             self.metrics_listen.as_deref().unwrap_or("")
         ));
         std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    /// Puts a [`FaultProxy`] between walbridge and node `name` and rewrites the configuration
+    /// so walbridge connects through it (the tests' own psql sessions still go direct).
+    pub fn proxy_node(&mut self, name: &str) -> &FaultProxy {
+        let port = self.node(name).port();
+        self.proxies
+            .push((name.to_string(), FaultProxy::start(port)));
+        self.write_config();
+        self.proxy(name)
+    }
+
+    /// The proxy in front of node `name` (see [`Deployment::proxy_node`]).
+    pub fn proxy(&self, name: &str) -> &FaultProxy {
+        self.proxies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .expect("node has a proxy")
     }
 
     /// Replaces the `[replication]` body and rewrites the file.
@@ -365,4 +395,78 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// An inserts-only ledger without a key (a change applied twice shows as a duplicate row),
+/// and a small hot table that every writer updates (conflicts on the same keys).
+pub const LEDGER: &str = "CREATE TABLE public.ledger (seq bigint NOT NULL, note text);
+     ALTER TABLE public.ledger REPLICA IDENTITY FULL;
+     CREATE TABLE public.hot (id int PRIMARY KEY, n bigint NOT NULL, by text);
+     INSERT INTO public.hot SELECT g, 0, '' FROM generate_series(0, 7) g;";
+
+/// Starts a psql on `node` that commits `n` ledger rows `from..from+n` (note = the node), one
+/// per transaction, pausing `pause` seconds between; with `hot`, each transaction also
+/// updates one of the 8 hot rows. It dies with its node; what it committed stays the truth.
+pub fn ledger_writer(
+    d: &Deployment,
+    node: &str,
+    from: i64,
+    n: i64,
+    pause: &str,
+    hot: bool,
+) -> std::process::Child {
+    let c = d.node(node);
+    let hot_sql = if hot {
+        format!("UPDATE hot SET n = n + 1, by = '{node}' WHERE id = i % 8;")
+    } else {
+        String::new()
+    };
+    std::process::Command::new(c.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg(format!(
+            "DO $$ BEGIN FOR i IN {from}..{} LOOP \
+               INSERT INTO ledger VALUES (i, '{node}'); {hot_sql} COMMIT; \
+               PERFORM pg_sleep({pause}); \
+             END LOOP; END $$;",
+            from + n - 1
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the writer")
+}
+
+impl Deployment {
+    /// The ledger check, once everything is caught up: no node holds a row twice, every node
+    /// holds exactly the same rows (count and ordered content hash of `ledger` and `hot`), so
+    /// no row that its origin committed is missing anywhere. Returns the row count.
+    pub fn assert_ledger(&self) -> i64 {
+        let mut first: Option<(String, String, String)> = None;
+        for name in &self.names {
+            let dup = self.sql(
+                name,
+                "SELECT count(*) - count(DISTINCT (seq, note)) FROM ledger",
+            );
+            assert_eq!(dup, "0", "{name} holds ledger rows twice");
+            let fp = (
+                name.clone(),
+                self.fingerprint(name, "ledger", "seq, note"),
+                self.fingerprint(name, "hot", "id"),
+            );
+            match &first {
+                None => first = Some(fp),
+                Some(f) => {
+                    assert_eq!(f.1, fp.1, "ledger differs between {} and {name}", f.0);
+                    assert_eq!(f.2, fp.2, "hot rows differ between {} and {name}", f.0);
+                }
+            }
+        }
+        let (_, ledger, _) = first.expect("a node");
+        ledger
+            .split('|')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a count")
+    }
 }

@@ -1,0 +1,540 @@
+//! Network faults between walbridge and its nodes (through [`FaultProxy`]), crashes and
+//! restarts, under a bidirectional load: every scenario ends with every node identical and
+//! the ledger check (each row once, none missing, none twice).
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::support::*;
+
+const TABLES: &str = "tables = [\"public.ledger\", \"public.hot\"]";
+
+/// Nodes whose walsenders give up (and whose silence walbridge notices) after 10 s.
+const FAST_TIMEOUTS: &[&str] = &["wal_sender_timeout = '10s'"];
+
+fn reconnects(port: u16, s: &str, t: &str) -> f64 {
+    metric_sum(
+        &scrape(port),
+        "walbridge_reconnects_total",
+        &[("source", s), ("target", t)],
+    )
+}
+
+fn finish(writers: Vec<std::process::Child>) {
+    for mut w in writers {
+        assert!(w.wait().expect("writer").success(), "a writer failed");
+    }
+}
+
+/// Black-holes node a's link (a→b reads a's walsender through it, b→a applies on a through
+/// it): both directions notice within their bounds, reconnect after the heal, and converge.
+#[test]
+fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+    let port = d.enable_metrics();
+    d.proxy_node("a");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writers = vec![
+        ledger_writer(&d, "a", 1, 2500, "0.005", true),
+        ledger_writer(&d, "b", 1_000_001, 2500, "0.005", true),
+    ];
+    d.wait_for(
+        "b",
+        "SELECT count(*) > 50 FROM ledger WHERE note = 'a'",
+        "t",
+    );
+    d.wait_for(
+        "a",
+        "SELECT count(*) > 50 FROM ledger WHERE note = 'b'",
+        "t",
+    );
+    let t0 = Instant::now();
+    d.proxy("a").black_hole(true);
+    let (mut source_seen, mut target_seen) = (None, None);
+    let noticed = wait_until(Duration::from_secs(60), || {
+        if source_seen.is_none() && reconnects(port, "a", "b") >= 1.0 {
+            source_seen = Some(t0.elapsed());
+        }
+        if target_seen.is_none() && reconnects(port, "b", "a") >= 1.0 {
+            target_seen = Some(t0.elapsed());
+        }
+        source_seen.is_some() && target_seen.is_some()
+    });
+    assert!(
+        noticed,
+        "dead links not noticed (source {source_seen:?}, target {target_seen:?}); log:\n{}",
+        run.log()
+    );
+    let (src, tgt) = (
+        source_seen.unwrap_or_default(),
+        target_seen.unwrap_or_default(),
+    );
+    eprintln!("black hole noticed: source link after {src:?}, apply link after {tgt:?}");
+    // Documented bounds: the source's wal_sender_timeout (10 s here) plus a status tick;
+    // the apply probe (10 s) plus its own timeout (10 s) plus a tick. A little slack for load.
+    assert!(src <= Duration::from_secs(16), "source link: {src:?}");
+    assert!(tgt <= Duration::from_secs(27), "apply link: {tgt:?}");
+    d.proxy("a").black_hole(false);
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 5000);
+    run.assert_running();
+    let log = run.log();
+    assert!(
+        log.contains("the walsender sent nothing although asked to answer"),
+        "{log}"
+    );
+    assert!(log.contains("the link is dead"), "{log}");
+}
+
+/// Resets random links (RST both ways) every second or so while every node writes.
+fn cuts_under_load(names: &[&str], plugin: &str, cuts: usize) {
+    let mut d = Deployment::new(names, LEDGER, &format!("{TABLES}\nplugin = \"{plugin}\""));
+    for n in names {
+        d.proxy_node(n);
+    }
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writers: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ledger_writer(&d, n, 1 + i as i64 * 1_000_000, 1200, "0.004", true))
+        .collect();
+    let mut rng = rand::rng();
+    for _ in 0..cuts {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
+        let victim = names[rng.random_range(0..names.len())];
+        d.proxy(victim).cut();
+    }
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 1200 * names.len() as i64);
+    run.assert_running();
+    assert!(run.log().contains("reconnecting"), "{}", run.log());
+}
+
+#[test]
+fn cut_links_under_bidirectional_load_two_nodes_pgoutput() {
+    cuts_under_load(&["a", "b"], "pgoutput", 8);
+}
+
+#[test]
+fn cut_links_under_bidirectional_load_three_nodes_pgoutput() {
+    cuts_under_load(&["a", "b", "c"], "pgoutput", 8);
+}
+
+/// A large transaction on a; the link to a is cut in the middle of one of its CopyData
+/// messages (and, with `black_hole`, first black-holed while b is applying it).
+fn fault_inside_a_large_transaction(rows: i64, plugin: &str, black_hole: bool) {
+    let conf: &[&str] = if black_hole { FAST_TIMEOUTS } else { &[] };
+    let mut d = Deployment::with_conf(
+        &["a", "b"],
+        LEDGER,
+        &format!("{TABLES}\nplugin = \"{plugin}\""),
+        conf,
+    );
+    d.proxy_node("a");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    // b writes meanwhile (not on the hot rows: a conflict inside the big transaction would
+    // send it down the careful row-by-row path, another scenario).
+    let writer = ledger_writer(&d, "b", 10_000_001, 300, "0.01", false);
+    d.sql(
+        "a",
+        &format!("INSERT INTO ledger SELECT i, 'a' FROM generate_series(1, {rows}) i"),
+    );
+    // b is inside the big transaction: its apply session holds a transaction id.
+    let in_txn = "SELECT count(*) > 0 FROM pg_stat_activity \
+                  WHERE application_name LIKE 'walbridge-apply-a%' AND backend_xid IS NOT NULL";
+    d.wait_for("b", in_txn, "t");
+    if black_hole {
+        d.proxy("a").black_hole(true);
+        let noticed = wait_until(Duration::from_secs(40), || {
+            run.log().contains("the walsender sent nothing")
+        });
+        assert!(noticed, "black hole not noticed; log:\n{}", run.log());
+        d.proxy("a").black_hole(false);
+        d.wait_for("b", in_txn, "t");
+    }
+    d.proxy("a").cut_in_copy_data(40);
+    assert!(
+        wait_until(WAIT, || d.proxy("a").copy_data_cuts() == 1),
+        "no CopyData was cut"
+    );
+    finish(vec![writer]);
+    // Re-streaming a million rows after the fault takes minutes on a loaded machine.
+    let mut last = String::new();
+    let arrived = wait_until(Duration::from_secs(300), || {
+        last = d.sql("b", "SELECT count(*) FROM ledger WHERE note = 'a'");
+        last == rows.to_string()
+    });
+    assert!(
+        arrived,
+        "b holds {last} of a's {rows} rows; log:\n{}",
+        run.log()
+    );
+    d.wait_caught_up_within(Duration::from_secs(300));
+    assert_eq!(d.assert_ledger(), rows + 300);
+    run.assert_running();
+}
+
+#[test]
+fn cut_inside_a_copy_data_message_of_a_100k_row_transaction() {
+    fault_inside_a_large_transaction(100_000, "pgoutput", false);
+}
+
+#[test]
+fn heavy_black_hole_then_cut_inside_a_million_row_transaction() {
+    fault_inside_a_large_transaction(1_000_000, "pgoutput", true);
+}
+
+/// b refuses writes (read-only by default, then a lock held past walbridge's patience):
+/// the direction retries with backoff, never stops, and resumes when b recovers.
+#[test]
+fn heavy_target_refusing_writes_is_retried_until_it_recovers() {
+    let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    let port = d.enable_metrics();
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let writer = ledger_writer(&d, "a", 1, 600, "0.01", true);
+    d.wait_for("b", "SELECT count(*) > 20 FROM ledger", "t");
+
+    // Read-only: the apply sessions fail with 25006 and reconnect into read-only sessions.
+    d.sql("b", "ALTER SYSTEM SET default_transaction_read_only = on");
+    d.sql("b", "SELECT pg_reload_conf()");
+    d.sql(
+        "b",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'walbridge-apply%'",
+    );
+    let failing = wait_until(WAIT, || {
+        metric_sum(
+            &scrape(port),
+            "walbridge_errors_total",
+            &[("source", "a"), ("target", "b"), ("kind", "transient")],
+        ) >= 3.0
+    });
+    assert!(failing, "no retries seen; log:\n{}", run.log());
+    assert!(run.log().contains("read-only"), "{}", run.log());
+    run.assert_running();
+    d.sql("b", "ALTER SYSTEM RESET default_transaction_read_only");
+    d.sql("b", "SELECT pg_reload_conf()");
+    d.wait_for("b", "SELECT count(*) > 100 FROM ledger", "t");
+
+    // A lock held by someone else: the apply waits (it is working, not dead), then goes on.
+    let c = d.node("b");
+    let mut locker = std::process::Command::new(c.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg("BEGIN; LOCK TABLE hot IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(14); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the locker");
+    assert!(locker.wait().expect("locker").success());
+    finish(vec![writer]);
+    d.wait_caught_up();
+    assert_eq!(d.assert_ledger(), 600);
+    run.assert_running();
+    let state = d.walbridge_ok(&["status", "--json"]);
+    assert!(!state.contains("\"failed\""), "{state}");
+}
+
+/// kill -9 of walbridge twenty times at random moments while both nodes write, on the same
+/// hot keys too.
+#[test]
+fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load() {
+    let d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let writers = vec![
+        ledger_writer(&d, "a", 1, 4000, "0.004", true),
+        ledger_writer(&d, "b", 1_000_001, 4000, "0.004", true),
+    ];
+    let mut rng = rand::rng();
+    let mut run = d.spawn_run("run-0.log");
+    for round in 1..=20 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+        run.signal(libc::SIGKILL);
+        run.wait_exit(WAIT);
+        run = d.spawn_run(&format!("run-{round}.log"));
+    }
+    finish(writers);
+    d.wait_caught_up_within(Duration::from_secs(120));
+    assert_eq!(d.assert_ledger(), 8000);
+    run.assert_running();
+}
+
+/// Each node stopped immediately (crash-like) and restarted ten times while both write.
+#[test]
+fn heavy_immediate_node_restarts_under_bidirectional_load() {
+    let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    let mut rng = rand::rng();
+    let mut next = [1i64, 1_000_001];
+    for round in 0..20 {
+        let victim = ["a", "b"][round % 2];
+        // Writers die with their node; start fresh ones from where each left off.
+        let writers: Vec<_> = ["a", "b"]
+            .iter()
+            .zip(next.iter_mut())
+            .map(|(n, from)| {
+                let w = ledger_writer(&d, n, *from, 150, "0.004", true);
+                *from += 150;
+                w
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        d.node_mut(victim).stop(StopMode::Immediate).expect("stop");
+        for mut w in writers {
+            let _ = w.wait();
+        }
+        d.node_mut(victim).restart().expect("restart");
+    }
+    d.wait_caught_up_within(Duration::from_secs(180));
+    let rows = d.assert_ledger();
+    assert!(rows > 0);
+    run.assert_running();
+}
+
+/// A source that writes only to a table that is not replicated: its slot's confirmed
+/// position still follows (keepalive-driven confirmation with nothing pending), so the WAL
+/// it retains falls back under 64 MB as soon as the walsender has read it. Scaled down from
+/// 500 MB to about 220 MB of WAL for CI. During a burst the server itself keeps the WAL until
+/// the next running-transactions record (every 15 s) lets the slot's restart point move,
+/// whatever walbridge confirms; the peak is printed, not asserted.
+#[test]
+fn heavy_idle_source_slot_retains_bounded_wal_while_only_unreplicated_tables_change() {
+    let schema = format!("{LEDGER} CREATE TABLE public.junk (id int, pad text);");
+    let d = Deployment::new(&["a", "b"], &schema, TABLES);
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("a", "INSERT INTO ledger VALUES (1, 'a')");
+    d.wait_for("b", "SELECT count(*) FROM ledger", "1");
+    let retained_sql = "SELECT pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots \
+                        WHERE slot_name = 'walbridge_a_to_b'";
+    let retained = || -> f64 { d.sql("a", retained_sql).parse().unwrap_or(f64::MAX) };
+    let start_lsn = d.sql("a", "SELECT pg_current_wal_lsn()");
+    let mut peak = 0f64;
+    for _ in 0..20 {
+        d.sql(
+            "a",
+            "INSERT INTO junk SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 10000) g",
+        );
+        peak = peak.max(retained());
+    }
+    let written: f64 = d
+        .sql("a", &format!("SELECT pg_current_wal_lsn() - '{start_lsn}'"))
+        .parse()
+        .expect("WAL written");
+    const BOUND: f64 = 64.0 * 1024.0 * 1024.0;
+    let mut last = 0f64;
+    let bounded = wait_until(WAIT, || {
+        d.sql("a", "CHECKPOINT");
+        last = retained();
+        last < BOUND
+    });
+    eprintln!(
+        "unreplicated WAL written: {:.0} MB; slot retained: peak {:.0} MB while writing, {:.1} MB after",
+        written / 1e6,
+        peak / 1e6,
+        last / 1e6
+    );
+    assert!(written > 150e6, "only {written} bytes of WAL written");
+    assert!(
+        bounded,
+        "slot still retains {last} bytes; log:\n{}",
+        run.log()
+    );
+    run.assert_running();
+}
+
+/// a's slot for b is invalidated by `max_slot_wal_keep_size` while b is away: walbridge says
+/// which slot, what was lost and what to run; `/readyz` answers 503; b→a goes on; `verify`
+/// shows the damage.
+#[test]
+fn slot_invalidated_while_a_peer_is_away_is_reported_and_other_directions_go_on() {
+    use crate::observability::wait_readyz;
+    let mut d = Deployment::with_node_conf(
+        &["a", "b"],
+        LEDGER,
+        TABLES,
+        &[&["max_slot_wal_keep_size = '32MB'"], &[]],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    wait_readyz(addr, 200, &mut run);
+    d.node_mut("b").stop(StopMode::Immediate).expect("stop b");
+    // About 100 MB of replicated changes on a that b cannot receive, then checkpoints.
+    d.sql(
+        "a",
+        "INSERT INTO ledger SELECT i, repeat('x', 1000) FROM generate_series(1, 90000) i",
+    );
+    let lost = wait_until(WAIT, || {
+        d.sql("a", "SELECT pg_switch_wal(); CHECKPOINT;");
+        d.sql(
+            "a",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walbridge_a_to_b'",
+        ) == "lost"
+    });
+    assert!(lost, "the slot was not invalidated");
+    d.node_mut("b").restart().expect("restart b");
+    let said = wait_until(WAIT, || run.log().contains("was invalidated"));
+    assert!(said, "no clear message; log:\n{}", run.log());
+    let log = run.log();
+    for words in [
+        "walbridge_a_to_b",
+        "max_slot_wal_keep_size",
+        "walbridge verify",
+        "--copy-from",
+    ] {
+        assert!(log.contains(words), "{words:?} missing from:\n{log}");
+    }
+    let body = wait_readyz(addr, 503, &mut run);
+    assert!(body.contains("a"), "{body}");
+    // b→a goes on.
+    d.sql("b", "INSERT INTO ledger VALUES (5000001, 'b')");
+    d.wait_for("a", "SELECT count(*) FROM ledger WHERE seq = 5000001", "1");
+    run.assert_running();
+    // verify shows the damage: the ledger differs.
+    let out = d.walbridge(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ledger"), "{text}");
+}
+
+/// Peak resident memory of a process, from `/proc` (kB).
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The soak run (by hand, not in CI): `WALBRIDGE_SOAK_MINUTES=20 cargo nextest run
+/// --run-ignored only -E 'test(soak_)' --no-capture`. Random faults from the list above under
+/// a bidirectional load that conflicts on hot keys; prints faults injected, rows written, lost
+/// and duplicated (both must be 0), time to converge after the last fault, peak RSS.
+#[test]
+#[ignore = "soak run: minutes long, run by hand"]
+fn soak_random_faults_under_conflicting_load() {
+    let minutes: f64 = std::env::var("WALBRIDGE_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3.0);
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+    d.proxy_node("a");
+    d.proxy_node("b");
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run-0.log");
+    let mut runs = 0;
+    let mut rng = rand::rng();
+    let mut next = [1i64, 1_000_000_001];
+    let mut faults: std::collections::BTreeMap<&str, u32> = Default::default();
+    let mut peak_kb = 0;
+    let end = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    while Instant::now() < end {
+        let writers: Vec<_> = ["a", "b"]
+            .iter()
+            .zip(next.iter_mut())
+            .map(|(n, from)| {
+                let w = ledger_writer(&d, n, *from, 400, "0.005", true);
+                *from += 400;
+                w
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+        let node = ["a", "b"][rng.random_range(0..2)];
+        let kind = match rng.random_range(0..7) {
+            0 => {
+                d.proxy(node).cut();
+                "reset"
+            }
+            1 => {
+                d.proxy(node).black_hole(true);
+                std::thread::sleep(Duration::from_secs(rng.random_range(5..25)));
+                d.proxy(node).black_hole(false);
+                "black hole"
+            }
+            2 => {
+                d.proxy(node)
+                    .set_latency(Duration::from_millis(150), Duration::from_millis(100));
+                std::thread::sleep(Duration::from_secs(8));
+                d.proxy(node).heal();
+                "latency"
+            }
+            3 => {
+                d.proxy(node).set_bandwidth(Some(64 * 1024));
+                std::thread::sleep(Duration::from_secs(8));
+                d.proxy(node).heal();
+                "bandwidth"
+            }
+            4 => {
+                d.proxy(node).cut_in_copy_data(40);
+                "cut in CopyData"
+            }
+            5 => {
+                peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+                run.signal(libc::SIGKILL);
+                run.wait_exit(WAIT);
+                runs += 1;
+                run = d.spawn_run(&format!("run-{runs}.log"));
+                "kill -9"
+            }
+            _ => {
+                d.node_mut(node).stop(StopMode::Immediate).expect("stop");
+                d.node_mut(node).restart().expect("restart");
+                "node restart"
+            }
+        };
+        *faults.entry(kind).or_default() += 1;
+        for mut w in writers {
+            let _ = w.wait();
+        }
+        peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+    }
+    d.proxy("a").heal();
+    d.proxy("b").heal();
+    let last_fault = Instant::now();
+    d.wait_caught_up_within(Duration::from_secs(600));
+    let converge = last_fault.elapsed();
+    peak_kb = peak_kb.max(peak_rss_kb(run.child.id()));
+    let count = |node: &str, sql: &str| -> i64 { d.sql(node, sql).parse().expect("a count") };
+    let mut written = 0;
+    let mut lost = 0;
+    for origin in ["a", "b"] {
+        let own = count(
+            origin,
+            &format!("SELECT count(*) FROM ledger WHERE note = '{origin}'"),
+        );
+        written += own;
+        for other in ["a", "b"] {
+            let seen = count(
+                other,
+                &format!("SELECT count(DISTINCT seq) FROM ledger WHERE note = '{origin}'"),
+            );
+            lost += (own - seen).max(0);
+        }
+    }
+    let duplicated: i64 = ["a", "b"]
+        .iter()
+        .map(|n| {
+            count(
+                n,
+                "SELECT count(*) - count(DISTINCT (seq, note)) FROM ledger",
+            )
+        })
+        .sum();
+    eprintln!(
+        "soak: {minutes} min, faults {faults:?}, rows written {written}, lost {lost}, \
+         duplicated {duplicated}, converged {converge:?} after the last fault, peak RSS {} MB",
+        peak_kb / 1024
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    d.assert_ledger();
+    run.assert_running();
+}
