@@ -4,7 +4,8 @@
 //!          LISTEN <prefix>_changes / poll_interval
 //!   S ──────────────────────────────▶ worker
 //!   │ read (REPEATABLE READ):                │ apply (one transaction on T):
-//!   │  new rows   id > last_id  LIMIT n      │  SET replica role, walbridge.skip, origin
+//!   │  new rows   id > last_id  LIMIT n      │  SET replica role, walbridge.skip, origin,
+//!   │                                        │      synchronous_commit on (never off)
 //!   │  late rows  txid >= hold_xid, id <=    │  lookups (pipelined, FOR UPDATE)
 //!   │             last_id, not yet applied   │  conflict::decide per change
 //!   │                                        │  writes (pipelined)
@@ -1282,6 +1283,18 @@ impl Target {
             )
             .await
             .map_err(err("setting up the apply session"))?;
+        // The source's rows of a batch are deleted once T has committed it, so that commit
+        // must be on T's disk first: with the server's (or role's) `synchronous_commit = off`
+        // a crash of T right after the delete would lose the batch for good. Every other
+        // value (`local`, `on`, `remote_write`, `remote_apply`) flushes locally and is kept.
+        client
+            .execute(
+                "SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
+                  WHERE pg_catalog.current_setting('synchronous_commit') = 'off'",
+                &[],
+            )
+            .await
+            .map_err(err("setting synchronous_commit for the apply session"))?;
         let origin = config.origin_name(source);
         let origin_ok = match client
             .execute(
