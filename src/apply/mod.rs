@@ -1418,7 +1418,8 @@ fn resolved_in_sql(
             _ => continue,
         };
         tracing::info!(
-            source = %source, target = %target, table = %table, key = %key, kind = %kind,
+            source = %source, target = %target, table = %table,
+            key = %crate::telemetry::shown_row(key), kind = %kind,
             resolution = "skipped", "conflict resolved"
         );
         out.push((kind, Resolution::Skipped, table.to_string()));

@@ -39,7 +39,7 @@ pub use pattern::{
 };
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
-use raw::{RawConfig, RawMetrics, RawNode, RawReplication, RawSize, RawTrigger};
+use raw::{RawConfig, RawLog, RawMetrics, RawNode, RawReplication, RawSize, RawTrigger};
 
 /// The longest name PostgreSQL keeps (NAMEDATALEN - 1): longer slot or origin names would be
 /// truncated or refused, so the configuration must keep every generated name within it.
@@ -239,6 +239,8 @@ pub struct Config {
     pub trigger: TriggerConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[log]`.
+    pub log: LogConfig,
     /// The file this was loaded from, if any (relative `password_file`s resolve against its
     /// directory).
     pub path: Option<PathBuf>,
@@ -311,6 +313,15 @@ impl TriggerConfig {
 
 fn dead_table_of(table: &QualifiedName) -> QualifiedName {
     QualifiedName::new(table.schema.clone(), format!("{}_dead", table.name))
+}
+
+/// `[log]`: what logs and errors may contain.
+#[derive(Clone, Debug, Default)]
+pub struct LogConfig {
+    /// `row_contents` (default `false`): let row values (a server's DETAIL such as "Key
+    /// (id)=(42) already exists", conflict keys and rows) appear in errors, logs and
+    /// `/status`, for debugging. Off, they are withheld (see [`crate::telemetry`]).
+    pub row_contents: bool,
 }
 
 /// `[metrics]`.
@@ -543,6 +554,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         replication,
         trigger,
         metrics,
+        log,
     } = raw;
 
     let names: Vec<String> = raw_nodes.iter().map(|n| n.name.clone()).collect();
@@ -569,6 +581,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         replication,
         trigger,
         metrics,
+        log: validate_log(log),
         path: None,
         warnings,
     })
@@ -957,6 +970,12 @@ fn validate_trigger(raw: RawTrigger, problems: &mut Problems) -> Option<TriggerC
         poll_interval: poll_interval?,
         batch_size: batch_size?,
     })
+}
+
+fn validate_log(raw: RawLog) -> LogConfig {
+    LogConfig {
+        row_contents: raw.row_contents,
+    }
 }
 
 fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {

@@ -19,6 +19,16 @@ pub(super) struct RawConfig {
     pub trigger: RawTrigger,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    #[serde(default)]
+    pub row_contents: bool,
 }
 
 /// One `[[nodes]]` entry.

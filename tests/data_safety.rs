@@ -1,0 +1,97 @@
+//! Data safety and privacy against real clusters and the real binary: row values stay out of
+//! logs and status, lossy wal2json is refused, and tables that start matching
+//! `replication.tables` while `run` streams are replicated, never skipped.
+
+use std::net::SocketAddr;
+
+use serde_json::Value;
+
+use crate::observability::{http_get, scrape};
+use crate::support::*;
+
+/// Runs `status --json`; the parsed object.
+fn status_json(d: &Deployment) -> Value {
+    let out = d.walbridge(&["status", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json is not one JSON object ({e}):\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The `last_error` of direction `s` → `t` in a status object (`""` when none).
+fn last_error(json: &Value, s: &str, t: &str) -> String {
+    json["directions"]
+        .as_array()
+        .and_then(|dirs| {
+            dirs.iter()
+                .find(|d| d["source"] == s && d["target"] == t)
+                .and_then(|d| d["last_error"].as_str())
+        })
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A value that only the rows hold, so finding it anywhere else is a leak.
+const SECRET: &str = "zebra-4711@example.org";
+
+#[test]
+fn row_values_in_server_errors_stay_out_of_logs_and_status() {
+    let mut d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.people (id int PRIMARY KEY, email text);",
+        "plugin = \"pgoutput\"",
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], d.enable_metrics()));
+    // West alone has a unique email and already holds the address (written before setup,
+    // so not replicated): east's row with the same address fails there with
+    // `DETAIL: Key (email)=(zebra-4711@example.org) already exists.`
+    d.sql(
+        "west",
+        &format!(
+            "ALTER TABLE people ADD CONSTRAINT people_email_key UNIQUE (email);
+             INSERT INTO people VALUES (1, '{SECRET}')"
+        ),
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        &format!("INSERT INTO people VALUES (2, '{SECRET}')"),
+    );
+
+    let mut status = Value::Null;
+    let stopped = wait_until(WAIT, || {
+        status = status_json(&d);
+        last_error(&status, "east", "west").contains("people_email_key")
+    });
+    run.assert_running();
+    assert!(stopped, "east -> west never reported the failure: {status}");
+    let (_, board) = http_get(addr, "/status").expect("/status answers");
+    let metrics = scrape(addr);
+    let log = run.log();
+    for (what, text) in [
+        ("status --json", status.to_string()),
+        ("/status", board),
+        ("the log", log.clone()),
+        ("/metrics", format!("{:?}", metrics.samples)),
+    ] {
+        assert!(
+            !text.contains("zebra-4711"),
+            "a row value reached {what}:\n{text}"
+        );
+    }
+    assert!(log.contains("detail withheld"), "{log}");
+    drop(run);
+
+    // The opt-in for debugging shows it.
+    let run = d.spawn_run_env("debug.log", &[("WALBRIDGE_LOG_ROW_CONTENTS", "1")]);
+    let shown = wait_until(WAIT, || run.log().contains("zebra-4711"));
+    assert!(
+        shown,
+        "row_contents did not show the DETAIL:\n{}",
+        run.log()
+    );
+}
