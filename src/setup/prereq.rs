@@ -196,8 +196,7 @@ pub async fn plugin_problem(
                 "the output plugin {} cannot be loaded ({}); install it (Debian: apt-get install \
                  postgresql-15-wal2json) or use plugin = \"pgoutput\"",
                 plugin.as_str(),
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                crate::setup::pg_message(&e)
             ),
         })),
     }
