@@ -259,6 +259,28 @@ pub async fn partitions_of(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// The table through which `schema.name` is replicated: the root of its partition tree, or
+/// itself when it is no partition; `None` when no such table exists (any more).
+pub async fn replication_root(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<(String, String)>, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT rn.nspname, rc.relname
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_class rc
+                 ON rc.oid = COALESCE(pg_catalog.pg_partition_root(c.oid), c.oid)
+               JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// Reads one table's description, `None` when it does not exist.
 pub async fn table_info(
     client: &Client,

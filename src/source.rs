@@ -8,13 +8,28 @@
 //! wal2json does not describe tables, so for it the source reads table descriptions from the
 //! node's catalog (once per table, again when a change no longer fits) and names replication
 //! origins from `pg_replication_origin`. Both plugins then yield the same events.
+//!
+//! With a [`SourceOptions::selection`], wal2json is not given the replicated tables
+//! (`add-tables` is fixed when the stream starts, so a table created later would be skipped
+//! and confirmed past): it streams every table but walbridge's own (`filter-tables`), and the
+//! source decides per table, from the catalog, the first time the table appears:
+//!
+//! ```text
+//!   change of s.t ──▶ known? ──yes──▶ decode ──▶ Event
+//!                        │ no
+//!                        ▼
+//!       root of s.t's partition tree matches the selection? ──no──▶ ignored (no events)
+//!                        │ yes
+//!                        ▼
+//!       describe s.t from the catalog, decode ──▶ Event
+//! ```
 
 use std::collections::VecDeque;
 
 use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident};
-use crate::config::Plugin;
+use crate::config::{Plugin, TableSelection, WALBRIDGE_SCHEMA};
 use crate::decode::pgoutput::PgOutputDecoder;
 use crate::decode::wal2json::{self, Wal2JsonDecoder, Wal2JsonError};
 use crate::decode::DecodeError;
@@ -38,8 +53,11 @@ pub struct SourceOptions {
     pub publication: String,
     /// Where to start (`0/0`: from the slot's confirmed position).
     pub start: Lsn,
-    /// Tables to stream (wal2json `add-tables`; partitions included); empty = all.
+    /// Tables known to be replicated (partitions included), described up front (wal2json).
     pub tables: Vec<(String, String)>,
+    /// wal2json: the tables to pass on (a partition through its root); the others, and
+    /// walbridge's own objects, yield no events. `None` (`tail`): every table.
+    pub selection: Option<TableSelection>,
     /// Origin ids whose changes the server should drop (wal2json `filter-origins`); echo
     /// suppression also drops any transaction with an origin after decoding.
     pub filter_origins: Vec<u16>,
@@ -126,6 +144,8 @@ pub struct Source {
     skip_echo_changes: bool,
     /// Inside a transaction that carries an origin.
     in_echo: bool,
+    /// wal2json: which tables to pass on.
+    selection: Option<TableSelection>,
 }
 
 /// Items the consumer sees.
@@ -167,11 +187,21 @@ fn wal2json_options(opts: &SourceOptions, numeric_as_string: bool) -> Vec<(Strin
     if numeric_as_string {
         v.push(("numeric-data-types-as-string".into(), "1".into()));
     }
-    if !opts.tables.is_empty() {
-        v.push((
-            "add-tables".into(),
-            wal2json::table_list_option(opts.tables.iter().map(|(s, t)| (s.as_str(), t.as_str()))),
-        ));
+    // Not `add-tables`: it is fixed for the life of the stream (see the module docs).
+    if let Some(selection) = &opts.selection {
+        let mut filter = wal2json::table_list_option(
+            selection
+                .reserved()
+                .iter()
+                .map(|q| (q.schema.as_str(), q.name.as_str())),
+        );
+        if !filter.is_empty() {
+            filter.push(',');
+        }
+        // The schema name has no character wal2json would need escaped.
+        filter.push_str(WALBRIDGE_SCHEMA);
+        filter.push_str(".*");
+        v.push(("filter-tables".into(), filter));
     }
     if !opts.filter_origins.is_empty() {
         v.push((
@@ -312,6 +342,7 @@ impl Source {
                 numeric_as_string,
                 skip_echo_changes: opts.skip_echo_changes,
                 in_echo: false,
+                selection: opts.selection,
             },
             driver,
             created,
@@ -405,7 +436,7 @@ impl Source {
                             Err(e) if e.needs_catalog() && !retried && self.catalog.is_some() => {
                                 retried = true;
                                 if let Some(client) = self.catalog.as_ref() {
-                                    learn(d, client, &e).await?;
+                                    learn(d, client, &e, self.selection.as_ref()).await?;
                                 }
                             }
                             Err(e) => {
@@ -432,11 +463,13 @@ impl Source {
     }
 }
 
-/// Teaches the wal2json decoder what it lacked: a table description or an origin's name.
+/// Teaches the wal2json decoder what it lacked: a table description (or that the table is
+/// not replicated) or an origin's name.
 async fn learn(
     d: &mut Wal2JsonDecoder,
     client: &Client,
     e: &Wal2JsonError,
+    selection: Option<&TableSelection>,
 ) -> Result<(), SourceError> {
     match e {
         Wal2JsonError::UnknownOrigin { .. } => {
@@ -444,8 +477,20 @@ async fn learn(
                 d.register_origin(roident, roname);
             }
         }
-        Wal2JsonError::UnknownRelation { schema, table }
-        | Wal2JsonError::RelationMismatch { schema, table, .. } => {
+        Wal2JsonError::UnknownRelation { schema, table } => {
+            if let Some(selection) = selection {
+                if !replicated(client, selection, schema, table).await? {
+                    d.ignore_relation(schema, table);
+                    return Ok(());
+                }
+            }
+            if let Some((rel, generated)) =
+                catalog::relation_for_stream(client, schema, table).await?
+            {
+                d.register_relation(rel, generated);
+            }
+        }
+        Wal2JsonError::RelationMismatch { schema, table, .. } => {
             if let Some((rel, generated)) =
                 catalog::relation_for_stream(client, schema, table).await?
             {
@@ -455,6 +500,27 @@ async fn learn(
         _ => {}
     }
     Ok(())
+}
+
+/// Whether changes of `schema.table` are replicated: never walbridge's own objects; else
+/// when the root of its partition tree (itself, for a plain table) matches the selection. A
+/// table gone from the catalog is judged by its own name (a matching one is then passed on,
+/// and its missing description stops the stream rather than skipping changes silently).
+async fn replicated(
+    client: &Client,
+    selection: &TableSelection,
+    schema: &str,
+    table: &str,
+) -> Result<bool, SourceError> {
+    if selection.is_reserved(schema, table) {
+        return Ok(false);
+    }
+    Ok(
+        match catalog::replication_root(client, schema, table).await? {
+            Some((root_schema, root)) => selection.matches(&root_schema, &root),
+            None => selection.matches(schema, table),
+        },
+    )
 }
 
 /// Polls until no slot called `slot` exists (at most a few seconds; then creating it fails

@@ -95,3 +95,76 @@ fn row_values_in_server_errors_stay_out_of_logs_and_status() {
         run.log()
     );
 }
+
+const WAL2JSON: &str = "plugin = \"wal2json\"\ntables = [\"public.*\"]";
+
+#[test]
+fn wal2json_replicates_a_table_created_while_running() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.a (id int PRIMARY KEY);",
+        WAL2JSON,
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO a VALUES (1)");
+    d.wait_for("west", "SELECT count(*) FROM a", "1");
+    // A new table matching `public.*`, created on both nodes (DDL is not replicated) while
+    // the stream runs: its rows are replicated, not skipped and confirmed past.
+    for n in ["east", "west"] {
+        d.sql(n, "CREATE TABLE public.b (id int PRIMARY KEY, v text)");
+    }
+    d.sql("east", "INSERT INTO b VALUES (1, 'x'), (2, 'y')");
+    d.sql("east", "UPDATE b SET v = 'z' WHERE id = 2");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id || v, ',' ORDER BY id) FROM b",
+        "1x,2z",
+    );
+    d.sql("west", "DELETE FROM b WHERE id = 1");
+    d.wait_for("east", "SELECT count(*) FROM b", "1");
+    run.assert_running();
+}
+
+#[test]
+fn wal2json_with_no_matching_table_streams_nothing_else() {
+    // Every table matching `public.*` is gone when run starts: that selection is empty, and
+    // must not mean "every table" (another schema's, or walbridge's own bookkeeping).
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.a (id int PRIMARY KEY);
+         CREATE SCHEMA other; CREATE TABLE other.x (id int PRIMARY KEY);",
+        WAL2JSON,
+    );
+    d.walbridge_ok(&["setup"]);
+    for n in ["east", "west"] {
+        d.sql(n, "DROP TABLE public.a");
+    }
+    let mut run = d.spawn_run("run.log");
+    for n in ["east", "west"] {
+        d.sql(
+            n,
+            "INSERT INTO other.x VALUES (1);
+             UPDATE walbridge.settings SET value = value WHERE name = 'node_name';",
+        );
+        d.sql(n, "CREATE TABLE public.b (id int PRIMARY KEY)");
+    }
+    d.sql("east", "INSERT INTO b VALUES (1)");
+    d.sql("west", "INSERT INTO b VALUES (2)");
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT count(*) FROM b", "2");
+    }
+    // Both streams passed those changes before b's: they were dropped, not applied (each
+    // node keeps its own walbridge.settings, and other.x its one row).
+    for n in ["east", "west"] {
+        assert_eq!(d.sql(n, "SELECT count(*) FROM other.x"), "1", "on {n}");
+        assert_eq!(
+            d.sql(
+                n,
+                "SELECT value FROM walbridge.settings WHERE name = 'node_name'"
+            ),
+            n
+        );
+    }
+    run.assert_running();
+}

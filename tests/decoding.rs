@@ -63,6 +63,7 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         publication: PUBLICATION.into(),
         start: Lsn::ZERO,
         tables: Vec::new(),
+        selection: None,
         filter_origins: Vec::new(),
         messages: true,
         application_name: "walbridge-test".into(),

@@ -149,6 +149,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             publication: config.publication_name(),
             start,
             tables: tables.clone(),
+            selection: (plugin == Plugin::Wal2Json).then(|| config.replication.tables.clone()),
             filter_origins: filter_origins.clone(),
             messages: false,
             application_name: format!("walbridge-source-{s}-to-{t}"),
