@@ -24,12 +24,12 @@
 //!       describe s.t from the catalog, decode ──▶ Event
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident};
-use crate::config::{Plugin, TableSelection, WALBRIDGE_SCHEMA};
+use crate::config::{Plugin, QualifiedName, TableSelection, WALBRIDGE_SCHEMA};
 use crate::decode::pgoutput::PgOutputDecoder;
 use crate::decode::wal2json::{self, Wal2JsonDecoder, Wal2JsonError};
 use crate::decode::DecodeError;
@@ -58,6 +58,11 @@ pub struct SourceOptions {
     /// wal2json: the tables to pass on (a partition through its root); the others, and
     /// walbridge's own objects, yield no events. `None` (`tail`): every table.
     pub selection: Option<TableSelection>,
+    /// wal2json older than 2.6 writes NaN and ±Infinity as null. `Some`: refuse to stream a
+    /// replicated table with float or numeric columns (the columns listed here per table are
+    /// never sent and do not count), at start and when a table first appears; `None`: accept
+    /// the loss with a warning.
+    pub refuse_lossy: Option<BTreeMap<QualifiedName, Vec<String>>>,
     /// Origin ids whose changes the server should drop (wal2json `filter-origins`); echo
     /// suppression also drops any transaction with an origin after decoding.
     pub filter_origins: Vec<u16>,
@@ -102,6 +107,14 @@ pub enum SourceError {
         #[source]
         source: DecodeError,
     },
+    /// wal2json older than 2.6 would turn NaN and ±Infinity of these columns into NULL.
+    #[error("{}", crate::decode::wal2json::lossy_refusal(.columns))]
+    LossyWal2Json {
+        /// The node (the caller names it).
+        node: String,
+        /// `schema.table.column`.
+        columns: Vec<String>,
+    },
     /// The slot does not exist.
     #[error("replication slot {slot} does not exist on {node}; run walbridge setup")]
     NoSlot {
@@ -120,7 +133,9 @@ impl SourceError {
             SourceError::Connect(e) => e.is_transient(),
             SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
             SourceError::Catalog(e) => e.0.is_closed() || e.0.as_db_error().is_none(),
-            SourceError::Decode { .. } | SourceError::NoSlot { .. } => false,
+            SourceError::Decode { .. }
+            | SourceError::NoSlot { .. }
+            | SourceError::LossyWal2Json { .. } => false,
         }
     }
 }
@@ -146,6 +161,11 @@ pub struct Source {
     in_echo: bool,
     /// wal2json: which tables to pass on.
     selection: Option<TableSelection>,
+    /// wal2json writes NaN and ±Infinity as null and that is refused: the columns that do not
+    /// count (see [`SourceOptions::refuse_lossy`]).
+    refuse_lossy: Option<BTreeMap<QualifiedName, Vec<String>>>,
+    /// The node, for errors.
+    node: String,
 }
 
 /// Items the consumer sees.
@@ -319,6 +339,9 @@ impl Source {
                     if numeric_as_string
                         && e.to_string().contains("numeric-data-types-as-string") =>
                 {
+                    if let (Some(skip), Some(client)) = (&opts.refuse_lossy, &catalog) {
+                        lossy_check(client, &dsn.describe(), skip, &opts.tables).await?;
+                    }
                     tracing::warn!(
                         node = %dsn.describe(),
                         "wal2json on this node is older than 2.6 and prints NaN and Infinity of \
@@ -343,6 +366,8 @@ impl Source {
                 skip_echo_changes: opts.skip_echo_changes,
                 in_echo: false,
                 selection: opts.selection,
+                refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
+                node: dsn.describe(),
             },
             driver,
             created,
@@ -436,7 +461,9 @@ impl Source {
                             Err(e) if e.needs_catalog() && !retried && self.catalog.is_some() => {
                                 retried = true;
                                 if let Some(client) = self.catalog.as_ref() {
-                                    learn(d, client, &e, self.selection.as_ref()).await?;
+                                    let lossy =
+                                        self.refuse_lossy.as_ref().map(|s| (s, &*self.node));
+                                    learn(d, client, &e, self.selection.as_ref(), lossy).await?;
                                 }
                             }
                             Err(e) => {
@@ -470,6 +497,7 @@ async fn learn(
     client: &Client,
     e: &Wal2JsonError,
     selection: Option<&TableSelection>,
+    refuse_lossy: Option<(&BTreeMap<QualifiedName, Vec<String>>, &str)>,
 ) -> Result<(), SourceError> {
     match e {
         Wal2JsonError::UnknownOrigin { .. } => {
@@ -483,6 +511,9 @@ async fn learn(
                     d.ignore_relation(schema, table);
                     return Ok(());
                 }
+            }
+            if let Some((skip, node)) = refuse_lossy {
+                lossy_check(client, node, skip, &[(schema.clone(), table.clone())]).await?;
             }
             if let Some((rel, generated)) =
                 catalog::relation_for_stream(client, schema, table).await?
@@ -500,6 +531,29 @@ async fn learn(
         _ => {}
     }
     Ok(())
+}
+
+/// Refuses (wal2json older than 2.6) when `tables` have float or numeric columns that are
+/// sent (not in `skip`).
+async fn lossy_check(
+    client: &Client,
+    node: &str,
+    skip: &BTreeMap<QualifiedName, Vec<String>>,
+    tables: &[(String, String)],
+) -> Result<(), SourceError> {
+    let columns: Vec<String> = catalog::float_columns(client, tables)
+        .await?
+        .into_iter()
+        .filter(|(s, t, c)| !skip.iter().any(|(q, cols)| q.is(s, t) && cols.contains(c)))
+        .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+        .collect();
+    if columns.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::LossyWal2Json {
+        node: node.to_string(),
+        columns,
+    })
 }
 
 /// Whether changes of `schema.table` are replicated: never walbridge's own objects; else

@@ -258,6 +258,7 @@ pub async fn tail(
         start: opts.from.unwrap_or(Lsn::ZERO),
         tables: Vec::new(),
         selection: None,
+        refuse_lossy: None,
         filter_origins: Vec::new(),
         messages: true,
         application_name,

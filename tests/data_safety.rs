@@ -168,3 +168,44 @@ fn wal2json_with_no_matching_table_streams_nothing_else() {
     }
     run.assert_running();
 }
+
+#[test]
+fn lossy_wal2json_is_refused_with_float_columns() {
+    // This machine's wal2json (2.5) rejects numeric-data-types-as-string, so it writes NaN
+    // and ±Infinity as null: the probe finds that on the real servers.
+    let mut d = Deployment::new(
+        &["east", "west"],
+        "CREATE DOMAIN price AS numeric(10, 2);
+         CREATE TABLE public.m (id int PRIMARY KEY, f float8, n numeric, p price, t text,
+                                g float8 GENERATED ALWAYS AS (f * 2) STORED);",
+        WAL2JSON,
+    );
+    let columns = "public.m.f, public.m.n, public.m.p;";
+    for cmd in [&["check-config", "--connect"][..], &["setup"][..]] {
+        let out = d.walbridge(cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {stderr}");
+        assert!(
+            stderr.contains(columns) && stderr.contains("allow_lossy_wal2json"),
+            "{cmd:?}: {stderr}"
+        );
+    }
+    // Accepted on purpose: setup goes on, with a warning.
+    d.set_replication_toml(&format!("{WAL2JSON}\nallow_lossy_wal2json = true"));
+    let out = d.walbridge_ok(&["setup"]);
+    assert!(out.contains("warning") && out.contains(columns), "{out}");
+    // And run refuses it again once the key is gone.
+    d.set_replication_toml(WAL2JSON);
+    let mut run = d.spawn_run("run.log");
+    let refused = wait_until(WAIT, || {
+        let log = run.log();
+        log.contains(columns) && log.contains("direction stopped")
+    });
+    assert!(refused, "run did not refuse:\n{}", run.log());
+    d.sql("east", "INSERT INTO m (id, f) VALUES (1, 'NaN')");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM m"), "0");
+    run.assert_running();
+    // pgoutput sends exact values: no refusal.
+    d.set_replication_toml("plugin = \"pgoutput\"");
+    d.walbridge_ok(&["check-config", "--connect"]);
+}

@@ -64,6 +64,7 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         start: Lsn::ZERO,
         tables: Vec::new(),
         selection: None,
+        refuse_lossy: None,
         filter_origins: Vec::new(),
         messages: true,
         application_name: "walbridge-test".into(),

@@ -290,6 +290,11 @@ pub struct ReplicationConfig {
     /// `sequence_ranges` (default `false`): opt in to giving each node its own range of values
     /// for serial and identity columns, so inserts on different nodes never collide on keys.
     pub sequence_ranges: bool,
+    /// `allow_lossy_wal2json` (default `false`): accept wal2json older than 2.6 although it
+    /// writes NaN and ±Infinity of float and numeric columns as null (they would replicate as
+    /// NULL). Off, such a node with such columns is refused by `check-config --connect`,
+    /// `setup` and `run`.
+    pub allow_lossy_wal2json: bool,
 }
 
 /// `[trigger]`: trigger mode, the fallback and drop-in for the old polling script.
@@ -818,6 +823,7 @@ fn validate_replication(
         conflict_retention: conflict_retention?,
         tombstone_retention: tombstone_retention?,
         sequence_ranges: raw.sequence_ranges,
+        allow_lossy_wal2json: raw.allow_lossy_wal2json,
     })
 }
 

@@ -81,6 +81,8 @@ pub(super) struct RawReplication {
     pub tombstone_retention: String,
     #[serde(default)]
     pub sequence_ranges: bool,
+    #[serde(default)]
+    pub allow_lossy_wal2json: bool,
 }
 
 impl Default for RawReplication {
@@ -99,6 +101,7 @@ impl Default for RawReplication {
             conflict_retention: default_conflict_retention(),
             tombstone_retention: default_tombstone_retention(),
             sequence_ranges: false,
+            allow_lossy_wal2json: false,
         }
     }
 }

@@ -103,6 +103,19 @@ fn escape_table_part(out: &mut String, name: &str) {
     }
 }
 
+/// The refusal of a wal2json older than 2.6 (no `numeric-data-types-as-string`, so NaN and
+/// ±Infinity arrive as null) on a node whose replicated `columns` (`schema.table.column`) are
+/// float or numeric: what would happen and the three ways out.
+pub fn lossy_refusal(columns: &[String]) -> String {
+    format!(
+        "wal2json on this node is older than 2.6 and writes NaN and ±Infinity as null, so these \
+         float/numeric columns would replicate such values as NULL: {}; upgrade wal2json to 2.6 \
+         or later, use plugin = \"pgoutput\", or accept the loss with \
+         replication.allow_lossy_wal2json = true",
+        columns.join(", ")
+    )
+}
+
 /// The value of wal2json's `filter-origins` option: changes written under these
 /// replication origins (`pg_replication_origin.roident`) are not sent at all.
 pub fn origin_list_option(ids: impl IntoIterator<Item = u16>) -> String {
