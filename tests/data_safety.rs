@@ -209,3 +209,27 @@ fn lossy_wal2json_is_refused_with_float_columns() {
     d.set_replication_toml("plugin = \"pgoutput\"");
     d.walbridge_ok(&["check-config", "--connect"]);
 }
+
+#[test]
+fn lossy_wal2json_refuses_a_float_table_that_joins_while_running() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.a (id int PRIMARY KEY);",
+        WAL2JSON,
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO a VALUES (1)");
+    d.wait_for("west", "SELECT count(*) FROM a", "1");
+    for n in ["east", "west"] {
+        d.sql(n, "CREATE TABLE public.m (id int PRIMARY KEY, f real)");
+    }
+    d.sql("east", "INSERT INTO m VALUES (1, 'Infinity')");
+    let refused = wait_until(WAIT, || {
+        let log = run.log();
+        log.contains("public.m.f;") && log.contains("direction stopped")
+    });
+    assert!(refused, "run did not refuse:\n{}", run.log());
+    assert_eq!(d.sql("west", "SELECT count(*) FROM m"), "0");
+    run.assert_running();
+}
