@@ -324,6 +324,63 @@ pub async fn partitions_of(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// The table through which `schema.name` is replicated: the root of its partition tree, or
+/// itself when it is no partition; `None` when no such table exists (any more).
+pub async fn replication_root(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<(String, String)>, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT rn.nspname, rc.relname
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_class rc
+                 ON rc.oid = COALESCE(pg_catalog.pg_partition_root(c.oid), c.oid)
+               JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The written columns (not generated ones) of these tables whose type is `real`, `double
+/// precision` or `numeric`, or a domain over one: the ones whose NaN and ±Infinity wal2json
+/// before 2.6 writes as null. `(schema, table, column)`, raw names, in table and column order.
+pub async fn float_columns(
+    client: &Client,
+    tables: &[(String, String)],
+) -> Result<Vec<(String, String, String)>, CatalogError> {
+    let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|(_, t)| t.as_str()).collect();
+    let rows = client
+        .query(
+            "WITH RECURSIVE base(oid, base) AS (
+                 SELECT t.oid, t.oid FROM pg_catalog.pg_type t WHERE t.typtype <> 'd'
+                 UNION ALL
+                 SELECT d.oid, b.base FROM pg_catalog.pg_type d JOIN base b ON b.oid = d.typbasetype
+                  WHERE d.typtype = 'd')
+             SELECT n.nspname, c.relname, a.attname
+               FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[]))
+                    AS w(schema, name)
+               JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
+               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.name
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+               JOIN base b ON b.oid = a.atttypid
+              WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                AND b.base = ANY ('{700,701,1700}'::pg_catalog.oid[]) -- float4, float8, numeric
+              ORDER BY n.nspname, c.relname, a.attnum",
+            &[&schemas, &names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 /// Reads one table's description, `None` when it does not exist.
 pub async fn table_info(
     client: &Client,

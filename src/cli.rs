@@ -350,6 +350,14 @@ fn load(path: &Path) -> Result<Config, Failure> {
 /// Loads the configuration with the node-count rule of `purpose` and logs its warnings.
 fn load_for(path: &Path, purpose: Purpose) -> Result<Config, Failure> {
     let config = Config::load_for(path, purpose)?;
+    telemetry::set_row_contents(config.log.row_contents || telemetry::row_contents_from_env());
+    if telemetry::row_contents() {
+        tracing::warn!(
+            "row contents are shown in errors and logs ([log] row_contents or {}); turn it off \
+             outside debugging",
+            telemetry::ROW_CONTENTS_ENV
+        );
+    }
     for warning in config.warnings() {
         tracing::warn!(config = %path.display(), "{warning}");
     }

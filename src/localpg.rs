@@ -211,6 +211,13 @@ impl LocalCluster {
         if options.fast_and_unsafe {
             conf.push_str("fsync = off\nfull_page_writes = off\n");
         }
+        // Servers that only load trusted output plugins (an `output_plugin_libraries` setting,
+        // listed in the postgresql.conf initdb wrote when the server has it) get wal2json
+        // added to the list; other servers would refuse the unknown setting.
+        let initdb_conf = fs::read_to_string(self.data.join("postgresql.conf")).unwrap_or_default();
+        if initdb_conf.contains("output_plugin_libraries") {
+            conf.push_str("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'\n");
+        }
         for line in &options.conf {
             conf.push_str(line);
             conf.push('\n');

@@ -147,9 +147,12 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
                 "{} (SQLSTATE {code}); create the database or fix dbname",
                 db.message()
             ),
-            _ => format!("{} (SQLSTATE {code})", db.message()),
+            _ => format!(
+                "{} (SQLSTATE {code})",
+                crate::telemetry::shown_message(code, db.message())
+            ),
         };
-        if let Some(detail) = db.detail() {
+        if let Some(detail) = crate::telemetry::shown_detail(code, db.detail()) {
             reason.push_str(&format!("; {detail}"));
         }
         if let Some(hint) = db.hint() {

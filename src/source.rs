@@ -8,14 +8,29 @@
 //! wal2json does not describe tables, so for it the source reads table descriptions from the
 //! node's catalog (once per table, again when a change no longer fits) and names replication
 //! origins from `pg_replication_origin`. Both plugins then yield the same events.
+//!
+//! With a [`SourceOptions::selection`], wal2json is not given the replicated tables
+//! (`add-tables` is fixed when the stream starts, so a table created later would be skipped
+//! and confirmed past): it streams every table but walbridge's own (`filter-tables`), and the
+//! source decides per table, from the catalog, the first time the table appears:
+//!
+//! ```text
+//!   change of s.t ──▶ known? ──yes──▶ decode ──▶ Event
+//!                        │ no
+//!                        ▼
+//!       root of s.t's partition tree matches the selection? ──no──▶ ignored (no events)
+//!                        │ yes
+//!                        ▼
+//!       describe s.t from the catalog, decode ──▶ Event
+//! ```
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident};
-use crate::config::Plugin;
+use crate::config::{Plugin, QualifiedName, TableSelection, WALBRIDGE_SCHEMA};
 use crate::decode::pgoutput::PgOutputDecoder;
 use crate::decode::wal2json::{self, Wal2JsonDecoder, Wal2JsonError};
 use crate::decode::DecodeError;
@@ -39,8 +54,16 @@ pub struct SourceOptions {
     pub publication: String,
     /// Where to start (`0/0`: from the slot's confirmed position).
     pub start: Lsn,
-    /// Tables to stream (wal2json `add-tables`; partitions included); empty = all.
+    /// Tables known to be replicated (partitions included), described up front (wal2json).
     pub tables: Vec<(String, String)>,
+    /// wal2json: the tables to pass on (a partition through its root); the others, and
+    /// walbridge's own objects, yield no events. `None` (`tail`): every table.
+    pub selection: Option<TableSelection>,
+    /// wal2json older than 2.6 writes NaN and ±Infinity as null. `Some`: refuse to stream a
+    /// replicated table with float or numeric columns (the columns listed here per table are
+    /// never sent and do not count), at start and when a table first appears; `None`: accept
+    /// the loss with a warning.
+    pub refuse_lossy: Option<BTreeMap<QualifiedName, Vec<String>>>,
     /// Origin ids whose changes the server should drop (wal2json `filter-origins`); echo
     /// suppression also drops any transaction with an origin after decoding.
     pub filter_origins: Vec<u16>,
@@ -101,6 +124,14 @@ pub enum SourceError {
         /// The last position the peer confirmed.
         confirmed: String,
     },
+    /// wal2json older than 2.6 would turn NaN and ±Infinity of these columns into NULL.
+    #[error("{}", crate::decode::wal2json::lossy_refusal(.columns))]
+    LossyWal2Json {
+        /// The node (the caller names it).
+        node: String,
+        /// `schema.table.column`.
+        columns: Vec<String>,
+    },
     /// The slot does not exist.
     #[error("replication slot {slot} does not exist on {node}; run walbridge setup")]
     NoSlot {
@@ -121,7 +152,8 @@ impl SourceError {
             SourceError::Catalog(e) => e.0.is_closed() || e.0.as_db_error().is_none(),
             SourceError::Decode { .. }
             | SourceError::NoSlot { .. }
-            | SourceError::SlotLost { .. } => false,
+            | SourceError::SlotLost { .. }
+            | SourceError::LossyWal2Json { .. } => false,
         }
     }
 }
@@ -145,6 +177,13 @@ pub struct Source {
     skip_echo_changes: bool,
     /// Inside a transaction that carries an origin.
     in_echo: bool,
+    /// wal2json: which tables to pass on.
+    selection: Option<TableSelection>,
+    /// wal2json writes NaN and ±Infinity as null and that is refused: the columns that do not
+    /// count (see [`SourceOptions::refuse_lossy`]).
+    refuse_lossy: Option<BTreeMap<QualifiedName, Vec<String>>>,
+    /// The node, for errors.
+    node: String,
 }
 
 /// Items the consumer sees.
@@ -186,11 +225,21 @@ fn wal2json_options(opts: &SourceOptions, numeric_as_string: bool) -> Vec<(Strin
     if numeric_as_string {
         v.push(("numeric-data-types-as-string".into(), "1".into()));
     }
-    if !opts.tables.is_empty() {
-        v.push((
-            "add-tables".into(),
-            wal2json::table_list_option(opts.tables.iter().map(|(s, t)| (s.as_str(), t.as_str()))),
-        ));
+    // Not `add-tables`: it is fixed for the life of the stream (see the module docs).
+    if let Some(selection) = &opts.selection {
+        let mut filter = wal2json::table_list_option(
+            selection
+                .reserved()
+                .iter()
+                .map(|q| (q.schema.as_str(), q.name.as_str())),
+        );
+        if !filter.is_empty() {
+            filter.push(',');
+        }
+        // The schema name has no character wal2json would need escaped.
+        filter.push_str(WALBRIDGE_SCHEMA);
+        filter.push_str(".*");
+        v.push(("filter-tables".into(), filter));
     }
     if !opts.filter_origins.is_empty() {
         v.push((
@@ -352,6 +401,9 @@ impl Source {
                     if numeric_as_string
                         && e.to_string().contains("numeric-data-types-as-string") =>
                 {
+                    if let (Some(skip), Some(client)) = (&opts.refuse_lossy, &catalog) {
+                        lossy_check(client, &dsn.describe(), skip, &opts.tables).await?;
+                    }
                     tracing::warn!(
                         node = %dsn.describe(),
                         "wal2json on this node is older than 2.6 and prints NaN and Infinity of \
@@ -375,6 +427,9 @@ impl Source {
                 numeric_as_string,
                 skip_echo_changes: opts.skip_echo_changes,
                 in_echo: false,
+                selection: opts.selection,
+                refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
+                node: dsn.describe(),
             },
             driver,
             created,
@@ -468,7 +523,9 @@ impl Source {
                             Err(e) if e.needs_catalog() && !retried && self.catalog.is_some() => {
                                 retried = true;
                                 if let Some(client) = self.catalog.as_ref() {
-                                    learn(d, client, &e).await?;
+                                    let lossy =
+                                        self.refuse_lossy.as_ref().map(|s| (s, &*self.node));
+                                    learn(d, client, &e, self.selection.as_ref(), lossy).await?;
                                 }
                             }
                             Err(e) => {
@@ -495,11 +552,14 @@ impl Source {
     }
 }
 
-/// Teaches the wal2json decoder what it lacked: a table description or an origin's name.
+/// Teaches the wal2json decoder what it lacked: a table description (or that the table is
+/// not replicated) or an origin's name.
 async fn learn(
     d: &mut Wal2JsonDecoder,
     client: &Client,
     e: &Wal2JsonError,
+    selection: Option<&TableSelection>,
+    refuse_lossy: Option<(&BTreeMap<QualifiedName, Vec<String>>, &str)>,
 ) -> Result<(), SourceError> {
     match e {
         Wal2JsonError::UnknownOrigin { .. } => {
@@ -507,8 +567,23 @@ async fn learn(
                 d.register_origin(roident, roname);
             }
         }
-        Wal2JsonError::UnknownRelation { schema, table }
-        | Wal2JsonError::RelationMismatch { schema, table, .. } => {
+        Wal2JsonError::UnknownRelation { schema, table } => {
+            if let Some(selection) = selection {
+                if !replicated(client, selection, schema, table).await? {
+                    d.ignore_relation(schema, table);
+                    return Ok(());
+                }
+            }
+            if let Some((skip, node)) = refuse_lossy {
+                lossy_check(client, node, skip, &[(schema.clone(), table.clone())]).await?;
+            }
+            if let Some((rel, generated)) =
+                catalog::relation_for_stream(client, schema, table).await?
+            {
+                d.register_relation(rel, generated);
+            }
+        }
+        Wal2JsonError::RelationMismatch { schema, table, .. } => {
             if let Some((rel, generated)) =
                 catalog::relation_for_stream(client, schema, table).await?
             {
@@ -518,6 +593,50 @@ async fn learn(
         _ => {}
     }
     Ok(())
+}
+
+/// Refuses (wal2json older than 2.6) when `tables` have float or numeric columns that are
+/// sent (not in `skip`).
+async fn lossy_check(
+    client: &Client,
+    node: &str,
+    skip: &BTreeMap<QualifiedName, Vec<String>>,
+    tables: &[(String, String)],
+) -> Result<(), SourceError> {
+    let columns: Vec<String> = catalog::float_columns(client, tables)
+        .await?
+        .into_iter()
+        .filter(|(s, t, c)| !skip.iter().any(|(q, cols)| q.is(s, t) && cols.contains(c)))
+        .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+        .collect();
+    if columns.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::LossyWal2Json {
+        node: node.to_string(),
+        columns,
+    })
+}
+
+/// Whether changes of `schema.table` are replicated: never walbridge's own objects; else
+/// when the root of its partition tree (itself, for a plain table) matches the selection. A
+/// table gone from the catalog is judged by its own name (a matching one is then passed on,
+/// and its missing description stops the stream rather than skipping changes silently).
+async fn replicated(
+    client: &Client,
+    selection: &TableSelection,
+    schema: &str,
+    table: &str,
+) -> Result<bool, SourceError> {
+    if selection.is_reserved(schema, table) {
+        return Ok(false);
+    }
+    Ok(
+        match catalog::replication_root(client, schema, table).await? {
+            Some((root_schema, root)) => selection.matches(&root_schema, &root),
+            None => selection.matches(schema, table),
+        },
+    )
 }
 
 /// Polls until no slot called `slot` exists (at most a few seconds; then creating it fails

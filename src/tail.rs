@@ -257,6 +257,8 @@ pub async fn tail(
         publication,
         start: opts.from.unwrap_or(Lsn::ZERO),
         tables: Vec::new(),
+        selection: None,
+        refuse_lossy: None,
         filter_origins: Vec::new(),
         messages: true,
         application_name,

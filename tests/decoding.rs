@@ -63,6 +63,8 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         publication: PUBLICATION.into(),
         start: Lsn::ZERO,
         tables: Vec::new(),
+        selection: None,
+        refuse_lossy: None,
         filter_origins: Vec::new(),
         messages: true,
         application_name: "walbridge-test".into(),

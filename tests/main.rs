@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod conflicts;
 mod copy;
+mod data_safety;
 mod decoding;
 mod demo;
 mod faults;

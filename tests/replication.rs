@@ -11,7 +11,11 @@ fn both_directions(plugin: &str) {
     let d = Deployment::new(
         &["east", "west"],
         SCHEMA,
-        &format!("tables = [\"public.*\"]\nplugin = \"{plugin}\""),
+        // wal2json 2.5 (this machine's) writes NaN as null; `qty numeric` never holds one.
+        &format!(
+            "tables = [\"public.*\"]\nplugin = \"{plugin}\"\nallow_lossy_wal2json = {}",
+            plugin == "wal2json"
+        ),
     );
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");

@@ -690,3 +690,46 @@ fn partitioned_tables_replicate_through_their_root() {
         "0"
     );
 }
+
+#[test]
+fn trigger_apply_commits_durably_under_synchronous_commit_off() {
+    // Both servers default to synchronous_commit = off. A batch's source rows are deleted once
+    // the peer has committed it, so the peer's commit must be flushed first: the apply
+    // transaction runs with synchronous_commit on. A trigger that fires for applied rows
+    // (ENABLE ALWAYS) records the setting inside that transaction.
+    let schema = format!(
+        "{SCHEMA}
+         CREATE SCHEMA audit;
+         CREATE TABLE audit.seen (setting text);
+         CREATE FUNCTION audit.note() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog
+           AS $$ BEGIN
+             INSERT INTO audit.seen VALUES (pg_catalog.current_setting('synchronous_commit'));
+             RETURN NEW;
+           END $$;
+         CREATE TRIGGER note AFTER INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION audit.note();
+         ALTER TABLE public.users ENABLE ALWAYS TRIGGER note;"
+    );
+    let d = Deployment::with_conf(
+        &["east", "west"],
+        &schema,
+        &trigger_toml(""),
+        &["synchronous_commit = off"],
+    );
+    assert_eq!(d.sql("west", "SHOW synchronous_commit"), "off");
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')",
+    );
+    d.wait_for("west", "SELECT count(*) FROM users", "2");
+    wait_drained(&d);
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(DISTINCT setting, ',') FROM audit.seen"
+        ),
+        "on",
+        "the apply transaction on west must flush its commit before east's rows are deleted"
+    );
+}

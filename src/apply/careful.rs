@@ -16,6 +16,7 @@ use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Va
 use crate::lsn::PgTimestamp;
 use crate::protocol::ServerError;
 use crate::runtime::DirectionError;
+use crate::telemetry;
 
 /// A conflict resolved in the current careful transaction: counted once it commits.
 pub(super) type Resolved = (ConflictKind, Resolution, String);
@@ -373,13 +374,15 @@ impl Applier {
                     ])
                     .inc();
                 return Err(Failed::Stop(DirectionError::definite(format!(
-                    "conflict on {} key {key_json} ({kind}) from {} to {} under conflict policy \
-                     \"error\": nothing applied; local row {}, incoming row {remote_json}; resolve \
-                     it by hand, then restart walbridge",
+                    "conflict on {} key {} ({kind}) from {} to {} under conflict policy \
+                     \"error\": nothing applied; local row {}, incoming row {}; resolve it by \
+                     hand, then restart walbridge",
                     table.label,
+                    telemetry::shown_row(&key_json),
                     self.source,
                     self.target,
-                    local_json.as_deref().unwrap_or("(none)"),
+                    local_json.as_deref().map_or("(none)", telemetry::shown_row),
+                    telemetry::shown_row(&remote_json),
                 ))));
             }
         }
@@ -417,7 +420,7 @@ impl Applier {
             .await?;
             tracing::info!(
                 source = %self.source, target = %self.target, table = %table.label,
-                key = %key_json, kind = %kind, resolution = %resolution,
+                key = %telemetry::shown_row(&key_json), kind = %kind, resolution = %resolution,
                 "conflict resolved"
             );
             if matches!(kind, ConflictKind::UpdateOlder | ConflictKind::DeleteOlder) {

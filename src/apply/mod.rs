@@ -719,7 +719,19 @@ impl Applier {
         Ok(true)
     }
 
+    /// walbridge's own objects are never applied, whatever a stream sends (the sources filter
+    /// them already; this keeps a peer's bookkeeping out of this node's even if one did not).
+    fn is_own_object(&self, relation: &Relation) -> bool {
+        self.config
+            .replication
+            .tables
+            .is_reserved(&relation.schema, &relation.table)
+    }
+
     async fn on_change(&mut self, change: Change) -> Result<(), DirectionError> {
+        if self.is_own_object(&change.relation) {
+            return Ok(());
+        }
         let limit = self.limits.max_buffered_changes;
         if self.open.as_ref().is_some_and(|o| o.careful) {
             self.careful_mode_item(Item::Change(change)).await?;
@@ -953,7 +965,11 @@ impl Applier {
         Ok(())
     }
 
-    async fn on_truncate(&mut self, t: Truncate) -> Result<(), DirectionError> {
+    async fn on_truncate(&mut self, mut t: Truncate) -> Result<(), DirectionError> {
+        t.relations.retain(|r| !self.is_own_object(r));
+        if t.relations.is_empty() {
+            return Ok(());
+        }
         if self.careful_mode_item(Item::Truncate(t.clone())).await? {
             return Ok(());
         }
@@ -1520,7 +1536,8 @@ fn resolved_in_sql(
             _ => continue,
         };
         tracing::info!(
-            source = %source, target = %target, table = %table, key = %key, kind = %kind,
+            source = %source, target = %target, table = %table,
+            key = %crate::telemetry::shown_row(key), kind = %kind,
             resolution = "skipped", "conflict resolved"
         );
         out.push((kind, Resolution::Skipped, table.to_string()));

@@ -41,7 +41,7 @@ pub use pattern::{
 };
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
-use raw::{RawConfig, RawMetrics, RawNode, RawReplication, RawSize, RawTrigger};
+use raw::{RawConfig, RawLog, RawMetrics, RawNode, RawReplication, RawSize, RawTrigger};
 
 /// The longest name PostgreSQL keeps (NAMEDATALEN - 1): longer slot or origin names would be
 /// truncated or refused, so the configuration must keep every generated name within it.
@@ -241,6 +241,8 @@ pub struct Config {
     pub trigger: TriggerConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[log]`.
+    pub log: LogConfig,
     /// The file this was loaded from, if any (relative `password_file`s resolve against its
     /// directory).
     pub path: Option<PathBuf>,
@@ -290,6 +292,11 @@ pub struct ReplicationConfig {
     /// `sequence_ranges` (default `false`): opt in to giving each node its own range of values
     /// for serial and identity columns, so inserts on different nodes never collide on keys.
     pub sequence_ranges: bool,
+    /// `allow_lossy_wal2json` (default `false`): accept wal2json older than 2.6 although it
+    /// writes NaN and ±Infinity of float and numeric columns as null (they would replicate as
+    /// NULL). Off, such a node with such columns is refused by `check-config --connect`,
+    /// `setup` and `run`.
+    pub allow_lossy_wal2json: bool,
 }
 
 /// `[trigger]`: trigger mode, the fallback and drop-in for the old polling script.
@@ -313,6 +320,15 @@ impl TriggerConfig {
 
 fn dead_table_of(table: &QualifiedName) -> QualifiedName {
     QualifiedName::new(table.schema.clone(), format!("{}_dead", table.name))
+}
+
+/// `[log]`: what logs and errors may contain.
+#[derive(Clone, Debug, Default)]
+pub struct LogConfig {
+    /// `row_contents` (default `false`): let row values (a server's DETAIL such as "Key
+    /// (id)=(42) already exists", conflict keys and rows) appear in errors, logs and
+    /// `/status`, for debugging. Off, they are withheld (see [`crate::telemetry`]).
+    pub row_contents: bool,
 }
 
 /// `[metrics]`.
@@ -545,6 +561,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         replication,
         trigger,
         metrics,
+        log,
     } = raw;
 
     let names: Vec<String> = raw_nodes.iter().map(|n| n.name.clone()).collect();
@@ -571,6 +588,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         replication,
         trigger,
         metrics,
+        log: validate_log(log),
         path: None,
         warnings,
     })
@@ -814,6 +832,7 @@ fn validate_replication(
         conflict_retention: conflict_retention?,
         tombstone_retention: tombstone_retention?,
         sequence_ranges: raw.sequence_ranges,
+        allow_lossy_wal2json: raw.allow_lossy_wal2json,
     })
 }
 
@@ -966,6 +985,12 @@ fn validate_trigger(raw: RawTrigger, problems: &mut Problems) -> Option<TriggerC
         poll_interval: poll_interval?,
         batch_size: batch_size?,
     })
+}
+
+fn validate_log(raw: RawLog) -> LogConfig {
+    LogConfig {
+        row_contents: raw.row_contents,
+    }
 }
 
 fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {

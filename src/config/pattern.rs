@@ -218,6 +218,11 @@ impl TableSelection {
         schema == WALBRIDGE_SCHEMA || self.reserved.iter().any(|r| r.is(schema, table))
     }
 
+    /// The tables walbridge keeps for itself outside its schema (the change and dead tables).
+    pub fn reserved(&self) -> &[QualifiedName] {
+        &self.reserved
+    }
+
     /// The `tables` patterns.
     pub fn include(&self) -> &[TablePattern] {
         &self.include

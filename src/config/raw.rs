@@ -19,6 +19,16 @@ pub(super) struct RawConfig {
     pub trigger: RawTrigger,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    #[serde(default)]
+    pub row_contents: bool,
 }
 
 /// One `[[nodes]]` entry.
@@ -71,6 +81,8 @@ pub(super) struct RawReplication {
     pub tombstone_retention: String,
     #[serde(default)]
     pub sequence_ranges: bool,
+    #[serde(default)]
+    pub allow_lossy_wal2json: bool,
 }
 
 impl Default for RawReplication {
@@ -89,6 +101,7 @@ impl Default for RawReplication {
             conflict_retention: default_conflict_retention(),
             tombstone_retention: default_tombstone_retention(),
             sequence_ranges: false,
+            allow_lossy_wal2json: false,
         }
     }
 }

@@ -798,3 +798,14 @@ skip_columns = {{ \"other.t\" = [\"c\"] }}
     assert!(w[0].contains("priority"));
     assert!(w[1].contains("other.t"));
 }
+
+#[test]
+fn log_row_contents_is_off_unless_asked_for() {
+    let two =
+        "[[nodes]]\nname = \"a\"\ndsn = \"host=x\"\n[[nodes]]\nname = \"b\"\ndsn = \"host=y\"\n";
+    let c = Config::from_toml_str(two).unwrap();
+    assert!(!c.log.row_contents);
+    let c = Config::from_toml_str(&format!("{two}[log]\nrow_contents = true\n")).unwrap();
+    assert!(c.log.row_contents);
+    assert!(Config::from_toml_str(&format!("{two}[log]\nrow_content = true\n")).is_err());
+}

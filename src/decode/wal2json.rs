@@ -40,7 +40,7 @@
 //! float and numeric columns, which it prints as `null` like SQL NULL.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -101,6 +101,19 @@ fn escape_table_part(out: &mut String, name: &str) {
         }
         out.push(c);
     }
+}
+
+/// The refusal of a wal2json older than 2.6 (no `numeric-data-types-as-string`, so NaN and
+/// ±Infinity arrive as null) on a node whose replicated `columns` (`schema.table.column`) are
+/// float or numeric: what would happen and the three ways out.
+pub fn lossy_refusal(columns: &[String]) -> String {
+    format!(
+        "wal2json on this node is older than 2.6 and writes NaN and ±Infinity as null, so these \
+         float/numeric columns would replicate such values as NULL: {}; upgrade wal2json to 2.6 \
+         or later, use plugin = \"pgoutput\", or accept the loss with \
+         replication.allow_lossy_wal2json = true",
+        columns.join(", ")
+    )
 }
 
 /// The value of wal2json's `filter-origins` option: changes written under these
@@ -258,6 +271,8 @@ pub struct Wal2JsonDecoder {
     /// `roident` -> `roname`.
     origins: HashMap<u16, String>,
     pending_truncate: Option<PendingTruncate>,
+    /// schema -> tables whose changes yield no events (not replicated).
+    ignored: HashMap<String, HashSet<String>>,
 }
 
 impl Wal2JsonDecoder {
@@ -272,6 +287,9 @@ impl Wal2JsonDecoder {
     /// generated columns, which wal2json prints and the decoder drops (pgoutput does not
     /// publish them). Replaces any earlier description of the same `schema.table`.
     pub fn register_relation(&mut self, relation: Arc<Relation>, generated: Vec<String>) {
+        if let Some(tables) = self.ignored.get_mut(&relation.schema) {
+            tables.remove(&relation.table);
+        }
         let by_name = relation
             .columns
             .iter()
@@ -293,6 +311,28 @@ impl Wal2JsonDecoder {
                 announced,
             },
         );
+    }
+
+    /// Tells the decoder that `schema.table` is not replicated: its changes and truncates
+    /// yield no events (and need no description) until it is registered.
+    pub fn ignore_relation(&mut self, schema: &str, table: &str) {
+        if let Some(tables) = self.relations.get_mut(schema) {
+            tables.remove(table);
+        }
+        self.ignored
+            .entry(schema.to_string())
+            .or_default()
+            .insert(table.to_string());
+    }
+
+    fn is_ignored(&self, doc: &Document<'_>) -> bool {
+        match (&doc.schema, &doc.table) {
+            (Some(schema), Some(table)) => self
+                .ignored
+                .get(schema.0.as_ref())
+                .is_some_and(|t| t.contains(table.0.as_ref())),
+            _ => false,
+        }
     }
 
     /// The registered description of `schema.table`, if any.
@@ -346,6 +386,7 @@ impl Wal2JsonDecoder {
                 self.flush_truncate(out);
                 out.push(Event::Commit(commit));
             }
+            "I" | "U" | "D" | "T" if self.is_ignored(&doc) => {}
             "I" | "U" | "D" => {
                 let change = self.change(&doc, action)?;
                 self.flush_truncate(out);
@@ -1382,6 +1423,30 @@ mod tests {
         let rest = run(&mut partial, &docs[2..5]);
         let expected = run(&mut dec, &docs[2..5]);
         assert_eq!(rest, expected);
+    }
+
+    #[test]
+    fn ignored_tables_yield_nothing_and_need_no_description() {
+        let docs = fixture!("truncate");
+        let mut dec = Wal2JsonDecoder::new();
+        dec.register_relation(relation("parent"), vec![]);
+        dec.ignore_relation("public", "child");
+        dec.ignore_relation("public", "comp_key");
+        let events = run(&mut dec, &docs[..5]);
+        let truncated: Vec<Vec<String>> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Truncate(t) => Some(t.relations.iter().map(|r| r.table.clone()).collect()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(truncated, vec![vec!["parent".to_string()]]);
+        // Registering a table again takes it out of the ignored ones.
+        dec.register_relation(relation("child"), vec![]);
+        let events = run(&mut dec, &docs[5..9]);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Truncate(t) if t.relations.len() == 2)));
     }
 
     #[test]

@@ -89,8 +89,10 @@ impl ServerError {
 
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
-        if let Some(d) = &self.detail {
+        // Row values (a key in a DETAIL, a value in a data exception) stay out by default.
+        let message = crate::telemetry::shown_message(&self.code, &self.message);
+        write!(f, "{message} (SQLSTATE {})", self.code)?;
+        if let Some(d) = crate::telemetry::shown_detail(&self.code, self.detail.as_deref()) {
             write!(f, "; {d}")?;
         }
         if let Some(h) = &self.hint {

@@ -293,6 +293,9 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             publication: config.publication_name(),
             start,
             tables: tables.clone(),
+            selection: (plugin == Plugin::Wal2Json).then(|| config.replication.tables.clone()),
+            refuse_lossy: (plugin == Plugin::Wal2Json && !config.replication.allow_lossy_wal2json)
+                .then(|| config.replication.skip_columns.clone()),
             filter_origins: filter_origins.clone(),
             messages: false,
             application_name: format!("walbridge-source-{s}-to-{t}"),

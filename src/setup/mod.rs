@@ -111,12 +111,33 @@ pub enum SetupError {
     Other(String),
 }
 
-/// The server's message (and detail/hint) rather than tokio-postgres's generic "db error".
+/// The server's message (and detail/hint) rather than tokio-postgres's generic "db error";
+/// row values in them are withheld unless `[log] row_contents` is on
+/// ([`crate::telemetry::shown_detail`]).
 pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    db_message(e, true)
+}
+
+/// [`pg_message`] with row values always kept, for text stored next to the row it is about
+/// (the trigger mode's dead-letter table), never for logs or errors.
+pub fn pg_message_with_values(e: &tokio_postgres::Error) -> String {
+    db_message(e, false)
+}
+
+fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
     match e.as_db_error() {
         Some(db) => {
-            let mut s = db.message().to_string();
-            if let Some(d) = db.detail() {
+            let code = db.code().code();
+            let (message, detail) = if redact {
+                (
+                    crate::telemetry::shown_message(code, db.message()),
+                    crate::telemetry::shown_detail(code, db.detail()),
+                )
+            } else {
+                (db.message().into(), db.detail())
+            };
+            let mut s = message.into_owned();
+            if let Some(d) = detail {
                 let _ = write!(s, " ({d})");
             }
             if let Some(h) = db.hint() {
@@ -235,18 +256,25 @@ pub async fn setup(
     let mut problems = Vec::new();
     let mut modes: BTreeMap<String, (CaptureMode, String)> = BTreeMap::new();
     let mut warnings: Vec<String> = Vec::new();
+    let mut lossy_nodes: Vec<String> = Vec::new();
     for n in &nodes {
         let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
             .await
             .map_err(sql_err(&n.name, "reading server settings"))?;
         let (mode, reason) = trigger::choose(config.replication.mode, &facts);
-        let (p, w) = node_problems(config, n, mode, &facts).await?;
+        let (p, w, lossy) = node_problems(config, n, mode, &facts).await?;
         problems.extend(p);
         warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
+        if lossy {
+            lossy_nodes.push(n.name.clone());
+        }
         modes.insert(n.name.clone(), (mode, reason));
     }
     let (tables, missing) = resolve_tables(config, &nodes).await?;
     problems.extend(missing);
+    let (p, w) = lossy_wal2json(config, &nodes, &lossy_nodes, &tables).await?;
+    problems.extend(p);
+    warnings.extend(w);
     if tables.is_empty() {
         problems.push(Problem {
             node: nodes.first().map(|n| n.name.clone()).unwrap_or_default(),
@@ -481,6 +509,7 @@ pub async fn check(
 ) -> Result<Vec<Problem>, SetupError> {
     let mut problems = Vec::new();
     let mut nodes = Vec::new();
+    let mut lossy_nodes: Vec<String> = Vec::new();
     for node in &config.nodes {
         match pgconn::connect(&node.dsn, "walbridge-check").await {
             Ok(client) => {
@@ -503,27 +532,36 @@ pub async fn check(
         // Each node is checked for the mode it gets (`auto` decides per node).
         let (mode, reason) = trigger::choose(config.replication.mode, &facts);
         let _ = writeln!(out, "{}: {} mode ({reason})", n.name, mode.as_str());
-        let (p, w) = node_problems(config, n, mode, &facts).await?;
+        let (p, w, lossy) = node_problems(config, n, mode, &facts).await?;
         problems.extend(p);
         for w in w {
             let _ = writeln!(out, "{}: note: {w}", n.name);
+        }
+        if lossy {
+            lossy_nodes.push(n.name.clone());
         }
     }
     if nodes.len() == config.nodes.len() {
         let (tables, missing) = resolve_tables(config, &nodes).await?;
         problems.extend(missing);
+        let (p, w) = lossy_wal2json(config, &nodes, &lossy_nodes, &tables).await?;
+        problems.extend(p);
+        for w in w {
+            let _ = writeln!(out, "{w}");
+        }
         let _ = writeln!(out, "tables resolved: {}", tables.len());
     }
     Ok(problems)
 }
 
-/// What one node lacks for the capture mode it gets, and warnings that do not stop setup.
+/// What one node lacks for the capture mode it gets, warnings that do not stop setup, and
+/// whether its wal2json writes NaN and ±Infinity as null (checked against the tables later).
 async fn node_problems(
     config: &Config,
     n: &NodeSession,
     mode: CaptureMode,
     facts: &prereq::NodeFacts,
-) -> Result<(Vec<Problem>, Vec<String>), SetupError> {
+) -> Result<(Vec<Problem>, Vec<String>, bool), SetupError> {
     if mode == CaptureMode::Trigger {
         let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
             .await
@@ -535,18 +573,51 @@ async fn node_problems(
                 message,
             })
             .collect();
-        return Ok((problems, w));
+        return Ok((problems, w, false));
     }
     let mut problems = prereq::common_problems(&n.name, facts);
     problems.extend(prereq::stream_problems(&n.name, facts, config.nodes.len()));
+    let mut lossy = false;
     if facts.stream_blocker().is_none() {
-        problems.extend(
-            prereq::plugin_problem(&n.client, &n.name, config.replication.plugin)
-                .await
-                .map_err(sql_err(&n.name, "probing the output plugin"))?,
-        );
+        let probe = prereq::plugin_probe(&n.client, &n.name, config.replication.plugin)
+            .await
+            .map_err(sql_err(&n.name, "probing the output plugin"))?;
+        problems.extend(probe.problem);
+        lossy = probe.lossy_wal2json;
     }
-    Ok((problems, Vec::new()))
+    Ok((problems, Vec::new(), lossy))
+}
+
+/// For each node whose wal2json writes NaN and ±Infinity as null: a problem naming the float
+/// and numeric columns of `tables` (or, with `replication.allow_lossy_wal2json`, a warning).
+async fn lossy_wal2json(
+    config: &Config,
+    nodes: &[NodeSession],
+    lossy: &[String],
+    tables: &[TableInfo],
+) -> Result<(Vec<Problem>, Vec<String>), SetupError> {
+    let names: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+    for n in nodes.iter().filter(|n| lossy.contains(&n.name)) {
+        let found = prereq::lossy_wal2json_problem(&n.client, &n.name, config, &names)
+            .await
+            .map_err(|source| SetupError::Catalog {
+                node: n.name.clone(),
+                source,
+            })?;
+        match found {
+            Some(p) if config.replication.allow_lossy_wal2json => warnings.push(format!(
+                "{}: warning: {} (allowed by replication.allow_lossy_wal2json)",
+                n.name, p.message
+            )),
+            Some(p) => problems.push(p),
+            None => {}
+        }
+    }
+    Ok((problems, warnings))
 }
 
 fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {

@@ -166,15 +166,28 @@ pub fn common_problems(node: &str, facts: &NodeFacts) -> Vec<Problem> {
     out
 }
 
+/// What probing the output plugin found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginProbe {
+    /// The plugin cannot be loaded.
+    pub problem: Option<Problem>,
+    /// wal2json without `numeric-data-types-as-string` (older than 2.6): NaN and ±Infinity of
+    /// float and numeric columns arrive as null.
+    pub lossy_wal2json: bool,
+}
+
 /// Whether the output plugin can be loaded on the node: a temporary slot is created and
-/// dropped at once.
-pub async fn plugin_problem(
+/// dropped at once. For wal2json, decoding is also started on it (nothing is written or
+/// consumed) with `numeric-data-types-as-string`, the option the stream relies on for exact
+/// NaN and ±Infinity: a wal2json that rejects it (older than 2.6) writes them as null. This
+/// tests the behaviour the stream will get, whatever the version string says.
+pub async fn plugin_probe(
     client: &Client,
     node: &str,
     plugin: Plugin,
-) -> Result<Option<Problem>, tokio_postgres::Error> {
+) -> Result<PluginProbe, tokio_postgres::Error> {
     if plugin == Plugin::PgOutput {
-        return Ok(None);
+        return Ok(PluginProbe::default());
     }
     let probe = format!("walbridge_probe_{}", std::process::id());
     let result = client
@@ -185,22 +198,74 @@ pub async fn plugin_problem(
         .await;
     match result {
         Ok(_) => {
+            let lossy_wal2json = if plugin == Plugin::Wal2Json {
+                let peek = client
+                    .query(
+                        "SELECT 1 FROM pg_catalog.pg_logical_slot_peek_changes($1, NULL, 1,
+                             'numeric-data-types-as-string', '1')",
+                        &[&probe],
+                    )
+                    .await;
+                match peek {
+                    Ok(_) => false,
+                    Err(e)
+                        if e.as_db_error().is_some_and(|d| {
+                            d.message().contains("numeric-data-types-as-string")
+                        }) =>
+                    {
+                        true
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                false
+            };
+            // An error drops a session's temporary slots: drop it only if it is still there.
             client
-                .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&probe])
+                .execute(
+                    "SELECT pg_catalog.pg_drop_replication_slot(slot_name)
+                       FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                    &[&probe],
+                )
                 .await?;
-            Ok(None)
+            Ok(PluginProbe {
+                problem: None,
+                lossy_wal2json,
+            })
         }
-        Err(e) => Ok(Some(Problem {
-            node: node.to_string(),
-            message: format!(
+        Err(e) => Ok(PluginProbe {
+            lossy_wal2json: false,
+            problem: Some(Problem {
+                node: node.to_string(),
+                message: format!(
                 "the output plugin {} cannot be loaded ({}); install it (Debian: apt-get install \
                  postgresql-15-wal2json) or use plugin = \"pgoutput\"",
-                plugin.as_str(),
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ),
-        })),
+                    plugin.as_str(),
+                    crate::setup::pg_message(&e)
+                ),
+            }),
+        }),
     }
+}
+
+/// The refusal of a lossy wal2json on `node` when `tables` have float or numeric columns
+/// (those of `replication.skip_columns` are never sent, so they do not count).
+pub async fn lossy_wal2json_problem(
+    client: &Client,
+    node: &str,
+    config: &Config,
+    tables: &[(String, String)],
+) -> Result<Option<Problem>, catalog::CatalogError> {
+    let columns: Vec<String> = catalog::float_columns(client, tables)
+        .await?
+        .into_iter()
+        .filter(|(s, t, c)| !config.skip_columns_for(s, t).contains(c))
+        .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+        .collect();
+    Ok((!columns.is_empty()).then(|| Problem {
+        node: node.to_string(),
+        message: crate::decode::wal2json::lossy_refusal(&columns),
+    }))
 }
 
 /// Tables that updates and deletes could not be replicated for.

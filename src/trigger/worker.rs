@@ -4,7 +4,8 @@
 //!          LISTEN <prefix>_changes / poll_interval
 //!   S ──────────────────────────────▶ worker
 //!   │ read (REPEATABLE READ):                │ apply (one transaction on T):
-//!   │  new rows   id > last_id  LIMIT n      │  SET replica role, walbridge.skip, origin
+//!   │  new rows   id > last_id  LIMIT n      │  SET replica role, walbridge.skip, origin,
+//!   │                                        │      synchronous_commit on (never off)
 //!   │  late rows  txid >= hold_xid, id <=    │  lookups (pipelined, FOR UPDATE)
 //!   │             last_id, not yet applied   │  conflict::decide per change
 //!   │                                        │  writes (pipelined)
@@ -121,8 +122,10 @@ struct Item {
 enum Kind {
     /// Made on another node and logged here by an old trigger while walbridge applied it.
     Echo,
-    /// Cannot be applied: the error text for the dead-letter table.
-    Dead(String),
+    /// Cannot be applied: the error text for the dead-letter table (which holds the row, so
+    /// the text may name its values), and the text for the log (row values withheld unless
+    /// `[log] row_contents`).
+    Dead(String, String),
     /// To apply.
     Change(Box<Change>),
 }
@@ -130,7 +133,7 @@ enum Kind {
 /// What went wrong inside one apply attempt.
 enum Attempt {
     /// The item at this index failed on its own; the others may go on.
-    Row(usize, String, Option<String>),
+    Row(usize, String, String, Option<String>),
     /// The whole direction must stop or retry.
     Fatal(DirectionError),
 }
@@ -221,6 +224,7 @@ fn row_failure(i: usize, e: &tokio_postgres::Error, node: &str, what: &str) -> O
         Some(db) if db.code().code() == "25P02" => None,
         Some(db) if is_row_error(db.code().code()) => Some(Attempt::Row(
             i,
+            crate::setup::pg_message_with_values(e),
             pg_message(e),
             Some(db.code().code().to_string()),
         )),
@@ -500,7 +504,7 @@ impl<'a> Worker<'a> {
                 Some(o) if o != src => Kind::Echo,
                 _ => match self.build(&row).await? {
                     Ok(c) => Kind::Change(Box::new(c)),
-                    Err(e) => Kind::Dead(e.to_string()),
+                    Err(e) => Kind::Dead(e.to_string(), e.to_string()),
                 },
             };
             items.push(Item { row, kind });
@@ -576,15 +580,15 @@ impl<'a> Worker<'a> {
                     })
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Row(i, message, code)) => {
+                Err(Attempt::Row(i, message, shown, code)) => {
                     let Some(item) = items.get_mut(i) else {
-                        return Err(DirectionError::transient(message));
+                        return Err(DirectionError::transient(shown));
                     };
                     // A unique violation may be a local insert racing ours: read again once.
                     if code.as_deref() == Some("23505") && retried.insert(item.row.id) {
                         continue;
                     }
-                    item.kind = Kind::Dead(message);
+                    item.kind = Kind::Dead(message, shown);
                     items.truncate(i + 1);
                     truncated = true;
                 }
@@ -789,7 +793,7 @@ impl<'a> Worker<'a> {
                          {src}): replication.conflict is \"error\", so this direction stops; \
                          resolve the row by hand, then restart walbridge",
                         c.table.qualified_name(),
-                        c.key_array,
+                        crate::telemetry::shown_row(&c.key_array),
                         c.id
                     ))));
                 }
@@ -855,7 +859,7 @@ impl<'a> Worker<'a> {
 
         // 4. Dead rows go to S before T commits; writing them twice is harmless.
         for item in items {
-            if let Kind::Dead(error) = &item.kind {
+            if let Kind::Dead(error, _) = &item.kind {
                 self.s
                     .dead(self.config, &item.row, &tgt, error)
                     .await
@@ -901,7 +905,7 @@ impl<'a> Worker<'a> {
                         .inc();
                     txids.insert(item.row.txid.unwrap_or(item.row.id as u64));
                 }
-                Kind::Dead(error) => {
+                Kind::Dead(_, error) => {
                     m.trigger_dead_rows.with_label_values(&[&src]).inc();
                     m.errors
                         .with_label_values(&[&src, &tgt, "trigger_row"])
@@ -1282,6 +1286,18 @@ impl Target {
             )
             .await
             .map_err(err("setting up the apply session"))?;
+        // The source's rows of a batch are deleted once T has committed it, so that commit
+        // must be on T's disk first: with the server's (or role's) `synchronous_commit = off`
+        // a crash of T right after the delete would lose the batch for good. Every other
+        // value (`local`, `on`, `remote_write`, `remote_apply`) flushes locally and is kept.
+        client
+            .execute(
+                "SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
+                  WHERE pg_catalog.current_setting('synchronous_commit') = 'off'",
+                &[],
+            )
+            .await
+            .map_err(err("setting synchronous_commit for the apply session"))?;
         let origin = config.origin_name(source);
         let origin_ok = match client
             .execute(
