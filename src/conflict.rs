@@ -181,6 +181,23 @@ pub fn wins(policy: ConflictPolicy, a: Version, b: Version) -> bool {
     }
 }
 
+/// Whether a source transaction committed at `next` may be applied in the same target
+/// transaction as one committed at `first`, in a configuration of `node_count` nodes.
+///
+/// A target transaction carries one commit time and origin, so every row it writes gets the
+/// stamp of its last source transaction. With two nodes that never changes a decision: the
+/// only versions compared with such a row are the same source's later changes and the
+/// target's own local writes, which are not decided. With three or more, a third node's
+/// change is compared with the stamp, so only transactions of one commit time share it: every
+/// version then keeps its exact source commit time and writer, whatever the grouping.
+pub fn may_share_stamp(
+    node_count: usize,
+    first: Option<PgTimestamp>,
+    next: Option<PgTimestamp>,
+) -> bool {
+    node_count <= 2 || first == next
+}
+
 /// Decides one incoming change against the target's state.
 pub fn decide(policy: ConflictPolicy, incoming: Incoming, local: LocalState) -> Decision {
     let conflict = |kind: ConflictKind, applied: bool, action: Action| {

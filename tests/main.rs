@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod conflict_model;
 mod conflicts;
 mod copy;
 mod decoding;

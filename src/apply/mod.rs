@@ -15,11 +15,11 @@
 //! A group holds what the source has already delivered (it closes as soon as the source has
 //! nothing queued, so a quiet stream applies each transaction alone, at once); consecutive
 //! INSERTs into one table become multi-row INSERTs across its transactions. Conflict checks
-//! compare each change's own commit time; the rows a group writes carry its last commit time,
-//! at most one group span later than their own. With two nodes that cannot change an outcome
-//! (every other version of those rows is the target's own, whose times are exact); with three
-//! or more, a group spans at most `ApplyLimits::group_span` of source commit time, so only
-//! writes that close together on a third node could be ordered differently.
+//! compare each change's own commit time; the rows a group writes carry its last commit time.
+//! With two nodes that cannot change an outcome (every other version of those rows is the
+//! target's own, whose times are exact); with three or more, a group only holds transactions
+//! of one commit time ([`crate::conflict::may_share_stamp`]), so every row keeps its exact
+//! source commit time and writer.
 //!
 //! Many groups are in flight at once. Statements are *optimistic*: each asserts that exactly
 //! the expected rows changed and that no conflict was possible. If one fails, its group rolls
@@ -63,8 +63,6 @@ pub struct ApplyLimits {
     pub max_in_flight: usize,
     /// Source transactions per group at most.
     pub max_group_transactions: usize,
-    /// With three or more nodes, source commit time one group may span.
-    pub group_span: Duration,
     /// Changes of one transaction kept for a careful redo; a larger transaction that
     /// conflicts is read again from the source and applied change by change.
     pub max_buffered_changes: usize,
@@ -81,7 +79,6 @@ impl Default for ApplyLimits {
         ApplyLimits {
             max_in_flight: 64,
             max_group_transactions: 2_000,
-            group_span: Duration::from_millis(2),
             max_buffered_changes: 20_000,
             insert_batch_rows: 1024,
             copy_min_rows: 64,
@@ -199,7 +196,8 @@ pub struct Applier {
     metrics: Metrics,
     writers: Writers,
     limits: ApplyLimits,
-    group_span: Option<Duration>,
+    /// Nodes in the configuration: with three or more, a group holds one commit time only.
+    node_count: usize,
     tables: HashMap<u32, Arc<TableState>>,
     relations: HashMap<u32, Arc<Relation>>,
     prepared: HashMap<String, String>,
@@ -363,7 +361,7 @@ impl Applier {
                 _ => {}
             }
         }
-        let group_span = (config.nodes.len() > 2).then_some(limits.group_span);
+        let node_count = config.nodes.len();
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -379,7 +377,7 @@ impl Applier {
                 metrics,
                 writers,
                 limits,
-                group_span,
+                node_count,
                 tables: HashMap::new(),
                 relations: HashMap::new(),
                 prepared,
@@ -616,15 +614,17 @@ impl Applier {
     ) -> Result<Outcome, DirectionError> {
         match event {
             Event::Begin(begin) => {
-                // A third node's writes may race these rows: bound the group's time span.
-                let span_exceeded = match (&self.group, self.group_span) {
-                    (Some(g), Some(span)) => {
-                        begin.commit_time.0 - g.first_commit_time.0 > span.as_micros() as i64
-                    }
-                    _ => false,
-                };
+                // The group's rows carry one stamp: close it where that stamp could change a
+                // third node's conflict decision.
+                let must_close = self.group.as_ref().is_some_and(|g| {
+                    !crate::conflict::may_share_stamp(
+                        self.node_count,
+                        Some(g.first_commit_time),
+                        Some(begin.commit_time),
+                    )
+                });
                 let mut outcome = Outcome::Continue;
-                if span_exceeded {
+                if must_close {
                     outcome = self.close_group().await?;
                 }
                 let careful = std::mem::take(&mut self.careful_next);
