@@ -10,6 +10,7 @@ mod decoding;
 mod demo;
 mod heavy;
 mod heavy_convergence;
+mod heavy_histories;
 mod heavy_resilience;
 mod localpg;
 mod observability;
