@@ -19,7 +19,9 @@
 //! With two nodes that cannot change an outcome (every other version of those rows is the
 //! target's own, whose times are exact); with three or more, a group only holds transactions
 //! of one commit time ([`crate::conflict::may_share_stamp`]), so every row keeps its exact
-//! source commit time and writer.
+//! source commit time and writer. With three or more nodes every group (and careful
+//! transaction) also starts by taking this target's applier lock
+//! ([`crate::conflict::SERIALIZE_APPLIERS_SQL`]), so appliers from different sources take turns.
 //!
 //! Many groups are in flight at once. Statements are *optimistic*: each asserts that exactly
 //! the expected rows changed and that no conflict was possible. If one fails, its group rolls
@@ -338,9 +340,13 @@ impl Applier {
         // that group fails.
         let mut enc = Encoder::default();
         let mut prepared = HashMap::new();
-        for (i, sql) in [sql::APPLY_FINISH, sql::FLUSHED_PROGRESS]
-            .iter()
-            .enumerate()
+        for (i, sql) in [
+            sql::APPLY_FINISH,
+            sql::FLUSHED_PROGRESS,
+            crate::conflict::SERIALIZE_APPLIERS_SQL,
+        ]
+        .iter()
+        .enumerate()
         {
             let name = format!("wb_fixed{i}");
             enc.parse(&name, sql).map_err(proto)?;
@@ -667,12 +673,23 @@ impl Applier {
         })
     }
 
-    fn open_group(&mut self) -> &mut OpenGroup {
+    fn open_group(&mut self) -> Result<&mut OpenGroup, DirectionError> {
         let commit_time = self
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
-        self.group.get_or_insert_with(|| OpenGroup {
+        if self.group.is_none() && crate::conflict::appliers_take_turns(self.node_count) {
+            // First statement of the group's transaction: take turns with the other sources'
+            // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
+            if let Some(name) = self
+                .prepared
+                .get(crate::conflict::SERIALIZE_APPLIERS_SQL)
+                .cloned()
+            {
+                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+            }
+        }
+        Ok(self.group.get_or_insert_with(|| OpenGroup {
             members: Vec::new(),
             first_commit_time: commit_time,
             parsed: Vec::new(),
@@ -680,7 +697,7 @@ impl Applier {
             batch_table: None,
             guarded: Vec::new(),
             opened: Instant::now(),
-        })
+        }))
     }
 
     /// In careful mode (after a restream), changes are applied one by one as they arrive.
@@ -739,7 +756,7 @@ impl Applier {
                 DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
             })?;
         }
-        self.open_group();
+        self.open_group()?;
         match change.op {
             ChangeOp::Insert => {
                 let oid = change.relation.oid;
@@ -751,7 +768,7 @@ impl Applier {
                     self.flush_batch().await?;
                 }
                 let full = {
-                    let group = self.open_group();
+                    let group = self.open_group()?;
                     group.batch_table = Some(oid);
                     if let Some(new) = &change.new {
                         group.batch.push(new.clone());
@@ -950,7 +967,7 @@ impl Applier {
                 items.push(Item::Truncate(t.clone()));
             }
         }
-        self.open_group();
+        self.open_group()?;
         self.flush_batch().await?;
         let sql = self.truncate_sql(&t).await?;
         self.enc.parse("", &sql).map_err(proto)?;
@@ -1001,7 +1018,7 @@ impl Applier {
             truncates: open.truncates,
             started: open.started,
         };
-        self.open_group().members.push(sent);
+        self.open_group()?.members.push(sent);
         self.maybe_close(more_pending).await
     }
 

@@ -636,6 +636,13 @@ impl<'a> Worker<'a> {
             .transaction()
             .await
             .map_err(fatal("starting a transaction"))?;
+        // With three or more nodes, take turns with the other appliers to T first (see
+        // `conflict::SERIALIZE_APPLIERS_SQL`).
+        if conflict::appliers_take_turns(self.config.nodes.len()) {
+            txn.execute(conflict::SERIALIZE_APPLIERS_SQL, &[])
+                .await
+                .map_err(fatal("waiting for the other appliers to this node"))?;
+        }
         // Stamp the transaction with the source's commit time (the latest of the batch; with
         // three or more nodes the only one, see `cut_at_stamp`), so last-write-wins on T
         // compares real times and T's decoding sees the origin.
