@@ -181,6 +181,39 @@ pub fn wins(policy: ConflictPolicy, a: Version, b: Version) -> bool {
     }
 }
 
+/// Whether a source transaction committed at `next` may be applied in the same target
+/// transaction as one committed at `first`, in a configuration of `node_count` nodes.
+///
+/// A target transaction carries one commit time and origin, so every row it writes gets the
+/// stamp of its last source transaction. With two nodes that never changes a decision: the
+/// only versions compared with such a row are the same source's later changes and the
+/// target's own local writes, which are not decided. With three or more, a third node's
+/// change is compared with the stamp, so only transactions of one commit time share it: every
+/// version then keeps its exact source commit time and writer, whatever the grouping.
+pub fn may_share_stamp(
+    node_count: usize,
+    first: Option<PgTimestamp>,
+    next: Option<PgTimestamp>,
+) -> bool {
+    node_count <= 2 || first == next
+}
+
+/// First statement of every transaction that applies replicated changes on a target of a
+/// configuration with three or more nodes: one transaction-level advisory lock per database,
+/// so the appliers from different sources to one target take turns.
+///
+/// Without it, two changes of a key that is missing on the target can both commit unseen by
+/// each other: a delete from one source records a tombstone while an older insert from
+/// another source checks for tombstones in a snapshot taken before that one committed, and the
+/// row stays on this node only. A missing row has no row lock to wait on; this lock stands in
+/// for it. With two nodes a target has one source and needs none.
+pub const SERIALIZE_APPLIERS_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock(2003985009, 1)";
+
+/// Whether appliers to one target must take [`SERIALIZE_APPLIERS_SQL`].
+pub fn appliers_take_turns(node_count: usize) -> bool {
+    node_count > 2
+}
+
 /// Decides one incoming change against the target's state.
 pub fn decide(policy: ConflictPolicy, incoming: Incoming, local: LocalState) -> Decision {
     let conflict = |kind: ConflictKind, applied: bool, action: Action| {

@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod conflict_model;
 mod conflicts;
 mod copy;
 mod data_safety;
@@ -11,6 +12,7 @@ mod demo;
 mod faults;
 mod heavy;
 mod heavy_convergence;
+mod heavy_histories;
 mod heavy_resilience;
 mod localpg;
 mod observability;

@@ -109,12 +109,23 @@ impl Applier {
         commit: &Commit,
     ) -> Result<Vec<Resolved>, Failed> {
         self.exec("BEGIN", &[]).await?;
+        self.take_turn().await?;
         let mut conflicts = Vec::new();
         for item in items {
             self.careful_item(begin, item, &mut conflicts).await?;
         }
         self.careful_commit(commit).await?;
         Ok(conflicts)
+    }
+
+    /// With three or more nodes, waits for this target's other appliers (first statement of a
+    /// careful transaction; see `conflict::SERIALIZE_APPLIERS_SQL`).
+    async fn take_turn(&mut self) -> Result<(), Failed> {
+        if crate::conflict::appliers_take_turns(self.node_count) {
+            self.exec(crate::conflict::SERIALIZE_APPLIERS_SQL, &[])
+                .await?;
+        }
+        Ok(())
     }
 
     async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
@@ -140,8 +151,12 @@ impl Applier {
         begin: Begin,
         sent: Sent,
     ) -> Result<(), DirectionError> {
-        match self.exec("BEGIN", &[]).await {
-            Ok(_) => {}
+        let begun = match self.exec("BEGIN", &[]).await {
+            Ok(_) => self.take_turn().await,
+            Err(f) => Err(f),
+        };
+        match begun {
+            Ok(()) => {}
             Err(Failed::Server(e)) => {
                 return Err(DirectionError::transient(format!(
                     "node {}: BEGIN failed: {e}",

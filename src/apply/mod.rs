@@ -15,11 +15,13 @@
 //! A group holds what the source has already delivered (it closes as soon as the source has
 //! nothing queued, so a quiet stream applies each transaction alone, at once); consecutive
 //! INSERTs into one table become multi-row INSERTs across its transactions. Conflict checks
-//! compare each change's own commit time; the rows a group writes carry its last commit time,
-//! at most one group span later than their own. With two nodes that cannot change an outcome
-//! (every other version of those rows is the target's own, whose times are exact); with three
-//! or more, a group spans at most `ApplyLimits::group_span` of source commit time, so only
-//! writes that close together on a third node could be ordered differently.
+//! compare each change's own commit time; the rows a group writes carry its last commit time.
+//! With two nodes that cannot change an outcome (every other version of those rows is the
+//! target's own, whose times are exact); with three or more, a group only holds transactions
+//! of one commit time ([`crate::conflict::may_share_stamp`]), so every row keeps its exact
+//! source commit time and writer. With three or more nodes every group (and careful
+//! transaction) also starts by taking this target's applier lock
+//! ([`crate::conflict::SERIALIZE_APPLIERS_SQL`]), so appliers from different sources take turns.
 //!
 //! Many groups are in flight at once. Statements are *optimistic*: each asserts that exactly
 //! the expected rows changed and that no conflict was possible. If one fails, its group rolls
@@ -63,8 +65,6 @@ pub struct ApplyLimits {
     pub max_in_flight: usize,
     /// Source transactions per group at most.
     pub max_group_transactions: usize,
-    /// With three or more nodes, source commit time one group may span.
-    pub group_span: Duration,
     /// Changes of one transaction kept for a careful redo; a larger transaction that
     /// conflicts is read again from the source and applied change by change.
     pub max_buffered_changes: usize,
@@ -81,7 +81,6 @@ impl Default for ApplyLimits {
         ApplyLimits {
             max_in_flight: 64,
             max_group_transactions: 2_000,
-            group_span: Duration::from_millis(2),
             max_buffered_changes: 20_000,
             insert_batch_rows: 1024,
             copy_min_rows: 64,
@@ -199,7 +198,8 @@ pub struct Applier {
     metrics: Metrics,
     writers: Writers,
     limits: ApplyLimits,
-    group_span: Option<Duration>,
+    /// Nodes in the configuration: with three or more, a group holds one commit time only.
+    node_count: usize,
     tables: HashMap<u32, Arc<TableState>>,
     relations: HashMap<u32, Arc<Relation>>,
     prepared: HashMap<String, String>,
@@ -345,9 +345,13 @@ impl Applier {
         // that group fails.
         let mut enc = Encoder::default();
         let mut prepared = HashMap::new();
-        for (i, sql) in [sql::APPLY_FINISH, sql::FLUSHED_PROGRESS]
-            .iter()
-            .enumerate()
+        for (i, sql) in [
+            sql::APPLY_FINISH,
+            sql::FLUSHED_PROGRESS,
+            crate::conflict::SERIALIZE_APPLIERS_SQL,
+        ]
+        .iter()
+        .enumerate()
         {
             let name = format!("wb_fixed{i}");
             enc.parse(&name, sql).map_err(proto)?;
@@ -368,7 +372,7 @@ impl Applier {
                 _ => {}
             }
         }
-        let group_span = (config.nodes.len() > 2).then_some(limits.group_span);
+        let node_count = config.nodes.len();
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -384,7 +388,7 @@ impl Applier {
                 metrics,
                 writers,
                 limits,
-                group_span,
+                node_count,
                 tables: HashMap::new(),
                 relations: HashMap::new(),
                 prepared,
@@ -621,16 +625,17 @@ impl Applier {
     ) -> Result<Outcome, DirectionError> {
         match event {
             Event::Begin(begin) => {
-                // A third node's writes may race these rows: bound the group's time span.
-                let span_exceeded = match (&self.group, self.group_span) {
-                    (Some(g), Some(span)) => {
-                        g.first_commit_time.micros_until(begin.commit_time)
-                            > i64::try_from(span.as_micros()).unwrap_or(i64::MAX)
-                    }
-                    _ => false,
-                };
+                // The group's rows carry one stamp: close it where that stamp could change a
+                // third node's conflict decision.
+                let must_close = self.group.as_ref().is_some_and(|g| {
+                    !crate::conflict::may_share_stamp(
+                        self.node_count,
+                        Some(g.first_commit_time),
+                        Some(begin.commit_time),
+                    )
+                });
                 let mut outcome = Outcome::Continue;
-                if span_exceeded {
+                if must_close {
                     outcome = self.close_group().await?;
                 }
                 let careful = std::mem::take(&mut self.careful_next);
@@ -673,12 +678,23 @@ impl Applier {
         })
     }
 
-    fn open_group(&mut self) -> &mut OpenGroup {
+    fn open_group(&mut self) -> Result<&mut OpenGroup, DirectionError> {
         let commit_time = self
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
-        self.group.get_or_insert_with(|| OpenGroup {
+        if self.group.is_none() && crate::conflict::appliers_take_turns(self.node_count) {
+            // First statement of the group's transaction: take turns with the other sources'
+            // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
+            if let Some(name) = self
+                .prepared
+                .get(crate::conflict::SERIALIZE_APPLIERS_SQL)
+                .cloned()
+            {
+                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+            }
+        }
+        Ok(self.group.get_or_insert_with(|| OpenGroup {
             members: Vec::new(),
             first_commit_time: commit_time,
             parsed: Vec::new(),
@@ -686,7 +702,7 @@ impl Applier {
             batch_table: None,
             guarded: Vec::new(),
             opened: Instant::now(),
-        })
+        }))
     }
 
     /// In careful mode (after a restream), changes are applied one by one as they arrive.
@@ -757,7 +773,7 @@ impl Applier {
                 DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
             })?;
         }
-        self.open_group();
+        self.open_group()?;
         match change.op {
             ChangeOp::Insert => {
                 let oid = change.relation.oid;
@@ -769,7 +785,7 @@ impl Applier {
                     self.flush_batch().await?;
                 }
                 let full = {
-                    let group = self.open_group();
+                    let group = self.open_group()?;
                     group.batch_table = Some(oid);
                     if let Some(new) = &change.new {
                         group.batch.push(new.clone());
@@ -986,7 +1002,7 @@ impl Applier {
                 items.push(Item::Truncate(t.clone()));
             }
         }
-        self.open_group();
+        self.open_group()?;
         self.flush_batch().await?;
         let sql = self.truncate_sql(&t).await?;
         self.enc.parse("", &sql).map_err(proto)?;
@@ -1051,7 +1067,7 @@ impl Applier {
             truncates: open.truncates,
             started: open.started,
         };
-        self.open_group().members.push(sent);
+        self.open_group()?.members.push(sent);
         self.maybe_close(more_pending).await
     }
 

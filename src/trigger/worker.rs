@@ -423,11 +423,16 @@ impl<'a> Worker<'a> {
         }
         let full = rows.len() >= batch_size;
         let mut items = self.prepare(rows).await?;
-        let outcome = self.apply(&mut items, snapshot_hold, late_capped).await?;
+        // Rows left out by the cut stay visible in this snapshot: keep the hold horizon, as
+        // for capped late rows, so they are read again.
+        let cut = cut_at_stamp(&mut items, self.config.nodes.len());
+        let outcome = self
+            .apply(&mut items, snapshot_hold, late_capped || cut)
+            .await?;
         let truncated = outcome.truncated;
         self.after_commit(&items, outcome, started).await?;
-        self.update_depth(full || truncated).await;
-        Ok(full || truncated || late_capped)
+        self.update_depth(full || truncated || cut).await;
+        Ok(full || truncated || late_capped || cut)
     }
 
     /// Reads late rows and new rows in one snapshot, and that snapshot's xmin.
@@ -635,8 +640,16 @@ impl<'a> Worker<'a> {
             .transaction()
             .await
             .map_err(fatal("starting a transaction"))?;
-        // Stamp the transaction with the source's commit time (the latest of the batch), so
-        // last-write-wins on T compares real times and T's decoding sees the origin.
+        // With three or more nodes, take turns with the other appliers to T first (see
+        // `conflict::SERIALIZE_APPLIERS_SQL`).
+        if conflict::appliers_take_turns(self.config.nodes.len()) {
+            txn.execute(conflict::SERIALIZE_APPLIERS_SQL, &[])
+                .await
+                .map_err(fatal("waiting for the other appliers to this node"))?;
+        }
+        // Stamp the transaction with the source's commit time (the latest of the batch; with
+        // three or more nodes the only one, see `cut_at_stamp`), so last-write-wins on T
+        // compares real times and T's decoding sees the origin.
         let newest = items
             .iter()
             .filter(|i| matches!(i.kind, Kind::Change(_)))
@@ -1467,6 +1480,29 @@ impl Target {
 }
 
 /// The target's state from a lookup row; `origins` maps roident to node.
+/// A batch is one transaction on T, stamped with one commit time. With three or more nodes,
+/// ends the batch before the first change whose source commit time differs from the first
+/// change's ([`conflict::may_share_stamp`]), so every applied row keeps its exact time. True
+/// when rows were left for the next batch.
+fn cut_at_stamp(items: &mut Vec<Item>, node_count: usize) -> bool {
+    let mut first = None;
+    for (i, item) in items.iter().enumerate() {
+        if !matches!(item.kind, Kind::Change(_)) {
+            continue;
+        }
+        let time = item.row.time();
+        match first {
+            None => first = Some(time),
+            Some(f) if !conflict::may_share_stamp(node_count, f, time) => {
+                items.truncate(i);
+                return true;
+            }
+            Some(_) => {}
+        }
+    }
+    false
+}
+
 fn local_state(origins: &HashMap<u32, String>, row: Option<&tokio_postgres::Row>) -> Local {
     {
         let Some(r) = row else {
