@@ -474,3 +474,36 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
         );
     });
 }
+
+#[test]
+fn retention_purges_old_conflict_records_and_tombstones_at_start() {
+    let d = Deployment::new(
+        &["a", "b"],
+        SCHEMA,
+        "tables = [\"public.items\"]\nconflict_retention = \"1h\"\ntombstone_retention = \"1s\"",
+    );
+    d.walbridge_ok(&["setup"]);
+    // A tombstone (the delete's commit time is its age) and two conflict records, one past
+    // the retention and one within it.
+    d.sql("a", "INSERT INTO items VALUES (1, 'x'); DELETE FROM items WHERE id = 1");
+    assert_eq!(d.sql("a", "SELECT count(*) FROM walbridge.tombstones"), "1");
+    d.sql(
+        "a",
+        "INSERT INTO walbridge.conflicts (resolved_at, source, target, table_name, key, kind, resolution)
+         VALUES (now() - interval '2 hours', 'b', 'a', 'public.items', '{\"id\": 7}', 'update_missing', 'skipped'),
+                (now(), 'b', 'a', 'public.items', '{\"id\": 8}', 'update_missing', 'skipped')",
+    );
+    // The tombstone must be older than its 1 s retention when the purge runs.
+    d.wait_for(
+        "a",
+        "SELECT bool_and(now() - pg_xact_commit_timestamp(xmin) > interval '2 seconds') FROM walbridge.tombstones",
+        "t",
+    );
+    let _run = d.spawn_run("run.log");
+    d.wait_for("a", "SELECT count(*) FROM walbridge.tombstones", "0");
+    d.wait_for(
+        "a",
+        "SELECT string_agg(key->>'id', ',' ORDER BY id) FROM walbridge.conflicts",
+        "8",
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::pgconn;
@@ -17,14 +17,10 @@ const INTERVAL: Duration = Duration::from_secs(600);
 
 /// Purges until shutdown.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) {
-    let conflicts = format!(
-        "{} seconds",
-        config.replication.conflict_retention.as_secs()
-    );
-    let tombstones = format!(
-        "{} seconds",
-        config.replication.tombstone_retention.as_secs()
-    );
+    // Whole seconds as float8: a parameter of a type tokio-postgres can send, turned into an
+    // interval by the server (`make_interval`), so no text is parsed on either side.
+    let conflicts = config.replication.conflict_retention.as_secs_f64();
+    let tombstones = config.replication.tombstone_retention.as_secs_f64();
     loop {
         for node in &config.nodes {
             let Ok(client) = pgconn::connect(&node.dsn, "walbridge-housekeeping").await else {
@@ -33,11 +29,15 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) {
             let result = client
                 .query_one(
                     "WITH c AS (DELETE FROM walbridge.conflicts
-                                 WHERE resolved_at < pg_catalog.now() - $1::interval RETURNING 1),
+                                 WHERE resolved_at < pg_catalog.now()
+                                       - pg_catalog.make_interval(secs => $1::float8)
+                                 RETURNING 1),
                           t AS (DELETE FROM walbridge.tombstones
                                  WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(xmin), '-infinity')
-                                       < pg_catalog.now() - $2::interval RETURNING 1)
-                     SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM t)",
+                                       < pg_catalog.now()
+                                         - pg_catalog.make_interval(secs => $2::float8)
+                                 RETURNING 1)
+                     SELECT (SELECT pg_catalog.count(*) FROM c), (SELECT pg_catalog.count(*) FROM t)",
                     &[&conflicts, &tombstones],
                 )
                 .await;
@@ -48,7 +48,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) {
                         info!(node = %node.name, conflicts = c, tombstones = t, "purged old bookkeeping rows");
                     }
                 }
-                Err(e) => debug!(node = %node.name, error = %e, "housekeeping skipped"),
+                Err(e) => warn!(node = %node.name, error = %e, "housekeeping skipped: old conflict records and tombstones were not purged"),
             }
         }
         tokio::select! {
