@@ -65,6 +65,9 @@ fn both_directions_pgoutput() {
 
 #[test]
 fn both_directions_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
     both_directions("wal2json");
 }
 
