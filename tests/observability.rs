@@ -312,6 +312,23 @@ fn metrics_count_exactly_the_rows_changed() {
             .is_some());
         assert!(first.value("walbridge_direction_up", &dir(s, t)).is_some());
     }
+    // The standard process metrics of the walbridge process itself.
+    assert!(first.value("process_cpu_seconds_total", &[]).is_some());
+    assert!(first
+        .value("process_start_time_seconds", &[])
+        .is_some_and(|t| t > 1.0e9));
+    assert!(first
+        .value("process_open_fds", &[])
+        .is_some_and(|n| n > 0.0));
+    let rss = first.value("process_resident_memory_bytes", &[]);
+    assert!(rss.is_some_and(|b| b > 1.0e6), "resident memory {rss:?}");
+    assert_eq!(
+        first
+            .types
+            .get("process_cpu_seconds_total")
+            .map(String::as_str),
+        Some("counter")
+    );
     for n in ["east", "west"] {
         assert_eq!(
             first.value("walbridge_echo_suppressed_total", &[("node", n)]),
