@@ -136,6 +136,8 @@ pub struct LocalCluster {
     data: PathBuf,
     bin: PathBuf,
     major: u32,
+    /// The server has Debian's `output_plugin_libraries` allow-list (15.20+).
+    plugin_allowlist: bool,
     port: u16,
     run_as_postgres: bool,
     running: bool,
@@ -153,6 +155,7 @@ impl LocalCluster {
             None
         };
         let major = server_major(&bin)?;
+        let plugin_allowlist = has_setting(&bin, "output_plugin_libraries");
         let template = ensure_template(&bin, major, owner)?;
 
         let base = make_temp_dir("walbridge-pg-")?;
@@ -166,6 +169,7 @@ impl LocalCluster {
             data,
             bin,
             major,
+            plugin_allowlist,
             port: 0,
             run_as_postgres,
             running: false,
@@ -230,6 +234,11 @@ impl LocalCluster {
         );
         if options.fast_and_unsafe {
             conf.push_str("fsync = off\nfull_page_writes = off\n");
+        }
+        if self.plugin_allowlist {
+            // Debian's PostgreSQL 15.20 lets replication users decode only through the output
+            // plugins listed here (default pgoutput and test_decoding); the tests use wal2json.
+            conf.push_str("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'\n");
         }
         for line in &options.conf {
             conf.push_str(line);
@@ -552,6 +561,21 @@ pub fn client_tool(bin: &Path, tool: &str) -> Result<PathBuf, LocalPgError> {
         .ok_or_else(|| LocalPgError::NoClient {
             tool: tool.to_string(),
         })
+}
+
+/// Whether the server in `bin` knows the setting `name` (`postgres --describe-config`).
+fn has_setting(bin: &Path, name: &str) -> bool {
+    Command::new(bin.join("postgres"))
+        .arg("--describe-config")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.split('\t').next() == Some(name))
+        })
+        .unwrap_or(false)
 }
 
 /// The major version of the server in `bin`, from `postgres --version`
