@@ -158,7 +158,7 @@ struct Poller {
 
 impl Poller {
     fn new(c: &LocalCluster) -> Self {
-        let child = Command::new(c.bin_dir().join("psql"))
+        let child = Command::new(c.client_tool("psql").expect("psql"))
             .args([
                 "-X",
                 "-A",
@@ -214,7 +214,7 @@ fn pgbench(c: &LocalCluster, script: &str, args: &[&str]) -> String {
         .base_dir()
         .join(format!("bench-{}.sql", rand::random::<u32>()));
     std::fs::write(&path, script).expect("script");
-    let out = Command::new(c.bin_dir().join("pgbench"))
+    let out = Command::new(c.client_tool("pgbench").expect("pgbench"))
         .args([
             "-n",
             "-h",

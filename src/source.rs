@@ -23,6 +23,11 @@
 //!                        ▼
 //!       describe s.t from the catalog, decode ──▶ Event
 //! ```
+//!
+//! Echo: what walbridge applied on this node carries a replication origin and must not travel
+//! on. With pgoutput on PostgreSQL 16+ the server leaves such transactions out (`origin
+//! 'none'`); wal2json filters them by id (`filter-origins`); on 15 pgoutput sends them and the
+//! source skips their changes undecoded, then `run` drops them: the client-side safety net.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -75,10 +80,11 @@ pub struct SourceOptions {
     pub application_name: String,
     /// Stream settings (status interval, buffer budget, cancellation).
     pub stream: StreamConfig,
-    /// Skip the change messages of transactions that carry an origin without decoding them
-    /// (their Begin, Origin and Commit still come through). `run` drops such transactions
-    /// anyway; on PostgreSQL 15 pgoutput cannot filter origins, so every change walbridge
-    /// applied on a node comes back in that node's stream.
+    /// Leave out transactions that carry an origin (walbridge's own applied changes, and
+    /// writes after `walbridge.skip_session()`). With pgoutput on PostgreSQL 16+ the server is
+    /// asked not to send them at all (`origin 'none'`). Elsewhere (pgoutput on 15) they still
+    /// arrive and their change messages are skipped without decoding (their Begin, Origin and
+    /// Commit still come through): the safety net, since `run` drops such transactions anyway.
     pub skip_echo_changes: bool,
 }
 
@@ -175,6 +181,8 @@ pub struct Source {
     /// wal2json 2.5 has no `numeric-data-types-as-string`: NaN/Infinity arrive as null.
     pub numeric_as_string: bool,
     skip_echo_changes: bool,
+    /// The server drops transactions with an origin before sending (pgoutput `origin 'none'`).
+    server_echo_filter: bool,
     /// Inside a transaction that carries an origin.
     in_echo: bool,
     /// wal2json: which tables to pass on.
@@ -185,6 +193,9 @@ pub struct Source {
     /// The node, for errors.
     node: String,
 }
+
+/// The first server version whose pgoutput takes `origin 'none'`.
+const ORIGIN_FILTER_SINCE: u32 = 160_000;
 
 /// Items the consumer sees.
 #[derive(Debug)]
@@ -203,7 +214,9 @@ pub enum SourceItem {
     },
 }
 
-fn pgoutput_options(opts: &SourceOptions) -> Vec<(String, String)> {
+/// `START_REPLICATION` options for pgoutput; `origin_none` asks the server (16+) to leave out
+/// every transaction that carries a replication origin.
+fn pgoutput_options(opts: &SourceOptions, origin_none: bool) -> Vec<(String, String)> {
     let mut v = vec![
         ("proto_version".to_string(), "1".to_string()),
         (
@@ -213,6 +226,9 @@ fn pgoutput_options(opts: &SourceOptions) -> Vec<(String, String)> {
     ];
     if opts.messages {
         v.push(("messages".to_string(), "true".to_string()));
+    }
+    if origin_none {
+        v.push(("origin".to_string(), "none".to_string()));
     }
     v
 }
@@ -341,8 +357,14 @@ impl Source {
         };
         let mut numeric_as_string = opts.plugin == Plugin::Wal2Json;
         let mut retried = false;
-        let (stream, feedback, driver, created) = loop {
+        let (stream, feedback, driver, created, server_echo_filter) = loop {
             let mut client = protocol::connect_replication(dsn, &opts.application_name).await?;
+            let server_echo_filter = opts.plugin == Plugin::PgOutput
+                && opts.skip_echo_changes
+                && client
+                    .connection()
+                    .server_version_num()
+                    .is_some_and(|v| v >= ORIGIN_FILTER_SINCE);
             let created = if temporary {
                 if retried {
                     // The failed attempt's session drops its temporary slot while it
@@ -389,14 +411,16 @@ impl Source {
                     Some(receive_timeout(shown.get(0, 0).unwrap_or("")));
             }
             let options = match opts.plugin {
-                Plugin::PgOutput => pgoutput_options(&opts),
+                Plugin::PgOutput => pgoutput_options(&opts, server_echo_filter),
                 Plugin::Wal2Json => wal2json_options(&opts, numeric_as_string),
             };
             match client
                 .start_logical(&opts.slot, opts.start, &options, stream_config)
                 .await
             {
-                Ok((stream, feedback, driver)) => break (stream, feedback, driver, created),
+                Ok((stream, feedback, driver)) => {
+                    break (stream, feedback, driver, created, server_echo_filter)
+                }
                 Err(e)
                     if numeric_as_string
                         && e.to_string().contains("numeric-data-types-as-string") =>
@@ -426,6 +450,7 @@ impl Source {
                 messages: opts.messages,
                 numeric_as_string,
                 skip_echo_changes: opts.skip_echo_changes,
+                server_echo_filter,
                 in_echo: false,
                 selection: opts.selection,
                 refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
@@ -434,6 +459,12 @@ impl Source {
             driver,
             created,
         ))
+    }
+
+    /// Whether the server leaves out transactions with an origin (pgoutput `origin 'none'`,
+    /// PostgreSQL 16+), so no echo reaches walbridge at all.
+    pub fn server_echo_filter(&self) -> bool {
+        self.server_echo_filter
     }
 
     /// Whether more is already received and waiting (decoded or not).

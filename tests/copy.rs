@@ -181,7 +181,7 @@ fn copy_while_writes_continue_then_run_streams_the_rest() {
           END LOOP;
         END $$";
     let c = d.node("east");
-    let mut writer = Command::new(c.bin_dir().join("psql"))
+    let mut writer = Command::new(c.client_tool("psql").expect("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
         .arg(c.port().to_string())
         .args(["-U", "postgres", "-d", "postgres", "-c", writer_sql])
@@ -342,7 +342,7 @@ fn interrupt_while_the_slot_waits_for_a_running_transaction() {
     // A transaction with an xid (and no lock on a replicated table, which setup's triggers
     // would wait for) keeps the slot from reaching its consistent point.
     let c = d.node("east");
-    let mut blocker = Command::new(c.bin_dir().join("psql"))
+    let mut blocker = Command::new(c.client_tool("psql").expect("psql"))
         .args(["-X", "-q", "-h", "127.0.0.1", "-p"])
         .arg(c.port().to_string())
         .args([
@@ -397,6 +397,9 @@ fn interrupt_while_the_slot_waits_for_a_running_transaction() {
 
 #[test]
 fn copy_to_two_peers_then_replicate_among_three() {
+    if !wal2json_available() {
+        return;
+    }
     let d = Deployment::new(
         &["east", "west", "north"],
         "CREATE TABLE public.t (id int PRIMARY KEY, v text);",

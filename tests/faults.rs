@@ -225,7 +225,7 @@ fn heavy_target_refusing_writes_is_retried_until_it_recovers() {
 
     // A lock held by someone else: the apply waits (it is working, not dead), then goes on.
     let c = d.node("b");
-    let mut locker = std::process::Command::new(c.bin_dir().join("psql"))
+    let mut locker = std::process::Command::new(c.client_tool("psql").expect("psql"))
         .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
         .args(["-U", "postgres", "-d", "postgres", "-c"])
         .arg("BEGIN; LOCK TABLE hot IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(14); COMMIT;")

@@ -40,7 +40,7 @@ fn run_scripts(d: &Deployment, seed: u64, phase: u64) {
             .unwrap();
         let c = d.node(node);
         children.push(
-            std::process::Command::new(c.bin_dir().join("psql"))
+            std::process::Command::new(c.client_tool("psql").expect("psql"))
                 .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
                 .args(["-U", "postgres", "-d", "postgres", "-f"])
                 .arg(&path)
@@ -131,7 +131,7 @@ fn heavy_pgbench_on_both_nodes_updating_the_same_rows_converges() {
         .unwrap();
         let c = d.node(node);
         benches.push(
-            std::process::Command::new(c.bin_dir().join("pgbench"))
+            std::process::Command::new(c.client_tool("pgbench").expect("pgbench"))
                 .args([
                     "-n",
                     "-h",

@@ -74,7 +74,7 @@ fn write_everywhere(d: &Deployment, seed: u64, phase: u64) {
             .expect("write script");
         let c = d.node(node);
         children.push(
-            std::process::Command::new(c.bin_dir().join("psql"))
+            std::process::Command::new(c.client_tool("psql").expect("psql"))
                 .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
                 .args(["-U", "postgres", "-d", "postgres", "-f"])
                 .arg(&path)

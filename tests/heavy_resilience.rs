@@ -11,7 +11,7 @@ const LEDGER: &str = "CREATE TABLE public.ledger (seq bigint NOT NULL, note text
 /// Starts a psql that commits `n` single-row ledger inserts on `node`, one per transaction.
 fn writer(d: &Deployment, node: &str, from: i64, n: i64, pause: &str) -> std::process::Child {
     let c = d.node(node);
-    std::process::Command::new(c.bin_dir().join("psql"))
+    std::process::Command::new(c.client_tool("psql").expect("psql"))
         .args([
             "-X",
             "-q",

@@ -26,3 +26,23 @@ fn cluster_starts_with_logical_wal_and_is_removed_on_drop() {
         "cluster directory {base:?} should be removed"
     );
 }
+
+/// `WALBRIDGE_PG_MAJOR` picks the server the whole suite runs against (default: Debian's 15).
+#[test]
+fn cluster_runs_the_server_version_asked_for() {
+    let c = cluster();
+    let expected: u32 = std::env::var("WALBRIDGE_PG_MAJOR")
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(15);
+    assert_eq!(c.major(), expected);
+    assert_eq!(pg_major(), expected);
+    let num: u32 = c
+        .psql("postgres", "SHOW server_version_num")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(num / 10000, expected);
+    // The server-only packages bring no psql; the Debian client talks to them.
+    assert!(c.client_tool("psql").unwrap().is_file());
+}

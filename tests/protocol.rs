@@ -288,6 +288,9 @@ async fn identify_system_reports_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_and_drop_slots() {
+    if !wal2json_available() {
+        return;
+    }
     let c = cluster();
     let mut r = replication(&c).await;
     let slot = r
@@ -427,6 +430,9 @@ async fn pgoutput_stream_delivers_a_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_consumer_is_kept_alive_by_status_updates() {
+    if !wal2json_available() {
+        return;
+    }
     let c = cluster_with(&["wal_sender_timeout = '2s'"]);
     psql(&c, "CREATE TABLE t (id int primary key, v text)");
     let mut r = replication(&c).await;
@@ -464,6 +470,9 @@ async fn stalled_consumer_is_kept_alive_by_status_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_budget_bounds_buffered_memory() {
+    if !wal2json_available() {
+        return;
+    }
     let c = cluster();
     psql(&c, "CREATE TABLE t (id int primary key, v text)");
     let mut r = replication(&c).await;
@@ -513,6 +522,9 @@ async fn byte_budget_bounds_buffered_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_stops_cleanly_and_releases_the_slot() {
+    if !wal2json_available() {
+        return;
+    }
     let c = cluster();
     psql(&c, "CREATE TABLE t (id int primary key)");
     let mut r = replication(&c).await;
@@ -604,6 +616,9 @@ async fn confirmed_lsn_reaches_the_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_shutdown_surfaces_a_transient_error() {
+    if !wal2json_available() {
+        return;
+    }
     let mut c = cluster();
     let mut r = replication(&c).await;
     r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)

@@ -69,6 +69,9 @@ fn both_directions_pgoutput() {
 
 #[test]
 fn both_directions_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
     both_directions("wal2json");
 }
 

@@ -8,7 +8,7 @@ use crate::support::*;
 /// Runs SQL through `psql` as `user` (the test clusters trust loopback connections); the
 /// output, or the error text when psql fails.
 fn psql_as(c: &LocalCluster, user: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new(c.bin_dir().join("psql"))
+    let out = Command::new(c.client_tool("psql").expect("psql"))
         .args([
             "-X",
             "-A",

@@ -316,6 +316,9 @@ fn crash_between_peer_commit_and_source_delete_repeats_nothing() {
 
 #[test]
 fn cut_over_to_stream_under_write_load_loses_and_repeats_nothing() {
+    if !wal2json_available() {
+        return;
+    }
     let mut d = Deployment::new(
         &["east", "west"],
         "CREATE TABLE public.items (id bigint PRIMARY KEY, note text);",

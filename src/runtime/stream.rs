@@ -309,7 +309,13 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             .await
             .map_err(|e| source_err(s, e))?;
         let stream_driver = tokio::spawn(driver);
-        info!(source = %s, target = %t, from = %start, "streaming");
+        info!(
+            source = %s,
+            target = %t,
+            from = %start,
+            server_echo_filter = source.server_echo_filter(),
+            "streaming"
+        );
         ctx.report(|st| {
             st.state = DirectionState::Streaming;
             st.last_error = None;

@@ -421,7 +421,7 @@ pub fn ledger_writer(
     } else {
         String::new()
     };
-    std::process::Command::new(c.bin_dir().join("psql"))
+    std::process::Command::new(c.client_tool("psql").expect("psql"))
         .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
         .args(["-U", "postgres", "-d", "postgres", "-c"])
         .arg(format!(
@@ -469,4 +469,36 @@ impl Deployment {
             .and_then(|n| n.parse().ok())
             .expect("a count")
     }
+}
+
+/// The major version of the PostgreSQL server the tests run against (chosen by
+/// `$WALBRIDGE_PG_MAJOR` / `$WALBRIDGE_PG_BIN`, default the Debian server, 15).
+pub fn pg_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let bin = walbridge::localpg::bin_dir().expect("PostgreSQL server binaries");
+        walbridge::localpg::server_major(&bin).expect("PostgreSQL server version")
+    })
+}
+
+/// Whether wal2json is available to the server under test (it is installed only for the
+/// Debian PostgreSQL 15). When not, prints the reason and returns false: a test that needs
+/// wal2json starts with `if !wal2json_available() { return; }`.
+pub fn wal2json_available() -> bool {
+    let installed = wal2json_installed();
+    if !installed {
+        eprintln!("skipped: wal2json is only installed for PostgreSQL 15");
+    }
+    installed
+}
+
+/// [`wal2json_available`] without the message, for set-up code shared with other tests.
+pub fn wal2json_installed() -> bool {
+    let bin = walbridge::localpg::bin_dir().expect("PostgreSQL server binaries");
+    bin.parent()
+        .map(|p| {
+            p.join("lib").join("wal2json.so").is_file()
+                || p.join("lib/postgresql/wal2json.so").is_file()
+        })
+        .unwrap_or(false)
 }
