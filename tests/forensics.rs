@@ -1,0 +1,210 @@
+//! Conflict forensics: `walbridge conflicts` merges every node's journal, `walbridge why`
+//! explains one row from its versions and the conflicts recorded for its key.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const SCHEMA: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text);";
+
+/// Two nodes under last-write-wins; row 1 seeded by `a`, then updated on both sides while
+/// replication is stopped (b's update is later), then replicated: b skips a's older update.
+fn update_update_conflict() -> Deployment {
+    let d = Deployment::new(
+        &["a", "b"],
+        SCHEMA,
+        "tables = [\"public.items\"]\nconflict = \"last_write_wins\"\npriority = [\"a\", \"b\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql("a", "INSERT INTO items VALUES (1, 'seed'), (2, 'seed')");
+    d.replicate_once("seed.log");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    d.replicate_once("run.log");
+    d
+}
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+#[test]
+fn conflicts_lists_every_nodes_journal_newest_last() {
+    let d = update_update_conflict();
+    // A second conflict, on a, later than the first.
+    d.sql("a", "INSERT INTO items VALUES (7, 'from a')");
+    d.sql("b", "INSERT INTO items VALUES (7, 'from b')");
+    d.replicate_once("run2.log");
+
+    let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
+    let list = out["conflicts"].as_array().expect("conflicts array");
+    let summary: Vec<String> = list
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {} {}>{}",
+                c["node"].as_str().unwrap_or("?"),
+                c["key"],
+                c["kind"].as_str().unwrap_or("?"),
+                c["resolution"].as_str().unwrap_or("?"),
+                c["source"].as_str().unwrap_or("?"),
+                c["target"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    // Newest last: the update conflict on b, then the two insert conflicts (one per node).
+    assert_eq!(summary.len(), 3, "{summary:#?}");
+    assert_eq!(summary[0], "b [\"1\"] update_older skipped a>b");
+    let mut later = summary[1..].to_vec();
+    later.sort();
+    assert_eq!(
+        later,
+        [
+            "a [\"7\"] insert_exists applied b>a",
+            "b [\"7\"] insert_exists skipped a>b"
+        ]
+    );
+    let times: Vec<&str> = list
+        .iter()
+        .map(|c| c["resolved_at"].as_str().unwrap_or(""))
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "newest last");
+    assert_eq!(list[0]["table"], "public.items");
+    assert_eq!(list[0]["local_row"]["v"], "from b");
+    assert_eq!(list[0]["remote_row"]["v"], "from a");
+    assert!(list[0]["remote_commit_ts"].is_string());
+    assert!(list[0]["local_commit_ts"].is_string());
+
+    // Filters: --table of another table, --since a window that is over, the text form.
+    let none = json(&d.walbridge_ok(&["conflicts", "--json", "--table", "public.other"]));
+    assert_eq!(none["conflicts"].as_array().map(Vec::len), Some(0));
+    let recent = json(&d.walbridge_ok(&["conflicts", "--json", "--since", "1h"]));
+    assert_eq!(recent["conflicts"].as_array().map(Vec::len), Some(3));
+    d.sql(
+        "b",
+        "UPDATE walbridge.conflicts SET resolved_at = resolved_at - interval '2 hours' WHERE kind = 'update_older'",
+    );
+    let recent = json(&d.walbridge_ok(&["conflicts", "--json", "--since", "1h"]));
+    assert_eq!(recent["conflicts"].as_array().map(Vec::len), Some(2));
+    let text = d.walbridge_ok(&["conflicts", "--table", "public.items"]);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(
+        text.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("update_older")),
+        "{text}"
+    );
+}
+
+#[test]
+fn why_explains_a_row_field_by_field() {
+    let d = update_update_conflict();
+    let out = json(&d.walbridge_ok(&[
+        "why",
+        "--node",
+        "a",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"id": 1}"#,
+        "--json",
+    ]));
+    assert_eq!(out["node"], "a");
+    assert_eq!(out["table"], "public.items");
+    assert_eq!(out["key"]["id"], 1);
+    assert_eq!(out["journal_key"], serde_json::json!(["1"]));
+    assert_eq!(out["policy"], "last_write_wins");
+    // On a, the row is b's version, applied through b's origin, with b's commit time.
+    let cur = &out["current"];
+    assert_eq!(cur["node"], "a");
+    assert_eq!(cur["exists"], true);
+    assert_eq!(cur["row"], serde_json::json!({"id": 1, "v": "from b"}));
+    assert_eq!(cur["written_by"], "b");
+    let b_commit = d.sql(
+        "b",
+        "SELECT pg_catalog.to_json(pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC')::text FROM items WHERE id = 1",
+    );
+    let b_commit = b_commit.trim_matches('"');
+    let cur_commit = cur["commit_time"].as_str().expect("commit time");
+    assert!(
+        cur_commit.starts_with(b_commit),
+        "{cur_commit} vs b's {b_commit}"
+    );
+    // On b, the same version, written by b itself.
+    let others = out["others"].as_array().expect("others");
+    assert_eq!(others.len(), 1);
+    assert_eq!(others[0]["node"], "b");
+    assert_eq!(
+        others[0]["row"],
+        serde_json::json!({"id": 1, "v": "from b"})
+    );
+    assert_eq!(others[0]["written_by"], "b");
+    assert_eq!(others[0]["commit_time"], cur["commit_time"]);
+    // The one conflict for the key, with both versions.
+    let c = out["conflicts"].as_array().expect("conflicts");
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0]["node"], "b");
+    assert_eq!(c[0]["kind"], "update_older");
+    assert_eq!(c[0]["resolution"], "skipped");
+    assert_eq!(c[0]["source"], "a");
+    assert_eq!(c[0]["local_row"]["v"], "from b");
+    assert_eq!(c[0]["remote_row"]["v"], "from a");
+    assert!(
+        c[0]["remote_commit_ts"].as_str() < c[0]["local_commit_ts"].as_str(),
+        "the incoming change was older: {c:?}"
+    );
+
+    // A row without conflicts, written by a: no conflicts, a wrote it.
+    let two = json(&d.walbridge_ok(&[
+        "why",
+        "--node",
+        "b",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"id": 2}"#,
+        "--json",
+    ]));
+    assert_eq!(two["current"]["written_by"], "a");
+    assert_eq!(two["others"][0]["written_by"], "a");
+    assert_eq!(two["conflicts"].as_array().map(Vec::len), Some(0));
+    // A missing row.
+    let gone = json(&d.walbridge_ok(&[
+        "why",
+        "--node",
+        "a",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"id": 99}"#,
+        "--json",
+    ]));
+    assert_eq!(gone["current"]["exists"], false);
+    // Text form names the versions and the conflict.
+    let text = d.walbridge_ok(&[
+        "why",
+        "--node",
+        "a",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"id": 1}"#,
+    ]);
+    assert!(
+        text.contains("written by b") && text.contains("update_older"),
+        "{text}"
+    );
+    // A key that does not name the key columns is a usage error.
+    let bad = d.walbridge(&[
+        "why",
+        "--node",
+        "a",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"v": "x"}"#,
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+}
