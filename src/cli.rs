@@ -83,7 +83,11 @@ pub enum Command {
 
 /// `walbridge conflicts`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ConflictsArgs {
+    /// `replay`, or nothing to list the journal.
+    #[command(subcommand)]
+    pub action: Option<ConflictsAction>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +97,33 @@ pub struct ConflictsArgs {
     /// Only conflicts of this table (schema.table).
     #[arg(long, value_name = "SCHEMA.TABLE")]
     pub table: Option<QualifiedName>,
+}
+
+/// Subcommands of `walbridge conflicts`.
+#[derive(Debug, Subcommand)]
+pub enum ConflictsAction {
+    /// Recompute every recorded conflict under another policy; list those that would end
+    /// differently. Read-only.
+    Replay(ReplayArgs),
+}
+
+/// `walbridge conflicts replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The policy to replay under: last_write_wins, node_priority or error.
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy_arg)]
+    pub policy: config::ConflictPolicy,
+    /// Only conflicts resolved within this long before now (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub since: Option<std::time::Duration>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_policy_arg(s: &str) -> Result<config::ConflictPolicy, String> {
+    s.parse()
+        .map_err(|_| "expected last_write_wins, node_priority or error".to_string())
 }
 
 /// `walbridge why`.
@@ -515,6 +546,17 @@ fn print_text(text: &str) {
 
 /// `walbridge conflicts`: every node's journal, newest last.
 async fn conflicts(config: Config, args: ConflictsArgs) -> Result<(), Failure> {
+    if let Some(ConflictsAction::Replay(replay)) = args.action {
+        let report = crate::forensics::replay(&config, replay.policy, replay.since)
+            .await
+            .map_err(forensics_failure)?;
+        return if replay.json {
+            print_json(&report)
+        } else {
+            print_text(&crate::forensics::render_replay(&report));
+            Ok(())
+        };
+    }
     let filter = crate::forensics::Filter {
         since: args.since,
         table: args.table,

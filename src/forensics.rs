@@ -26,7 +26,10 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 use crate::catalog;
-use crate::config::{quote_ident, Config, QualifiedName};
+use crate::config::{quote_ident, Config, ConflictPolicy, QualifiedName};
+use crate::conflict::{self, Action, Incoming, LocalState, Version};
+use crate::event::ChangeOp;
+use crate::lsn::PgTimestamp;
 use crate::pgconn;
 
 /// What went wrong reading the journals or the rows.
@@ -104,6 +107,16 @@ pub struct ConflictEntry {
     pub local_commit_ts: Option<String>,
     /// Commit time of the incoming change (RFC 3339, UTC).
     pub remote_commit_ts: Option<String>,
+    /// The policy that decided (`null`: journaled without the facts replay needs).
+    pub policy: Option<String>,
+    /// The node that wrote the target's version (row or tombstone).
+    pub local_writer: Option<String>,
+    /// Whether the target's version was a delete tombstone (no row).
+    pub local_tombstone: Option<bool>,
+    /// Whether the target's row equalled the change's old row (REPLICA IDENTITY FULL only).
+    pub row_equals_old: Option<bool>,
+    /// Whether the incoming row carried every column value.
+    pub complete_row: Option<bool>,
     #[serde(skip)]
     sort_micros: i64,
 }
@@ -149,7 +162,8 @@ const JOURNAL_SQL: &str = "\
 SELECT id, pg_catalog.to_json(resolved_at) #>> '{}', source, target, table_name, key::text,
        kind, resolution, local_row::text, remote_row::text,
        pg_catalog.to_json(local_commit_ts) #>> '{}', pg_catalog.to_json(remote_commit_ts) #>> '{}',
-       (pg_catalog.date_part('epoch', resolved_at) * 1000000)::int8
+       (pg_catalog.date_part('epoch', resolved_at) * 1000000)::int8,
+       policy, local_writer, local_tombstone, row_equals_old, complete_row
   FROM walbridge.conflicts
  WHERE ($1::float8 IS NULL
         OR resolved_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1::float8))
@@ -194,6 +208,11 @@ async fn journal_of(
             local_commit_ts: r.get(10),
             remote_commit_ts: r.get(11),
             sort_micros: r.get::<_, Option<i64>>(12).unwrap_or_default(),
+            policy: r.get(13),
+            local_writer: r.get(14),
+            local_tombstone: r.get(15),
+            row_equals_old: r.get(16),
+            complete_row: r.get(17),
         })
         .collect())
 }
@@ -500,6 +519,144 @@ pub fn render_why(r: &WhyReport) -> String {
                     .map_or("(none)".to_string(), |j| j.to_string()),
             );
         }
+    }
+    out
+}
+
+/// One journaled conflict whose outcome another policy would change.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayChange {
+    /// The journal entry.
+    pub conflict: ConflictEntry,
+    /// What the recorded policy decided (recomputed with [`conflict::decide`]).
+    pub recorded: String,
+    /// What the replayed policy decides.
+    pub replayed: String,
+}
+
+/// What `walbridge conflicts replay` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayReport {
+    /// The policy replayed.
+    pub policy: String,
+    /// Journal entries examined.
+    pub examined: usize,
+    /// Entries journaled without the facts a replay needs (before the journal kept them, or
+    /// written by the set-based last-write-wins statements or trigger mode).
+    pub not_replayable: usize,
+    /// Entries whose outcome would change, oldest first.
+    pub changed: Vec<ReplayChange>,
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::Insert => "insert",
+        Action::Update => "update",
+        Action::InsertFromUpdate => "insert_from_update",
+        Action::Delete => "delete",
+        Action::RecordTombstone => "record_tombstone",
+        Action::Skip => "skip",
+        Action::Stop => "stop",
+    }
+}
+
+/// The facts of a journal entry as [`conflict::decide`] takes them; `None` when the entry
+/// lacks them.
+fn facts(config: &Config, e: &ConflictEntry) -> Option<(ConflictPolicy, Incoming, LocalState)> {
+    let policy: ConflictPolicy = e.policy.as_deref()?.parse().ok()?;
+    let op = match e.kind.as_str() {
+        "insert_exists" => ChangeOp::Insert,
+        "update_missing" | "update_older" => ChangeOp::Update,
+        "delete_missing" | "delete_older" => ChangeOp::Delete,
+        _ => return None,
+    };
+    let time = |t: &Option<String>| t.as_deref().and_then(PgTimestamp::parse);
+    let incoming = Incoming {
+        op,
+        version: Version {
+            commit_time: time(&e.remote_commit_ts),
+            writer_rank: config.node_rank(&e.source),
+        },
+        complete_row: e.complete_row?,
+    };
+    let local_version = e.local_writer.as_deref().map(|w| Version {
+        commit_time: time(&e.local_commit_ts),
+        writer_rank: config.node_rank(w),
+    });
+    let tombstone = e.local_tombstone?;
+    let local = LocalState {
+        row: if e.local_row.is_some() {
+            local_version
+        } else {
+            None
+        },
+        row_equals_old: e.row_equals_old,
+        tombstone: if tombstone { local_version } else { None },
+    };
+    Some((policy, incoming, local))
+}
+
+/// Recomputes every journaled conflict (within `since`) under `policy`; read-only.
+pub async fn replay(
+    config: &Config,
+    policy: ConflictPolicy,
+    since: Option<Duration>,
+) -> Result<ReplayReport, ForensicsError> {
+    let filter = Filter {
+        since,
+        ..Filter::default()
+    };
+    let entries = conflicts(config, &filter).await?;
+    let mut report = ReplayReport {
+        policy: policy.to_string(),
+        examined: entries.len(),
+        not_replayable: 0,
+        changed: Vec::new(),
+    };
+    for e in entries {
+        let Some((recorded_policy, incoming, local)) = facts(config, &e) else {
+            report.not_replayable += 1;
+            continue;
+        };
+        let before = conflict::decide(recorded_policy, incoming, local).action;
+        let after = conflict::decide(policy, incoming, local).action;
+        if before != after {
+            report.changed.push(ReplayChange {
+                recorded: action_name(before).to_string(),
+                replayed: action_name(after).to_string(),
+                conflict: e,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// `walbridge conflicts replay` as text.
+pub fn render_replay(r: &ReplayReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "under {}: {} of {} recorded conflicts would end differently ({} not replayable)",
+        r.policy,
+        r.changed.len(),
+        r.examined,
+        r.not_replayable
+    );
+    for c in &r.changed {
+        let e = &c.conflict;
+        let _ = writeln!(
+            out,
+            "  {} on {}: {} {} {} from {}: {} (under {}) -> {}",
+            e.resolved_at,
+            e.node,
+            e.table,
+            e.key,
+            e.kind,
+            e.source,
+            c.recorded,
+            e.policy.as_deref().unwrap_or("?"),
+            c.replayed
+        );
     }
     out
 }

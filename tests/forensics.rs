@@ -208,3 +208,101 @@ fn why_explains_a_row_field_by_field() {
     ]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn replay_lists_the_conflicts_another_policy_would_decide_otherwise() {
+    let d = update_update_conflict();
+    d.sql("a", "INSERT INTO items VALUES (7, 'from a')");
+    d.sql("b", "INSERT INTO items VALUES (7, 'from b')");
+    d.replicate_once("run2.log");
+    let journal = |node: &str| {
+        d.sql(
+            node,
+            "SELECT string_agg(kind || ' ' || policy || ' ' || local_writer || ' ' || local_tombstone \
+             || ' ' || coalesce(row_equals_old::text, '-') || ' ' || complete_row, '; ' ORDER BY id) \
+             FROM walbridge.conflicts",
+        )
+    };
+    // The journal keeps the facts of each decision.
+    assert_eq!(
+        journal("b"),
+        "update_older last_write_wins b false - true; insert_exists last_write_wins b false - true"
+    );
+    assert_eq!(journal("a"), "insert_exists last_write_wins a false - true");
+    let before = d.sql("a", "SELECT count(*) FROM walbridge.conflicts");
+
+    // Replaying the policy that was used changes nothing.
+    let same = json(&d.walbridge_ok(&[
+        "conflicts",
+        "replay",
+        "--policy",
+        "last_write_wins",
+        "--json",
+    ]));
+    assert_eq!(same["policy"], "last_write_wins");
+    assert_eq!(same["examined"], 3);
+    assert_eq!(same["not_replayable"], 0);
+    assert_eq!(same["changed"].as_array().map(Vec::len), Some(0));
+
+    // Under node_priority with a first, a's versions win everywhere: all three change.
+    let np = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority", "--json"]));
+    let mut changed: Vec<String> = np["changed"]
+        .as_array()
+        .expect("changed")
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {}->{}",
+                c["conflict"]["node"].as_str().unwrap_or("?"),
+                c["conflict"]["key"],
+                c["conflict"]["kind"].as_str().unwrap_or("?"),
+                c["recorded"].as_str().unwrap_or("?"),
+                c["replayed"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    changed.sort();
+    assert_eq!(
+        changed,
+        [
+            "a [\"7\"] insert_exists update->skip",
+            "b [\"1\"] update_older skip->update",
+            "b [\"7\"] insert_exists skip->update",
+        ]
+    );
+    // Under error every conflict stops the direction.
+    let err = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "error", "--json"]));
+    assert_eq!(err["changed"].as_array().map(Vec::len), Some(3));
+    assert!(err["changed"]
+        .as_array()
+        .is_some_and(|c| c.iter().all(|c| c["replayed"] == "stop")));
+    // --since bounds the replay; an entry without the facts is counted, not guessed.
+    d.sql(
+        "b",
+        "UPDATE walbridge.conflicts SET policy = NULL WHERE kind = 'update_older'",
+    );
+    let partial = json(&d.walbridge_ok(&[
+        "conflicts",
+        "replay",
+        "--policy",
+        "node_priority",
+        "--since",
+        "1h",
+        "--json",
+    ]));
+    assert_eq!(partial["examined"], 3);
+    assert_eq!(partial["not_replayable"], 1);
+    assert_eq!(partial["changed"].as_array().map(Vec::len), Some(2));
+    let text = d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority"]);
+    assert!(text.starts_with("under node_priority: 2 of 3"), "{text}");
+    // Read-only.
+    assert_eq!(
+        d.sql("a", "SELECT count(*) FROM walbridge.conflicts"),
+        before
+    );
+    assert_eq!(value_of(&d, "b", 1), "from b");
+}
+
+fn value_of(d: &Deployment, node: &str, id: i32) -> String {
+    d.sql(node, &format!("SELECT v FROM items WHERE id = {id}"))
+}
