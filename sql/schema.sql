@@ -59,6 +59,9 @@ ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_writer    text;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_tombstone boolean;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS row_equals_old  boolean;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS complete_row    boolean;
+-- A last-write-wins decision made by a commit-time difference smaller than the clock skew
+-- walbridge measured between the two writers: the order of the writes is not certain.
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS ambiguous       boolean NOT NULL DEFAULT false;
 
 -- Deleted keys, so a late update or insert from another node does not resurrect a row that was
 -- deleted after it was written (last-write-wins needs the time of the delete). The deleting

@@ -11,6 +11,7 @@ use serde_json::{Map, Value as Json};
 
 use super::sql::{self, TableMap};
 use super::{proto, text, value_param, Applier, Item, Sent, TableState};
+use crate::config::ConflictPolicy;
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
 use crate::lsn::PgTimestamp;
@@ -413,6 +414,24 @@ impl Applier {
             };
             let flag = |b: bool| if b { "true" } else { "false" };
             let local_tombstone = flag(row.is_none() && tombstone.is_some());
+            // Last-write-wins by less than the clocks' measured disagreement: flag it.
+            let local_version = row.or(tombstone);
+            let ambiguous = table.policy == ConflictPolicy::LastWriteWins
+                && match (local_version.and_then(|v| v.commit_time), &local_writer) {
+                    (Some(local_t), Some(writer)) => {
+                        let skew = |n: &str| self.metrics.clock_skew.with_label_values(&[n]).get();
+                        let uncertainty = (skew(&self.source) - skew(writer)).abs();
+                        let gap = (begin.commit_time.0 - local_t.0).abs() as f64 / 1_000_000.0;
+                        gap < uncertainty
+                    }
+                    _ => false,
+                };
+            if ambiguous {
+                self.metrics
+                    .conflicts_ambiguous
+                    .with_label_values(&[self.source.as_str(), self.target.as_str()])
+                    .inc();
+            }
             let table_label = table.label.clone();
             let (source, target) = (self.source.clone(), self.target.clone());
             self.exec(
@@ -433,6 +452,7 @@ impl Applier {
                     Some(local_tombstone.as_bytes()),
                     equals_old.map(|b| flag(b).as_bytes()),
                     Some(flag(complete_row).as_bytes()),
+                    Some(flag(ambiguous).as_bytes()),
                 ],
             )
             .await?;
