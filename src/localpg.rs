@@ -70,6 +70,9 @@ pub struct ClusterOptions {
     pub files: Vec<(String, Vec<u8>, u32)>,
     /// Tuned for speed over durability (`fsync = off` etc.); right for tests, not for data.
     pub fast_and_unsafe: bool,
+    /// Extra environment of the server process (e.g. libfaketime's `LD_PRELOAD` and
+    /// `FAKETIME` to run its clock ahead).
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -79,6 +82,7 @@ impl Default for ClusterOptions {
             hba: None,
             files: Vec::new(),
             fast_and_unsafe: true,
+            server_env: Vec::new(),
         }
     }
 }
@@ -102,6 +106,7 @@ pub struct LocalCluster {
     run_as_postgres: bool,
     running: bool,
     keep: bool,
+    server_env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
@@ -130,6 +135,7 @@ impl LocalCluster {
             run_as_postgres,
             running: false,
             keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
+            server_env: options.server_env.clone(),
         };
         cluster.write_files(options, owner)?;
 
@@ -209,7 +215,8 @@ impl LocalCluster {
 
     fn start_server(&mut self) -> Result<(), LocalPgError> {
         let log = self.base.join("server.log");
-        let out = self.pg_tool(
+        let out = run_pg_tool(
+            &self.bin,
             "pg_ctl",
             &[
                 "-D",
@@ -221,6 +228,8 @@ impl LocalCluster {
                 "120",
                 "start",
             ],
+            self.run_as_postgres,
+            &self.server_env,
         )?;
         if !out.status.success() {
             let tail = fs::read_to_string(&log).unwrap_or_default();
@@ -364,7 +373,7 @@ impl LocalCluster {
     }
 
     fn pg_tool(&self, tool: &str, args: &[&str]) -> Result<Output, LocalPgError> {
-        run_pg_tool(&self.bin, tool, args, self.run_as_postgres)
+        run_pg_tool(&self.bin, tool, args, self.run_as_postgres, &[])
     }
 }
 
@@ -400,6 +409,7 @@ fn run_pg_tool(
     tool: &str,
     args: &[&str],
     as_postgres: bool,
+    env: &[(String, String)],
 ) -> Result<Output, LocalPgError> {
     let exe = bin.join(tool);
     let mut cmd = if as_postgres {
@@ -415,7 +425,8 @@ fn run_pg_tool(
         .env_remove("PGHOST")
         .env_remove("PGPORT")
         .env_remove("PGDATA")
-        .env("LC_ALL", "C");
+        .env("LC_ALL", "C")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     cmd.output().map_err(io_err("cannot run", &exe))
 }
 
@@ -572,6 +583,7 @@ fn ensure_template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, Loc
             "--no-instructions",
         ],
         owner.is_some(),
+        &[],
     )?;
     if !out.status.success() {
         return Err(tool_error("initdb", &out, ""));

@@ -306,3 +306,50 @@ fn replay_lists_the_conflicts_another_policy_would_decide_otherwise() {
 fn value_of(d: &Deployment, node: &str, id: i32) -> String {
     d.sql(node, &format!("SELECT v FROM items WHERE id = {id}"))
 }
+
+/// libfaketime's library (Debian package `faketime`).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn clock_skew_of_a_node_300_ms_ahead_is_measured_within_20_ms() {
+    use walbridge::localpg::{ClusterOptions, LocalCluster};
+    if !std::path::Path::new(FAKETIME_LIB).is_file() {
+        panic!("{FAKETIME_LIB} is missing: apt-get install faketime");
+    }
+    let ahead = LocalCluster::start(&ClusterOptions {
+        server_env: vec![
+            ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+            ("FAKETIME".into(), "+0.3".into()),
+            ("FAKETIME_DONT_RESET".into(), "1".into()),
+        ],
+        ..ClusterOptions::default()
+    })
+    .expect("start a cluster under libfaketime");
+    let clusters = vec![cluster(), cluster(), ahead];
+    let mut d = Deployment::from_clusters(
+        &["a", "b", "c"],
+        SCHEMA,
+        "tables = [\"public.items\"]\nconflict = \"last_write_wins\"",
+        clusters,
+    );
+    let port = d.enable_metrics();
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    let skew = |node: &str, text: &str| {
+        metric_sum(text, "walbridge_clock_skew_seconds", &[("node", node)])
+    };
+    let mut last = String::new();
+    let measured = wait_until(std::time::Duration::from_secs(30), || {
+        last = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(|_| scrape(port))
+            .unwrap_or_default();
+        last.contains("walbridge_clock_skew_seconds{node=\"c\"}") && skew("c", &last) > 0.1
+    });
+    assert!(measured, "no skew measured:\n{last}");
+    let (a, b, c) = (skew("a", &last), skew("b", &last), skew("c", &last));
+    assert!(
+        (c - 0.3).abs() < 0.02,
+        "c is {c} s ahead of the median, not 0.3 ± 0.02"
+    );
+    assert!(a.abs() < 0.02 && b.abs() < 0.02, "a {a}, b {b}");
+}
