@@ -117,6 +117,8 @@ pub struct ConflictEntry {
     pub row_equals_old: Option<bool>,
     /// Whether the incoming row carried every column value.
     pub complete_row: Option<bool>,
+    /// A last-write-wins decision made by less than the measured clock skew of the writers.
+    pub ambiguous: bool,
     #[serde(skip)]
     sort_micros: i64,
 }
@@ -163,7 +165,7 @@ SELECT id, pg_catalog.to_json(resolved_at) #>> '{}', source, target, table_name,
        kind, resolution, local_row::text, remote_row::text,
        pg_catalog.to_json(local_commit_ts) #>> '{}', pg_catalog.to_json(remote_commit_ts) #>> '{}',
        (pg_catalog.date_part('epoch', resolved_at) * 1000000)::int8,
-       policy, local_writer, local_tombstone, row_equals_old, complete_row
+       policy, local_writer, local_tombstone, row_equals_old, complete_row, ambiguous
   FROM walbridge.conflicts
  WHERE ($1::float8 IS NULL
         OR resolved_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1::float8))
@@ -213,6 +215,7 @@ async fn journal_of(
             local_tombstone: r.get(15),
             row_equals_old: r.get(16),
             complete_row: r.get(17),
+            ambiguous: r.get(18),
         })
         .collect())
 }

@@ -353,3 +353,64 @@ fn clock_skew_of_a_node_300_ms_ahead_is_measured_within_20_ms() {
     );
     assert!(a.abs() < 0.02 && b.abs() < 0.02, "a {a}, b {b}");
 }
+
+/// A node whose clock runs a second ahead edits a row; the other node edits it again right
+/// after seeing that edit. By commit times the second edit looks older (by less than the
+/// skew), so the fast node skips it: a last-write-wins decision the clocks cannot support,
+/// journaled `ambiguous` and counted.
+#[test]
+fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
+    use walbridge::localpg::{ClusterOptions, LocalCluster};
+    let ahead = LocalCluster::start(&ClusterOptions {
+        server_env: vec![
+            ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+            ("FAKETIME".into(), "+1".into()),
+            ("FAKETIME_DONT_RESET".into(), "1".into()),
+        ],
+        ..ClusterOptions::default()
+    })
+    .expect("start a cluster under libfaketime");
+    let mut d = Deployment::from_clusters(
+        &["a", "c"],
+        SCHEMA,
+        "tables = [\"public.items\"]\nconflict = \"last_write_wins\"",
+        vec![cluster(), ahead],
+    );
+    let port = d.enable_metrics();
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    let mut last = String::new();
+    let measured = wait_until(std::time::Duration::from_secs(30), || {
+        last = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(|_| scrape(port))
+            .unwrap_or_default();
+        metric_sum(&last, "walbridge_clock_skew_seconds", &[("node", "c")]) > 0.4
+    });
+    assert!(measured, "no skew measured:\n{last}");
+
+    d.sql("a", "INSERT INTO items VALUES (1, 'seed')");
+    d.wait_for("c", "SELECT v FROM items WHERE id = 1", "seed");
+    d.sql("c", "UPDATE items SET v = 'from c' WHERE id = 1");
+    d.wait_for("a", "SELECT v FROM items WHERE id = 1", "from c");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.wait_for("c", "SELECT count(*) FROM walbridge.conflicts", "1");
+    assert_eq!(
+        d.sql(
+            "c",
+            "SELECT kind || ' ' || resolution || ' ' || source || ' ' || ambiguous FROM walbridge.conflicts"
+        ),
+        "update_older skipped a true"
+    );
+    let flagged = wait_until(std::time::Duration::from_secs(10), || {
+        last = scrape(port);
+        metric_sum(
+            &last,
+            "walbridge_conflicts_ambiguous_total",
+            &[("source", "a"), ("target", "c")],
+        ) == 1.0
+    });
+    assert!(flagged, "ambiguous conflict not counted:\n{last}");
+    // `walbridge conflicts` shows it.
+    let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
+    assert_eq!(out["conflicts"][0]["ambiguous"], true);
+}
