@@ -77,6 +77,19 @@ CREATE TABLE IF NOT EXISTS walbridge.conflicts (
     remote_commit_ts timestamptz
 );
 CREATE INDEX IF NOT EXISTS conflicts_resolved_at ON walbridge.conflicts (resolved_at);
+-- The facts of the decision, so `walbridge conflicts replay` can recompute it under another
+-- policy: the policy used, the node that wrote the local version, whether that version was a
+-- delete tombstone (no row), whether the row equalled the change's old row (REPLICA IDENTITY
+-- FULL), and whether the incoming row was complete. NULL in rows journaled before these
+-- columns existed and in rows the set-based last-write-wins statements and trigger mode write.
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS policy          text;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_writer    text;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_tombstone boolean;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS row_equals_old  boolean;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS complete_row    boolean;
+-- A last-write-wins decision made by a commit-time difference smaller than the clock skew
+-- walbridge measured between the two writers: the order of the writes is not certain.
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS ambiguous       boolean NOT NULL DEFAULT false;
 
 -- Deleted keys, so a late update or insert from another node does not resurrect a row that was
 -- deleted after it was written (last-write-wins needs the time of the delete). The deleting

@@ -81,6 +81,80 @@ pub enum Command {
     Demo,
     /// Validate the configuration and print the resolved plan.
     CheckConfig(CheckConfigArgs),
+    /// List the conflict journal of every node, newest last.
+    Conflicts(ConflictsArgs),
+    /// Explain why a row looks as it does: its versions and the conflicts that decided it.
+    Why(WhyArgs),
+}
+
+/// `walbridge conflicts`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConflictsArgs {
+    /// `replay`, or nothing to list the journal.
+    #[command(subcommand)]
+    pub action: Option<ConflictsAction>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only conflicts resolved within this long before now (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub since: Option<std::time::Duration>,
+    /// Only conflicts of this table (schema.table).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub table: Option<QualifiedName>,
+}
+
+/// Subcommands of `walbridge conflicts`.
+#[derive(Debug, Subcommand)]
+pub enum ConflictsAction {
+    /// Recompute every recorded conflict under another policy; list those that would end
+    /// differently. Read-only.
+    Replay(ReplayArgs),
+}
+
+/// `walbridge conflicts replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The policy to replay under: last_write_wins, node_priority or error.
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy_arg)]
+    pub policy: config::ConflictPolicy,
+    /// Only conflicts resolved within this long before now (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub since: Option<std::time::Duration>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_policy_arg(s: &str) -> Result<config::ConflictPolicy, String> {
+    s.parse()
+        .map_err(|_| "expected last_write_wins, node_priority or error".to_string())
+}
+
+/// `walbridge why`.
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// The node whose row is explained.
+    #[arg(long, value_name = "NODE")]
+    pub node: String,
+    /// The table (schema.table).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub table: QualifiedName,
+    /// The row's key as a JSON object of its key columns, e.g. '{"id": 42}'.
+    #[arg(long, value_name = "JSON", value_parser = parse_json_arg)]
+    pub key: serde_json::Value,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+fn parse_json_arg(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// `walbridge setup`.
@@ -392,6 +466,8 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
         Command::Tail(args) => tail(load_for(path, Purpose::SingleNode)?, args, shutdown).await,
         Command::Demo => demo(shutdown).await,
         Command::CheckConfig(args) => check_config(load(path)?, args).await,
+        Command::Conflicts(args) => conflicts(load(path)?, args).await,
+        Command::Why(args) => why(load(path)?, args).await,
     }
 }
 
@@ -458,6 +534,70 @@ async fn status(config: Config, args: StatusArgs) -> Result<(), Failure> {
     match report.exit_code() {
         0 => Ok(()),
         code => Err(Failure::Exit(code)),
+    }
+}
+
+fn forensics_failure(e: crate::forensics::ForensicsError) -> Failure {
+    if e.is_usage() {
+        Failure::Usage(e.into())
+    } else {
+        Failure::Fatal(e.into())
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::Fatal(anyhow::Error::new(e).context("encoding the report")))?;
+    text.push('\n');
+    print_text(&text);
+    Ok(())
+}
+
+fn print_text(text: &str) {
+    // A closed pipe (`walbridge conflicts | head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+}
+
+/// `walbridge conflicts`: every node's journal, newest last.
+async fn conflicts(config: Config, args: ConflictsArgs) -> Result<(), Failure> {
+    if let Some(ConflictsAction::Replay(replay)) = args.action {
+        let report = crate::forensics::replay(&config, replay.policy, replay.since)
+            .await
+            .map_err(forensics_failure)?;
+        return if replay.json {
+            print_json(&report)
+        } else {
+            print_text(&crate::forensics::render_replay(&report));
+            Ok(())
+        };
+    }
+    let filter = crate::forensics::Filter {
+        since: args.since,
+        table: args.table,
+        key: None,
+    };
+    let entries = crate::forensics::conflicts(&config, &filter)
+        .await
+        .map_err(forensics_failure)?;
+    if args.json {
+        print_json(&serde_json::json!({ "conflicts": entries }))
+    } else {
+        print_text(&crate::forensics::render_conflicts(&entries));
+        Ok(())
+    }
+}
+
+/// `walbridge why`: a row's versions on every node and the conflicts recorded for its key.
+async fn why(config: Config, args: WhyArgs) -> Result<(), Failure> {
+    require_node(&config, "--node", &args.node)?;
+    let report = crate::forensics::why(&config, &args.node, &args.table, &args.key)
+        .await
+        .map_err(forensics_failure)?;
+    if args.json {
+        print_json(&report)
+    } else {
+        print_text(&crate::forensics::render_why(&report));
+        Ok(())
     }
 }
 

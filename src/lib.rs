@@ -23,6 +23,7 @@ pub mod decode;
 pub mod demo;
 pub mod dsn;
 pub mod event;
+pub mod forensics;
 pub mod http;
 pub mod localpg;
 pub mod lsn;

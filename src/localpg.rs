@@ -112,6 +112,9 @@ pub struct ClusterOptions {
     pub files: Vec<(String, Vec<u8>, u32)>,
     /// Tuned for speed over durability (`fsync = off` etc.); right for tests, not for data.
     pub fast_and_unsafe: bool,
+    /// Extra environment of the server process (e.g. libfaketime's `LD_PRELOAD` and
+    /// `FAKETIME` to run its clock ahead).
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -122,6 +125,7 @@ impl Default for ClusterOptions {
             tcp_password: false,
             files: Vec::new(),
             fast_and_unsafe: true,
+            server_env: Vec::new(),
         }
     }
 }
@@ -150,6 +154,7 @@ pub struct LocalCluster {
     keep: bool,
     /// `postgres`'s password for TCP logins (with `tcp_password`).
     password: Option<String>,
+    server_env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
@@ -183,6 +188,7 @@ impl LocalCluster {
             running: false,
             keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
             password: None,
+            server_env: options.server_env.clone(),
         };
         cluster.write_files(options, owner)?;
 
@@ -278,7 +284,8 @@ impl LocalCluster {
 
     fn start_server(&mut self) -> Result<(), LocalPgError> {
         let log = self.base.join("server.log");
-        let out = self.pg_tool(
+        let out = run_pg_tool(
+            &self.bin,
             "pg_ctl",
             &[
                 "-D",
@@ -290,6 +297,8 @@ impl LocalCluster {
                 "120",
                 "start",
             ],
+            self.run_as_postgres,
+            &self.server_env,
         )?;
         if !out.status.success() {
             let tail = fs::read_to_string(&log).unwrap_or_default();
@@ -471,7 +480,7 @@ impl LocalCluster {
     }
 
     fn pg_tool(&self, tool: &str, args: &[&str]) -> Result<Output, LocalPgError> {
-        run_pg_tool(&self.bin, tool, args, self.run_as_postgres)
+        run_pg_tool(&self.bin, tool, args, self.run_as_postgres, &[])
     }
 }
 
@@ -507,6 +516,7 @@ fn run_pg_tool(
     tool: &str,
     args: &[&str],
     as_postgres: bool,
+    env: &[(String, String)],
 ) -> Result<Output, LocalPgError> {
     let exe = bin.join(tool);
     let mut cmd = if as_postgres {
@@ -522,7 +532,8 @@ fn run_pg_tool(
         .env_remove("PGHOST")
         .env_remove("PGPORT")
         .env_remove("PGDATA")
-        .env("LC_ALL", "C");
+        .env("LC_ALL", "C")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     cmd.output().map_err(io_err("cannot run", &exe))
 }
 
@@ -777,6 +788,7 @@ fn ensure_template(
             "--no-instructions",
         ],
         owner.is_some(),
+        &[],
     )?;
     if !out.status.success() {
         return Err(tool_error("initdb", &out, ""));

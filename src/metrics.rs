@@ -44,6 +44,10 @@ pub mod names {
     pub const TRIGGER_QUEUE_DEPTH: &str = "walbridge_trigger_queue_depth";
     /// Trigger-mode rows moved to the dead-letter table.
     pub const TRIGGER_DEAD_ROWS: &str = "walbridge_trigger_dead_rows_total";
+    /// A node's clock minus the median of all nodes' clocks.
+    pub const CLOCK_SKEW: &str = "walbridge_clock_skew_seconds";
+    /// Last-write-wins conflicts decided by less than the measured clock skew.
+    pub const CONFLICTS_AMBIGUOUS: &str = "walbridge_conflicts_ambiguous_total";
 }
 
 /// Every metric walbridge exports, in one registry.
@@ -80,6 +84,10 @@ pub struct Metrics {
     pub trigger_queue_depth: IntGaugeVec,
     /// `walbridge_trigger_dead_rows_total{node}`.
     pub trigger_dead_rows: IntCounterVec,
+    /// `walbridge_clock_skew_seconds{node}`.
+    pub clock_skew: GaugeVec,
+    /// `walbridge_conflicts_ambiguous_total{source,target}`.
+    pub conflicts_ambiguous: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -214,6 +222,16 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("the process collector is registered once");
+        let clock_skew = gauge(
+            CLOCK_SKEW,
+            "The node's clock minus the median of all nodes' clocks (round-trip corrected), sampled every 5 s.",
+            &["node"],
+        );
+        let conflicts_ambiguous = counter(
+            CONFLICTS_AMBIGUOUS,
+            "Last-write-wins conflicts decided by a commit-time difference smaller than the measured clock skew between the writers.",
+            &["source", "target"],
+        );
         Metrics {
             registry,
             changes_applied,
@@ -231,6 +249,8 @@ impl Metrics {
             direction_up,
             trigger_queue_depth,
             trigger_dead_rows,
+            clock_skew,
+            conflicts_ambiguous,
         }
     }
 

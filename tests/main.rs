@@ -10,6 +10,7 @@ mod data_safety;
 mod decoding;
 mod demo;
 mod faults;
+mod forensics;
 mod heavy;
 mod heavy_convergence;
 mod heavy_histories;

@@ -11,6 +11,7 @@ use serde_json::{Map, Value as Json};
 
 use super::sql::{self, TableMap};
 use super::{proto, text, value_param, Applier, Item, Sent, TableState};
+use crate::config::ConflictPolicy;
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
 use crate::lsn::PgTimestamp;
@@ -345,18 +346,21 @@ impl Applier {
 
         // Without a row, the key's deletion (if recorded) is the local version.
         let mut tombstone = None;
+        let mut tombstone_origin = None;
         if row.is_none() {
             if let Some(tsql) = map.lookup_tombstone() {
                 let uk = map.unique_key.clone().unwrap_or_default();
                 let p: Vec<Option<&[u8]>> =
                     uk.iter().map(|&i| value_param(&key_tuple, i)).collect();
                 let t = self.exec(&tsql, &p).await?;
-                tombstone = t.first().map(|r| Version {
-                    commit_time: r.first().and_then(text).and_then(PgTimestamp::parse),
-                    writer_rank: self
-                        .writers
-                        .rank_of(r.get(1).and_then(text).and_then(|t| t.parse().ok())),
-                });
+                if let Some(r) = t.first() {
+                    let origin = r.get(1).and_then(text).and_then(|t| t.parse().ok());
+                    tombstone_origin = origin;
+                    tombstone = Some(Version {
+                        commit_time: r.first().and_then(text).and_then(PgTimestamp::parse),
+                        writer_rank: self.writers.rank_of(origin),
+                    });
+                }
             }
         }
 
@@ -414,7 +418,38 @@ impl Applier {
 
         if let Some((kind, resolution)) = decision.conflict {
             let ts = begin.commit_time.to_string();
-            let local_ts = local_time.map(|t| t.to_string());
+            // The local version's time and writer: the row's, else the tombstone's.
+            let (local_ts, local_writer) = match (row, tombstone) {
+                (Some(_), _) => (
+                    local_time.map(|t| t.to_string()),
+                    Some(self.writers.node(local_origin).to_string()),
+                ),
+                (None, Some(t)) => (
+                    t.commit_time.map(|t| t.to_string()),
+                    Some(self.writers.node(tombstone_origin).to_string()),
+                ),
+                (None, None) => (None, None),
+            };
+            let flag = |b: bool| if b { "true" } else { "false" };
+            let local_tombstone = flag(row.is_none() && tombstone.is_some());
+            // Last-write-wins by less than the clocks' measured disagreement: flag it.
+            let local_version = row.or(tombstone);
+            let ambiguous = table.policy == ConflictPolicy::LastWriteWins
+                && match (local_version.and_then(|v| v.commit_time), &local_writer) {
+                    (Some(local_t), Some(writer)) => {
+                        let skew = |n: &str| self.metrics.clock_skew.with_label_values(&[n]).get();
+                        let uncertainty = (skew(&self.source) - skew(writer)).abs();
+                        let gap = (begin.commit_time.0 - local_t.0).abs() as f64 / 1_000_000.0;
+                        gap < uncertainty
+                    }
+                    _ => false,
+                };
+            if ambiguous {
+                self.metrics
+                    .conflicts_ambiguous
+                    .with_label_values(&[self.source.as_str(), self.target.as_str()])
+                    .inc();
+            }
             let table_label = table.label.clone();
             let (source, target) = (self.source.clone(), self.target.clone());
             self.exec(
@@ -430,6 +465,12 @@ impl Applier {
                     Some(remote_json.as_bytes()),
                     local_ts.as_deref().map(str::as_bytes),
                     Some(ts.as_bytes()),
+                    Some(table.policy.as_str().as_bytes()),
+                    local_writer.as_deref().map(str::as_bytes),
+                    Some(local_tombstone.as_bytes()),
+                    equals_old.map(|b| flag(b).as_bytes()),
+                    Some(flag(complete_row).as_bytes()),
+                    Some(flag(ambiguous).as_bytes()),
                 ],
             )
             .await?;

@@ -769,11 +769,15 @@ impl TableMap {
 
 /// Careful path: one row of `walbridge.conflicts`. Parameters: source, target, table, key
 /// (json text), kind, resolution, local row (json text), remote row (json text), local commit
-/// time, remote commit time.
+/// time, remote commit time, policy, the local version's writer, whether that version is a
+/// tombstone, whether the row equalled the change's old row, whether the incoming row was
+/// complete, whether the decision was ambiguous (closer than the measured clock skew).
 pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
     (source, target, table_name, key, kind, resolution, local_row, remote_row, \
-     local_commit_ts, remote_commit_ts) \
-    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz)";
+     local_commit_ts, remote_commit_ts, policy, local_writer, local_tombstone, row_equals_old, \
+     complete_row, ambiguous) \
+    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz, \
+     $11, $12, $13::bool, $14::bool, $15::bool, $16::bool)";
 
 /// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
 ///

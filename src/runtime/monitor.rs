@@ -206,6 +206,60 @@ pub async fn probe_node(
     result
 }
 
+/// Clock samples taken per poll; the one with the shortest round trip is used.
+const CLOCK_SAMPLES: usize = 3;
+
+/// The node's clock minus this process's, in seconds, corrected for the round trip: the
+/// node read its clock somewhere between our `before` and `after`, so it is compared with
+/// their midpoint (error at most half the round trip, which on a LAN is well under 1 ms).
+pub async fn clock_offset(client: &Client) -> Result<f64, tokio_postgres::Error> {
+    let mut best: Option<(i64, f64)> = None;
+    for _ in 0..CLOCK_SAMPLES {
+        let before = PgTimestamp::now();
+        let row = client
+            .query_one(
+                "SELECT pg_catalog.to_json(pg_catalog.clock_timestamp()) #>> '{}'",
+                &[],
+            )
+            .await?;
+        let after = PgTimestamp::now();
+        let Some(node) = row
+            .get::<_, Option<String>>(0)
+            .as_deref()
+            .and_then(PgTimestamp::parse)
+        else {
+            continue;
+        };
+        let round_trip = after.0 - before.0;
+        let midpoint = before.0 + round_trip / 2;
+        let offset = (node.0 - midpoint) as f64 / 1_000_000.0;
+        if best.is_none_or(|(rt, _)| round_trip < rt) {
+            best = Some((round_trip, offset));
+        }
+    }
+    Ok(best.map_or(0.0, |(_, o)| o))
+}
+
+/// Each node's offset minus the median of all offsets (the mean of the middle two for an
+/// even count): `walbridge_clock_skew_seconds`.
+pub fn skews<'a>(offsets: &[(&'a str, f64)]) -> Vec<(&'a str, f64)> {
+    let mut sorted: Vec<f64> = offsets.iter().map(|(_, o)| *o).collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    offsets
+        .iter()
+        .map(|(name, o)| (*name, o - median))
+        .collect()
+}
+
 /// Per-node memory between polls.
 struct Watch {
     client: Option<Client>,
@@ -246,11 +300,25 @@ pub async fn run(
                 let config = &config;
                 async move {
                     let result = probe_node(node, config, &mut w.client, &app).await;
-                    (node, w, result)
+                    let mut offset = None;
+                    if let (Ok(_), Some(c)) = (&result, w.client.as_ref()) {
+                        offset = tokio::time::timeout(PROBE_TIMEOUT, clock_offset(c))
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                    }
+                    (node, w, result, offset)
                 }
             });
-        for (node, watch, result) in futures::future::join_all(polls).await {
+        let mut offsets = Vec::new();
+        for (node, watch, result, offset) in futures::future::join_all(polls).await {
             record(&config, &metrics, &status, node, watch, result);
+            if let Some(o) = offset {
+                offsets.push((node.name.as_str(), o));
+            }
+        }
+        for (node, skew) in skews(&offsets) {
+            metrics.clock_skew.with_label_values(&[node]).set(skew);
         }
         status.refresh(Some(&metrics));
         tokio::select! {
@@ -412,6 +480,19 @@ fn guardrail(node: &str, slot: &SlotStatus, budget: u64, level: &mut u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skew_is_relative_to_the_median() {
+        let s = skews(&[("a", 0.010), ("b", 0.310), ("c", 0.0)]);
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(
+            near(s[0].1, 0.0) && near(s[1].1, 0.3) && near(s[2].1, -0.01),
+            "{s:?}"
+        );
+        let two = skews(&[("a", 0.0), ("b", 0.3)]);
+        assert!(near(two[0].1, -0.15) && near(two[1].1, 0.15), "{two:?}");
+        assert!(skews(&[]).is_empty());
+    }
 
     #[test]
     fn time_to_budget() {

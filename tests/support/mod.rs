@@ -77,6 +77,17 @@ impl Deployment {
             .enumerate()
             .map(|(i, _)| cluster_with(conf.get(i).copied().unwrap_or(&[])))
             .collect();
+        Self::from_clusters(names, schema, replication_toml, clusters)
+    }
+
+    /// As [`Deployment::new`] over clusters already started (same order as `names`): a
+    /// server with extra environment, say.
+    pub fn from_clusters(
+        names: &[&str],
+        schema: &str,
+        replication_toml: &str,
+        clusters: Vec<LocalCluster>,
+    ) -> Self {
         for c in &clusters {
             if !schema.is_empty() {
                 c.psql("postgres", schema).expect("create the test schema");
