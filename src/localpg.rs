@@ -410,7 +410,7 @@ impl LocalCluster {
         client_tool(&self.bin, tool)
     }
 
-        /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS (with
+    /// A libpq key/value DSN for the superuser `postgres` on `dbname` over TCP, no TLS (with
     /// the generated password under `tcp_password`).
     pub fn dsn(&self, dbname: &str) -> String {
         let mut dsn = format!(

@@ -485,7 +485,10 @@ fn retention_purges_old_conflict_records_and_tombstones_at_start() {
     d.walbridge_ok(&["setup"]);
     // A tombstone (the delete's commit time is its age) and two conflict records, one past
     // the retention and one within it.
-    d.sql("a", "INSERT INTO items VALUES (1, 'x'); DELETE FROM items WHERE id = 1");
+    d.sql(
+        "a",
+        "INSERT INTO items VALUES (1, 'x'); DELETE FROM items WHERE id = 1",
+    );
     assert_eq!(d.sql("a", "SELECT count(*) FROM walbridge.tombstones"), "1");
     d.sql(
         "a",

@@ -48,7 +48,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) {
                         info!(node = %node.name, conflicts = c, tombstones = t, "purged old bookkeeping rows");
                     }
                 }
-                Err(e) => warn!(node = %node.name, error = %e, "housekeeping skipped: old conflict records and tombstones were not purged"),
+                Err(e) => {
+                    warn!(node = %node.name, error = %e, "housekeeping skipped: old conflict records and tombstones were not purged")
+                }
             }
         }
         tokio::select! {
