@@ -7,6 +7,7 @@ mod conflicts;
 mod copy;
 mod decoding;
 mod demo;
+mod ha;
 mod heavy;
 mod heavy_convergence;
 mod heavy_resilience;

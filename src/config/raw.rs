@@ -19,6 +19,16 @@ pub(super) struct RawConfig {
     pub trigger: RawTrigger,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub run: RawRun,
+}
+
+/// `[run]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRun {
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// One `[[nodes]]` entry.

@@ -1,6 +1,7 @@
 //! The runtime: the only place that spawns tasks. One worker per direction, each its own
 //! failure domain, restarted with backoff on transient errors and parked on definite ones.
 
+pub mod claim;
 mod housekeeping;
 pub mod monitor;
 pub mod state;
@@ -235,6 +236,13 @@ async fn supervise(ctx: DirectionContext) {
             Ok(CaptureMode::Stream) => stream::run(&ctx).await,
             Err(e) => Err(e),
         };
+        claim::released(
+            &ctx,
+            match &result {
+                Ok(()) => "stopping",
+                Err(_) => "the direction was interrupted",
+            },
+        );
         let err = match result {
             Ok(()) => return,
             Err(e) => e,

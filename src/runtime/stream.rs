@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::claim;
 use super::state::Observation;
 use super::{DirectionContext, DirectionError, DirectionState};
 use crate::apply::{Applier, ApplyLimits, Outcome};
@@ -77,7 +78,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     let raw = protocol::connect(
         &target_node.dsn,
         ConnectOptions {
-            application_name: format!("walbridge-apply-{s}-to-{t}"),
+            application_name: claim::apply_application_name(s, t, &config.run.instance),
             replication: false,
             params: Vec::new(),
         },
@@ -90,8 +91,22 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             DirectionError::definite(e.to_string())
         }
     })?;
-    let (pipe, driver) = Pipeline::from_raw(raw);
+    let (mut pipe, driver) = Pipeline::from_raw(raw);
     let apply_driver = tokio::spawn(driver);
+    // Only the owner goes further; a standby waits here, on the session that will apply.
+    match claim::acquire(ctx, &mut pipe).await {
+        Ok(true) => {}
+        Ok(false) => {
+            apply_driver.abort();
+            ctx.report(|st| st.state = DirectionState::Stopped);
+            return Ok(());
+        }
+        Err(e) => {
+            apply_driver.abort();
+            return Err(e);
+        }
+    }
+    ctx.report(|st| st.state = DirectionState::Connecting);
     let catalog = pgconn::connect(&target_node.dsn, &format!("walbridge-catalog-{t}"))
         .await
         .map_err(connect_err)?;
@@ -158,9 +173,19 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 ..StreamConfig::default()
             },
         };
-        let (mut source, driver) = Source::start(&source_node.dsn, opts)
-            .await
-            .map_err(|e| source_err(s, e))?;
+        let (mut source, driver) =
+            match start_source(ctx, &mut applier, &source_node.dsn, opts).await {
+                Ok(Some(started)) => started,
+                Ok(None) => {
+                    apply_driver.abort();
+                    ctx.report(|st| st.state = DirectionState::Stopped);
+                    return Ok(());
+                }
+                Err(e) => {
+                    apply_driver.abort();
+                    return Err(e);
+                }
+            };
         let stream_driver = tokio::spawn(driver);
         info!(source = %s, target = %t, from = %start, "streaming");
         ctx.report(|st| {
@@ -197,6 +222,43 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 apply_driver.abort();
                 return Err(e);
             }
+        }
+    }
+}
+
+/// How long a new owner keeps asking for the slot while a previous owner's walsender still
+/// holds it (the server ends that one after `wal_sender_timeout`, 60 s by default).
+const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Starts the stream, holding on to the claim while the slot is still busy (55006: a
+/// previous owner's walsender has not gone yet) or the source is briefly away; `Ok(None)` on
+/// shutdown.
+async fn start_source(
+    ctx: &DirectionContext,
+    applier: &mut Applier,
+    dsn: &crate::dsn::Dsn,
+    opts: SourceOptions,
+) -> Result<Option<(Source, crate::protocol::DriverFuture)>, DirectionError> {
+    let s = ctx.source.as_str();
+    let deadline = tokio::time::Instant::now() + SLOT_BUSY_PATIENCE;
+    loop {
+        match Source::start(dsn, opts.clone()).await {
+            Ok(started) => return Ok(Some(started)),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                debug!(source = %s, target = %ctx.target, error = %e, "slot not available yet; retrying");
+                ctx.report(|st| st.last_error = Some(format!("node {s}: {e}")));
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                // The apply session must not fall idle meanwhile (see claim::IDLE_LIMIT).
+                applier.request_progress().await?;
+                while applier.has_in_flight() {
+                    let reply = applier.recv_response().await?;
+                    applier.on_response(reply).await?;
+                }
+            }
+            Err(e) => return Err(source_err(s, e)),
         }
     }
 }
