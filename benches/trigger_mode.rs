@@ -237,6 +237,7 @@ async fn walbridge_trigger(p: &Params) -> Figures {
                 metrics: metrics.clone(),
                 status: status.clone(),
                 shutdown: shutdown.clone(),
+                fleet: walbridge::runtime::spread::Fleet::new(2),
             };
             tasks.push(tokio::spawn(async move {
                 walbridge::trigger::run_direction(&ctx)

@@ -399,3 +399,63 @@ fn heavy_sigstopped_owner_is_fenced_and_applies_nothing_twice() {
     one.assert_running();
     two.assert_running();
 }
+
+#[test]
+fn heavy_directions_spread_over_instances_within_60_s() {
+    let nodes = ["a", "b", "c"];
+    let d = Deployment::new(&nodes, SCHEMA, TOML);
+    d.walbridge_ok(&["setup"]);
+    let mut first = spawn_instance(&d, "i1", "i1.log", None);
+    assert!(
+        wait_until(WAIT, || owned_counts(&d).get("i1") == Some(&6)),
+        "{:?}",
+        owners(&d)
+    );
+    let mut writers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| writer(&d, n, 1 + i as i64 * 100_000, 2000, "0.01"))
+        .collect();
+    let mut others = vec![
+        spawn_instance(&d, "i2", "i2.log", None),
+        spawn_instance(&d, "i3", "i3.log", None),
+    ];
+    let started = Instant::now();
+    let spread = |d: &Deployment| {
+        let c = owned_counts(d);
+        c.values().sum::<usize>() == 6 && c.len() == 3 && c.values().all(|n| *n <= 2)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || spread(&d)),
+        "not spread within 60 s: {:?}\n{}",
+        owned_counts(&d),
+        first.log()
+    );
+    eprintln!(
+        "spread 6 directions over 3 instances in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        first.log().contains("handing a direction over"),
+        "{}",
+        first.log()
+    );
+    for w in &mut writers {
+        assert!(w.wait().expect("writer").success());
+    }
+    for n in nodes {
+        d.wait_for(n, "SELECT count(*) FROM ledger", "6000");
+    }
+    d.wait_caught_up();
+    let want = summary(&d, "a");
+    assert!(want.starts_with("6000 rows, 6000 distinct"), "{want}");
+    for n in nodes {
+        assert_eq!(summary(&d, n), want, "on {n}");
+    }
+    // Still spread once the moves are over (nobody took back more than its share).
+    assert!(spread(&d), "{:?}", owned_counts(&d));
+    first.assert_running();
+    for r in &mut others {
+        r.assert_running();
+    }
+}

@@ -36,6 +36,9 @@ use crate::protocol::pipeline::Pipeline;
 /// ended by its server, which releases the claim for another instance.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(10);
 
+/// After handing a direction over, how long this instance waits before it may claim it again.
+pub const HANDOVER_PAUSE: Duration = Duration::from_secs(5);
+
 /// The first key of every walbridge claim ("WALB"), so other advisory locks do not collide.
 const CLAIM_CLASS: i32 = 0x5741_4c42;
 
@@ -90,6 +93,18 @@ pub fn claim_sql(origin: &str) -> String {
     )
 }
 
+/// Like [`claim_sql`] without trying: `false` and the holder.
+fn holder_sql(origin: &str) -> String {
+    claim_sql(origin).replacen(
+        &format!(
+            "pg_catalog.pg_try_advisory_lock({CLAIM_CLASS}, {})",
+            claim_key(origin)
+        ),
+        "false",
+        1,
+    )
+}
+
 /// The `application_name` of every session holding a walbridge claim in the current database
 /// (one row each; [`parse_owner`] reads direction and instance back).
 pub fn owners_sql() -> String {
@@ -110,11 +125,19 @@ pub async fn acquire(ctx: &DirectionContext, pipe: &mut Pipeline) -> Result<bool
     let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
     let origin = ctx.config.origin_name(s);
     let sql = claim_sql(&origin);
+    let holder = holder_sql(&origin);
     let instance = ctx.config.run.instance.as_str();
     let mut announced = false;
     loop {
-        let rows = pipe
-            .simple(&sql)
+        // At its share already: stand by without trying (the session stays, so the other
+        // instances count this one).
+        let owned = ctx.status.directions().iter().filter(|d| d.owned).count();
+        let rows = if owned >= ctx.fleet.share() {
+            pipe.simple(&holder)
+        } else {
+            pipe.simple(&sql)
+        };
+        let rows = rows
             .await
             .map_err(|e| {
                 if e.is_transient() {

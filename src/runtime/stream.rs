@@ -54,8 +54,17 @@ fn sql_err(node: &str, what: &str, e: tokio_postgres::Error) -> DirectionError {
     }
 }
 
-/// Runs the direction until shutdown (`Ok`) or an error.
-pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
+/// How a direction's run ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// Handed to another instance (this one was over its share).
+    Released,
+}
+
+/// Runs the direction until shutdown or release (`Ok`) or an error.
+pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
     let config = &ctx.config;
     let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
     let source_node = config
@@ -99,7 +108,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
         Ok(false) => {
             apply_driver.abort();
             ctx.report(|st| st.state = DirectionState::Stopped);
-            return Ok(());
+            return Ok(Ended::Shutdown);
         }
         Err(e) => {
             apply_driver.abort();
@@ -179,7 +188,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 Ok(None) => {
                     apply_driver.abort();
                     ctx.report(|st| st.state = DirectionState::Stopped);
-                    return Ok(());
+                    return Ok(Ended::Shutdown);
                 }
                 Err(e) => {
                     apply_driver.abort();
@@ -195,7 +204,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
 
         let result = pump(ctx, &mut applier, &mut source).await;
         match result {
-            Ok(Pumped::Shutdown) => {
+            Ok(how @ (Pumped::Shutdown | Pumped::Release)) => {
                 let confirm = applier.finish().await;
                 if let Ok(lsn) = &confirm {
                     source.feedback().confirm(*lsn);
@@ -204,8 +213,12 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 let _ = tokio::time::timeout(Duration::from_secs(15), stream_driver).await;
                 apply_driver.abort();
                 confirm?;
+                if matches!(how, Pumped::Release) {
+                    ctx.report(|st| st.state = DirectionState::Standby);
+                    return Ok(Ended::Released);
+                }
                 ctx.report(|st| st.state = DirectionState::Stopped);
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
             Ok(Pumped::Restream) => {
                 // A conflict inside a transaction too large to keep: read it again from the
@@ -274,6 +287,8 @@ fn more_coming(source: &Source, applier: &Applier) -> bool {
 enum Pumped {
     Shutdown,
     Restream,
+    /// Hand the direction to another instance: asked for, and at a transaction boundary.
+    Release,
 }
 
 async fn pump(
@@ -287,6 +302,7 @@ async fn pump(
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_wal_end = Lsn::ZERO;
+    let mut release_wanted = false;
     loop {
         if applier.has_redo() {
             applier.redo_one().await?;
@@ -310,6 +326,13 @@ async fn pump(
             }
             // Progress: durable position to the source, lag to the metrics.
             _ = tick.tick() => {
+                if ctx.fleet.take_release(s, t) {
+                    release_wanted = true;
+                }
+                // Released only between transactions: nothing open, nothing in flight.
+                if release_wanted && applier.idle() {
+                    return Ok(Pumped::Release);
+                }
                 applier.request_progress().await?;
                 let confirmed = applier.confirmable();
                 source.feedback().confirm(confirmed);

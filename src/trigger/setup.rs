@@ -494,6 +494,7 @@ pub async fn cut_over(
             metrics: metrics.clone(),
             status: status.clone(),
             shutdown: CancellationToken::new(),
+            fleet: crate::runtime::spread::Fleet::new(1),
         };
         let applied = super::worker::drain_direction(&ctx, fence_id)
             .await
