@@ -440,6 +440,11 @@ fn heavy_directions_spread_over_instances_within_60_s() {
         "{}",
         first.log()
     );
+    assert!(
+        first.log().contains("released direction"),
+        "{}",
+        first.log()
+    );
     for w in &mut writers {
         assert!(w.wait().expect("writer").success());
     }
