@@ -607,6 +607,7 @@ pub fn render_text(report: &StatusReport) -> String {
                 d.lag_bytes.map_or_else(|| "-".into(), human_bytes),
                 d.lag_seconds
                     .map_or_else(|| "unknown".into(), |s| format!("{s:.1}s")),
+                d.owner.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -620,6 +621,7 @@ pub fn render_text(report: &StatusReport) -> String {
             "CONFIRMED",
             "LAG",
             "LAG TIME",
+            "OWNER",
         ],
         rows,
     ));

@@ -123,6 +123,8 @@ fn standby_instance_takes_over_after_kill_9() {
         metric_sum(&scrape(p2), "walbridge_direction_owned", &[]),
         0.0
     );
+    let text = d.walbridge_ok(&["status"]);
+    assert!(text.contains("OWNER") && text.contains(" one"), "{text}");
     d.sql(
         "a",
         "INSERT INTO ledger SELECT g, 'a' FROM generate_series(1, 100) g",
