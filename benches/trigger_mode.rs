@@ -238,6 +238,7 @@ async fn walbridge_trigger(p: &Params) -> Figures {
                 status: status.clone(),
                 shutdown: shutdown.clone(),
                 abandoned_apply_pid: Default::default(),
+                fleet: walbridge::runtime::spread::Fleet::new(2),
             };
             tasks.push(tokio::spawn(async move {
                 walbridge::trigger::run_direction(&ctx)

@@ -40,6 +40,8 @@ pub mod names {
     pub const ERRORS: &str = "walbridge_errors_total";
     /// 1 while a direction is connected and streaming, else 0 (what `/readyz` checks).
     pub const DIRECTION_UP: &str = "walbridge_direction_up";
+    /// 1 in the instance that owns the direction, 0 in the others.
+    pub const DIRECTION_OWNED: &str = "walbridge_direction_owned";
     /// Rows waiting in a trigger-mode change table.
     pub const TRIGGER_QUEUE_DEPTH: &str = "walbridge_trigger_queue_depth";
     /// Trigger-mode rows moved to the dead-letter table.
@@ -80,6 +82,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// `walbridge_direction_up{source,target}`.
     pub direction_up: IntGaugeVec,
+    /// `walbridge_direction_owned{source,target}`.
+    pub direction_owned: IntGaugeVec,
     /// `walbridge_trigger_queue_depth{node}`.
     pub trigger_queue_depth: IntGaugeVec,
     /// `walbridge_trigger_dead_rows_total{node}`.
@@ -202,6 +206,12 @@ impl Metrics {
             "1 while the direction is connected and streaming, else 0.",
             &["source", "target"],
         );
+        let direction_owned = int_gauge(
+            DIRECTION_OWNED,
+            "1 in the walbridge instance that owns the direction (holds its claim on the \
+             target), 0 in the others; the sum over instances is 1 per owned direction.",
+            &["source", "target"],
+        );
         let trigger_queue_depth = int_gauge(
             TRIGGER_QUEUE_DEPTH,
             "Rows waiting in the node's trigger-mode change table.",
@@ -247,6 +257,7 @@ impl Metrics {
             reconnects,
             errors,
             direction_up,
+            direction_owned,
             trigger_queue_depth,
             trigger_dead_rows,
             clock_skew,
@@ -271,6 +282,7 @@ impl Metrics {
             self.lag_seconds.with_label_values(&[s, t]);
             self.lag_bytes.with_label_values(&[s, t]);
             self.direction_up.with_label_values(&[s, t]);
+            self.direction_owned.with_label_values(&[s, t]);
             for kind in ["transient", "definite"] {
                 self.errors.with_label_values(&[s, t, kind]);
             }

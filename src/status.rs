@@ -101,6 +101,9 @@ struct NodeLook {
     probe: Result<Probe, String>,
     /// Origin name -> remote LSN (best effort: reading it needs superuser or a grant).
     origins: HashMap<String, Lsn>,
+    /// (source, target) -> the instance holding the direction's claim on this node (the
+    /// target); `None` when the locks could not be read.
+    owners: Option<HashMap<(String, String), String>>,
 }
 
 /// Collects the report: the process's view (if any) merged with the databases'.
@@ -239,7 +242,27 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
             }
         }
     }
-    NodeLook { probe, origins }
+    let mut owners = None;
+    if let Some(c) = &client {
+        let sql = crate::runtime::claim::owners_sql();
+        let query = c.query(&sql, &[]);
+        if let Ok(Ok(rows)) = tokio::time::timeout(monitor::PROBE_TIMEOUT, query).await {
+            let mut map = HashMap::new();
+            for r in rows {
+                let app: Option<String> = r.get(0);
+                if let Some((s, t, i)) = app.as_deref().and_then(crate::runtime::claim::parse_owner)
+                {
+                    map.insert((s.to_string(), t.to_string()), i.to_string());
+                }
+            }
+            owners = Some(map);
+        }
+    }
+    NodeLook {
+        probe,
+        origins,
+        owners,
+    }
 }
 
 fn merge_nodes(
@@ -323,11 +346,19 @@ fn merge_directions(
                 .get(t)
                 .and_then(|l| l.origins.get(&origin_name))
                 .copied();
+            // The owner as the target's locks say (any instance), else as the process says.
+            let owner = looks
+                .get(t)
+                .and_then(|l| l.owners.as_ref())
+                .map(|o| o.get(&(s.to_string(), t.to_string())).cloned());
             let live_dir =
                 live.and_then(|l| l.directions.iter().find(|x| x.source == s && x.target == t));
             if let Some(live_dir) = live_dir {
                 let mut out = live_dir.clone();
                 out.applied_lsn = applied.or(out.applied_lsn);
+                if let Some(owner) = owner {
+                    out.owner = owner;
+                }
                 return out;
             }
             let mut out = DirectionStatus::new(s, t);
@@ -342,6 +373,7 @@ fn merge_directions(
                 out.slot = Some(slot_name.clone());
             }
             out.origin = Some(origin_name);
+            out.owner = owner.flatten();
             out.applied_lsn = applied;
             out.confirmed_lsn = slot.and_then(|x| x.confirmed_flush_lsn);
             out.lag_bytes = match (out.confirmed_lsn, source.and_then(|n| n.current_wal_lsn)) {
@@ -575,6 +607,7 @@ pub fn render_text(report: &StatusReport) -> String {
                 d.lag_bytes.map_or_else(|| "-".into(), human_bytes),
                 d.lag_seconds
                     .map_or_else(|| "unknown".into(), |s| format!("{s:.1}s")),
+                d.owner.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -588,6 +621,7 @@ pub fn render_text(report: &StatusReport) -> String {
             "CONFIRMED",
             "LAG",
             "LAG TIME",
+            "OWNER",
         ],
         rows,
     ));

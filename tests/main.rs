@@ -11,6 +11,7 @@ mod decoding;
 mod demo;
 mod faults;
 mod forensics;
+mod ha;
 mod heavy;
 mod heavy_convergence;
 mod heavy_histories;

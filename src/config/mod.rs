@@ -41,7 +41,7 @@ pub use pattern::{
 };
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
-use raw::{RawConfig, RawLog, RawMetrics, RawNode, RawReplication, RawSize, RawTrigger};
+use raw::{RawConfig, RawLog, RawMetrics, RawNode, RawReplication, RawRun, RawSize, RawTrigger};
 
 /// The longest name PostgreSQL keeps (NAMEDATALEN - 1): longer slot or origin names would be
 /// truncated or refused, so the configuration must keep every generated name within it.
@@ -243,6 +243,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[run]`.
+    pub run: RunConfig,
     /// The file this was loaded from, if any (relative `password_file`s resolve against its
     /// directory).
     pub path: Option<PathBuf>,
@@ -337,6 +339,34 @@ pub struct MetricsConfig {
     /// `listen` (default `127.0.0.1:9187`): address of `/metrics`, `/healthz` and `/readyz`;
     /// `None` when the file says `listen = ""` (no metrics server).
     pub listen: Option<SocketAddr>,
+}
+
+/// `[run]`: this process among several that serve the same configuration.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// `instance` (default: host name and process id, `host:pid`; `${ENV}` interpolated): the
+    /// name this process goes by in `status`, the logs and the other instances' view.
+    pub instance: String,
+}
+
+/// The longest instance name (a Kubernetes pod name of a short Deployment fits): it travels
+/// in the apply session's `application_name`, which PostgreSQL cuts at 63 bytes.
+pub const INSTANCE_MAX_LEN: usize = 40;
+
+/// `host:pid`, the default instance name.
+pub fn default_instance() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at most that many
+    // bytes and the result is read only up to the first NUL inside the buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let host = if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    };
+    let host: String = host.chars().take(INSTANCE_MAX_LEN - 8).collect();
+    format!("{host}:{}", std::process::id())
 }
 
 /// One replication direction: changes made on `source` are applied to `target`.
@@ -562,6 +592,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         trigger,
         metrics,
         log,
+        run,
     } = raw;
 
     let names: Vec<String> = raw_nodes.iter().map(|n| n.name.clone()).collect();
@@ -580,8 +611,9 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
     let replication = validate_replication(replication, &names, reserved, problems);
     let trigger = validate_trigger(trigger, problems);
     let metrics = validate_metrics(metrics, problems);
+    let run = validate_run(run, ctx, problems);
 
-    let (trigger, replication, metrics) = (trigger?, replication?, metrics?);
+    let (trigger, replication, metrics, run) = (trigger?, replication?, metrics?, run?);
     let warnings = collect_warnings(&replication);
     Some(Config {
         nodes,
@@ -589,6 +621,7 @@ fn validate(raw: RawConfig, ctx: &Context<'_>, problems: &mut Problems) -> Optio
         trigger,
         metrics,
         log: validate_log(log),
+        run,
         path: None,
         warnings,
     })
@@ -1016,6 +1049,41 @@ fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsC
             None
         }
     }
+}
+
+fn validate_run(raw: RawRun, ctx: &Context<'_>, problems: &mut Problems) -> Option<RunConfig> {
+    let Some(text) = raw.instance else {
+        return Some(RunConfig {
+            instance: default_instance(),
+        });
+    };
+    let instance = match interpolate::interpolate(&text, ctx.env) {
+        Ok(t) => t.trim().to_string(),
+        Err(interpolate::InterpolateError::Missing(var)) => {
+            problems.add(
+                "run.instance",
+                format!("environment variable {var} is not set; export it or write the name here"),
+            );
+            return None;
+        }
+        Err(e) => {
+            problems.add("run.instance", e.to_string());
+            return None;
+        }
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if instance.is_empty() || instance.len() > INSTANCE_MAX_LEN || !instance.chars().all(allowed) {
+        problems.add(
+            "run.instance",
+            format!(
+                "{instance:?} is not an instance name: write 1 to {INSTANCE_MAX_LEN} letters, \
+                 digits, '-', '_', '.' or ':' (such as \"${{HOSTNAME}}\"), or leave it out for \
+                 host:pid"
+            ),
+        );
+        return None;
+    }
+    Some(RunConfig { instance })
 }
 
 fn collect_warnings(r: &ReplicationConfig) -> Vec<String> {

@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub log: RawLog,
+    pub run: RawRun,
 }
 
 /// `[log]`.
@@ -29,6 +30,14 @@ pub(super) struct RawConfig {
 pub(super) struct RawLog {
     #[serde(default)]
     pub row_contents: bool,
+}
+
+/// `[run]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRun {
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// One `[[nodes]]` entry.

@@ -1,8 +1,10 @@
 //! The runtime: the only place that spawns tasks. One worker per direction, each its own
 //! failure domain, restarted with backoff on transient errors and parked on definite ones.
 
+pub mod claim;
 mod housekeeping;
 pub mod monitor;
+pub mod spread;
 pub mod state;
 mod stream;
 
@@ -38,6 +40,8 @@ pub struct DirectionContext {
     /// Server process id of an apply session given up as dead (0: none): the next attempt
     /// ends it on the target, so it cannot keep holding the replication origin.
     pub abandoned_apply_pid: Arc<std::sync::atomic::AtomicI32>,
+    /// This instance's share of the directions, and requests to hand one over.
+    pub fleet: spread::Fleet,
 }
 
 impl DirectionContext {
@@ -163,8 +167,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             Err(e) => warn!(node = %node.name, error = %e, "capture mode not known yet"),
         }
     }
+    let fleet = spread::Fleet::new(directions.len());
+    spawn_named(
+        &tracker,
+        "spread".into(),
+        spread::run(
+            config.clone(),
+            fleet.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ),
+    );
     for d in &directions {
         let ctx = DirectionContext {
+            fleet: fleet.clone(),
             config: config.clone(),
             source: d.source.clone(),
             target: d.target.clone(),
@@ -235,12 +251,35 @@ async fn supervise(ctx: DirectionContext) {
     loop {
         let started = tokio::time::Instant::now();
         let result = match direction_mode(&ctx).await {
-            Ok(CaptureMode::Trigger) => crate::trigger::run_direction(&ctx).await,
-            Ok(CaptureMode::Stream) => stream::run(&ctx).await,
+            Ok(CaptureMode::Trigger) => crate::trigger::run_direction(&ctx).await.map(|()| false),
+            Ok(CaptureMode::Stream) => stream::run(&ctx).await.map(|ended| match ended {
+                stream::Ended::Shutdown => false,
+                stream::Ended::Released => true,
+            }),
             Err(e) => Err(e),
         };
+        claim::released(
+            &ctx,
+            match &result {
+                Ok(false) => "stopping",
+                Ok(true) => "handed over: this instance was over its share",
+                Err(_) => "the direction was interrupted",
+            },
+        );
         let err = match result {
-            Ok(()) => return,
+            Ok(false) => return,
+            Ok(true) => {
+                // Let another instance claim it before this one may try again.
+                attempt = 0;
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => {
+                        ctx.report(|st| st.state = DirectionState::Stopped);
+                        return;
+                    }
+                    _ = tokio::time::sleep(claim::HANDOVER_PAUSE) => {}
+                }
+                continue;
+            }
             Err(e) => e,
         };
         ctx.metrics

@@ -48,6 +48,8 @@ pub enum DirectionState {
     Streaming,
     /// Lost a node; retrying with backoff.
     Reconnecting,
+    /// Another instance owns it (see `owner`); this one retries the claim every second or so.
+    Standby,
     /// Stopped on a definite error (see `last_error`); needs an operator.
     Failed,
     /// Stopped on request.
@@ -65,6 +67,7 @@ impl DirectionState {
             DirectionState::Connecting => "connecting",
             DirectionState::Streaming => "streaming",
             DirectionState::Reconnecting => "reconnecting",
+            DirectionState::Standby => "standby",
             DirectionState::Failed => "failed",
             DirectionState::Stopped => "stopped",
             DirectionState::NotRunning => "not_running",
@@ -110,6 +113,13 @@ pub struct DirectionStatus {
     /// The last error, kept until the direction streams again.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The instance that holds the direction's claim on the target (`null` while unowned or
+    /// not known).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// This process owns the direction (`walbridge_direction_owned`).
+    #[serde(default)]
+    pub owned: bool,
     /// Source transactions applied since start.
     #[serde(default)]
     pub transactions_applied: u64,
@@ -157,6 +167,8 @@ impl DirectionStatus {
             lag_seconds: None,
             state: DirectionState::Starting,
             last_error: None,
+            owner: None,
+            owned: false,
             transactions_applied: 0,
             received_lsn: None,
             applied_lsn: None,
@@ -379,6 +391,9 @@ impl StatusBoard {
                 m.direction_up
                     .with_label_values(&labels)
                     .set(i64::from(d.state == DirectionState::Streaming));
+                m.direction_owned
+                    .with_label_values(&labels)
+                    .set(i64::from(d.owned));
             }
         }
     }
@@ -403,13 +418,14 @@ impl StatusBoard {
             .collect()
     }
 
-    /// `None` when every direction streams, every probed node answers and no slot is over
-    /// its WAL budget; otherwise why not, one sentence each.
+    /// `None` when every direction streams (or is on standby: another instance owns it),
+    /// every probed node answers and no slot is over its WAL budget; otherwise why not, one
+    /// sentence each.
     pub fn not_ready(&self) -> Option<Vec<String>> {
         let mut reasons: Vec<String> = self
             .directions()
             .into_iter()
-            .filter(|d| d.state != DirectionState::Streaming)
+            .filter(|d| !matches!(d.state, DirectionState::Streaming | DirectionState::Standby))
             .map(|d| {
                 format!(
                     "{} -> {} is {}{}",

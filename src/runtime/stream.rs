@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::claim;
 use super::state::Observation;
 use super::{DirectionContext, DirectionError, DirectionState};
 use crate::apply::{Applier, ApplyLimits, Outcome};
@@ -194,8 +195,17 @@ async fn end_abandoned(ctx: &DirectionContext, catalog: &tokio_postgres::Client,
     }
 }
 
-/// Runs the direction until shutdown (`Ok`) or an error.
-pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
+/// How a direction's run ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// Handed to another instance (this one was over its share).
+    Released,
+}
+
+/// Runs the direction until shutdown or release (`Ok`) or an error.
+pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
     let config = &ctx.config;
     let (s, t) = (ctx.source.as_str(), ctx.target.as_str());
     let source_node = config
@@ -215,7 +225,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     });
 
     // The target: a pipelined session under the source's origin, and a catalog connection.
-    let apply_app = format!("walbridge-apply-{s}-to-{t}");
+    let apply_app = claim::apply_application_name(s, t, &config.run.instance);
     let raw = protocol::connect(
         &target_node.dsn,
         ConnectOptions {
@@ -233,12 +243,32 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
         }
     })?;
     let apply_pid = raw.backend_key().map(|(pid, _)| pid).unwrap_or(0);
-    let (pipe, driver) = Pipeline::from_raw(raw);
+    let (mut pipe, driver) = Pipeline::from_raw(raw);
     let apply_driver = tokio::spawn(driver);
-    let catalog = pgconn::connect(&target_node.dsn, &format!("walbridge-catalog-{t}"))
-        .await
-        .map_err(connect_err)?;
+    // An apply session an earlier attempt gave up as dead may still hold the origin and this
+    // direction's claim: end it before claiming.
+    let catalog = match pgconn::connect(&target_node.dsn, &format!("walbridge-catalog-{t}")).await {
+        Ok(c) => c,
+        Err(e) => {
+            apply_driver.abort();
+            return Err(connect_err(e));
+        }
+    };
     end_abandoned(ctx, &catalog, &apply_app).await;
+    // Only the owner goes further; a standby waits here, on the session that will apply.
+    match claim::acquire(ctx, &mut pipe).await {
+        Ok(true) => {}
+        Ok(false) => {
+            apply_driver.abort();
+            ctx.report(|st| st.state = DirectionState::Stopped);
+            return Ok(Ended::Shutdown);
+        }
+        Err(e) => {
+            apply_driver.abort();
+            return Err(e);
+        }
+    }
+    ctx.report(|st| st.state = DirectionState::Connecting);
     let (mut applier, progress) = Applier::start(
         pipe,
         catalog,
@@ -305,9 +335,19 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 ..StreamConfig::default()
             },
         };
-        let (mut source, driver) = Source::start(&source_node.dsn, opts)
-            .await
-            .map_err(|e| source_err(s, e))?;
+        let (mut source, driver) =
+            match start_source(ctx, &mut applier, &source_node.dsn, opts).await {
+                Ok(Some(started)) => started,
+                Ok(None) => {
+                    apply_driver.abort();
+                    ctx.report(|st| st.state = DirectionState::Stopped);
+                    return Ok(Ended::Shutdown);
+                }
+                Err(e) => {
+                    apply_driver.abort();
+                    return Err(e);
+                }
+            };
         let stream_driver = tokio::spawn(driver);
         info!(
             source = %s,
@@ -330,7 +370,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
             }
         };
         match result {
-            Ok(Pumped::Shutdown) => {
+            Ok(how @ (Pumped::Shutdown | Pumped::Release)) => {
                 let confirm = applier.finish().await;
                 if let Ok(lsn) = &confirm {
                     source.feedback().confirm(*lsn);
@@ -339,8 +379,12 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
                 let _ = tokio::time::timeout(Duration::from_secs(15), stream_driver).await;
                 apply_driver.abort();
                 confirm?;
+                if matches!(how, Pumped::Release) {
+                    ctx.report(|st| st.state = DirectionState::Standby);
+                    return Ok(Ended::Released);
+                }
                 ctx.report(|st| st.state = DirectionState::Stopped);
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
             Ok(Pumped::Restream) => {
                 // A conflict inside a transaction too large to keep: read it again from the
@@ -361,6 +405,43 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     }
 }
 
+/// How long a new owner keeps asking for the slot while a previous owner's walsender still
+/// holds it (the server ends that one after `wal_sender_timeout`, 60 s by default).
+const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Starts the stream, holding on to the claim while the slot is still busy (55006: a
+/// previous owner's walsender has not gone yet) or the source is briefly away; `Ok(None)` on
+/// shutdown.
+async fn start_source(
+    ctx: &DirectionContext,
+    applier: &mut Applier,
+    dsn: &crate::dsn::Dsn,
+    opts: SourceOptions,
+) -> Result<Option<(Source, crate::protocol::DriverFuture)>, DirectionError> {
+    let s = ctx.source.as_str();
+    let deadline = tokio::time::Instant::now() + SLOT_BUSY_PATIENCE;
+    loop {
+        match Source::start(dsn, opts.clone()).await {
+            Ok(started) => return Ok(Some(started)),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                debug!(source = %s, target = %ctx.target, error = %e, "slot not available yet; retrying");
+                ctx.report(|st| st.last_error = Some(format!("node {s}: {e}")));
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                // The apply session must not fall idle meanwhile (see claim::IDLE_LIMIT).
+                applier.request_progress().await?;
+                while applier.has_in_flight() {
+                    let reply = applier.recv_response().await?;
+                    applier.on_response(reply).await?;
+                }
+            }
+            Err(e) => return Err(source_err(s, e)),
+        }
+    }
+}
+
 /// How long a gathering group may stay open at most.
 const GROUP_LINGER: Duration = Duration::from_millis(20);
 
@@ -372,6 +453,8 @@ fn more_coming(source: &Source, applier: &Applier) -> bool {
 enum Pumped {
     Shutdown,
     Restream,
+    /// Hand the direction to another instance: asked for, and at a transaction boundary.
+    Release,
 }
 
 async fn pump(
@@ -386,6 +469,7 @@ async fn pump(
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_wal_end = Lsn::ZERO;
+    let mut release_wanted = false;
     loop {
         if !applier.has_in_flight() {
             live.mark();
@@ -413,6 +497,13 @@ async fn pump(
             }
             // Progress: durable position to the source, lag to the metrics.
             _ = tick.tick() => {
+                if ctx.fleet.take_release(s, t) {
+                    release_wanted = true;
+                }
+                // Released only between transactions: nothing open, nothing in flight.
+                if release_wanted && applier.idle() {
+                    return Ok(Pumped::Release);
+                }
                 applier.request_progress().await?;
                 let confirmed = applier.confirmable();
                 source.feedback().confirm(confirmed);

@@ -510,6 +510,7 @@ pub async fn cut_over(
             status: status.clone(),
             shutdown: CancellationToken::new(),
             abandoned_apply_pid: Arc::default(),
+            fleet: crate::runtime::spread::Fleet::new(1),
         };
         let applied = super::worker::drain_direction(&ctx, fence_id)
             .await
