@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
     pub run: RawRun,
 }
 
