@@ -298,5 +298,8 @@ fn identity_columns_replicate_exactly_pgoutput() {
 
 #[test]
 fn identity_columns_replicate_exactly_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
     identity_columns_replicate_exactly("wal2json");
 }
