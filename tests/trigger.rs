@@ -736,3 +736,54 @@ fn trigger_apply_commits_durably_under_synchronous_commit_off() {
         "the apply transaction on west must flush its commit before east's rows are deleted"
     );
 }
+
+#[test]
+fn a_lookup_that_waits_for_a_local_writer_sees_that_writers_commit_time() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+    d.walbridge_ok(&["setup"]);
+    let _run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO users (id, name) VALUES (1, 'base')");
+    d.wait_for("west", "SELECT name FROM users WHERE id = 1", "base");
+    // A local writer on west holds the row for a while and commits last; meanwhile east's
+    // earlier edit reaches west, whose lookup waits for that lock and must then see the
+    // writer's commit time, not the version it replaced.
+    let west = d.node("west");
+    let mut writer = std::process::Command::new(west.client_tool("psql").expect("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &west.port().to_string(),
+        ])
+        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .arg(
+            "BEGIN; UPDATE users SET name = 'west, later' WHERE id = 1; \
+             SELECT pg_sleep(2); COMMIT;",
+        )
+        .spawn()
+        .expect("start the local writer");
+    d.wait_for(
+        "west",
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.query LIKE '%west, later%' AND l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock'",
+        "1",
+    );
+    d.sql(
+        "east",
+        "UPDATE users SET name = 'east, earlier' WHERE id = 1",
+    );
+    assert!(writer.wait().expect("the local writer").success());
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT name FROM users WHERE id = 1", "west, later");
+    }
+    wait_drained(&d);
+    for n in ["east", "west"] {
+        assert_eq!(
+            d.sql(n, "SELECT name FROM users WHERE id = 1"),
+            "west, later",
+            "{n} after both directions drained"
+        );
+    }
+}

@@ -526,6 +526,10 @@ impl TableMap {
     /// it equals the change's old row. Parameters: key values, then (when `old_columns` is
     /// non-empty) the old row's values of those columns. Returns one row or none:
     /// `(row as json text, commit time, origin id, equals_old)`.
+    ///
+    /// The version is computed in the target list, never in a `LATERAL` join: when the lock
+    /// waits for a concurrent writer, PostgreSQL re-reads the locked row but reuses a joined
+    /// function's earlier result, which would pair the new row with the old commit time.
     pub fn lookup_row(&self, old_columns: &[usize]) -> String {
         let key = self.key_match("cur", 1);
         let mut equals = String::from("NULL::boolean");
@@ -548,9 +552,10 @@ impl TableMap {
             }
         }
         format!(
-            "SELECT ({row})::text, o.timestamp, o.roident::int8, {equals} \
+            "SELECT ({row})::text, \
+                    (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).timestamp, \
+                    (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).roident::int8, {equals} \
              FROM {table} AS cur \
-             LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o ON true \
              WHERE {target} LIMIT 1 FOR UPDATE OF cur",
             row = row_json("cur", &self.target),
             table = self.target.quoted_name(),
@@ -665,9 +670,10 @@ impl TableMap {
         let key = format!("{}{identity}", self.key_match("c", key_first));
         let limit = if self.full_identity { " LIMIT 1" } else { "" };
         format!(
-            "cur AS (SELECT c.ctid AS wb_ctid, o.timestamp AS wb_ts, o.roident AS wb_ro, \
+            "cur AS (SELECT c.ctid AS wb_ctid, \
+             (pg_catalog.pg_xact_commit_timestamp_origin(c.xmin)).timestamp AS wb_ts, \
+             (pg_catalog.pg_xact_commit_timestamp_origin(c.xmin)).roident AS wb_ro, \
              ({row})::text AS wb_row FROM {table} AS c \
-             LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(c.xmin) o ON true \
              WHERE {key}{limit} FOR UPDATE OF c), \
              dec AS (SELECT cur.*, (wb_ro = ANY(${o}::oid[]) OR wb_ts IS NULL \
              OR wb_ts < ${t}::timestamptz OR (wb_ts = ${t}::timestamptz AND {rank} > {src})) \

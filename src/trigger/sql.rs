@@ -174,18 +174,27 @@ pub fn lookup_sql(table: &TableInfo, key: &[String], full: bool, commit_ts: bool
          AS d ON true"
             .to_string()
     };
+    // The locked row's version is computed in its target list, not joined: when the lock
+    // waits for a concurrent writer, PostgreSQL re-reads the row but reuses a joined
+    // function's earlier result, pairing the new row with the old commit time.
+    let (ts, ro) = if commit_ts {
+        (
+            "(pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).timestamp",
+            "(pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident",
+        )
+    } else {
+        ("NULL::timestamptz", "NULL::oid")
+    };
     format!(
         "SELECT r.row_json, r.ts, r.ro, d.found, d.ts, d.ro \
            FROM {k} \
-           LEFT JOIN LATERAL (SELECT ({row})::text AS row_json, v.timestamp AS ts, \
-                                     v.roident AS ro \
-                                FROM {table} AS t {v} \
+           LEFT JOIN LATERAL (SELECT ({row})::text AS row_json, {ts} AS ts, {ro} AS ro \
+                                FROM {table} AS t \
                                WHERE {m} LIMIT 1 FOR UPDATE OF t) AS r ON true \
            {tombstone}",
         k = record(table, 1, "k"),
         row = row_json("t", table),
         table = table.quoted_name(),
-        v = version("t"),
         m = matches(table, key, full, "t", "k"),
     )
 }
