@@ -408,6 +408,18 @@ impl Guarded<'_> {
         ConnectError::from_postgres(self.address.to_string(), &self.dsn.user, e)
     }
 
+    /// A TCP socket to the host with no delay and the DSN's keepalive / user-timeout options,
+    /// as tokio-postgres sets them on the sockets it opens itself.
+    async fn tcp(&self, name: &str) -> Result<tokio::net::TcpStream, ConnectError> {
+        let io_err = |e: io::Error| ConnectError::io(self.address.to_string(), &e);
+        let socket = tokio::net::TcpStream::connect((name, self.port))
+            .await
+            .map_err(io_err)?;
+        socket.set_nodelay(true).map_err(io_err)?;
+        self.dsn.tcp.apply(&socket).map_err(io_err)?;
+        Ok(socket)
+    }
+
     async fn plain(
         &self,
         config: &tokio_postgres::Config,
@@ -429,11 +441,7 @@ impl Guarded<'_> {
                 Ok(client)
             }
             Host::Tcp(name) => {
-                let socket = tokio::net::TcpStream::connect((name.as_str(), self.port))
-                    .await
-                    .map_err(io_err)?;
-                socket.set_nodelay(true).map_err(io_err)?;
-                self.dsn.tcp.apply(&socket).map_err(io_err)?;
+                let socket = self.tcp(name).await?;
                 let guard = AuthGuard::new(socket, self.policy.clone(), false);
                 let (client, connection) = config
                     .connect_raw(guard, NoTls)
@@ -457,11 +465,7 @@ impl Guarded<'_> {
         let Host::Tcp(name) = self.host else {
             return self.plain(config, notify).await;
         };
-        let socket = tokio::net::TcpStream::connect((name.as_str(), self.port))
-            .await
-            .map_err(io_err)?;
-        socket.set_nodelay(true).map_err(io_err)?;
-        self.dsn.tcp.apply(&socket).map_err(io_err)?;
+        let socket = self.tcp(name).await?;
         // tokio-postgres sends SSLRequest first: the guard under TLS reads only its answer.
         let socket = AuthGuard::new(socket, self.policy.clone(), true);
         let mut make = RustlsConnector(tls_config.clone());
