@@ -49,12 +49,12 @@ use tokio_postgres::Client;
 use crate::catalog;
 use crate::config::{Config, ConflictPolicy};
 use crate::conflict::{ConflictKind, Resolution};
+use crate::direction::DirectionError;
 use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
-use crate::runtime::DirectionError;
 use sql::TableMap;
 pub use writers::Writers;
 

@@ -26,16 +26,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::claim;
-use super::state::Observation;
-use super::{DirectionContext, DirectionError, DirectionState};
 use crate::apply::{Applier, ApplyLimits, Outcome};
 use crate::config::Plugin;
+use crate::direction::prereq;
+use crate::direction::state::Observation;
+use crate::direction::{claim, DirectionContext, DirectionError, DirectionState};
 use crate::lsn::Lsn;
 use crate::pgconn;
 use crate::protocol::pipeline::Pipeline;
 use crate::protocol::{self, ConnectOptions, StreamConfig};
-use crate::setup::prereq;
 use crate::source::{Source, SourceError, SourceItem, SourceOptions};
 
 fn source_err(node: &str, e: SourceError) -> DirectionError {
@@ -56,7 +55,7 @@ fn connect_err(e: pgconn::ConnectError) -> DirectionError {
 }
 
 fn sql_err(node: &str, what: &str, e: tokio_postgres::Error) -> DirectionError {
-    let msg = format!("node {node}: {what}: {}", crate::setup::pg_message(&e));
+    let msg = format!("node {node}: {what}: {}", crate::pgconn::pg_message(&e));
     if e.is_closed() || e.as_db_error().is_none() {
         DirectionError::transient(msg)
     } else {
@@ -123,7 +122,7 @@ async fn watch_apply(
                     &[&pid, &app],
                 )
                 .await
-                .map_err(|e| crate::setup::pg_message(&e))?;
+                .map_err(|e| crate::pgconn::pg_message(&e))?;
             let seen = row.map(|r| {
                 (
                     r.get::<_, Option<String>>(0).unwrap_or_default(),

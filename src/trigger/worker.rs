@@ -28,11 +28,11 @@ use tokio_postgres::{Client, IsolationLevel, Statement};
 use crate::catalog::{self, TableInfo};
 use crate::config::Config;
 use crate::conflict::{self, Action, Incoming, LocalState, Version};
+use crate::direction::{DirectionContext, DirectionError, DirectionState, ErrorClass};
 use crate::event::ChangeOp;
 use crate::lsn::PgTimestamp;
 use crate::pgconn;
-use crate::runtime::{DirectionContext, DirectionError, DirectionState, ErrorClass};
-use crate::setup::pg_message;
+use crate::pgconn::pg_message;
 
 use super::change::{self, Change, Op, RawRow, RowError};
 use super::sql;
@@ -224,7 +224,7 @@ fn row_failure(i: usize, e: &tokio_postgres::Error, node: &str, what: &str) -> O
         Some(db) if db.code().code() == "25P02" => None,
         Some(db) if is_row_error(db.code().code()) => Some(Attempt::Row(
             i,
-            crate::setup::pg_message_with_values(e),
+            crate::pgconn::pg_message_with_values(e),
             pg_message(e),
             Some(db.code().code().to_string()),
         )),
