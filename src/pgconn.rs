@@ -140,6 +140,8 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
                 message: db.message().to_string(),
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
+                schema: db.schema().map(str::to_string),
+                table: db.table().map(str::to_string),
             };
             return (crate::protocol::auth_failure(user, &server), false);
         }
@@ -920,6 +922,15 @@ fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
             s
         }
         None => e.to_string(),
+    }
+}
+
+/// Whether retrying may help after a statement failed: by the SQLSTATE when the server sent
+/// one ([`sqlstate_is_transient`]), else (connection closed, I/O failure, timeout) yes.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => sqlstate_is_transient(db.code().code()),
+        None => true,
     }
 }
 

@@ -68,6 +68,62 @@ pub enum ErrorClass {
     Definite,
 }
 
+impl ErrorClass {
+    /// The class of a server error from its SQLSTATE: the one rule
+    /// ([`crate::protocol::sqlstate_is_transient`]: connection exceptions, shutdown and
+    /// restart, resource shortages, serialization failures and deadlocks, lock timeouts,
+    /// read-only, cancelled statements are transient; the rest is definite).
+    pub fn of_sqlstate(code: &str) -> Self {
+        Self::transient_if(crate::protocol::sqlstate_is_transient(code))
+    }
+
+    fn transient_if(transient: bool) -> Self {
+        if transient {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Definite
+        }
+    }
+}
+
+/// An error whose class is decided once, from the SQLSTATE the server sent or the kind of
+/// I/O failure, never from its text. Build a [`DirectionError`] from it with
+/// [`DirectionError::caused_by`].
+pub trait Classify {
+    /// Retry or stop.
+    fn class(&self) -> ErrorClass;
+}
+
+impl Classify for tokio_postgres::Error {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::transient_if(crate::pgconn::is_transient(self))
+    }
+}
+
+impl Classify for crate::protocol::ServerError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::of_sqlstate(&self.code)
+    }
+}
+
+impl Classify for crate::protocol::ProtocolError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::transient_if(self.is_transient())
+    }
+}
+
+impl Classify for crate::pgconn::ConnectError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::transient_if(self.is_transient())
+    }
+}
+
+impl Classify for crate::catalog::CatalogError {
+    fn class(&self) -> ErrorClass {
+        self.0.class()
+    }
+}
+
 /// Why a direction's worker stopped.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{message}")]
@@ -95,8 +151,53 @@ impl DirectionError {
         }
     }
 
+    /// A failure worded by `message`, classed by its cause (see [`Classify`]).
+    pub fn caused_by(message: impl Into<String>, cause: &impl Classify) -> Self {
+        DirectionError {
+            class: cause.class(),
+            message: message.into(),
+        }
+    }
+
     /// True when retrying may help.
     pub fn is_transient(&self) -> bool {
         self.class == ErrorClass::Transient
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_are_classed_by_sqlstate_alone() {
+        let class = |code: &str| {
+            crate::protocol::ServerError {
+                code: code.into(),
+                message: "words that must not matter: connection, does not exist".into(),
+                ..Default::default()
+            }
+            .class()
+        };
+        for code in [
+            "57P01", "57P02", "57P03", "08006", "08001", "40001", "40P01", "53300", "55P03",
+            "25006", "57014",
+        ] {
+            assert_eq!(class(code), ErrorClass::Transient, "{code}");
+        }
+        for code in [
+            "42P01", "42703", "22P02", "23505", "28P01", "XX000", "WB001",
+        ] {
+            assert_eq!(class(code), ErrorClass::Definite, "{code}");
+        }
+        let e = DirectionError::caused_by(
+            "node b: reading the catalog",
+            &crate::protocol::ServerError {
+                code: "57P01".into(),
+                ..Default::default()
+            },
+        );
+        assert!(e.is_transient());
+        assert_eq!(e.to_string(), "node b: reading the catalog");
     }
 }

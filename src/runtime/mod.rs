@@ -150,15 +150,18 @@ async fn direction_mode(ctx: &DirectionContext) -> Result<CaptureMode, Direction
             })?;
             let client = crate::pgconn::connect(&node.dsn, "walbridge-mode")
                 .await
-                .map_err(|e| DirectionError::transient(format!("node {}: {e}", ctx.source)))?;
+                .map_err(|e| DirectionError::caused_by(format!("node {}: {e}", ctx.source), &e))?;
             let m = crate::trigger::node_mode(&ctx.config, &ctx.source, &client)
                 .await
                 .map_err(|e| {
-                    DirectionError::transient(format!(
-                        "node {}: reading its capture mode: {}",
-                        ctx.source,
-                        crate::pgconn::pg_message(&e)
-                    ))
+                    DirectionError::caused_by(
+                        format!(
+                            "node {}: reading its capture mode: {}",
+                            ctx.source,
+                            crate::pgconn::pg_message(&e)
+                        ),
+                        &e,
+                    )
                 })?;
             ctx.report(|s| s.mode_reason = Some(m.reason.clone()));
             Ok(m.mode)

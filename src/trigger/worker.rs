@@ -191,11 +191,7 @@ fn pg_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> Direc
 }
 
 fn classify(e: &tokio_postgres::Error) -> ErrorClass {
-    match e.as_db_error() {
-        Some(db) if pgconn::sqlstate_is_transient(db.code().code()) => ErrorClass::Transient,
-        Some(_) => ErrorClass::Definite,
-        None => ErrorClass::Transient,
-    }
+    crate::direction::Classify::class(e)
 }
 
 /// Whether a server error is about the one statement's data (so the change row is dead and
