@@ -13,6 +13,12 @@ const TABLES: &str = "tables = [\"public.ledger\", \"public.hot\"]";
 /// Nodes whose walsenders give up (and whose silence walbridge notices) after 10 s.
 const FAST_TIMEOUTS: &[&str] = &["wal_sender_timeout = '10s'"];
 
+/// The `[replication]` body of these scenarios for `plugin` (their tables hold no float or
+/// numeric column, so wal2json 2.5 needs no `allow_lossy_wal2json`).
+fn replication(plugin: &str) -> String {
+    format!("{TABLES}\nplugin = \"{plugin}\"")
+}
+
 fn reconnects(port: u16, s: &str, t: &str) -> f64 {
     metric_sum(
         &scrape(port),
@@ -29,9 +35,8 @@ fn finish(writers: Vec<std::process::Child>) {
 
 /// Black-holes node a's link (a→b reads a's walsender through it, b→a applies on a through
 /// it): both directions notice within their bounds, reconnect after the heal, and converge.
-#[test]
-fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
-    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+fn black_holed_links_are_noticed_within_the_bound(plugin: &str) {
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, &replication(plugin), FAST_TIMEOUTS);
     let port = d.enable_metrics();
     d.proxy_node("a");
     d.walbridge_ok(&["setup"]);
@@ -71,7 +76,7 @@ fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes(
         source_seen.unwrap_or_default(),
         target_seen.unwrap_or_default(),
     );
-    eprintln!("black hole noticed: source link after {src:?}, apply link after {tgt:?}");
+    eprintln!("{plugin}: black hole noticed: source link after {src:?}, apply link after {tgt:?}");
     // Documented bounds: the source's wal_sender_timeout (10 s here) plus a status tick;
     // the apply probe (10 s) plus its own timeout (10 s) plus a tick. A little slack for load.
     assert!(src <= Duration::from_secs(16), "source link: {src:?}");
@@ -89,9 +94,22 @@ fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes(
     assert!(log.contains("the link is dead"), "{log}");
 }
 
+#[test]
+fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes() {
+    black_holed_links_are_noticed_within_the_bound("pgoutput");
+}
+
+#[test]
+fn heavy_black_holed_links_are_noticed_within_the_bound_and_replication_resumes_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    black_holed_links_are_noticed_within_the_bound("wal2json");
+}
+
 /// Resets random links (RST both ways) every second or so while every node writes.
 fn cuts_under_load(names: &[&str], plugin: &str, cuts: usize) {
-    let mut d = Deployment::new(names, LEDGER, &format!("{TABLES}\nplugin = \"{plugin}\""));
+    let mut d = Deployment::new(names, LEDGER, &replication(plugin));
     for n in names {
         d.proxy_node(n);
     }
@@ -125,16 +143,19 @@ fn cut_links_under_bidirectional_load_three_nodes_pgoutput() {
     cuts_under_load(&["a", "b", "c"], "pgoutput", 8);
 }
 
+#[test]
+fn cut_links_under_bidirectional_load_two_nodes_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    cuts_under_load(&["a", "b"], "wal2json", 8);
+}
+
 /// A large transaction on a; the link to a is cut in the middle of one of its CopyData
 /// messages (and, with `black_hole`, first black-holed while b is applying it).
 fn fault_inside_a_large_transaction(rows: i64, plugin: &str, black_hole: bool) {
     let conf: &[&str] = if black_hole { FAST_TIMEOUTS } else { &[] };
-    let mut d = Deployment::with_conf(
-        &["a", "b"],
-        LEDGER,
-        &format!("{TABLES}\nplugin = \"{plugin}\""),
-        conf,
-    );
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, &replication(plugin), conf);
     d.proxy_node("a");
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
@@ -190,6 +211,24 @@ fn heavy_black_hole_then_cut_inside_a_million_row_transaction() {
     fault_inside_a_large_transaction(1_000_000, "pgoutput", true);
 }
 
+#[test]
+fn cut_inside_a_copy_data_message_of_a_100k_row_transaction_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    fault_inside_a_large_transaction(100_000, "wal2json", false);
+}
+
+/// With wal2json this takes over three minutes here: the million rows are decoded and printed
+/// as JSON three times (before the black hole, after it, after the cut).
+#[test]
+fn heavy_black_hole_then_cut_inside_a_million_row_transaction_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    fault_inside_a_large_transaction(1_000_000, "wal2json", true);
+}
+
 /// b refuses writes (read-only by default, then a lock held past walbridge's patience):
 /// the direction retries with backoff, never stops, and resumes when b recovers.
 #[test]
@@ -243,9 +282,8 @@ fn heavy_target_refusing_writes_is_retried_until_it_recovers() {
 
 /// kill -9 of walbridge twenty times at random moments while both nodes write, on the same
 /// hot keys too.
-#[test]
-fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load() {
-    let d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+fn kill_9_twenty_times_under_conflicting_load(plugin: &str) {
+    let d = Deployment::new(&["a", "b"], LEDGER, &replication(plugin));
     d.walbridge_ok(&["setup"]);
     let writers = vec![
         ledger_writer(&d, "a", 1, 4000, "0.004", true),
@@ -265,10 +303,22 @@ fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load() {
     run.assert_running();
 }
 
-/// Each node stopped immediately (crash-like) and restarted ten times while both write.
 #[test]
-fn heavy_immediate_node_restarts_under_bidirectional_load() {
-    let mut d = Deployment::new(&["a", "b"], LEDGER, TABLES);
+fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load() {
+    kill_9_twenty_times_under_conflicting_load("pgoutput");
+}
+
+#[test]
+fn heavy_kill_9_twenty_times_under_conflicting_bidirectional_load_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    kill_9_twenty_times_under_conflicting_load("wal2json");
+}
+
+/// Each node stopped immediately (crash-like) and restarted ten times while both write.
+fn immediate_node_restarts_under_load(plugin: &str) {
+    let mut d = Deployment::new(&["a", "b"], LEDGER, &replication(plugin));
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
     let mut rng = rand::rng();
@@ -298,6 +348,19 @@ fn heavy_immediate_node_restarts_under_bidirectional_load() {
     run.assert_running();
 }
 
+#[test]
+fn heavy_immediate_node_restarts_under_bidirectional_load() {
+    immediate_node_restarts_under_load("pgoutput");
+}
+
+#[test]
+fn heavy_immediate_node_restarts_under_bidirectional_load_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    immediate_node_restarts_under_load("wal2json");
+}
+
 /// The WAL bound the idle-source scenario holds the slot to (the issue's figure).
 const RETAINED_BOUND: f64 = 64.0 * 1024.0 * 1024.0;
 
@@ -319,7 +382,7 @@ fn idle_source_slot_retains_bounded_wal(plugin: &str, pause: &str) {
     let d = Deployment::with_conf(
         &["a", "b"],
         &schema,
-        &format!("{TABLES}\nplugin = \"{plugin}\""),
+        &replication(plugin),
         &["max_wal_size = '128MB'", "min_wal_size = '32MB'"],
     );
     d.walbridge_ok(&["setup"]);
@@ -534,7 +597,8 @@ fn peak_rss_kb(pid: u32) -> u64 {
 }
 
 /// The soak run (by hand, not in CI): `WALBRIDGE_SOAK_MINUTES=20 cargo nextest run
-/// --run-ignored only -E 'test(soak_)' --no-capture`. Random faults from the list above under
+/// --run-ignored only -E 'test(soak_)' --no-capture` (`WALBRIDGE_SOAK_PLUGIN=wal2json` for
+/// the other plugin). Random faults from the list above under
 /// a bidirectional load that conflicts on hot keys; prints faults injected, rows written, lost
 /// and duplicated (both must be 0), time to converge after the last fault, peak RSS.
 #[test]
@@ -544,7 +608,8 @@ fn soak_random_faults_under_conflicting_load() {
         .ok()
         .and_then(|m| m.parse().ok())
         .unwrap_or(3.0);
-    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, TABLES, FAST_TIMEOUTS);
+    let plugin = std::env::var("WALBRIDGE_SOAK_PLUGIN").unwrap_or_else(|_| "pgoutput".into());
+    let mut d = Deployment::with_conf(&["a", "b"], LEDGER, &replication(&plugin), FAST_TIMEOUTS);
     d.proxy_node("a");
     d.proxy_node("b");
     d.walbridge_ok(&["setup"]);
@@ -648,7 +713,7 @@ fn soak_random_faults_under_conflicting_load() {
         })
         .sum();
     eprintln!(
-        "soak: {minutes} min, faults {faults:?}, rows written {written}, lost {lost}, \
+        "soak ({plugin}): {minutes} min, faults {faults:?}, rows written {written}, lost {lost}, \
          duplicated {duplicated}, converged {converge:?} after the last fault, peak RSS {} MB",
         peak_kb / 1024
     );
