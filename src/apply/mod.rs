@@ -500,6 +500,18 @@ impl Applier {
         Ok(outcome)
     }
 
+    /// A transaction with nothing to apply (an echo, or changes only to tables that are not
+    /// replicated) ended at `end_lsn`: like a keepalive, a position that may be confirmed
+    /// once everything sent before it is durable. A source that writes only unreplicated
+    /// tables then sees its slot follow even while its walsender never waits for WAL (so
+    /// sends no keepalive), as during a long burst with wal2json, which sends every
+    /// transaction.
+    fn skipped_until(&mut self, end_lsn: Lsn) {
+        if self.open.is_none() && self.group.is_none() {
+            self.idle_point = Some((end_lsn, self.expected));
+        }
+    }
+
     /// Queues a durable-progress query (at most one at a time, never inside a group).
     pub async fn request_progress(&mut self) -> Result<(), DirectionError> {
         if self.progress_pending {
@@ -1047,6 +1059,7 @@ impl Applier {
                 .echo_suppressed
                 .with_label_values(&[self.source.as_str()])
                 .inc();
+            self.skipped_until(commit.end_lsn);
             return self.maybe_close(more_pending).await;
         }
         if self.streaming_careful.is_some() {
@@ -1054,6 +1067,9 @@ impl Applier {
             return Ok(Outcome::Continue);
         }
         if open.changes == 0 || open.careful {
+            if !open.careful {
+                self.skipped_until(commit.end_lsn);
+            }
             return self.maybe_close(more_pending).await;
         }
         let sent = Sent {
