@@ -281,8 +281,6 @@ fn heavy_random_histories_converge_on_a_mixed_stream_trigger_mesh() {
 }
 
 #[test]
-#[ignore = "node_priority does not converge in every history yet (issue 18; README Limits): \
-            run by hand with --ignored"]
 fn heavy_random_histories_converge_under_node_priority() {
     each_seed(
         "3 nodes, node_priority",
