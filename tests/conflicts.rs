@@ -229,6 +229,23 @@ fn node_priority_discards_a_lower_node_edit_of_a_row_the_higher_node_wrote() {
 }
 
 #[test]
+fn node_priority_reinsert_after_the_sources_own_delete_in_one_transaction_is_kept() {
+    let d = pair("node_priority", "\"a\", \"b\"");
+    d.sql("b", "INSERT INTO items VALUES (7, 'b row')");
+    d.replicate_once("seed.log");
+    // Applied on a as one transaction: the tombstone the delete leaves there is b's own
+    // version (no commit time yet), not a's, so b's re-insert wins over it.
+    d.sql(
+        "b",
+        "BEGIN; DELETE FROM items WHERE id = 7; INSERT INTO items VALUES (7, 'b again'); COMMIT",
+    );
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 7), "b again");
+    converged(&d);
+    assert_eq!(conflicts(&d, "a"), "");
+}
+
+#[test]
 fn error_policy_stops_the_direction_and_applies_nothing() {
     let d = seeded("error", "\"a\", \"b\"");
     d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
