@@ -217,12 +217,15 @@ pub fn may_share_stamp(
 /// each other: a delete from one source records a tombstone while an older insert from
 /// another source checks for tombstones in a snapshot taken before that one committed, and the
 /// row stays on this node only. A missing row has no row lock to wait on; this lock stands in
-/// for it. With two nodes a target has one source and needs none.
+/// for it. With two nodes a target has one source and needs none, unless a table is under
+/// node_priority: there a node's own inserts take the lock too (`walbridge.priority_guard`),
+/// so a deletion being applied and a local re-insert of the key cannot both commit unseen.
 pub const SERIALIZE_APPLIERS_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock(2003985009, 1)";
 
-/// Whether appliers to one target must take [`SERIALIZE_APPLIERS_SQL`].
-pub fn appliers_take_turns(node_count: usize) -> bool {
-    node_count > 2
+/// Whether appliers to one target must take [`SERIALIZE_APPLIERS_SQL`]: with three or more
+/// nodes, or when any table is under node_priority.
+pub fn appliers_take_turns(node_count: usize, node_priority: bool) -> bool {
+    node_count > 2 || node_priority
 }
 
 /// Decides one incoming change against the target's state.

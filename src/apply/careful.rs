@@ -119,10 +119,11 @@ impl Applier {
         Ok(conflicts)
     }
 
-    /// With three or more nodes, waits for this target's other appliers (first statement of a
-    /// careful transaction; see `conflict::SERIALIZE_APPLIERS_SQL`).
+    /// With three or more nodes (or node_priority tables), waits for this target's other
+    /// appliers (first statement of a careful transaction; see
+    /// `conflict::SERIALIZE_APPLIERS_SQL`).
     async fn take_turn(&mut self) -> Result<(), Failed> {
-        if crate::conflict::appliers_take_turns(self.node_count) {
+        if self.take_turns {
             self.exec(crate::conflict::SERIALIZE_APPLIERS_SQL, &[])
                 .await?;
         }
