@@ -55,3 +55,8 @@ GRANT EXECUTE ON FUNCTION walbridge.json_value_sql(oid, name, text),
                           walbridge.row_jsonb(oid, anyelement)
    TO walbridge_capture;
 ALTER FUNCTION walbridge.record_tombstones() OWNER TO walbridge_capture;
+
+-- node_priority's guard (walbridge.priority_guard) asks who wrote a row version or a tombstone.
+GRANT SELECT ON pg_catalog.pg_replication_origin TO walbridge_capture;
+ALTER FUNCTION walbridge.origin_writer(oid) OWNER TO walbridge_capture;
+ALTER FUNCTION walbridge.tombstone_writer(oid, anyelement, text[]) OWNER TO walbridge_capture;

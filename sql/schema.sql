@@ -243,3 +243,103 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION walbridge.expect_no_tombstones(oid) FROM PUBLIC;
+
+-- node_priority's guard. That policy orders row versions by the writer's priority first, so
+-- a node's own statement that replaces a version written by a node that outranks it would be
+-- discarded by every peer and kept by this node alone. The guard discards it here too: a
+-- BEFORE ROW trigger on node_priority tables that returns NULL (the row is left as it is) for
+-- an UPDATE or DELETE of a row last written by a node that outranks this one, and for an
+-- INSERT of a missing key whose deletion such a node wrote (its tombstone). walbridge's own
+-- apply sessions (walbridge.skip = on, or session_replication_role = replica) are not guarded.
+-- Arguments: this node's rank, the slot prefix, the ranks by node name (jsonb), the key
+-- columns.
+--
+-- origin_writer / tombstone_writer: the name of the replication origin that wrote a version
+-- ('' for this node, NULL for no tombstone). SECURITY DEFINER because pg_replication_origin
+-- and walbridge.tombstones are not readable by the roles that write the tables; they return
+-- origin names only, and EXECUTE is granted to PUBLIC since any writer of a guarded table
+-- calls them.
+CREATE OR REPLACE FUNCTION walbridge.origin_writer(ro oid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT o.roname FROM pg_catalog.pg_replication_origin o
+                      WHERE o.roident OPERATOR(pg_catalog.=) ro), '')
+$$;
+REVOKE ALL ON FUNCTION walbridge.origin_writer(oid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION walbridge.origin_writer(oid) TO PUBLIC;
+
+-- tombstone_writer: of the tombstone of row `r`'s key (columns `keys`), built as
+-- record_tombstones builds it (no code a user wrote runs).
+CREATE OR REPLACE FUNCTION walbridge.tombstone_writer(rel oid, r anyelement, keys text[])
+RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    key_expr text;
+    k        jsonb;
+BEGIN
+    SELECT pg_catalog.string_agg(
+               walbridge.json_value_sql(rel, a::name, pg_catalog.format('($1).%I', a)), ', ')
+      INTO key_expr FROM pg_catalog.unnest(keys) AS a;
+    EXECUTE 'SELECT pg_catalog.jsonb_build_array(' OPERATOR(pg_catalog.||) key_expr
+        OPERATOR(pg_catalog.||) ')' INTO k USING r;
+    RETURN (SELECT walbridge.origin_writer(
+                       (pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin)).roident)
+              FROM walbridge.tombstones tb
+             WHERE tb.relid OPERATOR(pg_catalog.=) rel AND tb.key OPERATOR(pg_catalog.=) k);
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.tombstone_writer(oid, anyelement, text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION walbridge.tombstone_writer(oid, anyelement, text[]) TO PUBLIC;
+
+-- SECURITY INVOKER: it reads the guarded table's row as the role writing it.
+CREATE OR REPLACE FUNCTION walbridge.priority_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    my_rank  int   := TG_ARGV[0]::int;
+    prefix   text  := TG_ARGV[1];
+    ranks    jsonb := TG_ARGV[2]::jsonb;
+    keys     text[] := TG_ARGV[3:];
+    probe    text;
+    ro       oid;
+    present  boolean;
+    writer   text;
+    node     text;
+BEGIN
+    IF pg_catalog.current_setting('walbridge.skip', true) IS NOT DISTINCT FROM 'on' THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.format('t.%1$I = ($1).%1$I', a), ' AND ')
+      INTO probe FROM pg_catalog.unnest(keys) AS a;
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        -- A missing key has no row lock: take turns with walbridge's appliers (as they do
+        -- with each other), so a deletion being applied cannot slip past this check.
+        PERFORM pg_catalog.pg_advisory_xact_lock(2003985009, 1);
+        EXECUTE pg_catalog.format('SELECT true FROM %s t WHERE %s', TG_RELID::regclass, probe)
+           INTO present USING NEW;
+        IF present THEN
+            RETURN NEW;  -- ON CONFLICT DO UPDATE: the UPDATE is guarded as one
+        END IF;
+        writer := walbridge.tombstone_writer(TG_RELID, NEW, keys);
+    ELSE
+        EXECUTE pg_catalog.format(
+            'SELECT (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident FROM %s t WHERE %s',
+            TG_RELID::regclass, probe) INTO ro USING OLD;
+        IF ro IS NOT NULL THEN
+            writer := walbridge.origin_writer(ro);
+        END IF;
+    END IF;
+    node := CASE
+        WHEN pg_catalog.starts_with(writer, prefix OPERATOR(pg_catalog.||) '_from_')
+        THEN pg_catalog.substr(writer, pg_catalog.length(prefix) OPERATOR(pg_catalog.+) 7)
+        WHEN pg_catalog.starts_with(writer, prefix OPERATOR(pg_catalog.||) '_copy_')
+        THEN pg_catalog.regexp_replace(
+                 pg_catalog.substr(writer, pg_catalog.length(prefix) OPERATOR(pg_catalog.+) 7),
+                 '_[0-9]+$', '')
+        END;
+    IF (ranks OPERATOR(pg_catalog.->>) node)::int OPERATOR(pg_catalog.<) my_rank THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.priority_guard() FROM PUBLIC;

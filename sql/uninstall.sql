@@ -18,7 +18,7 @@ DECLARE
     t record;
 BEGIN
     FOR t IN SELECT tgrelid::regclass AS rel, tgname FROM pg_catalog.pg_trigger
-              WHERE tgname IN ('walbridge_tombstones', 'walbridge_capture',
+              WHERE tgname IN ('walbridge_tombstones', 'walbridge_priority_guard', 'walbridge_capture',
                                'walbridge_capture_truncate', 'walbridge_notify')
                 AND tgparentid = 0
     LOOP

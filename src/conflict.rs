@@ -17,9 +17,20 @@
 //!   error           : detection as last_write_wins; any conflict stops the direction
 //! ```
 //!
-//! A change from the node that wrote the current version is never a conflict: it is that node's
-//! next change of its own row. Under `node_priority` the same holds when the change's old row
-//! (REPLICA IDENTITY FULL) equals the target's row: the writer had seen this version.
+//! Each is a total order on row versions, delete tombstones included, applied the same way to
+//! inserts, updates, deletes and re-inserts: a node keeps the greatest version it has seen of
+//! each key, so once every version reached every node they all keep the same one, whatever the
+//! arrival order and grouping. A change from the node that wrote the current version is never
+//! a conflict: it is that node's next change of its own row (a later version in both orders).
+//!
+//! A node's own statements are versions too, and they must not be smaller than what they
+//! replace, or the peers would discard them while the node keeps them. Under last_write_wins a
+//! new commit is later than anything the node has seen (clocks in sync). Under node_priority a
+//! lower-priority node's statement on a row (or a deleted key) last written by a node that
+//! outranks it would be smaller: the `walbridge.priority_guard` trigger (sql/schema.sql)
+//! discards it on that node too. "The writer had seen this version" (old row equal, REPLICA
+//! IDENTITY FULL) is not used: it is not an order, and with three or more nodes the versions
+//! reach nodes in different orders.
 //!
 //! `apply` asks [`decide`] only on its careful path, after the optimistic statement for a change
 //! found something unexpected; `conflict` decides, `apply` executes.
@@ -206,12 +217,15 @@ pub fn may_share_stamp(
 /// each other: a delete from one source records a tombstone while an older insert from
 /// another source checks for tombstones in a snapshot taken before that one committed, and the
 /// row stays on this node only. A missing row has no row lock to wait on; this lock stands in
-/// for it. With two nodes a target has one source and needs none.
+/// for it. With two nodes a target has one source and needs none, unless a table is under
+/// node_priority: there a node's own inserts take the lock too (`walbridge.priority_guard`),
+/// so a deletion being applied and a local re-insert of the key cannot both commit unseen.
 pub const SERIALIZE_APPLIERS_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock(2003985009, 1)";
 
-/// Whether appliers to one target must take [`SERIALIZE_APPLIERS_SQL`].
-pub fn appliers_take_turns(node_count: usize) -> bool {
-    node_count > 2
+/// Whether appliers to one target must take [`SERIALIZE_APPLIERS_SQL`]: with three or more
+/// nodes, or when any table is under node_priority.
+pub fn appliers_take_turns(node_count: usize, node_priority: bool) -> bool {
+    node_count > 2 || node_priority
 }
 
 /// Decides one incoming change against the target's state.
@@ -235,12 +249,11 @@ pub fn decide(policy: ConflictPolicy, incoming: Incoming, local: LocalState) -> 
         }
     };
     let inc = incoming.version;
-    // The writer of the current version sends its own next change: no conflict. Under
-    // node_priority, so does a writer that had seen the current version (old row matches).
-    let sequential = |row: Version| {
-        row.writer_rank == inc.writer_rank
-            || (policy == ConflictPolicy::NodePriority && local.row_equals_old == Some(true))
-    };
+    // The writer of the current version sends its own next change: no conflict. Whether the
+    // old row matched (`row_equals_old`) decides nothing: a rule that let a writer that had
+    // seen the current version win would not be a total order, and nodes that receive the
+    // versions in different orders would keep different ones.
+    let sequential = |row: Version| row.writer_rank == inc.writer_rank;
 
     match (incoming.op, local.row) {
         (ChangeOp::Insert, Some(row)) => conflict(
@@ -403,11 +416,17 @@ mod tests {
     }
 
     #[test]
-    fn node_priority_accepts_an_edit_made_after_seeing_the_row() {
+    fn node_priority_decides_by_the_order_even_when_the_old_row_matches() {
+        // "The writer had seen this version" is not part of a total order: a node that got
+        // the versions the other way round would keep the other one.
         let mut state = row(v(10, EAST));
         state.row_equals_old = Some(true);
         let d = decide(NodePriority, inc(ChangeOp::Update, 20, WEST), state);
-        assert_eq!(d, Decision::plain(Action::Update));
+        assert_eq!(d.action, Action::Skip);
+        assert_eq!(
+            d.conflict,
+            Some((ConflictKind::UpdateOlder, Resolution::Skipped))
+        );
     }
 
     #[test]

@@ -170,23 +170,26 @@ fn lww_exact_tie_goes_to_the_node_first_in_priority() {
 #[test]
 fn node_priority_higher_node_wins_whatever_the_times() {
     let d = seeded("node_priority", "\"a\", \"b\"");
-    // b writes later, but a has priority.
-    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
-    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    // b inserts key 8 later than a, but a has priority.
     d.sql("a", "INSERT INTO items VALUES (8, 'from a')");
     d.sql("b", "INSERT INTO items VALUES (8, 'from b')");
-    d.sql("a", "UPDATE items SET v = 'a updates' WHERE id = 2");
-    d.sql("b", "DELETE FROM items WHERE id = 2");
+    // b's own rows: a's later update of one and b's delete of the other race.
+    d.sql("b", "INSERT INTO items VALUES (10, 'b row'), (11, 'b row')");
     d.replicate_once("run.log");
-    assert_eq!(value(&d, "a", 1), "from a");
-    assert_eq!(value(&d, "b", 1), "from a");
-    assert_eq!(value(&d, "b", 8), "from a");
-    assert_eq!(value(&d, "a", 2), "a updates");
-    assert_eq!(value(&d, "b", 2), "a updates");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 10");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 10");
+    d.sql("a", "UPDATE items SET v = 'a updates' WHERE id = 11");
+    d.sql("b", "DELETE FROM items WHERE id = 11");
+    d.replicate_once("run2.log");
+    for node in ["a", "b"] {
+        assert_eq!(value(&d, node, 8), "from a", "{node}");
+        assert_eq!(value(&d, node, 10), "from a", "{node}");
+        assert_eq!(value(&d, node, 11), "a updates", "{node}");
+    }
     converged(&d);
     assert_eq!(
         conflicts(&d, "a"),
-        "update_older/skipped:b>a insert_exists/skipped:b>a delete_older/skipped:b>a"
+        "insert_exists/skipped:b>a update_older/skipped:b>a delete_older/skipped:b>a"
     );
     assert_eq!(
         conflicts(&d, "b"),
@@ -195,12 +198,49 @@ fn node_priority_higher_node_wins_whatever_the_times() {
 }
 
 #[test]
-fn node_priority_accepts_a_later_edit_of_a_row_the_higher_node_wrote() {
+fn node_priority_discards_a_lower_node_edit_of_a_row_the_higher_node_wrote() {
     let d = seeded("node_priority", "\"a\", \"b\"");
-    // b edits a row it received from a (no concurrency): b's edit must reach a.
-    d.sql("b", "UPDATE items SET v = 'b edits' WHERE id = 3");
+    // Row 3 was written by a: b's update and delete are discarded on b itself (its peers
+    // would discard them), and so is b's re-insert of a key a deleted.
+    assert_eq!(
+        d.sql("b", "WITH u AS (UPDATE items SET v = 'b edits' WHERE id = 3 RETURNING 1) SELECT count(*) FROM u"),
+        "0"
+    );
+    d.sql("b", "DELETE FROM items WHERE id = 2");
+    d.sql("a", "DELETE FROM items WHERE id = 1");
     d.replicate_once("run.log");
-    assert_eq!(value(&d, "a", 3), "b edits");
+    d.sql("b", "INSERT INTO items VALUES (1, 'b again')");
+    // b's own row: b's edits stand, and reach a.
+    d.sql("b", "INSERT INTO items VALUES (5, 'b row')");
+    d.sql("b", "UPDATE items SET v = 'b edits' WHERE id = 5");
+    d.replicate_once("run2.log");
+    for node in ["a", "b"] {
+        assert_eq!(value(&d, node, 1), "<none>", "{node}");
+        assert_eq!(value(&d, node, 2), "seed", "{node}");
+        assert_eq!(value(&d, node, 3), "seed", "{node}");
+        assert_eq!(value(&d, node, 5), "b edits", "{node}");
+    }
+    converged(&d);
+    assert_eq!(conflicts(&d, "a"), "");
+    // walbridge's own apply sessions are not guarded: a's later edit of b's row reaches b.
+    d.sql("a", "UPDATE items SET v = 'a edits' WHERE id = 5");
+    d.replicate_once("run3.log");
+    assert_eq!(value(&d, "b", 5), "a edits");
+}
+
+#[test]
+fn node_priority_reinsert_after_the_sources_own_delete_in_one_transaction_is_kept() {
+    let d = pair("node_priority", "\"a\", \"b\"");
+    d.sql("b", "INSERT INTO items VALUES (7, 'b row')");
+    d.replicate_once("seed.log");
+    // Applied on a as one transaction: the tombstone the delete leaves there is b's own
+    // version (no commit time yet), not a's, so b's re-insert wins over it.
+    d.sql(
+        "b",
+        "BEGIN; DELETE FROM items WHERE id = 7; INSERT INTO items VALUES (7, 'b again'); COMMIT",
+    );
+    d.replicate_once("run.log");
+    assert_eq!(value(&d, "a", 7), "b again");
     converged(&d);
     assert_eq!(conflicts(&d, "a"), "");
 }

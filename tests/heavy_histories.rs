@@ -1,7 +1,8 @@
 //! Randomized concurrent histories with the real binary (issue 18's shape): every node writes
 //! random statements on 10 hot keys at the same time (40 % upsert, 40 % update, 20 % delete,
 //! small random pauses), in two phases with `walbridge run` killed with SIGKILL between them;
-//! once replication is idle every node must hold the same rows.
+//! once replication is idle every node must hold the same rows. Shapes: 3 and 5 stream nodes,
+//! a mixed stream/trigger mesh, under last_write_wins and node_priority.
 //!
 //! The seed fixes the statements, not the timing. A failure prints the seed and the rows that
 //! differ; `WALBRIDGE_SEED=N` runs that seed again, `WALBRIDGE_SEEDS=N` runs seeds 1..=N (the
@@ -265,13 +266,22 @@ fn heavy_random_histories_converge_on_a_mixed_stream_trigger_mesh() {
 }
 
 #[test]
-#[ignore = "node_priority does not converge in every history yet (issue 18; README Limits): \
-            run by hand with --ignored"]
 fn heavy_random_histories_converge_under_node_priority() {
     each_seed(
         "3 nodes, node_priority",
         &["a", "b", "c"],
         "tables = [\"public.kv\"]\nconflict = \"node_priority\"\npriority = [\"c\", \"a\", \"b\"]",
         &[],
+    );
+}
+
+#[test]
+fn heavy_random_histories_converge_on_a_mixed_mesh_under_node_priority() {
+    each_seed(
+        "mixed mesh (c in trigger mode), node_priority",
+        &["a", "b", "c"],
+        "tables = [\"public.kv\"]\nmode = \"auto\"\nconflict = \"node_priority\"\n\
+         priority = [\"a\", \"c\", \"b\"]",
+        &[&[], &[], &["wal_level = replica"]],
     );
 }

@@ -313,7 +313,8 @@ fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
             "SELECT string_agg(proname || ':' || proowner::regrole, ',' ORDER BY proname) \
                FROM pg_proc WHERE prosecdef AND pronamespace = 'walbridge'::regnamespace"
         ),
-        "record_tombstones:walbridge_capture,skip_session:walbridge_skip"
+        "origin_writer:walbridge_capture,record_tombstones:walbridge_capture,\
+         skip_session:walbridge_skip,tombstone_writer:walbridge_capture"
     );
     assert_no_forgery(&d, &[]);
 }
@@ -333,7 +334,8 @@ fn a_table_owners_json_cast_never_runs_with_walbridge_rights_trigger() {
                FROM pg_proc WHERE prosecdef AND pronamespace = 'walbridge'::regnamespace"
         ),
         "capture:walbridge_capture,capture_truncate:walbridge_capture,\
-         record_tombstones:walbridge_capture,skip_session:walbridge_skip"
+         origin_writer:walbridge_capture,record_tombstones:walbridge_capture,\
+         skip_session:walbridge_skip,tombstone_writer:walbridge_capture"
     );
     assert_no_forgery(
         &d,

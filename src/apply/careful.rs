@@ -119,10 +119,11 @@ impl Applier {
         Ok(conflicts)
     }
 
-    /// With three or more nodes, waits for this target's other appliers (first statement of a
-    /// careful transaction; see `conflict::SERIALIZE_APPLIERS_SQL`).
+    /// With three or more nodes (or node_priority tables), waits for this target's other
+    /// appliers (first statement of a careful transaction; see
+    /// `conflict::SERIALIZE_APPLIERS_SQL`).
     async fn take_turn(&mut self) -> Result<(), Failed> {
-        if crate::conflict::appliers_take_turns(self.node_count) {
+        if self.take_turns {
             self.exec(crate::conflict::SERIALIZE_APPLIERS_SQL, &[])
                 .await?;
         }
@@ -339,9 +340,17 @@ impl Applier {
             .and_then(|r| r.get(3))
             .and_then(text)
             .map(|t| t == "t");
-        let row = found.map(|_| Version {
+        // A row this transaction wrote (an earlier change of it) is the source's own earlier
+        // version, not the target's: its commit time and origin are not known before commit.
+        let source_rank = self.writers.rank(&self.source);
+        let mine = |flag: Option<&str>| flag == Some("t");
+        let row = found.map(|r| Version {
             commit_time: local_time,
-            writer_rank: self.writers.rank_of(local_origin),
+            writer_rank: if mine(r.get(4).and_then(text)) {
+                source_rank
+            } else {
+                self.writers.rank_of(local_origin)
+            },
         });
 
         // Without a row, the key's deletion (if recorded) is the local version.
@@ -358,7 +367,11 @@ impl Applier {
                     tombstone_origin = origin;
                     tombstone = Some(Version {
                         commit_time: r.first().and_then(text).and_then(PgTimestamp::parse),
-                        writer_rank: self.writers.rank_of(origin),
+                        writer_rank: if mine(r.get(2).and_then(text)) {
+                            source_rank
+                        } else {
+                            self.writers.rank_of(origin)
+                        },
                     });
                 }
             }
@@ -368,7 +381,7 @@ impl Applier {
             op: change.op,
             version: Version {
                 commit_time: Some(begin.commit_time),
-                writer_rank: self.writers.rank(&self.source),
+                writer_rank: source_rank,
             },
             complete_row,
         };

@@ -200,6 +200,8 @@ pub struct Applier {
     limits: ApplyLimits,
     /// Nodes in the configuration: with three or more, a group holds one commit time only.
     node_count: usize,
+    /// Whether each transaction first takes `conflict::SERIALIZE_APPLIERS_SQL`.
+    take_turns: bool,
     tables: HashMap<u32, Arc<TableState>>,
     relations: HashMap<u32, Arc<Relation>>,
     prepared: HashMap<String, String>,
@@ -366,6 +368,8 @@ impl Applier {
             }
         }
         let node_count = config.nodes.len();
+        let take_turns =
+            crate::conflict::appliers_take_turns(node_count, config.uses_node_priority());
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -382,6 +386,7 @@ impl Applier {
                 writers,
                 limits,
                 node_count,
+                take_turns,
                 tables: HashMap::new(),
                 relations: HashMap::new(),
                 prepared,
@@ -694,7 +699,7 @@ impl Applier {
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
-        if self.group.is_none() && crate::conflict::appliers_take_turns(self.node_count) {
+        if self.group.is_none() && self.take_turns {
             // First statement of the group's transaction: take turns with the other sources'
             // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
             if let Some(name) = self

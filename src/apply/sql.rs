@@ -525,7 +525,7 @@ impl TableMap {
     /// Careful path: the target's current row for a key, locked, with its version and whether
     /// it equals the change's old row. Parameters: key values, then (when `old_columns` is
     /// non-empty) the old row's values of those columns. Returns one row or none:
-    /// `(row as json text, commit time, origin id, equals_old)`.
+    /// `(row as json text, commit time, origin id, equals_old, written by this transaction)`.
     ///
     /// The version is computed in the target list, never in a `LATERAL` join: when the lock
     /// waits for a concurrent writer, PostgreSQL re-reads the locked row but reuses a joined
@@ -554,7 +554,8 @@ impl TableMap {
         format!(
             "SELECT ({row})::text, \
                     (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).timestamp, \
-                    (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).roident::int8, {equals} \
+                    (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).roident::int8, {equals}, \
+                    {MINE} \
              FROM {table} AS cur \
              WHERE {target} LIMIT 1 FOR UPDATE OF cur",
             row = row_json("cur", &self.target),
@@ -567,9 +568,10 @@ impl TableMap {
     pub fn lookup_tombstone(&self) -> Option<String> {
         let uk = self.unique_key.as_ref()?;
         Some(format!(
-            "SELECT o.timestamp, o.roident::int8 FROM walbridge.tombstones tb \
+            "SELECT o.timestamp, o.roident::int8, {} FROM walbridge.tombstones tb \
              LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) o ON true \
              WHERE tb.relid = {} AND tb.key = {}",
+            MINE.replace("cur.", "tb."),
             self.target.oid,
             self.key_json(uk, 1)
         ))
@@ -641,6 +643,12 @@ impl TableMap {
         )
     }
 }
+
+/// Whether row `cur` was written by the current transaction (an earlier change of the same
+/// target transaction): its commit time and origin are not known yet (`NULL`), and it is the
+/// source's own version, not the target's.
+const MINE: &str = "coalesce(cur.xmin OPERATOR(pg_catalog.=) \
+                    pg_catalog.pg_current_xact_id_if_assigned()::xid, false)";
 
 /// What a resolving statement needs to decide last-write-wins by itself.
 #[derive(Clone, Debug)]

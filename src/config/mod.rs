@@ -490,6 +490,16 @@ impl Config {
         format!("{}_skip", self.replication.slot_prefix)
     }
 
+    /// Whether any table is under `node_priority` (`conflict` or a `conflict_per_table` entry).
+    pub fn uses_node_priority(&self) -> bool {
+        self.replication.conflict == ConflictPolicy::NodePriority
+            || self
+                .replication
+                .conflict_per_table
+                .values()
+                .any(|p| *p == ConflictPolicy::NodePriority)
+    }
+
     /// The conflict policy of `schema`.`table`: its `conflict_per_table` entry, else `conflict`.
     pub fn conflict_policy_for(&self, schema: &str, table: &str) -> ConflictPolicy {
         self.replication

@@ -25,7 +25,6 @@ use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident, TableInfo, TableKind};
 use crate::config::{Config, ConflictPolicy};
-use crate::event::ReplicaIdentity;
 use crate::pgconn;
 use crate::trigger::{self, CaptureMode};
 // Moved down (the prerequisite checks to `direction`, the server-message helpers to
@@ -41,6 +40,9 @@ pub const DEFINER_ROLES_SQL: &str = include_str!("../../sql/definer_roles.sql");
 
 /// Name of the statement-level trigger that records delete tombstones.
 pub const TOMBSTONE_TRIGGER: &str = "walbridge_tombstones";
+
+/// Name of the row trigger that keeps a node's own writes within `node_priority`'s order.
+pub const PRIORITY_GUARD_TRIGGER: &str = "walbridge_priority_guard";
 
 /// Options of `walbridge setup`.
 #[derive(Clone, Debug, Default)]
@@ -351,29 +353,8 @@ pub async fn setup(
                         t.qualified_name()
                     ))
                 })?;
-            if node_mode == CaptureMode::Stream
-                && config.conflict_policy_for(&t.schema, &t.name) == ConflictPolicy::NodePriority
-                && info.replica_identity != ReplicaIdentity::Full
-            {
-                n.client
-                    .batch_execute(&format!(
-                        "ALTER TABLE {} REPLICA IDENTITY FULL",
-                        info.quoted_name()
-                    ))
-                    .await
-                    .map_err(sql_err(
-                        &n.name,
-                        format!("setting REPLICA IDENTITY FULL on {}", info.qualified_name()),
-                    ))?;
-                let _ = writeln!(
-                    out,
-                    "{}: set REPLICA IDENTITY FULL on {} (node_priority compares old rows to tell \
-                     concurrent writes from later ones)",
-                    n.name,
-                    info.qualified_name()
-                );
-            }
             ensure_tombstone_trigger(n, &info).await?;
+            ensure_priority_guard(config, n, &info).await?;
             infos.push(info);
         }
         if node_mode == CaptureMode::Trigger {
@@ -748,6 +729,51 @@ async fn ensure_publication(
         } else {
             ""
         }
+    ))
+}
+
+/// On a `node_priority` table with a unique key, the row trigger `walbridge.priority_guard`
+/// (sql/schema.sql): a statement of this node that would replace a version written by a node
+/// that outranks it is discarded, as every peer discards it. Elsewhere the trigger is dropped
+/// (the table's policy may have changed).
+async fn ensure_priority_guard(
+    config: &Config,
+    n: &NodeSession,
+    t: &TableInfo,
+) -> Result<(), SetupError> {
+    let trg = quote_ident(PRIORITY_GUARD_TRIGGER);
+    let table = t.quoted_name();
+    let guarded = config.conflict_policy_for(&t.schema, &t.name) == ConflictPolicy::NodePriority;
+    let sql = match t.unique_key() {
+        Some(key) if guarded => {
+            let ranks: serde_json::Map<String, serde_json::Value> = config
+                .nodes
+                .iter()
+                .map(|node| (node.name.clone(), config.node_rank(&node.name).into()))
+                .collect();
+            let args = [
+                config.node_rank(&n.name).to_string(),
+                config.replication.slot_prefix.clone(),
+                serde_json::Value::Object(ranks).to_string(),
+            ]
+            .iter()
+            .chain(key.iter())
+            .map(|a| catalog::quote_literal(a))
+            .collect::<Vec<_>>()
+            .join(", ");
+            format!(
+                "CREATE OR REPLACE TRIGGER {trg} BEFORE INSERT OR UPDATE OR DELETE ON {table} \
+                 FOR EACH ROW EXECUTE FUNCTION walbridge.priority_guard({args})"
+            )
+        }
+        _ => format!("DROP TRIGGER IF EXISTS {trg} ON {table}"),
+    };
+    n.client.batch_execute(&sql).await.map_err(sql_err(
+        &n.name,
+        format!(
+            "creating the node_priority guard trigger on {}",
+            t.qualified_name()
+        ),
     ))
 }
 

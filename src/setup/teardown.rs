@@ -6,7 +6,7 @@ use std::io::Write;
 
 use tokio_postgres::Client;
 
-use super::{sql_err, SetupError, TOMBSTONE_TRIGGER};
+use super::{sql_err, SetupError, PRIORITY_GUARD_TRIGGER, TOMBSTONE_TRIGGER};
 use crate::catalog::quote_ident;
 use crate::config::Config;
 use crate::pgconn;
@@ -29,6 +29,7 @@ const DEFINER_ROLES_SECTION: &str = "-- The NOLOGIN owners of walbridge's functi
 /// Triggers walbridge puts on replicated tables (and the change table), in any mode.
 const OWN_TRIGGERS: &[&str] = &[
     TOMBSTONE_TRIGGER,
+    PRIORITY_GUARD_TRIGGER,
     crate::trigger::CAPTURE_TRIGGER,
     crate::trigger::TRUNCATE_TRIGGER,
     crate::trigger::NOTIFY_TRIGGER,

@@ -89,8 +89,7 @@
 //! commit time (`pg_xact_commit_timestamp(txid)`, else `created_at`) and S's rank; the
 //! target's row version comes from `pg_xact_commit_timestamp_origin(xmin)`, its writer from
 //! the origin; tombstones from `walbridge.tombstones`. Differences from stream mode: a batch
-//! commits on T with the latest commit time of the batch (one transaction, one time), the old
-//! row is not known (`node_priority` cannot tell "the writer had seen this version"), and a
+//! commits on T with the latest commit time of the batch (one transaction, one time), and a
 //! legacy update that carries only some columns cannot recreate a missing row.
 //!
 //! # Cut-over to stream mode

@@ -638,7 +638,8 @@ impl<'a> Worker<'a> {
             .map_err(fatal("starting a transaction"))?;
         // With three or more nodes, take turns with the other appliers to T first (see
         // `conflict::SERIALIZE_APPLIERS_SQL`).
-        if conflict::appliers_take_turns(self.config.nodes.len()) {
+        if conflict::appliers_take_turns(self.config.nodes.len(), self.config.uses_node_priority())
+        {
             txn.execute(conflict::SERIALIZE_APPLIERS_SQL, &[])
                 .await
                 .map_err(fatal("waiting for the other appliers to this node"))?;

@@ -30,9 +30,10 @@ pub fn cluster_with(conf: &[&str]) -> LocalCluster {
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-/// The `walbridge` binary under test.
-pub fn walbridge_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_walbridge")
+/// The `walbridge` binary under test: `WALBRIDGE_BIN` when set (a long run by hand pinned to
+/// one build while the tree is rebuilt), else the one cargo built with the tests.
+pub fn walbridge_bin() -> String {
+    std::env::var("WALBRIDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_walbridge").to_string())
 }
 
 /// A set of nodes (one cluster each) with a walbridge configuration file for them.
