@@ -777,13 +777,21 @@ impl TableMap {
 /// (json text), kind, resolution, local row (json text), remote row (json text), local commit
 /// time, remote commit time, policy, the local version's writer, whether that version is a
 /// tombstone, whether the row equalled the change's old row, whether the incoming row was
-/// complete, whether the decision was ambiguous (closer than the measured clock skew).
+/// complete, whether the decision was ambiguous (closer than the measured clock skew), the
+/// source's commit LSN, the priority order (json array), the columns the source did not send
+/// (json array), the row size bound (`replication.conflict_max_row_bytes`).
 pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
-    (source, target, table_name, key, kind, resolution, local_row, remote_row, \
+    (source, target, table_name, key, kind, resolution, \
      local_commit_ts, remote_commit_ts, policy, local_writer, local_tombstone, row_equals_old, \
-     complete_row, ambiguous) \
-    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz, \
-     $11, $12, $13::bool, $14::bool, $15::bool, $16::bool)";
+     complete_row, ambiguous, source_lsn, priority, remote_unsent, \
+     local_row, remote_row, local_row_truncated, remote_row_truncated) \
+    SELECT $1, $2, $3, $4::jsonb, $5, $6, $9::timestamptz, $10::timestamptz, \
+     $11, $12, $13::bool, $14::bool, $15::bool, $16::bool, $17::pg_lsn, \
+     ARRAY(SELECT pg_catalog.jsonb_array_elements_text($18::jsonb)), \
+     ARRAY(SELECT pg_catalog.jsonb_array_elements_text($19::jsonb)), \
+     walbridge.journal_row($7::jsonb, $20::int4), walbridge.journal_row($8::jsonb, $20::int4), \
+     COALESCE(pg_catalog.octet_length($7::jsonb::text) > $20::int4, false), \
+     COALESCE(pg_catalog.octet_length($8::jsonb::text) > $20::int4, false)";
 
 /// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
 ///
