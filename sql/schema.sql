@@ -128,7 +128,7 @@ BEGIN
     IF pg_catalog.jsonb_typeof(r) <> 'object' THEN
         RETURN pg_catalog.to_jsonb(pg_catalog.left(r::text, max_bytes / 4));
     END IF;
-    SELECT pg_catalog.greatest(max_bytes / pg_catalog.greatest(pg_catalog.count(*), 1)::integer
+    SELECT GREATEST(max_bytes / GREATEST(pg_catalog.count(*), 1)::integer
                                - pg_catalog.max(pg_catalog.octet_length(k)) - 8, 16)
       INTO share FROM pg_catalog.jsonb_object_keys(r) AS k;
     FOR e IN SELECT j.key, j.value FROM pg_catalog.jsonb_each(r) AS j LOOP
