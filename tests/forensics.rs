@@ -413,6 +413,32 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
     // `walbridge conflicts` shows it.
     let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
     assert_eq!(out["conflicts"][0]["ambiguous"], true);
+
+    // The table is contended now: the same race on another key is settled by the set-based
+    // statement, which flags and counts it the same way.
+    d.sql("a", "INSERT INTO items VALUES (2, 'seed')");
+    d.wait_for("c", "SELECT v FROM items WHERE id = 2", "seed");
+    d.sql("c", "UPDATE items SET v = 'from c' WHERE id = 2");
+    d.wait_for("a", "SELECT v FROM items WHERE id = 2", "from c");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 2");
+    d.wait_for("c", "SELECT count(*) FROM walbridge.conflicts", "2");
+    assert_eq!(
+        d.sql(
+            "c",
+            "SELECT kind || ' ' || resolution || ' ' || source || ' ' || ambiguous || ' ' \
+             || local_writer || ' ' || priority::text FROM walbridge.conflicts WHERE key = '[\"2\"]'"
+        ),
+        "update_older skipped a true c {a,c}"
+    );
+    let flagged = wait_until(std::time::Duration::from_secs(10), || {
+        last = scrape(port);
+        metric_sum(
+            &last,
+            "walbridge_conflicts_ambiguous_total",
+            &[("source", "a"), ("target", "c")],
+        ) == 2.0
+    });
+    assert!(flagged, "set-based ambiguous conflict not counted:\n{last}");
 }
 
 /// Every journal row of `node` with the facts replay needs, one line each, oldest first:
