@@ -81,7 +81,8 @@ CREATE INDEX IF NOT EXISTS conflicts_resolved_at ON walbridge.conflicts (resolve
 -- policy: the policy used, the node that wrote the local version, whether that version was a
 -- delete tombstone (no row), whether the row equalled the change's old row (REPLICA IDENTITY
 -- FULL), and whether the incoming row was complete. NULL in rows journaled before these
--- columns existed and in rows the set-based last-write-wins statements and trigger mode write.
+-- columns existed (every writer records them now: the careful path, the set-based
+-- last-write-wins statements and trigger mode).
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS policy          text;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_writer    text;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_tombstone boolean;
@@ -90,6 +91,65 @@ ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS complete_row    boolean
 -- A last-write-wins decision made by a commit-time difference smaller than the clock skew
 -- walbridge measured between the two writers: the order of the writes is not certain.
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS ambiguous       boolean NOT NULL DEFAULT false;
+-- Where the change came from and the policy version, so replay is exact:
+--   source_lsn        stream mode: the LSN of the source transaction's commit record (the
+--                     commit LSN pgoutput sends; the target's origin progress records the end
+--                     of that record). NULL where the plugin does not say (wal2json without
+--                     include-lsn) and in trigger mode.
+--   source_change_id  trigger mode: the id of the source's change-table row (the cursor).
+--   priority          the node order ties and node_priority used: replication.priority as
+--                     configured, then the unlisted nodes by name.
+-- Row versions are kept whole up to replication.conflict_max_row_bytes of JSON text; a larger
+-- one is kept cut (walbridge.journal_row) and flagged *_row_truncated.
+-- remote_unsent: columns the source did not send (unchanged TOASTed values of an UPDATE);
+-- remote_row holds the target row's value for them (what the update keeps; the key matched),
+-- or leaves them out when the target had no row.
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS source_lsn           pg_lsn;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS source_change_id     bigint;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS priority             text[];
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_row_truncated  boolean NOT NULL DEFAULT false;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_row_truncated boolean NOT NULL DEFAULT false;
+ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_unsent        text[];
+
+-- A row version as walbridge.conflicts keeps it: whole when its JSON text is at most
+-- max_bytes; else every column stays, each value (as text) cut to an equal share of max_bytes,
+-- so the version stays within about max_bytes and still shows how every value begins.
+CREATE OR REPLACE FUNCTION walbridge.journal_row(r jsonb, max_bytes integer)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    share  integer;
+    e      record;
+    t      text;
+    result jsonb := '{}';
+BEGIN
+    IF r IS NULL OR max_bytes IS NULL OR pg_catalog.octet_length(r::text) <= max_bytes THEN
+        RETURN r;
+    END IF;
+    IF pg_catalog.jsonb_typeof(r) <> 'object' THEN
+        RETURN pg_catalog.to_jsonb(pg_catalog.left(r::text, max_bytes / 4));
+    END IF;
+    SELECT GREATEST(max_bytes / GREATEST(pg_catalog.count(*), 1)::integer
+                               - pg_catalog.max(pg_catalog.octet_length(k)) - 8, 16)
+      INTO share FROM pg_catalog.jsonb_object_keys(r) AS k;
+    FOR e IN SELECT j.key, j.value FROM pg_catalog.jsonb_each(r) AS j LOOP
+        IF pg_catalog.octet_length(e.value::text) <= share THEN
+            result := result || pg_catalog.jsonb_build_object(e.key, e.value);
+            CONTINUE;
+        END IF;
+        t := CASE pg_catalog.jsonb_typeof(e.value) WHEN 'string' THEN e.value #>> '{}'
+                                                   ELSE e.value::text END;
+        t := pg_catalog.left(t, share);
+        -- Multi-byte characters and escapes take more than a byte each: cut again.
+        WHILE pg_catalog.octet_length(pg_catalog.to_jsonb(t)::text) > share LOOP
+            t := pg_catalog.left(t, pg_catalog.length(t)
+                 - (pg_catalog.octet_length(pg_catalog.to_jsonb(t)::text) - share));
+        END LOOP;
+        result := result || pg_catalog.jsonb_build_object(e.key, t);
+    END LOOP;
+    RETURN result;
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.journal_row(jsonb, integer) FROM PUBLIC;
 
 -- Deleted keys, so a late update or insert from another node does not resurrect a row that was
 -- deleted after it was written (last-write-wins needs the time of the delete). The deleting

@@ -312,6 +312,46 @@ pub fn decide(policy: ConflictPolicy, incoming: Incoming, local: LocalState) -> 
     }
 }
 
+/// The rule that ordered the incoming version `incoming` against the target's `local` one
+/// under `policy`, as `walbridge why` and `walbridge conflicts` name it.
+pub fn deciding_rule(policy: ConflictPolicy, incoming: Version, local: Version) -> &'static str {
+    let same_time = incoming.commit_time == local.commit_time;
+    match policy {
+        _ if incoming.writer_rank == local.writer_rank && same_time => "same writer",
+        ConflictPolicy::LastWriteWins | ConflictPolicy::Error if same_time => {
+            "commit time tie, broken by priority"
+        }
+        ConflictPolicy::LastWriteWins | ConflictPolicy::Error => "later commit time",
+        ConflictPolicy::NodePriority if incoming.writer_rank == local.writer_rank => {
+            "same writer, later commit time"
+        }
+        ConflictPolicy::NodePriority => "node priority",
+    }
+}
+
+/// The incoming row version as the conflict journal keeps it: `remote` (a JSON object) with
+/// each column of `unsent` (a value the source did not send: an unchanged TOASTed value) taken
+/// from `local`, the target's row found by the same key, which is the value the applied
+/// update keeps. A column `local` lacks (no row) stays out; the journal's `remote_unsent` names
+/// them all. `remote` unchanged when it is not an object.
+pub fn journal_remote_row(remote: &str, local: Option<&str>, unsent: &[String]) -> String {
+    use serde_json::Value;
+    if unsent.is_empty() {
+        return remote.to_string();
+    }
+    let Ok(Value::Object(mut row)) = serde_json::from_str::<Value>(remote) else {
+        return remote.to_string();
+    };
+    if let Some(Value::Object(local)) = local.and_then(|l| serde_json::from_str(l).ok()) {
+        for c in unsent {
+            if let Some(v) = local.get(c) {
+                row.insert(c.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(row).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,5 +622,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn journal_fills_unsent_values_from_the_local_row() {
+        let unsent = vec!["big".to_string()];
+        assert_eq!(
+            super::journal_remote_row(
+                r#"{"id":"1","v":"new"}"#,
+                Some(r#"{"id":1,"v":"old","big":"xxx"}"#),
+                &unsent
+            ),
+            r#"{"big":"xxx","id":"1","v":"new"}"#
+        );
+        assert_eq!(
+            super::journal_remote_row(r#"{"id":"1"}"#, None, &unsent),
+            r#"{"id":"1"}"#
+        );
+        assert_eq!(super::journal_remote_row("x", None, &[]), "x");
+    }
+
+    #[test]
+    fn the_deciding_rule_is_named() {
+        use super::deciding_rule;
+        assert_eq!(
+            deciding_rule(LastWriteWins, v(10, EAST), v(10, WEST)),
+            "commit time tie, broken by priority"
+        );
+        assert_eq!(
+            deciding_rule(LastWriteWins, v(10, EAST), v(20, WEST)),
+            "later commit time"
+        );
+        assert_eq!(
+            deciding_rule(NodePriority, v(10, EAST), v(20, WEST)),
+            "node priority"
+        );
     }
 }

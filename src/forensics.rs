@@ -119,6 +119,24 @@ pub struct ConflictEntry {
     pub complete_row: Option<bool>,
     /// A last-write-wins decision made by less than the measured clock skew of the writers.
     pub ambiguous: bool,
+    /// Stream mode: the LSN of the source transaction's commit record.
+    pub source_lsn: Option<String>,
+    /// Trigger mode: the id of the source's change-table row.
+    pub source_change_id: Option<i64>,
+    /// The node order the decision used (`replication.priority`, then unlisted nodes by name).
+    pub priority: Option<Vec<String>>,
+    /// The local version was over `replication.conflict_max_row_bytes` and is kept cut.
+    pub local_row_truncated: bool,
+    /// The incoming version was over the bound and is kept cut.
+    pub remote_row_truncated: bool,
+    /// Columns the source did not send (unchanged TOAST): `remote_row` holds the local row's
+    /// value for them, or leaves them out when there was no local row.
+    pub remote_unsent: Option<Vec<String>>,
+    /// Both versions carry the same commit time: priority broke the tie.
+    pub tie: Option<bool>,
+    /// The rule that ordered the two versions (`null` without the facts, or without a local
+    /// version).
+    pub rule: Option<String>,
     #[serde(skip)]
     sort_micros: i64,
 }
@@ -165,7 +183,9 @@ SELECT id, pg_catalog.to_json(resolved_at) #>> '{}', source, target, table_name,
        kind, resolution, local_row::text, remote_row::text,
        pg_catalog.to_json(local_commit_ts) #>> '{}', pg_catalog.to_json(remote_commit_ts) #>> '{}',
        (pg_catalog.date_part('epoch', resolved_at) * 1000000)::int8,
-       policy, local_writer, local_tombstone, row_equals_old, complete_row, ambiguous
+       policy, local_writer, local_tombstone, row_equals_old, complete_row, ambiguous,
+       source_lsn::text, source_change_id, priority, local_row_truncated, remote_row_truncated,
+       remote_unsent
   FROM walbridge.conflicts
  WHERE ($1::float8 IS NULL
         OR resolved_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1::float8))
@@ -193,7 +213,7 @@ async fn journal_of(
             what: "walbridge.conflicts",
             source,
         })?;
-    Ok(rows
+    let mut entries: Vec<ConflictEntry> = rows
         .iter()
         .map(|r| ConflictEntry {
             node: node.to_string(),
@@ -216,8 +236,31 @@ async fn journal_of(
             row_equals_old: r.get(16),
             complete_row: r.get(17),
             ambiguous: r.get(18),
+            source_lsn: r.get(19),
+            source_change_id: r.get(20),
+            priority: r.get(21),
+            local_row_truncated: r.get(22),
+            remote_row_truncated: r.get(23),
+            remote_unsent: r.get(24),
+            tie: None,
+            rule: None,
         })
-        .collect())
+        .collect();
+    for e in &mut entries {
+        let (tie, rule) = match decision_facts(e) {
+            Some((policy, incoming, local)) => match local.row.or(local.tombstone) {
+                Some(l) => (
+                    Some(incoming.version.commit_time == l.commit_time),
+                    Some(conflict::deciding_rule(policy, incoming.version, l).to_string()),
+                ),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        e.tie = tie;
+        e.rule = rule;
+    }
+    Ok(entries)
 }
 
 /// Every node's journal entries that pass `filter`, oldest first (newest last).
@@ -505,15 +548,20 @@ pub fn render_why(r: &WhyReport) -> String {
         for c in &r.conflicts {
             let _ = writeln!(
                 out,
-                "  {} on {}: {} from {} {} (incoming committed {}, local committed {})\n    \
-                 local  {}\n    incoming {}",
+                "  {} on {}: {} from {} {} (incoming committed {} at {}, local committed {}; \
+                 {} under {})\n    local  {}\n    incoming {}",
                 c.resolved_at,
                 c.node,
                 c.kind,
                 c.source,
                 c.resolution,
                 c.remote_commit_ts.as_deref().unwrap_or("unknown"),
+                c.source_lsn.clone().unwrap_or_else(|| c
+                    .source_change_id
+                    .map_or("unknown".to_string(), |id| format!("change row {id}"))),
                 c.local_commit_ts.as_deref().unwrap_or("unknown"),
+                c.rule.as_deref().unwrap_or("rule unknown"),
+                c.policy.as_deref().unwrap_or("unknown policy"),
                 c.local_row
                     .as_ref()
                     .map_or("(none)".to_string(), |j| j.to_string()),
@@ -537,6 +585,17 @@ pub struct ReplayChange {
     pub replayed: String,
 }
 
+/// A journal entry a replay skipped.
+#[derive(Clone, Debug, Serialize)]
+pub struct NotReplayable {
+    /// The node whose journal holds it.
+    pub node: String,
+    /// Its id there.
+    pub id: i64,
+    /// Why it cannot be replayed.
+    pub reason: String,
+}
+
 /// What `walbridge conflicts replay` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplayReport {
@@ -544,9 +603,11 @@ pub struct ReplayReport {
     pub policy: String,
     /// Journal entries examined.
     pub examined: usize,
-    /// Entries journaled without the facts a replay needs (before the journal kept them, or
-    /// written by the set-based last-write-wins statements or trigger mode).
+    /// Entries a replay cannot recompute exactly: journaled without the facts (before the
+    /// journal kept them) or with a row version kept cut (over the size bound).
     pub not_replayable: usize,
+    /// Those entries, with the reason.
+    pub not_replayable_entries: Vec<NotReplayable>,
     /// Entries whose outcome would change, oldest first.
     pub changed: Vec<ReplayChange>,
 }
@@ -563,10 +624,25 @@ fn action_name(action: Action) -> &'static str {
     }
 }
 
-/// The facts of a journal entry as [`conflict::decide`] takes them; `None` when the entry
-/// lacks them.
-fn facts(config: &Config, e: &ConflictEntry) -> Option<(ConflictPolicy, Incoming, LocalState)> {
+/// Why a journal entry cannot be replayed exactly, if it cannot.
+fn not_replayable(e: &ConflictEntry) -> Option<&'static str> {
+    if e.policy.is_none() || e.complete_row.is_none() || e.local_tombstone.is_none() {
+        Some("journaled without the decision's facts")
+    } else if e.priority.is_none() {
+        Some("journaled without the priority order")
+    } else if e.local_row_truncated || e.remote_row_truncated {
+        Some("a row version is over replication.conflict_max_row_bytes and kept cut")
+    } else {
+        None
+    }
+}
+
+/// The facts of a journal entry as [`conflict::decide`] takes them, ranks from the recorded
+/// priority order; `None` when the entry lacks them.
+fn decision_facts(e: &ConflictEntry) -> Option<(ConflictPolicy, Incoming, LocalState)> {
     let policy: ConflictPolicy = e.policy.as_deref()?.parse().ok()?;
+    let order = e.priority.as_ref()?;
+    let rank = |node: &str| order.iter().position(|n| n == node).unwrap_or(usize::MAX);
     let op = match e.kind.as_str() {
         "insert_exists" => ChangeOp::Insert,
         "update_missing" | "update_older" => ChangeOp::Update,
@@ -578,13 +654,13 @@ fn facts(config: &Config, e: &ConflictEntry) -> Option<(ConflictPolicy, Incoming
         op,
         version: Version {
             commit_time: time(&e.remote_commit_ts),
-            writer_rank: config.node_rank(&e.source),
+            writer_rank: rank(&e.source),
         },
         complete_row: e.complete_row?,
     };
     let local_version = e.local_writer.as_deref().map(|w| Version {
         commit_time: time(&e.local_commit_ts),
-        writer_rank: config.node_rank(w),
+        writer_rank: rank(w),
     });
     let tombstone = e.local_tombstone?;
     let local = LocalState {
@@ -614,12 +690,25 @@ pub async fn replay(
         policy: policy.to_string(),
         examined: entries.len(),
         not_replayable: 0,
+        not_replayable_entries: Vec::new(),
         changed: Vec::new(),
     };
     for e in entries {
-        let Some((recorded_policy, incoming, local)) = facts(config, &e) else {
-            report.not_replayable += 1;
-            continue;
+        let facts = match not_replayable(&e) {
+            Some(reason) => Err(reason),
+            None => decision_facts(&e).ok_or("journaled without the decision's facts"),
+        };
+        let (recorded_policy, incoming, local) = match facts {
+            Ok(f) => f,
+            Err(reason) => {
+                report.not_replayable += 1;
+                report.not_replayable_entries.push(NotReplayable {
+                    node: e.node.clone(),
+                    id: e.id,
+                    reason: reason.to_string(),
+                });
+                continue;
+            }
         };
         let before = conflict::decide(recorded_policy, incoming, local).action;
         let after = conflict::decide(policy, incoming, local).action;

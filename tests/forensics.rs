@@ -413,4 +413,462 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
     // `walbridge conflicts` shows it.
     let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
     assert_eq!(out["conflicts"][0]["ambiguous"], true);
+
+    // The table is contended now: the same race on another key is settled by the set-based
+    // statement, which flags and counts it the same way.
+    d.sql("a", "INSERT INTO items VALUES (2, 'seed')");
+    d.wait_for("c", "SELECT v FROM items WHERE id = 2", "seed");
+    d.sql("c", "UPDATE items SET v = 'from c' WHERE id = 2");
+    d.wait_for("a", "SELECT v FROM items WHERE id = 2", "from c");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 2");
+    d.wait_for("c", "SELECT count(*) FROM walbridge.conflicts", "2");
+    assert_eq!(
+        d.sql(
+            "c",
+            "SELECT kind || ' ' || resolution || ' ' || source || ' ' || ambiguous || ' ' \
+             || local_writer || ' ' || priority::text FROM walbridge.conflicts WHERE key = '[\"2\"]'"
+        ),
+        "update_older skipped a true c {a,c}"
+    );
+    let flagged = wait_until(std::time::Duration::from_secs(10), || {
+        last = scrape(port);
+        metric_sum(
+            &last,
+            "walbridge_conflicts_ambiguous_total",
+            &[("source", "a"), ("target", "c")],
+        ) == 2.0
+    });
+    assert!(flagged, "set-based ambiguous conflict not counted:\n{last}");
+}
+
+/// Every journal row of `node` with the facts replay needs, one line each, oldest first:
+/// `kind resolution source policy writer tombstone complete ambiguous priority`.
+fn facts(d: &Deployment, node: &str) -> Vec<String> {
+    d.sql(
+        node,
+        "SELECT coalesce(string_agg(concat_ws(' ', table_name, key::text, kind, resolution, source, \
+         policy, local_writer, local_tombstone, complete_row, ambiguous, priority::text, \
+         local_row_truncated, remote_row_truncated), E'\\n' ORDER BY id), '') \
+         FROM walbridge.conflicts",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// The commit record at `lsn` on `node`: `(record type, end LSN)` from pg_walinspect.
+fn commit_record(d: &Deployment, node: &str, lsn: &str) -> String {
+    d.sql(node, "CREATE EXTENSION IF NOT EXISTS pg_walinspect");
+    d.sql(
+        node,
+        &format!(
+            "SELECT resource_manager || ' ' || record_type || ' ' || end_lsn \
+             FROM pg_get_wal_record_info('{lsn}')"
+        ),
+    )
+}
+
+/// Two tables under two policies (`items`: last_write_wins, `ranked`: node_priority with b
+/// first): a's updates lose on b under both, for different reasons. The journal keeps the
+/// source's commit LSN (a commit record on a, covered by b's origin progress), the policy
+/// version and both versions; `why` and `replay` report them field by
+/// field.
+#[test]
+fn journal_keeps_commit_lsn_policy_version_and_facts_under_each_policy() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         CREATE TABLE public.ranked (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\", \"public.ranked\"]\nconflict = \"last_write_wins\"\n\
+         priority = [\"b\", \"a\"]\nconflict_per_table = { \"public.ranked\" = \"node_priority\" }",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "a",
+        "INSERT INTO items VALUES (1, 'seed'); INSERT INTO ranked VALUES (1, 'seed')",
+    );
+    d.replicate_once("seed.log");
+    // a writes first (older), b later: b keeps its versions of both rows.
+    let before = d.sql("a", "SELECT pg_current_wal_lsn()");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("a", "UPDATE ranked SET v = 'from a' WHERE id = 1");
+    let after = d.sql("a", "SELECT pg_current_wal_lsn()");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    d.sql("b", "UPDATE ranked SET v = 'from b' WHERE id = 1");
+    d.replicate_once("run.log");
+    for n in ["a", "b"] {
+        assert_eq!(d.sql(n, "SELECT v FROM items"), "from b");
+        assert_eq!(d.sql(n, "SELECT v FROM ranked"), "from b");
+    }
+    assert_eq!(
+        facts(&d, "b"),
+        [
+            "public.items [\"1\"] update_older skipped a last_write_wins b f t f {b,a} f f",
+            "public.ranked [\"1\"] update_older skipped a node_priority b f t f {b,a} f f",
+        ]
+    );
+    assert_eq!(facts(&d, "a"), Vec::<String>::new());
+
+    // The source LSN: commit records on a, written between the two bounds, in order; the
+    // last one ends where b's origin for a stands.
+    let lsns: Vec<String> = d
+        .sql(
+            "b",
+            "SELECT string_agg(source_lsn::text, ' ' ORDER BY id) FROM walbridge.conflicts",
+        )
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lsns.len(), 2);
+    assert_eq!(
+        d.sql(
+            "a",
+            &format!(
+                "SELECT '{before}'::pg_lsn < '{}'::pg_lsn AND '{}'::pg_lsn < '{}'::pg_lsn \
+                 AND '{}'::pg_lsn < '{after}'::pg_lsn",
+                lsns[0], lsns[0], lsns[1], lsns[1]
+            )
+        ),
+        "t"
+    );
+    let progress = d.sql(
+        "b",
+        "SELECT pg_replication_origin_progress('walbridge_from_a', false)",
+    );
+    for lsn in &lsns {
+        let rec = commit_record(&d, "a", lsn);
+        let end = rec.strip_prefix("Transaction COMMIT ");
+        assert!(end.is_some(), "{lsn} is no commit record on a: {rec}");
+        // b's origin progress for a covers the whole commit record.
+        assert_eq!(
+            d.sql(
+                "a",
+                &format!(
+                    "SELECT '{}'::pg_lsn <= '{progress}'::pg_lsn",
+                    end.unwrap_or("0/0")
+                )
+            ),
+            "t",
+            "{rec} vs progress {progress}"
+        );
+    }
+
+    // `conflicts --json`: the new fields.
+    let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
+    let list = out["conflicts"].as_array().expect("conflicts");
+    assert_eq!(list.len(), 2);
+    let items = &list[0];
+    assert_eq!(items["table"], "public.items");
+    assert_eq!(items["source_lsn"], lsns[0].as_str());
+    assert_eq!(items["source_change_id"], Value::Null);
+    assert_eq!(items["priority"], serde_json::json!(["b", "a"]));
+    assert_eq!(items["policy"], "last_write_wins");
+    assert_eq!(items["local_writer"], "b");
+    assert_eq!(items["tie"], false);
+    assert_eq!(items["rule"], "later commit time");
+    assert_eq!(
+        items["local_row"],
+        serde_json::json!({"id": 1, "v": "from b"})
+    );
+    assert_eq!(
+        items["remote_row"],
+        serde_json::json!({"id": "1", "v": "from a"})
+    );
+    assert_eq!(items["remote_unsent"], serde_json::json!([]));
+    assert_eq!(items["local_row_truncated"], false);
+    assert_eq!(list[1]["table"], "public.ranked");
+    assert_eq!(list[1]["rule"], "node priority");
+    assert_eq!(list[1]["source_lsn"], lsns[1].as_str());
+
+    // `why` on a for ranked: b wrote it, and the conflict on b with its rule.
+    let why = json(&d.walbridge_ok(&[
+        "why",
+        "--node",
+        "a",
+        "--table",
+        "public.ranked",
+        "--key",
+        r#"{"id": 1}"#,
+        "--json",
+    ]));
+    assert_eq!(why["policy"], "node_priority");
+    assert_eq!(why["current"]["written_by"], "b");
+    assert_eq!(
+        why["current"]["row"],
+        serde_json::json!({"id": 1, "v": "from b"})
+    );
+    let c = why["conflicts"].as_array().expect("conflicts");
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0]["node"], "b");
+    assert_eq!(c[0]["kind"], "update_older");
+    assert_eq!(c[0]["resolution"], "skipped");
+    assert_eq!(c[0]["policy"], "node_priority");
+    assert_eq!(c[0]["rule"], "node priority");
+    assert_eq!(c[0]["source_lsn"], lsns[1].as_str());
+    assert_eq!(c[0]["priority"], serde_json::json!(["b", "a"]));
+
+    // Replay: under last_write_wins both stay (b's versions are later); under node_priority
+    // both stay (b first); under error both stop.
+    for (policy, changed) in [("last_write_wins", 0), ("node_priority", 0), ("error", 2)] {
+        let r = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", policy, "--json"]));
+        assert_eq!(r["examined"], 2, "{policy}");
+        assert_eq!(r["not_replayable"], 0, "{policy}: {r}");
+        assert_eq!(
+            r["changed"].as_array().map(Vec::len),
+            Some(changed),
+            "{policy}: {r}"
+        );
+    }
+    let err = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "error", "--json"]));
+    for c in err["changed"].as_array().expect("changed") {
+        assert_eq!(c["recorded"], "skip");
+        assert_eq!(c["replayed"], "stop");
+    }
+    // The recorded priority order decides, not today's configuration: with a first now,
+    // node_priority would still be replayed with b first.
+    let mut d = d;
+    d.set_replication_toml(
+        "tables = [\"public.items\", \"public.ranked\"]\nconflict = \"last_write_wins\"\n\
+         priority = [\"a\", \"b\"]",
+    );
+    let r = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority", "--json"]));
+    assert_eq!(r["changed"].as_array().map(Vec::len), Some(0), "{r}");
+}
+
+/// Two nodes whose clocks stand still at the same instant (libfaketime, an absolute time
+/// without `@` freezes the clock), so every commit on either carries the same timestamp. Both
+/// update the same row: an exact last-write-wins tie, which the priority order (a first)
+/// breaks the same way on both nodes: a's change is applied on b, b's loses on a and is
+/// journaled there as a tie.
+#[test]
+fn forged_tie_is_broken_by_priority_on_both_nodes_and_journaled_as_a_tie() {
+    use walbridge::localpg::{ClusterOptions, LocalCluster};
+    let frozen = || {
+        LocalCluster::start(&ClusterOptions {
+            server_env: vec![
+                ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+                ("FAKETIME".into(), "2026-01-01 00:00:00".into()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+                ("FAKETIME_DONT_RESET".into(), "1".into()),
+            ],
+            ..ClusterOptions::default()
+        })
+        .expect("start a cluster under libfaketime with a frozen clock")
+    };
+    let d = Deployment::from_clusters(
+        &["a", "b"],
+        SCHEMA,
+        "tables = [\"public.items\"]\nconflict = \"last_write_wins\"\npriority = [\"a\", \"b\"]",
+        vec![frozen(), frozen()],
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql("a", "INSERT INTO items VALUES (1, 'seed')");
+    d.replicate_once("seed.log");
+    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
+    d.sql("b", "UPDATE items SET v = 'from b' WHERE id = 1");
+    let stamp = |n: &str| {
+        d.sql(
+            n,
+            "SELECT pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC' FROM items WHERE id = 1",
+        )
+    };
+    assert_eq!(stamp("a"), "2026-01-01 00:00:00", "a's clock is not frozen");
+    assert_eq!(stamp("a"), stamp("b"), "the commit times differ");
+    d.replicate_once("run.log");
+    // a first: a's version stays on a and wins on b.
+    assert_eq!(value_of(&d, "a", 1), "from a");
+    assert_eq!(value_of(&d, "b", 1), "from a");
+    assert_eq!(d.sql("b", "SELECT count(*) FROM walbridge.conflicts"), "0");
+    // Every fact but `ambiguous`: with equal commit times any measured skew makes the order
+    // uncertain, and whether the skew was sampled before the decision is a race.
+    assert_eq!(
+        facts(&d, "a")
+            .iter()
+            .map(|f| {
+                let mut w: Vec<&str> = f.split(' ').collect();
+                w.remove(9);
+                w.join(" ")
+            })
+            .collect::<Vec<_>>(),
+        ["public.items [\"1\"] update_older skipped b last_write_wins a f t {a,b} f f"]
+    );
+    assert_eq!(
+        d.sql(
+            "a",
+            "SELECT local_commit_ts = remote_commit_ts FROM walbridge.conflicts"
+        ),
+        "t"
+    );
+    let why = json(&d.walbridge_ok(&[
+        "why",
+        "--node",
+        "b",
+        "--table",
+        "public.items",
+        "--key",
+        r#"{"id": 1}"#,
+        "--json",
+    ]));
+    assert_eq!(why["current"]["written_by"], "a");
+    assert_eq!(why["others"][0]["written_by"], "a");
+    let c = &why["conflicts"][0];
+    assert_eq!(c["node"], "a");
+    assert_eq!(c["source"], "b");
+    assert_eq!(c["tie"], true);
+    assert_eq!(c["rule"], "commit time tie, broken by priority");
+    assert_eq!(c["local_commit_ts"], c["remote_commit_ts"]);
+    assert_eq!(c["local_row"]["v"], "from a");
+    assert_eq!(c["remote_row"]["v"], "from b");
+    // Replayed under node_priority (a first) the tie ends the same way; under error it stops.
+    let np = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority", "--json"]));
+    assert_eq!(np["examined"], 1);
+    assert_eq!(np["changed"].as_array().map(Vec::len), Some(0), "{np}");
+}
+
+/// A 32 kB incompressible value (stored out of line, TOASTed) that a's update leaves
+/// unchanged: pgoutput sends it as "unchanged" ('u'). b journals a's losing update with both
+/// versions whole: the local one read from the row, the incoming one's TOASTed value taken
+/// from it (the key matched) and named in `remote_unsent`. A 100 kB value is over the default
+/// 64 kB bound: kept cut, flagged, and not replayable.
+#[test]
+fn toasted_versions_are_journaled_whole_and_oversized_ones_cut_and_flagged() {
+    let d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.docs (id int PRIMARY KEY, v text, body text);",
+        "tables = [\"public.docs\"]\nconflict = \"last_write_wins\"\npriority = [\"a\", \"b\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    let big =
+        |n: i32| format!("(SELECT string_agg(md5(i::text), '') FROM generate_series(1, {n}) i)");
+    d.sql(
+        "a",
+        &format!(
+            "INSERT INTO docs VALUES (1, 'seed', {}), (2, 'seed', {})",
+            big(1000),
+            big(3200)
+        ),
+    );
+    d.replicate_once("seed.log");
+    // Out of line on both nodes.
+    for n in ["a", "b"] {
+        assert_eq!(
+            d.sql(
+                n,
+                "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE relname = 'docs'"
+            ),
+            "t"
+        );
+    }
+    // One transaction per row on a: once the first conflict made the table contended, the
+    // second is settled by the set-based statement (or the careful path when redone).
+    d.sql("a", "UPDATE docs SET v = 'from a' WHERE id = 1");
+    d.sql("a", "UPDATE docs SET v = 'from a' WHERE id = 2");
+    d.sql("b", "UPDATE docs SET v = 'from b'");
+    d.replicate_once("run.log");
+    assert_eq!(
+        d.sql("a", "SELECT string_agg(v, ',' ORDER BY id) FROM docs"),
+        "from b,from b"
+    );
+    assert_eq!(
+        d.sql(
+            "b",
+            "SELECT string_agg(concat_ws(' ', key::text, kind, remote_unsent::text, \
+             local_row_truncated, remote_row_truncated, \
+             length(local_row->>'body'), length(remote_row->>'body'), \
+             octet_length(local_row::text) <= 65536, octet_length(remote_row::text) <= 65536), \
+             E'\\n' ORDER BY id) FROM walbridge.conflicts"
+        ),
+        "[\"1\"] update_older {body} f f 32000 32000 t t\n\
+         [\"2\"] update_older {body} t t 21831 21831 t t"
+    );
+    assert_eq!(
+        facts(&d, "b")
+            .iter()
+            .map(|f| f.split_once(' ').map_or("", |(_, rest)| rest).to_string())
+            .collect::<Vec<_>>(),
+        [
+            "[\"1\"] update_older skipped a last_write_wins b f f f {a,b} f f",
+            "[\"2\"] update_older skipped a last_write_wins b f f f {a,b} t t",
+        ]
+    );
+    // Whole: the journaled value is the row's.
+    assert_eq!(
+        d.sql(
+            "b",
+            "SELECT c.local_row->>'body' = d.body AND c.remote_row->>'body' = d.body \
+             FROM walbridge.conflicts c JOIN docs d ON d.id = 1 WHERE c.key = '[\"1\"]'"
+        ),
+        "t"
+    );
+    // Replay: under node_priority (a first) a's update would have won key 1; key 2 cannot be
+    // recomputed from a cut version.
+    let r = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority", "--json"]));
+    assert_eq!(r["examined"], 2);
+    assert_eq!(r["not_replayable"], 1);
+    let skipped = &r["not_replayable_entries"][0];
+    assert_eq!(skipped["node"], "b");
+    assert!(
+        skipped["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("conflict_max_row_bytes")),
+        "{skipped}"
+    );
+    let changed = r["changed"].as_array().expect("changed");
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0]["recorded"], "skip");
+    assert_eq!(changed[0]["replayed"], "update");
+    let c = &changed[0]["conflict"];
+    assert_eq!(c["key"], serde_json::json!(["1"]));
+    assert_eq!(c["remote_unsent"], serde_json::json!(["body"]));
+    assert_eq!(c["remote_row"]["v"], "from a");
+    assert_eq!(c["remote_row"]["body"].as_str().map(str::len), Some(32000));
+    assert_eq!(c["local_row"]["body"], c["remote_row"]["body"]);
+}
+
+/// Trigger mode: east's older update loses on west. The journal row carries the decision's
+/// facts (it had none before) and east's change-table id as the source position; replay
+/// recomputes it.
+#[test]
+fn trigger_mode_conflict_is_journaled_with_its_facts() {
+    let d = Deployment::new(
+        &["east", "west"],
+        SCHEMA,
+        "mode = \"trigger\"\ntables = [\"public.items\"]\nconflict = \"last_write_wins\"\n\
+         priority = [\"east\", \"west\"]\n\n[trigger]\npoll_interval = \"1s\"\n",
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql("east", "INSERT INTO items VALUES (1, 'base')");
+    d.sql("west", "INSERT INTO items VALUES (1, 'base')");
+    d.sql("east", "DELETE FROM database_changes");
+    d.sql("west", "DELETE FROM database_changes");
+    d.sql("east", "UPDATE items SET v = 'east, earlier' WHERE id = 1");
+    let change_id = d.sql("east", "SELECT max(id) FROM database_changes");
+    d.sql(
+        "west",
+        "SELECT pg_sleep(0.01); UPDATE items SET v = 'west, later' WHERE id = 1",
+    );
+    let _run = d.spawn_run("run.log");
+    for n in ["east", "west"] {
+        d.wait_for(n, "SELECT v FROM items WHERE id = 1", "west, later");
+        d.wait_for(n, "SELECT count(*) FROM public.database_changes", "0");
+    }
+    assert_eq!(
+        facts(&d, "west"),
+        ["public.items [1] update_older skipped east last_write_wins west f t f {east,west} f f"]
+    );
+    let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
+    let c = &out["conflicts"][0];
+    assert_eq!(c["node"], "west");
+    assert_eq!(c["source_change_id"].to_string(), change_id);
+    assert_eq!(c["source_lsn"], Value::Null);
+    assert_eq!(c["rule"], "later commit time");
+    assert_eq!(c["tie"], false);
+    assert_eq!(c["local_row"]["v"], "west, later");
+    assert_eq!(c["remote_row"]["v"], "east, earlier");
+    assert!(c["remote_commit_ts"].as_str() < c["local_commit_ts"].as_str());
+    // Replay: exact now; east first under node_priority, so east's update would have won.
+    let r = json(&d.walbridge_ok(&["conflicts", "replay", "--policy", "node_priority", "--json"]));
+    assert_eq!(r["not_replayable"], 0, "{r}");
+    assert_eq!(r["changed"][0]["recorded"], "skip");
+    assert_eq!(r["changed"][0]["replayed"], "update");
 }

@@ -394,6 +394,11 @@ impl Applier {
 
         let key_json = key_json(map, &key_tuple);
         let remote_json = row_json(map, new.as_ref().unwrap_or(row_tuple));
+        // Values the source did not send (unchanged TOAST, no full old row to fill them).
+        let unsent: Vec<String> = new
+            .as_ref()
+            .map(|n| unsent_columns(map, n))
+            .unwrap_or_default();
         if let Some((kind, resolution)) = decision.conflict {
             if decision.action == Action::Stop {
                 self.metrics
@@ -465,6 +470,9 @@ impl Applier {
             }
             let table_label = table.label.clone();
             let (source, target) = (self.source.clone(), self.target.clone());
+            let journal = Journal::new(&self.config, begin, &unsent);
+            let remote_version =
+                conflict::journal_remote_row(&remote_json, local_json.as_deref(), &unsent);
             self.exec(
                 sql::INSERT_CONFLICT,
                 &[
@@ -475,7 +483,7 @@ impl Applier {
                     Some(kind.as_str().as_bytes()),
                     Some(resolution.as_str().as_bytes()),
                     local_json.as_deref().map(str::as_bytes),
-                    Some(remote_json.as_bytes()),
+                    Some(remote_version.as_bytes()),
                     local_ts.as_deref().map(str::as_bytes),
                     Some(ts.as_bytes()),
                     Some(table.policy.as_str().as_bytes()),
@@ -484,6 +492,10 @@ impl Applier {
                     equals_old.map(|b| flag(b).as_bytes()),
                     Some(flag(complete_row).as_bytes()),
                     Some(flag(ambiguous).as_bytes()),
+                    journal.source_lsn.as_deref().map(str::as_bytes),
+                    Some(journal.priority.as_bytes()),
+                    Some(journal.unsent.as_bytes()),
+                    Some(journal.max_row_bytes.as_bytes()),
                 ],
             )
             .await?;
@@ -603,6 +615,36 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// What the journal records besides the decision's facts: where the change came from, the
+/// policy version (the priority order) and the row bound, as statement parameters.
+struct Journal {
+    source_lsn: Option<String>,
+    priority: String,
+    unsent: String,
+    max_row_bytes: String,
+}
+
+impl Journal {
+    fn new(config: &crate::config::Config, begin: &Begin, unsent: &[String]) -> Self {
+        Journal {
+            // The commit LSN, known up front (`Lsn::ZERO` when the plugin does not say).
+            source_lsn: (begin.final_lsn != crate::lsn::Lsn::ZERO)
+                .then(|| begin.final_lsn.to_string()),
+            priority: Json::from(config.priority_order()).to_string(),
+            unsent: Json::from(unsent.to_vec()).to_string(),
+            max_row_bytes: config.replication.conflict_max_row_bytes.to_string(),
+        }
+    }
+}
+
+/// The target's names of the written columns whose value `new` lacks (unchanged TOAST).
+fn unsent_columns(map: &TableMap, new: &Tuple) -> Vec<String> {
+    map.written()
+        .filter(|&p| matches!(new.0.get(p), Some(Value::UnchangedToast)))
+        .filter_map(|p| map.target_column[p].map(|i| map.target.columns[i].name.clone()))
+        .collect()
 }
 
 /// The new row with unchanged-TOAST placeholders filled from a full old row, when sent.

@@ -616,6 +616,9 @@ impl Applier {
             source_rank: self.writers.rank(&self.source),
             source: self.source.clone(),
             target: self.target.clone(),
+            writer_case: self.writers.writer_case_sql(),
+            priority: self.config.priority_order(),
+            max_row_bytes: self.config.replication.conflict_max_row_bytes,
         });
         let state = Arc::new(TableState {
             label: relation.qualified_name(),
@@ -837,6 +840,30 @@ impl Applier {
             .map_or(PgTimestamp(0), |o| o.begin.commit_time)
     }
 
+    /// The journal parameters of a resolving statement: the open transaction's commit LSN
+    /// (NULL when the plugin does not say) and the measured clock skews by node rank.
+    fn journal_params(&self) -> [Option<String>; 2] {
+        let lsn = self
+            .open
+            .as_ref()
+            .map(|o| o.begin.final_lsn)
+            .filter(|l| *l != Lsn::ZERO)
+            .map(|l| l.to_string());
+        let skews: Vec<String> = self
+            .config
+            .priority_order()
+            .iter()
+            .map(|n| {
+                self.metrics
+                    .clock_skew
+                    .with_label_values(&[n])
+                    .get()
+                    .to_string()
+            })
+            .collect();
+        [lsn, Some(format!("{{{}}}", skews.join(",")))]
+    }
+
     fn encode_update(&mut self, table: &TableState, change: &Change) -> Result<(), DirectionError> {
         let Some(new) = &change.new else {
             return Err(DirectionError::definite(format!(
@@ -861,12 +888,14 @@ impl Applier {
                 return Ok(());
             }
         };
-        let sql = match table.resolving_now() {
+        let resolving = table.resolving_now();
+        let sql = match resolving {
             Some(r) => table.map.update_resolving(&present, &check, r),
             None => table.map.update_optimistic(&present, &check, table.by_time),
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
+        let journal = resolving.map(|_| self.journal_params());
         let params = table
             .map
             .settable(&present)
@@ -874,7 +903,8 @@ impl Applier {
             .chain(check.iter().copied())
             .map(|p| value_param(new, p))
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
-            .chain(guard_params(table, &ts));
+            .chain(guard_params(table, &ts))
+            .chain(journal_params(&journal));
         self.enc.execute(&name, params).map_err(proto)?;
         Ok(())
     }
@@ -886,18 +916,21 @@ impl Applier {
                 self.source, table.label
             )));
         };
-        let sql = match table.resolving_now() {
+        let resolving = table.resolving_now();
+        let sql = match resolving {
             Some(r) => table.map.delete_resolving(r),
             None => table.map.delete_optimistic(table.by_time),
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
+        let journal = resolving.map(|_| self.journal_params());
         let params = table
             .map
             .key
             .iter()
             .map(|&p| value_param(key_tuple, p))
-            .chain(guard_params(table, &ts));
+            .chain(guard_params(table, &ts))
+            .chain(journal_params(&journal));
         self.enc.execute(&name, params).map_err(proto)?;
         Ok(())
     }
@@ -1268,7 +1301,8 @@ impl Applier {
             Group::Abort | Group::Close => Ok(Outcome::Continue),
             Group::Txns(members, parsed) => match error {
                 None => {
-                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    let resolved =
+                        resolved_in_sql(&rows, &self.source, &self.target, &self.metrics);
                     for (i, sent) in members.iter().enumerate() {
                         self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
                     }
@@ -1455,7 +1489,8 @@ impl Applier {
                             self.source, self.target
                         )));
                     }
-                    let resolved = resolved_in_sql(&rows, &self.source, &self.target);
+                    let resolved =
+                        resolved_in_sql(&rows, &self.source, &self.target, &self.metrics);
                     for (i, sent) in members.iter().enumerate() {
                         self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
                     }
@@ -1554,15 +1589,23 @@ impl Applier {
     }
 }
 
-/// Conflicts that resolving statements settled in SQL: rows `(_, key, table, kind)` whose key
-/// is set. Logged here, counted by `acknowledge` once the transaction committed.
+/// Conflicts that resolving statements settled in SQL: rows `(_, key, table, kind,
+/// ambiguous)` whose key is set. Logged here, counted by `acknowledge` once the transaction
+/// committed (the ambiguous ones are counted here: the statement's transaction committed).
 fn resolved_in_sql(
     rows: &[Vec<Option<Bytes>>],
     source: &str,
     target: &str,
+    metrics: &Metrics,
 ) -> Vec<(ConflictKind, Resolution, String)> {
     let mut out = Vec::new();
-    for row in rows.iter().filter(|r| r.len() == 4) {
+    for row in rows.iter().filter(|r| r.len() == 5) {
+        if text(&row[4]) == Some("t") {
+            metrics
+                .conflicts_ambiguous
+                .with_label_values(&[source, target])
+                .inc();
+        }
         let (Some(key), Some(table), Some(kind)) = (text(&row[1]), text(&row[2]), text(&row[3]))
         else {
             continue;
@@ -1580,6 +1623,13 @@ fn resolved_in_sql(
         out.push((kind, Resolution::Skipped, table.to_string()));
     }
     out
+}
+
+/// [`Applier::journal_params`] as statement parameters (none without a resolving statement).
+fn journal_params(journal: &Option<[Option<String>; 2]>) -> impl Iterator<Item = Option<&[u8]>> {
+    journal
+        .iter()
+        .flat_map(|j| j.iter().map(|p| p.as_deref().map(str::as_bytes)))
 }
 
 /// The optimistic guard's parameters: the overwritable origin ids, and the commit time when

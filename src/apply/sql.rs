@@ -661,6 +661,13 @@ pub struct Resolving {
     pub source: String,
     /// Target node name.
     pub target: String,
+    /// `CASE <origin id> WHEN .. THEN '<node>' .. ELSE '<target>' END` over `{ro}`: the
+    /// local version's writer, for the journal.
+    pub writer_case: String,
+    /// The priority order the journal records (the policy version).
+    pub priority: Vec<String>,
+    /// `replication.conflict_max_row_bytes`.
+    pub max_row_bytes: u64,
 }
 
 impl TableMap {
@@ -704,6 +711,12 @@ impl TableMap {
         format!("pg_catalog.jsonb_build_array({})", parts.join(", "))
     }
 
+    /// The skipped change's journal row, with every fact replay needs (see
+    /// `walbridge.conflicts` in sql/schema.sql). `t`: the incoming commit time; `t + 1`: its
+    /// commit LSN; `t + 2`: the measured clock skews (`float8[]`, by rank) for `ambiguous`.
+    /// `complete`: the incoming row carries every written column; `unsent`: the columns it
+    /// lacks (their journaled value is the locked row's, the value the skipped update keeps).
+    #[allow(clippy::too_many_arguments)]
     fn conflict_insert(
         &self,
         r: &Resolving,
@@ -711,24 +724,71 @@ impl TableMap {
         key_first: usize,
         remote: &str,
         t: usize,
+        complete: bool,
+        unsent: &[usize],
     ) -> String {
+        let lit = crate::catalog::quote_literal;
+        let names = |ps: &[usize]| -> Vec<String> {
+            ps.iter()
+                .filter_map(|&p| self.col(p).map(|c| c.name.clone()))
+                .collect()
+        };
+        let array = |v: &[String]| {
+            format!(
+                "ARRAY[{}]::text[]",
+                v.iter().map(|n| lit(n)).collect::<Vec<_>>().join(", ")
+            )
+        };
+        // Unsent values from the locked row, so the journal keeps the whole version.
+        let fill: Vec<String> = names(unsent)
+            .iter()
+            .map(|n| format!("{}, dec.wb_row::jsonb -> {}", lit(n), lit(n)))
+            .collect();
+        let remote = if fill.is_empty() {
+            remote.to_string()
+        } else {
+            format!(
+                "pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object({})) || {remote}",
+                fill.join(", ")
+            )
+        };
+        let rank = r.rank_case.replace("{ro}", "dec.wb_ro");
+        let m = r.max_row_bytes;
         format!(
             "skip AS (INSERT INTO walbridge.conflicts (source, target, table_name, key, kind, \
-             resolution, local_row, remote_row, local_commit_ts, remote_commit_ts) \
-             SELECT {src}, {tgt}, {label}, {key}, '{kind}', 'skipped', dec.wb_row::jsonb, {remote}, \
-             dec.wb_ts, ${t}::timestamptz FROM dec WHERE NOT dec.wb_apply RETURNING key::text)",
-            src = crate::catalog::quote_literal(&r.source),
-            tgt = crate::catalog::quote_literal(&r.target),
-            label = crate::catalog::quote_literal(&self.target.qualified_name()),
+             resolution, local_commit_ts, remote_commit_ts, policy, local_writer, \
+             local_tombstone, row_equals_old, complete_row, ambiguous, source_lsn, priority, \
+             remote_unsent, local_row, remote_row, local_row_truncated, remote_row_truncated) \
+             SELECT {src}, {tgt}, {label}, {key}, '{kind}', 'skipped', dec.wb_ts, ${t}::timestamptz, \
+             'last_write_wins', {writer}, false, {equals_old}, {complete}, \
+             COALESCE(pg_catalog.abs(pg_catalog.date_part('epoch', dec.wb_ts - ${t}::timestamptz)) \
+             < pg_catalog.abs((${s}::float8[])[{src_rank} + 1] - (${s}::float8[])[{rank} + 1]), false), \
+             ${l}::pg_lsn, {priority}, {unsent}, \
+             walbridge.journal_row(dec.wb_row::jsonb, {m}), walbridge.journal_row({remote}, {m}), \
+             COALESCE(pg_catalog.octet_length(dec.wb_row::jsonb::text) > {m}, false), \
+             COALESCE(pg_catalog.octet_length(({remote})::text) > {m}, false) \
+             FROM dec WHERE NOT dec.wb_apply RETURNING key::text, ambiguous)",
+            src = lit(&r.source),
+            tgt = lit(&r.target),
+            label = lit(&self.target.qualified_name()),
             key = self.key_text_json(key_first),
+            writer = r.writer_case.replace("{ro}", "dec.wb_ro"),
+            // Found by the whole old row: it equals it.
+            equals_old = if self.full_identity { "true" } else { "NULL::boolean" },
+            l = t + 1,
+            s = t + 2,
+            src_rank = r.source_rank,
+            priority = array(&r.priority),
+            unsent = array(&names(unsent)),
         )
     }
 
     /// A last-write-wins UPDATE that resolves `update_older` itself: applies when the incoming
     /// change wins, else records the conflict and skips; fails (WB001) only when the row is
     /// missing (or its identity values to `check` differ). Parameters as
-    /// [`TableMap::update_optimistic`] with `by_time`. Returns one row:
-    /// `(_, skipped key or NULL, table, kind)`.
+    /// [`TableMap::update_optimistic`] with `by_time`, then the source's commit LSN and the
+    /// clock skews by rank (see [`TableMap::conflict_insert`]). Returns one row:
+    /// `(_, skipped key or NULL, table, kind, ambiguous)`.
     pub fn update_resolving(&self, present: &[usize], check: &[usize], r: &Resolving) -> String {
         let (set, next) = self.set_list(present, "c");
         let identity = self.identity_check("c", check, next);
@@ -750,15 +810,16 @@ impl TableMap {
             })
             .collect();
         let remote = format!("pg_catalog.jsonb_build_object({})", remote.join(", "));
+        let unsent: Vec<usize> = self.written().filter(|p| !present.contains(p)).collect();
         format!(
             "WITH {dec}, \
              upd AS (UPDATE {table} AS c SET {set} FROM dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \
              {skip} \
              SELECT walbridge.expect_rows((SELECT count(*) FROM upd) + (SELECT count(*) FROM skip), 1), \
-             (SELECT key FROM skip), {label}, 'update_older'",
+             (SELECT key FROM skip), {label}, 'update_older', (SELECT ambiguous FROM skip)",
             dec = self.decided_row(next, o, t, r, &identity),
             table = self.target.quoted_name(),
-            skip = self.conflict_insert(r, "update_older", next, &remote, t),
+            skip = self.conflict_insert(r, "update_older", next, &remote, t, unsent.is_empty(), &unsent),
             label = crate::catalog::quote_literal(&self.target.qualified_name()),
         )
     }
@@ -772,10 +833,10 @@ impl TableMap {
              del AS (DELETE FROM {table} AS c USING dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1), \
              {skip} \
              SELECT walbridge.expect_rows((SELECT count(*) FROM del) + (SELECT count(*) FROM skip), 1), \
-             (SELECT key FROM skip), {label}, 'delete_older'",
+             (SELECT key FROM skip), {label}, 'delete_older', (SELECT ambiguous FROM skip)",
             dec = self.decided_row(1, o, t, r, ""),
             table = self.target.quoted_name(),
-            skip = self.conflict_insert(r, "delete_older", 1, "NULL::jsonb", t),
+            skip = self.conflict_insert(r, "delete_older", 1, "NULL::jsonb", t, false, &[]),
             label = crate::catalog::quote_literal(&self.target.qualified_name()),
         )
     }
@@ -785,13 +846,21 @@ impl TableMap {
 /// (json text), kind, resolution, local row (json text), remote row (json text), local commit
 /// time, remote commit time, policy, the local version's writer, whether that version is a
 /// tombstone, whether the row equalled the change's old row, whether the incoming row was
-/// complete, whether the decision was ambiguous (closer than the measured clock skew).
+/// complete, whether the decision was ambiguous (closer than the measured clock skew), the
+/// source's commit LSN, the priority order (json array), the columns the source did not send
+/// (json array), the row size bound (`replication.conflict_max_row_bytes`).
 pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
-    (source, target, table_name, key, kind, resolution, local_row, remote_row, \
+    (source, target, table_name, key, kind, resolution, \
      local_commit_ts, remote_commit_ts, policy, local_writer, local_tombstone, row_equals_old, \
-     complete_row, ambiguous) \
-    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb, $9::timestamptz, $10::timestamptz, \
-     $11, $12, $13::bool, $14::bool, $15::bool, $16::bool)";
+     complete_row, ambiguous, source_lsn, priority, remote_unsent, \
+     local_row, remote_row, local_row_truncated, remote_row_truncated) \
+    SELECT $1, $2, $3, $4::jsonb, $5, $6, $9::timestamptz, $10::timestamptz, \
+     $11, $12, $13::bool, $14::bool, $15::bool, $16::bool, $17::pg_lsn, \
+     ARRAY(SELECT pg_catalog.jsonb_array_elements_text($18::jsonb)), \
+     ARRAY(SELECT pg_catalog.jsonb_array_elements_text($19::jsonb)), \
+     walbridge.journal_row($7::jsonb, $20::int4), walbridge.journal_row($8::jsonb, $20::int4), \
+     COALESCE(pg_catalog.octet_length($7::jsonb::text) > $20::int4, false), \
+     COALESCE(pg_catalog.octet_length($8::jsonb::text) > $20::int4, false)";
 
 /// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
 ///

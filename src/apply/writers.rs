@@ -74,6 +74,21 @@ impl Writers {
         format!("(CASE {{ro}}{arms} ELSE {} END)", self.rank(&self.target))
     }
 
+    /// `CASE {ro} WHEN <origin id> THEN '<node>' ... ELSE '<target>' END`: the name of the
+    /// node that wrote a row version, computed in SQL from its origin id (as [`Writers::node`]).
+    pub fn writer_case_sql(&self) -> String {
+        let mut ids: Vec<(&i64, &String)> = self.by_roident.iter().collect();
+        ids.sort();
+        let arms: String = ids
+            .iter()
+            .map(|(id, node)| format!(" WHEN {id} THEN {}", crate::catalog::quote_literal(node)))
+            .collect();
+        format!(
+            "(CASE {{ro}}{arms} ELSE {} END)",
+            crate::catalog::quote_literal(&self.target)
+        )
+    }
+
     /// Origin ids whose row versions a change from `source` may overwrite without a conflict
     /// check, as a PostgreSQL `oid[]` literal: the source's own, and under `node_priority`
     /// those of every node the source outranks (0 when that includes the target).

@@ -291,6 +291,11 @@ pub struct ReplicationConfig {
     /// `tombstone_retention` (default `"7d"`): how long the record of a deleted row is kept so
     /// that a late update of it can be recognised as older (`delete_older` / `update_missing`).
     pub tombstone_retention: Duration,
+    /// `conflict_max_row_bytes` (default `"64kB"`): the largest row version (its JSON text)
+    /// `walbridge.conflicts` keeps in full; a larger one is kept cut, flagged
+    /// `local_row_truncated` / `remote_row_truncated`, and `conflicts replay` counts it not
+    /// replayable.
+    pub conflict_max_row_bytes: u64,
     /// `sequence_ranges` (default `false`): opt in to giving each node its own range of values
     /// for serial and identity columns, so inserts on different nodes never collide on keys.
     pub sequence_ranges: bool,
@@ -537,6 +542,15 @@ impl Config {
             .iter()
             .position(|n| *n == name)
             .map_or(usize::MAX, |i| priority.len() + i)
+    }
+
+    /// Every node, highest priority first: `replication.priority` as configured, then the
+    /// unlisted nodes by name (the order of [`Config::node_rank`]). The journal records it as
+    /// the policy version.
+    pub fn priority_order(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        names.sort_by_key(|n| self.node_rank(n));
+        names
     }
 
     /// Legal but suspicious settings (a `skip_columns` table that is not replicated, ...).
@@ -861,6 +875,24 @@ fn validate_replication(
         "replication.tombstone_retention",
         parse_duration(&raw.tombstone_retention),
     );
+    // A bound the journal's SQL takes as an int4; 1 kB at least, so a cut version still
+    // shows every column's beginning.
+    let row_bound = |n: u64, shown: String| {
+        if (1024..=i32::MAX as u64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{shown} must be between 1kB and 2GB"))
+        }
+    };
+    let conflict_max_row_bytes = problems.check(
+        "replication.conflict_max_row_bytes",
+        match raw.conflict_max_row_bytes {
+            RawSize::Bytes(n) => u64::try_from(n)
+                .map_err(|_| format!("{n} must be between 1kB and 2GB"))
+                .and_then(|b| row_bound(b, n.to_string())),
+            RawSize::Text(s) => parse_size(&s).and_then(|b| row_bound(b, format!("{s:?}"))),
+        },
+    );
 
     Some(ReplicationConfig {
         mode: mode?,
@@ -874,6 +906,7 @@ fn validate_replication(
         slot_prefix,
         conflict_retention: conflict_retention?,
         tombstone_retention: tombstone_retention?,
+        conflict_max_row_bytes: conflict_max_row_bytes?,
         sequence_ranges: raw.sequence_ranges,
         allow_lossy_wal2json: raw.allow_lossy_wal2json,
     })

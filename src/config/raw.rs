@@ -89,6 +89,8 @@ pub(super) struct RawReplication {
     pub conflict_retention: String,
     #[serde(default = "default_tombstone_retention")]
     pub tombstone_retention: String,
+    #[serde(default = "default_conflict_max_row_bytes")]
+    pub conflict_max_row_bytes: RawSize,
     #[serde(default)]
     pub sequence_ranges: bool,
     #[serde(default)]
@@ -110,6 +112,7 @@ impl Default for RawReplication {
             slot_prefix: default_slot_prefix(),
             conflict_retention: default_conflict_retention(),
             tombstone_retention: default_tombstone_retention(),
+            conflict_max_row_bytes: default_conflict_max_row_bytes(),
             sequence_ranges: false,
             allow_lossy_wal2json: false,
         }
@@ -174,6 +177,9 @@ fn default_slot_prefix() -> String {
 }
 fn default_conflict_retention() -> String {
     "30d".into()
+}
+fn default_conflict_max_row_bytes() -> RawSize {
+    RawSize::Text("64kB".into())
 }
 fn default_tombstone_retention() -> String {
     "7d".into()

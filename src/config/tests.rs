@@ -128,6 +128,7 @@ fn defaults_fill_omitted_sections() {
     assert_eq!(r.slot_prefix, "walbridge");
     assert_eq!(r.conflict_retention, Duration::from_secs(30 * 86400));
     assert_eq!(r.tombstone_retention, Duration::from_secs(7 * 86400));
+    assert_eq!(r.conflict_max_row_bytes, 64 << 10);
     assert!(!r.sequence_ranges);
     assert_eq!(c.trigger.table.to_string(), "public.database_changes");
     assert_eq!(
@@ -207,6 +208,7 @@ priority = [\"west\"]
     assert_eq!(c.node_rank("east"), 1);
     assert_eq!(c.node_rank("north"), 2);
     assert_eq!(c.node_rank("nobody"), usize::MAX);
+    assert_eq!(c.priority_order(), ["west", "east", "north"]);
     assert!(c.node("north").is_some());
     assert!(c.node("south").is_none());
 }
@@ -808,4 +810,30 @@ fn log_row_contents_is_off_unless_asked_for() {
     let c = Config::from_toml_str(&format!("{two}[log]\nrow_contents = true\n")).unwrap();
     assert!(c.log.row_contents);
     assert!(Config::from_toml_str(&format!("{two}[log]\nrow_content = true\n")).is_err());
+}
+
+#[test]
+fn conflict_max_row_bytes_is_a_bounded_size() {
+    let c = parse(&format!(
+        "{TWO_NODES}\n[replication]\nconflict_max_row_bytes = \"1MB\""
+    ))
+    .unwrap();
+    assert_eq!(c.replication.conflict_max_row_bytes, 1 << 20);
+    let c = parse(&format!(
+        "{TWO_NODES}\n[replication]\nconflict_max_row_bytes = 4096"
+    ))
+    .unwrap();
+    assert_eq!(c.replication.conflict_max_row_bytes, 4096);
+    for bad in ["100", "\"512B\"", "\"3GB\"", "-1"] {
+        assert_problem(
+            &format!("[replication]\nconflict_max_row_bytes = {bad}"),
+            "replication.conflict_max_row_bytes",
+            &["between 1kB and 2GB"],
+        );
+    }
+    assert_problem(
+        "[replication]\nconflict_max_row_bytes = \"lots\"",
+        "replication.conflict_max_row_bytes",
+        &["not a size"],
+    );
 }

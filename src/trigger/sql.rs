@@ -285,11 +285,24 @@ pub fn truncate_sql(table: &TableInfo) -> String {
     format!("TRUNCATE {}", table.quoted_name())
 }
 
-/// One conflict in `walbridge.conflicts`.
+/// One conflict in `walbridge.conflicts`, with every fact replay needs (see sql/schema.sql).
+/// Parameters: source, target, table, key (json), kind, resolution, local row (json), remote
+/// row (json), local commit time, remote commit time, policy, the local version's writer,
+/// whether it is a tombstone, whether the incoming row is complete, whether the decision was
+/// ambiguous (bools as text), the source's change-table id, the priority order (json array),
+/// the columns the change lacks (json array), the row size bound (text).
 pub const CONFLICT_SQL: &str = "INSERT INTO walbridge.conflicts \
-     (source, target, table_name, key, kind, resolution, local_row, remote_row, \
-      local_commit_ts, remote_commit_ts) \
-     VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7::text::jsonb, $8::text::jsonb, $9, $10)";
+     (source, target, table_name, key, kind, resolution, local_commit_ts, remote_commit_ts, \
+      policy, local_writer, local_tombstone, complete_row, ambiguous, source_change_id, \
+      priority, remote_unsent, local_row, remote_row, local_row_truncated, remote_row_truncated) \
+     VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $9::timestamptz, $10::timestamptz, \
+      $11, $12, $13::text::bool, $14::text::bool, $15::text::bool, $16::text::int8, \
+      ARRAY(SELECT pg_catalog.jsonb_array_elements_text($17::text::jsonb)), \
+      ARRAY(SELECT pg_catalog.jsonb_array_elements_text($18::text::jsonb)), \
+      walbridge.journal_row($7::text::jsonb, $19::text::int4), \
+      walbridge.journal_row($8::text::jsonb, $19::text::int4), \
+      COALESCE(pg_catalog.octet_length($7::text::jsonb::text) > $19::text::int4, false), \
+      COALESCE(pg_catalog.octet_length($8::text::jsonb::text) > $19::text::int4, false))";
 
 #[cfg(test)]
 mod tests {

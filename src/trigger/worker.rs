@@ -26,7 +26,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, IsolationLevel, Statement};
 
 use crate::catalog::{self, TableInfo};
-use crate::config::Config;
+use crate::config::{Config, ConflictPolicy};
 use crate::conflict::{self, Action, Incoming, LocalState, Version};
 use crate::direction::{DirectionContext, DirectionError, DirectionState, ErrorClass};
 use crate::event::ChangeOp;
@@ -769,6 +769,7 @@ impl<'a> Worker<'a> {
                     .as_ref()
                     .or(local.tombstone.as_ref())
                     .and_then(|r| r.time);
+                let facts = journal_facts(self.config, self.ctx, c, &local, time);
                 ops.push((
                     i,
                     conflict_stmt.clone(),
@@ -780,9 +781,20 @@ impl<'a> Worker<'a> {
                         Param::Text(Some(kind.as_str().to_string())),
                         Param::Text(Some(resolution.as_str().to_string())),
                         Param::Text(local.row.as_ref().and_then(|r| r.json.clone())),
-                        Param::Text(Some(c.row_json.clone())),
+                        Param::Text(Some(facts.remote_row)),
                         Param::Time(local_ts),
                         Param::Time(time.and_then(|t| t.to_datetime())),
+                        Param::Text(Some(facts.policy.as_str().to_string())),
+                        Param::Text(facts.local_writer),
+                        Param::Text(Some(facts.local_tombstone.to_string())),
+                        Param::Text(Some((c.op != Op::Update || c.complete).to_string())),
+                        Param::Text(Some(facts.ambiguous.to_string())),
+                        Param::Text(Some(c.id.to_string())),
+                        Param::Text(Some(facts.priority)),
+                        Param::Text(Some(facts.unsent)),
+                        Param::Text(Some(
+                            self.config.replication.conflict_max_row_bytes.to_string(),
+                        )),
                     ],
                 ));
             }
@@ -1111,6 +1123,75 @@ impl Param {
             Param::Time(t) => t,
         }
     }
+}
+
+/// What the conflict journal records besides the conflict itself: the policy, the local
+/// version's writer, whether it is a tombstone, whether last-write-wins decided by less
+/// than the measured clock skew (counted here), the priority order, and the incoming row
+/// with the columns it lacks (an UPDATE row of an old trigger) filled from the target's.
+fn journal_facts(
+    config: &Config,
+    ctx: &DirectionContext,
+    c: &change::Change,
+    local: &Local,
+    time: Option<PgTimestamp>,
+) -> JournalFacts {
+    let tgt = ctx.target.as_str();
+    let policy = config.conflict_policy_for(&c.table.schema, &c.table.name);
+    let version = local.row.as_ref().or(local.tombstone.as_ref());
+    let local_writer = version.map(|v| v.writer.clone().unwrap_or_else(|| tgt.to_string()));
+    let ambiguous = policy == ConflictPolicy::LastWriteWins
+        && match (version.and_then(|v| v.time), time, &local_writer) {
+            (Some(local_t), Some(t), Some(writer)) => {
+                let skew = |n: &str| ctx.metrics.clock_skew.with_label_values(&[n]).get();
+                let uncertainty = (skew(&ctx.source) - skew(writer)).abs();
+                let gap = (t.0 - PgTimestamp::from_datetime(local_t).0).abs() as f64 / 1e6;
+                gap < uncertainty
+            }
+            _ => false,
+        };
+    if ambiguous {
+        ctx.metrics
+            .conflicts_ambiguous
+            .with_label_values(&[&ctx.source, tgt])
+            .inc();
+    }
+    let unsent: Vec<String> = if c.op == Op::Update && !c.complete {
+        let skip = config.skip_columns_for(&c.table.schema, &c.table.name);
+        c.table
+            .columns
+            .iter()
+            .filter(|col| !col.generated && !skip.contains(&col.name))
+            .filter(|col| !c.row_columns.contains(&col.name))
+            .map(|col| col.name.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    JournalFacts {
+        policy,
+        local_writer,
+        local_tombstone: local.row.is_none() && local.tombstone.is_some(),
+        ambiguous,
+        priority: serde_json::Value::from(config.priority_order()).to_string(),
+        remote_row: conflict::journal_remote_row(
+            &c.row_json,
+            local.row.as_ref().and_then(|r| r.json.as_deref()),
+            &unsent,
+        ),
+        unsent: serde_json::Value::from(unsent).to_string(),
+    }
+}
+
+/// [`journal_facts`].
+struct JournalFacts {
+    policy: ConflictPolicy,
+    local_writer: Option<String>,
+    local_tombstone: bool,
+    ambiguous: bool,
+    priority: String,
+    remote_row: String,
+    unsent: String,
 }
 
 /// The statements one change may need (prepared, cached per connection).
