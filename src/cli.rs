@@ -85,6 +85,19 @@ pub enum Command {
     Conflicts(ConflictsArgs),
     /// Explain why a row looks as it does: its versions and the conflicts that decided it.
     Why(WhyArgs),
+    /// Show where the nodes' schemas of the replicated tables differ.
+    Drift(DriftArgs),
+}
+
+/// `walbridge drift`.
+#[derive(Debug, Args)]
+pub struct DriftArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Compare only this table (schema.table).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub table: Option<QualifiedName>,
 }
 
 /// `walbridge conflicts`.
@@ -468,6 +481,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
         Command::CheckConfig(args) => check_config(load(path)?, args).await,
         Command::Conflicts(args) => conflicts(load(path)?, args).await,
         Command::Why(args) => why(load(path)?, args).await,
+        Command::Drift(args) => drift(load(path)?, args).await,
     }
 }
 
@@ -625,6 +639,29 @@ async fn verify(
         Ok(())
     } else {
         Err(Failure::Exit(1))
+    }
+}
+
+/// `walbridge drift`: the differences on stdout; exit 0 none, 1 drift or a node unreachable,
+/// 2 usage.
+async fn drift(config: Config, args: DriftArgs) -> Result<(), Failure> {
+    let report = crate::drift::drift(&config, args.table.as_ref())
+        .await
+        .map_err(|e| {
+            if e.is_usage() {
+                Failure::Usage(e.into())
+            } else {
+                Failure::Fatal(e.into())
+            }
+        })?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_text(&report.render());
+    }
+    match report.exit_code() {
+        0 => Ok(()),
+        code => Err(Failure::Exit(code)),
     }
 }
 
