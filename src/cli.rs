@@ -87,6 +87,24 @@ pub enum Command {
     Why(WhyArgs),
     /// Show where the nodes' schemas of the replicated tables differ.
     Drift(DriftArgs),
+    /// Move a stopped direction past the source transaction it stopped on, keeping its
+    /// changes in walbridge.skipped on the target.
+    Skip(SkipArgs),
+}
+
+/// `walbridge skip`.
+#[derive(Debug, Args)]
+pub struct SkipArgs {
+    /// The direction's source node.
+    #[arg(long, value_name = "NODE")]
+    pub source: String,
+    /// The direction's target node.
+    #[arg(long, value_name = "NODE")]
+    pub target: String,
+    /// End (commit) LSN of the source transaction the direction stopped on, as the error
+    /// and `walbridge status` name it (e.g. 0/16B3748).
+    #[arg(long, value_name = "LSN")]
+    pub lsn: Lsn,
 }
 
 /// `walbridge drift`.
@@ -482,6 +500,7 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
         Command::Conflicts(args) => conflicts(load(path)?, args).await,
         Command::Why(args) => why(load(path)?, args).await,
         Command::Drift(args) => drift(load(path)?, args).await,
+        Command::Skip(args) => skip(load(path)?, args).await,
     }
 }
 
@@ -663,6 +682,26 @@ async fn drift(config: Config, args: DriftArgs) -> Result<(), Failure> {
         0 => Ok(()),
         code => Err(Failure::Exit(code)),
     }
+}
+
+/// `walbridge skip`: exit 0 skipped, 1 refused (saying why) or failed, 2 usage.
+async fn skip(config: Config, args: SkipArgs) -> Result<(), Failure> {
+    let done = crate::skip::skip(&config, &args.source, &args.target, args.lsn)
+        .await
+        .map_err(|e| Failure::Fatal(e.into()))?;
+    print_text(&format!(
+        "skipped the transaction of {} ending at {} (xid {}, {} change{}): recorded in \
+         walbridge.skipped on {}; {} -> {} resumes after it\n",
+        args.source,
+        done.end_lsn,
+        done.xid,
+        done.changes,
+        if done.changes == 1 { "" } else { "s" },
+        args.target,
+        args.source,
+        args.target
+    ));
+    Ok(())
 }
 
 /// `walbridge teardown`.

@@ -33,6 +33,7 @@ pub mod pgconn;
 pub mod protocol;
 pub mod runtime;
 pub mod setup;
+pub mod skip;
 pub mod source;
 pub mod status;
 pub mod tail;

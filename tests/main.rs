@@ -24,6 +24,7 @@ mod protocol;
 mod replication;
 mod security;
 mod setup;
+mod skip;
 mod status;
 mod tail;
 mod tls;

@@ -1322,7 +1322,11 @@ impl Applier {
             }
         }
         let conflict_like = error.code == "WB001" || error.code == "WB003" || class == "23";
-        if !conflict_like && error.code != "40001" && error.code != "40P01" {
+        let transient = crate::protocol::sqlstate_is_transient(&error.code);
+        // A definite failure of a group of several transactions is narrowed down first (they
+        // are sent again one by one, below), so the stop names the one that fails.
+        let narrow = !transient && failed.len() > 1 && !sql::truncate_refused(&error);
+        if !conflict_like && !narrow && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
             if sql::truncate_refused(&error) {
                 return Err(self.truncate_refused(
@@ -1345,10 +1349,14 @@ impl Applier {
             );
             // The target refuses writes for now (read-only, lock_timeout, cancelled): the
             // direction starts again from the origin's progress after a backoff.
-            return Err(if crate::protocol::sqlstate_is_transient(&error.code) {
+            return Err(if transient {
                 DirectionError::transient(msg)
             } else {
-                DirectionError::definite(msg)
+                let stop = DirectionError::definite(msg);
+                match failed.as_slice() {
+                    [one] => stop.at_transaction(one.end_lsn),
+                    _ => stop,
+                }
             });
         }
         // Everything after the failed group fails in apply_finish (progress mismatch).

@@ -677,6 +677,13 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         &n.name,
         "creating the walbridge schema (sql/schema.sql)",
     ))?;
+    n.client
+        .batch_execute(crate::skip::SKIP_SQL)
+        .await
+        .map_err(sql_err(
+            &n.name,
+            "creating walbridge's skip tables (sql/skip.sql)",
+        ))?;
     if is_superuser(&n.client)
         .await
         .map_err(sql_err(&n.name, "reading the role's attributes"))?

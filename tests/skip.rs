@@ -1,0 +1,120 @@
+//! `walbridge skip` against real clusters: a transaction the target refuses (a CHECK that
+//! exists only there) stops its direction; skip refuses the wrong LSN, an unknown direction
+//! and a direction that is not stopped; with the right LSN it records the changes in
+//! `walbridge.skipped`, moves the origin, and the running `walbridge run` resumes after it.
+
+use crate::support::*;
+
+const SCHEMA: &str = "CREATE TABLE public.t (id int PRIMARY KEY, v int);";
+
+fn refused(d: &Deployment, args: &[&str], reason: &str) {
+    let out = d.walbridge(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.contains("refused: "), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(reason),
+        "{args:?}: expected {reason:?} in {stderr}"
+    );
+}
+
+#[test]
+fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "west",
+        "ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 100)",
+    );
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO public.t VALUES (1, 1)");
+    d.wait_for("west", "SELECT count(*) FROM public.t", "1");
+
+    // West refuses the next transaction: east -> west stops and records where.
+    d.sql(
+        "east",
+        "BEGIN; INSERT INTO public.t VALUES (2, 500); UPDATE public.t SET v = 2 WHERE id = 1; COMMIT",
+    );
+    d.wait_for(
+        "west",
+        "SELECT count(*) FROM walbridge.stopped WHERE source = 'east' AND target = 'west' AND end_lsn IS NOT NULL",
+        "1",
+    );
+    let lsn = d.sql("west", "SELECT end_lsn FROM walbridge.stopped");
+    let error = d.sql("west", "SELECT error FROM walbridge.stopped");
+    assert!(error.contains(&format!("end {lsn}")), "{error}");
+    run.assert_running();
+
+    // Refused: another LSN, a direction that does not exist, one that is not stopped.
+    let wrong = "0/1";
+    refused(
+        &d,
+        &[
+            "skip", "--source", "east", "--target", "west", "--lsn", wrong,
+        ],
+        &format!("stopped on the transaction ending at {lsn}, not {wrong}"),
+    );
+    refused(
+        &d,
+        &[
+            "skip", "--source", "east", "--target", "north", "--lsn", &lsn,
+        ],
+        "there is no direction east -> north",
+    );
+    refused(
+        &d,
+        &[
+            "skip", "--source", "west", "--target", "east", "--lsn", &lsn,
+        ],
+        "direction west -> east is not stopped",
+    );
+    assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.skipped"), "0");
+
+    // The right LSN: recorded, origin moved, and the running process resumes after it.
+    let out = d.walbridge_ok(&[
+        "skip", "--source", "east", "--target", "west", "--lsn", &lsn,
+    ]);
+    assert!(out.contains(&format!("ending at {lsn}")), "{out}");
+    assert!(out.contains("2 changes"), "{out}");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(format('%s|%s|%s|%s|%s|%s', source, target, end_lsn, table_name, op, \"row\"), ';' ORDER BY seq)
+               FROM walbridge.skipped"
+        ),
+        format!(
+            "east|west|{lsn}|public.t|insert|{{\"v\": \"500\", \"id\": \"2\"}};\
+             east|west|{lsn}|public.t|update|{{\"v\": \"2\", \"id\": \"1\"}}"
+        )
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT commit_time IS NOT NULL AND skipped_at IS NOT NULL FROM walbridge.skipped LIMIT 1"
+        ),
+        "t"
+    );
+    assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.stopped"), "0");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT pg_replication_origin_progress('walbridge_from_east', true)"
+        ),
+        lsn
+    );
+    d.sql("east", "INSERT INTO public.t VALUES (3, 3)");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
+        "1:1,3:3",
+    );
+    run.assert_running();
+    // Skipping it again is refused: the direction is no longer stopped.
+    refused(
+        &d,
+        &[
+            "skip", "--source", "east", "--target", "west", "--lsn", &lsn,
+        ],
+        "direction east -> west is not stopped",
+    );
+}
