@@ -44,6 +44,20 @@ fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
     let error = d.sql("west", "SELECT error FROM walbridge.stopped");
     assert!(error.contains(&format!("end {lsn}")), "{error}");
     run.assert_running();
+    // `status` reads the stop from the target (no metrics listener here: the databases' view).
+    let status = d.walbridge(&["status", "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("status --json prints JSON");
+    let dir = status["directions"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x["source"] == "east" && x["target"] == "west")
+        })
+        .expect("east -> west in status")
+        .clone();
+    assert_eq!(dir["state"], "failed", "{dir:#}");
+    assert_eq!(dir["last_error"], error.as_str(), "{dir:#}");
 
     // Refused: another LSN, a direction that does not exist, one that is not stopped.
     let wrong = "0/1";
@@ -116,5 +130,59 @@ fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
             "skip", "--source", "east", "--target", "west", "--lsn", &lsn,
         ],
         "direction east -> west is not stopped",
+    );
+}
+
+/// Several queued transactions arrive in one group and one of them fails with a definite
+/// error that is no conflict (a value the target's column type refuses): the group is applied
+/// again one by one, the transactions before the bad one are applied, and the stop names the
+/// bad one, so skip moves past it and nothing else.
+#[test]
+fn skip_names_the_failing_transaction_of_a_group() {
+    let d = Deployment::new(
+        &["east", "west"],
+        "CREATE TABLE public.t (id int PRIMARY KEY, v text);",
+        "tables = [\"public.*\"]",
+    );
+    d.sql(
+        "west",
+        "ALTER TABLE public.t ALTER COLUMN v TYPE int USING v::int",
+    );
+    d.walbridge_ok(&["setup"]);
+    for (id, v) in [(1, "1"), (2, "abc"), (3, "3")] {
+        d.sql(
+            "east",
+            &format!("INSERT INTO public.t VALUES ({id}, '{v}')"),
+        );
+    }
+    let _run = d.spawn_run("run.log");
+    d.wait_for(
+        "west",
+        "SELECT count(*) FROM walbridge.stopped WHERE end_lsn IS NOT NULL",
+        "1",
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.t"
+        ),
+        "1",
+        "the transaction before the bad one is applied"
+    );
+    let lsn = d.sql("west", "SELECT end_lsn FROM walbridge.stopped");
+    d.walbridge_ok(&[
+        "skip", "--source", "east", "--target", "west", "--lsn", &lsn,
+    ]);
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(\"row\"::text, ';') FROM walbridge.skipped"
+        ),
+        "{\"v\": \"abc\", \"id\": \"2\"}"
+    );
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
+        "1:1,3:3",
     );
 }
