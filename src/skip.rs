@@ -531,3 +531,24 @@ pub async fn stop_cleared(config: &Config, source: &str, target: &str) -> bool {
         Ok(None)
     )
 }
+
+/// `walbridge run`: the direction streams again (restarted after a fix), so a stop recorded
+/// earlier is over; if the same transaction fails again, the stop is recorded anew. Best
+/// effort, like [`record_stop`].
+pub async fn clear_stop(config: &Config, source: &str, target: &str) {
+    let Some(node) = config.node(target) else {
+        return;
+    };
+    let Ok(client) = pgconn::connect(&node.dsn, "walbridge-stop").await else {
+        return;
+    };
+    if let Err(e) = client
+        .execute(
+            "DELETE FROM walbridge.stopped WHERE source = $1 AND target = $2",
+            &[&source, &target],
+        )
+        .await
+    {
+        tracing::debug!(source, target, error = %crate::setup::pg_message(&e), "cannot clear the recorded stop");
+    }
+}

@@ -186,3 +186,25 @@ fn skip_names_the_failing_transaction_of_a_group() {
         "1:1,3:3",
     );
 }
+
+/// Fixing the cause and restarting also ends a stop: the recorded stop is cleared once the
+/// direction streams again, so `status` and `skip` no longer see it.
+#[test]
+fn a_stop_fixed_by_hand_is_cleared_when_the_direction_streams_again() {
+    let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
+    d.walbridge_ok(&["setup"]);
+    d.sql(
+        "west",
+        "ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 100)",
+    );
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO public.t VALUES (1, 500)");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.stopped", "1");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "{}", run.log());
+    d.sql("west", "ALTER TABLE public.t DROP CONSTRAINT small");
+    let _run = d.spawn_run("run2.log");
+    d.wait_for("west", "SELECT v FROM public.t WHERE id = 1", "500");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.stopped", "0");
+    assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.skipped"), "0");
+}
