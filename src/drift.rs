@@ -542,3 +542,109 @@ fn differ<'a>(
         missing_on: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{ColumnInfo, TableKind};
+
+    fn column(name: &str, type_sql: &str) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            attnum: 1,
+            type_oid: 23,
+            type_sql: type_sql.into(),
+            type_modifier: -1,
+            not_null: false,
+            generated: false,
+            identity_always: false,
+            identity_by_default: false,
+            has_equality: true,
+        }
+    }
+
+    fn node(name: &str, columns: Vec<ColumnInfo>, identity: ReplicaIdentity) -> NodeShapes {
+        let info = TableInfo {
+            oid: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            kind: TableKind::Ordinary,
+            replica_identity: identity,
+            columns,
+            primary_key: vec!["id".into()],
+            identity_index: Vec::new(),
+        };
+        NodeShapes {
+            node: name.into(),
+            tables: [(
+                QualifiedName::new("public", "t"),
+                TableShape {
+                    info,
+                    generated: BTreeMap::new(),
+                },
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn three_nodes_one_odd_out_and_skipped_columns_ignored() {
+        let base = || vec![column("id", "integer"), column("v", "text")];
+        let mut odd = base();
+        odd[1].type_sql = "character varying(10)".into();
+        odd.push(column("local", "integer"));
+        let nodes = [
+            node("a", base(), ReplicaIdentity::Default),
+            node("b", base(), ReplicaIdentity::Default),
+            node("c", odd, ReplicaIdentity::Full),
+        ];
+        let report = compare(&nodes, &BTreeMap::new(), Vec::new());
+        let kinds: Vec<(Kind, Option<&str>)> = report
+            .differences()
+            .map(|(_, d)| (d.kind, d.column.as_deref()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (Kind::ReplicaIdentity, None),
+                (Kind::Type, Some("v")),
+                (Kind::MissingColumn, Some("local")),
+            ]
+        );
+        let (_, missing) = report.differences().nth(2).unwrap();
+        assert_eq!(missing.missing_on, vec!["a".to_string(), "b".to_string()]);
+        assert!(missing.stops_replication());
+        assert_eq!(
+            report.differences().next().unwrap().1.detail,
+            "replica identity differs (a: default, b: default, c: full)"
+        );
+        assert_eq!(report.exit_code(), 1);
+
+        // A skipped column is never sent: its absence elsewhere is no drift.
+        let skip = [(QualifiedName::new("public", "t"), vec!["local".to_string()])].into();
+        let report = compare(&nodes, &skip, Vec::new());
+        assert_eq!(report.differences().count(), 2);
+    }
+
+    #[test]
+    fn unreachable_node_exits_1_without_drift() {
+        let nodes = [node(
+            "a",
+            vec![column("id", "integer")],
+            ReplicaIdentity::Default,
+        )];
+        let report = compare(
+            &nodes,
+            &BTreeMap::new(),
+            vec![Unreachable {
+                node: "b".into(),
+                error: "connection refused".into(),
+            }],
+        );
+        assert!(!report.drift);
+        assert_eq!(report.exit_code(), 1);
+        assert!(report
+            .render()
+            .starts_with("node b: unreachable, not compared: connection refused\n"));
+    }
+}
