@@ -85,6 +85,37 @@ pub enum Command {
     Conflicts(ConflictsArgs),
     /// Explain why a row looks as it does: its versions and the conflicts that decided it.
     Why(WhyArgs),
+    /// Show where the nodes' schemas of the replicated tables differ.
+    Drift(DriftArgs),
+    /// Move a stopped direction past the source transaction it stopped on, keeping its
+    /// changes in walbridge.skipped on the target.
+    Skip(SkipArgs),
+}
+
+/// `walbridge skip`.
+#[derive(Debug, Args)]
+pub struct SkipArgs {
+    /// The direction's source node.
+    #[arg(long, value_name = "NODE")]
+    pub source: String,
+    /// The direction's target node.
+    #[arg(long, value_name = "NODE")]
+    pub target: String,
+    /// End (commit) LSN of the source transaction the direction stopped on, as the error
+    /// and `walbridge status` name it (e.g. 0/16B3748).
+    #[arg(long, value_name = "LSN")]
+    pub lsn: Lsn,
+}
+
+/// `walbridge drift`.
+#[derive(Debug, Args)]
+pub struct DriftArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Compare only this table (schema.table).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub table: Option<QualifiedName>,
 }
 
 /// `walbridge conflicts`.
@@ -468,6 +499,8 @@ async fn dispatch(cli: Cli, shutdown: CancellationToken) -> Result<(), Failure> 
         Command::CheckConfig(args) => check_config(load(path)?, args).await,
         Command::Conflicts(args) => conflicts(load(path)?, args).await,
         Command::Why(args) => why(load(path)?, args).await,
+        Command::Drift(args) => drift(load(path)?, args).await,
+        Command::Skip(args) => skip(load(path)?, args).await,
     }
 }
 
@@ -626,6 +659,49 @@ async fn verify(
     } else {
         Err(Failure::Exit(1))
     }
+}
+
+/// `walbridge drift`: the differences on stdout; exit 0 none, 1 drift or a node unreachable,
+/// 2 usage.
+async fn drift(config: Config, args: DriftArgs) -> Result<(), Failure> {
+    let report = crate::drift::drift(&config, args.table.as_ref())
+        .await
+        .map_err(|e| {
+            if e.is_usage() {
+                Failure::Usage(e.into())
+            } else {
+                Failure::Fatal(e.into())
+            }
+        })?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_text(&report.render());
+    }
+    match report.exit_code() {
+        0 => Ok(()),
+        code => Err(Failure::Exit(code)),
+    }
+}
+
+/// `walbridge skip`: exit 0 skipped, 1 refused (saying why) or failed, 2 usage.
+async fn skip(config: Config, args: SkipArgs) -> Result<(), Failure> {
+    let done = crate::skip::skip(&config, &args.source, &args.target, args.lsn)
+        .await
+        .map_err(|e| Failure::Fatal(e.into()))?;
+    print_text(&format!(
+        "skipped the transaction of {} ending at {} (xid {}, {} change{}): recorded in \
+         walbridge.skipped on {}; {} -> {} resumes after it\n",
+        args.source,
+        done.end_lsn,
+        done.xid,
+        done.changes,
+        if done.changes == 1 { "" } else { "s" },
+        args.target,
+        args.source,
+        args.target
+    ));
+    Ok(())
 }
 
 /// `walbridge teardown`.

@@ -104,6 +104,9 @@ struct NodeLook {
     /// (source, target) -> the instance holding the direction's claim on this node (the
     /// target); `None` when the locks could not be read.
     owners: Option<HashMap<(String, String), String>>,
+    /// (source, target) -> the error a direction into this node stopped on, as `run` recorded
+    /// it in `walbridge.stopped` (see [`crate::skip`]).
+    stops: HashMap<(String, String), String>,
 }
 
 /// Collects the report: the process's view (if any) merged with the databases'.
@@ -260,10 +263,21 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
             owners = Some(map);
         }
     }
+    let mut stops = HashMap::new();
+    if let Some(c) = &client {
+        let query = c.query("SELECT source, target, error FROM walbridge.stopped", &[]);
+        // Before setup (or set up by an older version) the table does not exist: no stops.
+        if let Ok(Ok(rows)) = tokio::time::timeout(monitor::PROBE_TIMEOUT, query).await {
+            for r in rows {
+                stops.insert((r.get(0), r.get(1)), r.get(2));
+            }
+        }
+    }
     NodeLook {
         probe,
         origins,
         owners,
+        stops,
     }
 }
 
@@ -383,7 +397,14 @@ fn merge_directions(
                 _ => None,
             };
             out.lag_seconds = (out.lag_bytes == Some(0)).then_some(0.0);
+            let stop = looks
+                .get(t)
+                .and_then(|l| l.stops.get(&(s.to_string(), t.to_string())));
+            if stop.is_some() {
+                out.state = DirectionState::Failed;
+            }
             out.last_error = match source {
+                _ if stop.is_some() => stop.cloned(),
                 Some(n) if !n.reachable => Some(format!("node {s} is unreachable")),
                 Some(_) if stream && slot.is_none() => Some(format!(
                     "slot {slot_name} does not exist on {s}; run walbridge setup"

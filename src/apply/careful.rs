@@ -84,7 +84,7 @@ impl Applier {
                     self.acknowledge(&sent, &conflicts);
                     return Ok(());
                 }
-                Err(Failed::Stop(e)) => return Err(e),
+                Err(Failed::Stop(e)) => return Err(e.at_transaction(sent.end_lsn)),
                 Err(Failed::Server(e)) => {
                     let _ = self.round_trip("ROLLBACK", &[]).await?;
                     tracing::debug!(error = %e, "careful apply attempt failed; retrying");
@@ -100,7 +100,8 @@ impl Applier {
             sent.begin.xid,
             sent.end_lsn,
             last.map_or_else(|| "unknown error".to_string(), |e| e.to_string())
-        )))
+        ))
+        .at_transaction(sent.end_lsn))
     }
 
     async fn careful_attempt(

@@ -49,7 +49,7 @@ use tokio_postgres::Client;
 use crate::catalog;
 use crate::config::{Config, ConflictPolicy};
 use crate::conflict::{ConflictKind, Resolution};
-use crate::direction::DirectionError;
+use crate::direction::{Classify, DirectionError, ErrorClass};
 use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
@@ -1381,7 +1381,11 @@ impl Applier {
         let conflict_like = error.code == sql::ROWS_NOT_AS_EXPECTED
             || error.code == sql::TOMBSTONES_APPEARED
             || class == "23";
-        if !conflict_like && error.code != "40001" && error.code != "40P01" {
+        let transient = error.class() == ErrorClass::Transient;
+        // A definite failure of a group of several transactions is narrowed down first (they
+        // are sent again one by one, below), so the stop names the one that fails.
+        let narrow = !transient && failed.len() > 1 && !sql::truncate_refused(&error);
+        if !conflict_like && !narrow && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
             if sql::truncate_refused(&error) {
                 return Err(self.truncate_refused(
@@ -1404,7 +1408,11 @@ impl Applier {
             );
             // The target refuses writes for now (read-only, lock_timeout, cancelled): the
             // direction starts again from the origin's progress after a backoff.
-            return Err(DirectionError::caused_by(msg, &error));
+            let stop = DirectionError::caused_by(msg, &error);
+            return Err(match failed.as_slice() {
+                [one] if !stop.is_transient() => stop.at_transaction(one.end_lsn),
+                _ => stop,
+            });
         }
         // Everything after the failed group fails in apply_finish (progress mismatch).
         let mut followers = Vec::new();

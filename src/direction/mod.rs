@@ -132,6 +132,9 @@ pub struct DirectionError {
     pub class: ErrorClass,
     /// What happened and what to do, naming the node/table.
     pub message: String,
+    /// End LSN of the one source transaction that failed, when the failure is tied to one
+    /// (recorded with the stop, so `walbridge skip` can move past exactly that transaction).
+    pub transaction_end: Option<crate::lsn::Lsn>,
 }
 
 impl DirectionError {
@@ -140,6 +143,7 @@ impl DirectionError {
         DirectionError {
             class: ErrorClass::Transient,
             message: message.into(),
+            transaction_end: None,
         }
     }
 
@@ -148,6 +152,7 @@ impl DirectionError {
         DirectionError {
             class: ErrorClass::Definite,
             message: message.into(),
+            transaction_end: None,
         }
     }
 
@@ -156,7 +161,14 @@ impl DirectionError {
         DirectionError {
             class: cause.class(),
             message: message.into(),
+            transaction_end: None,
         }
+    }
+
+    /// The same error, tied to the source transaction ending at `end` (kept if already tied).
+    pub fn at_transaction(mut self, end: crate::lsn::Lsn) -> Self {
+        self.transaction_end.get_or_insert(end);
+        self
     }
 
     /// True when retrying may help.

@@ -232,14 +232,34 @@ async fn supervise(ctx: DirectionContext) {
             return;
         }
         if !err.is_transient() {
-            error!(source = %s, target = %t, error = %err, "direction stopped; fix the cause and restart walbridge");
+            match err.transaction_end {
+                Some(end) => error!(source = %s, target = %t, error = %err, end_lsn = %end,
+                    "direction stopped; fix the cause and restart walbridge, or move past that \
+                     transaction with `walbridge skip --source {s} --target {t} --lsn {end}`"),
+                None => error!(source = %s, target = %t, error = %err,
+                    "direction stopped; fix the cause and restart walbridge"),
+            }
             ctx.report(|st| {
                 st.state = DirectionState::Failed;
                 st.last_error = Some(err.message.clone());
             });
-            ctx.shutdown.cancelled().await;
-            ctx.report(|st| st.state = DirectionState::Stopped);
-            return;
+            // Parked until shutdown, or until `walbridge skip` clears the recorded stop.
+            crate::skip::record_stop(&ctx.config, &s, &t, &err.message, err.transaction_end).await;
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => {
+                        ctx.report(|st| st.state = DirectionState::Stopped);
+                        return;
+                    }
+                    _ = tokio::time::sleep(crate::skip::RESUME_POLL) => {}
+                }
+                if crate::skip::stop_cleared(&ctx.config, &s, &t).await {
+                    tracing::info!(source = %s, target = %t, "the stop was cleared (walbridge skip); starting the direction again");
+                    break;
+                }
+            }
+            attempt = 0;
+            continue;
         }
         // A direction that streamed for a while starts a new outage.
         if started.elapsed() > Duration::from_secs(30) {

@@ -340,6 +340,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
             st.state = DirectionState::Streaming;
             st.last_error = None;
         });
+        crate::skip::clear_stop(&ctx.config, s, t).await;
 
         let live = Liveness::new();
         let result = tokio::select! {

@@ -92,6 +92,9 @@ pub enum SetupError {
         #[source]
         source: catalog::CatalogError,
     },
+    /// The nodes' schemas could not be compared.
+    #[error(transparent)]
+    Drift(#[from] crate::drift::DriftError),
     /// The initial copy (`--copy-from`) failed; it says what it undid.
     #[error(transparent)]
     Copy(#[from] crate::copy::CopyError),
@@ -239,6 +242,9 @@ pub async fn setup(
     let (tables, missing) = resolve_tables(config, &nodes).await?;
     problems.extend(missing);
     let (p, w) = lossy_wal2json(config, &nodes, &lossy_nodes, &tables).await?;
+    problems.extend(p);
+    warnings.extend(w);
+    let (p, w) = schema_drift(config, &nodes).await?;
     problems.extend(p);
     warnings.extend(w);
     if tables.is_empty() {
@@ -494,6 +500,11 @@ pub async fn check(
         for w in w {
             let _ = writeln!(out, "{w}");
         }
+        let (p, w) = schema_drift(config, &nodes).await?;
+        problems.extend(p);
+        for w in w {
+            let _ = writeln!(out, "{w}");
+        }
         let _ = writeln!(out, "tables resolved: {}", tables.len());
     }
     Ok(problems)
@@ -565,6 +576,40 @@ async fn lossy_wal2json(
     Ok((problems, warnings))
 }
 
+/// Schema drift between the nodes ([`crate::drift`]): a column missing on a node is a problem
+/// (the first change of that table would stop replication; a missing table is already one
+/// from [`resolve_tables`]); the other differences are warnings, since replication runs
+/// through them.
+async fn schema_drift(
+    config: &Config,
+    nodes: &[NodeSession],
+) -> Result<(Vec<Problem>, Vec<String>), SetupError> {
+    let sessions: Vec<(&str, &Client)> =
+        nodes.iter().map(|n| (n.name.as_str(), &n.client)).collect();
+    let report = crate::drift::compare_sessions(config, &sessions).await?;
+    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+    for (table, d) in report.differences() {
+        match d.kind {
+            crate::drift::Kind::MissingTable => {}
+            crate::drift::Kind::MissingColumn => {
+                for node in &d.missing_on {
+                    problems.push(Problem {
+                        node: node.clone(),
+                        message: format!(
+                            "table {table}: {}; add the column here (plain DDL is not \
+                             replicated), drop it on the other nodes, or list it in \
+                             replication.skip_columns (see `walbridge drift`)",
+                            d.detail
+                        ),
+                    });
+                }
+            }
+            _ => warnings.push(format!("warning: schema drift: {table}: {}", d.detail)),
+        }
+    }
+    Ok((problems, warnings))
+}
+
 fn node_session<'a>(nodes: &'a [NodeSession], name: &str) -> Result<&'a NodeSession, SetupError> {
     nodes
         .iter()
@@ -577,6 +622,13 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         &n.name,
         "creating the walbridge schema (sql/schema.sql)",
     ))?;
+    n.client
+        .batch_execute(crate::skip::SKIP_SQL)
+        .await
+        .map_err(sql_err(
+            &n.name,
+            "creating walbridge's skip tables (sql/skip.sql)",
+        ))?;
     if is_superuser(&n.client)
         .await
         .map_err(sql_err(&n.name, "reading the role's attributes"))?

@@ -1,0 +1,554 @@
+//! `walbridge skip`: the way past a source transaction that cannot be applied (like
+//! `ALTER SUBSCRIPTION ... SKIP`).
+//!
+//! When a direction stops on a definite error, `walbridge run` records the stop on the target
+//! (`walbridge.stopped`, with the end LSN of the transaction that failed). `skip` moves past
+//! exactly that transaction and nothing else:
+//!
+//! ```text
+//!   target T: walbridge.stopped (S, T, end X) ── skip --lsn X ──▶ checks:
+//!     stop recorded for S -> T, on X            else refused (not stopped / another LSN)
+//!     T's origin progress P < X                 else refused (already past)
+//!   source S: peek the slot up to X (pgoutput, nothing consumed)
+//!     first transaction after P without an origin ends at X    else refused
+//!   target T, one transaction under the origin of S:
+//!     INSERT its changes INTO walbridge.skipped; DELETE the stop;
+//!     pg_replication_origin_xact_setup(X, commit time)  ── COMMIT: progress = X
+//! ```
+//!
+//! The origin moves with the commit that records the skipped rows (the same mechanism the
+//! applier uses), so a crash leaves either both or neither. A `walbridge run` that still runs
+//! notices the stop gone within [`RESUME_POLL`] and starts the direction again from X.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value as Json};
+use tokio_postgres::Client;
+
+use crate::config::{Config, Mode, Plugin};
+use crate::decode::pgoutput::PgOutputDecoder;
+use crate::event::{Change, ChangeOp, Event, Relation, Tuple, Value};
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::pgconn;
+use crate::trigger::CaptureMode;
+
+/// The tables of `walbridge.stopped` and `walbridge.skipped` (sql/skip.sql), run by `setup`.
+pub const SKIP_SQL: &str = include_str!("../sql/skip.sql");
+
+/// How often a running `walbridge run` looks whether a stopped direction was skipped past.
+pub const RESUME_POLL: Duration = Duration::from_secs(2);
+
+/// `walbridge skip` did not skip.
+#[derive(Debug, thiserror::Error)]
+pub enum SkipError {
+    /// The request does not fit the direction's state; nothing was changed.
+    #[error("refused: {0}; nothing was changed")]
+    Refused(String),
+    /// A node could not be reached.
+    #[error("node {node}: {source}")]
+    Connect {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: pgconn::ConnectError,
+    },
+    /// A statement failed on a node.
+    #[error("node {node}: {what}: {}", crate::setup::pg_message(source))]
+    Sql {
+        /// The node.
+        node: String,
+        /// What was being done.
+        what: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The slot sent something the decoder cannot read.
+    #[error("node {node}: decoding slot {slot}: {detail}")]
+    Decode {
+        /// The source node.
+        node: String,
+        /// The slot.
+        slot: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+fn sql_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> SkipError {
+    let (node, what) = (node.to_string(), what.to_string());
+    move |source| SkipError::Sql { node, what, source }
+}
+
+/// What was skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// End LSN of the skipped transaction (the target's origin progress now).
+    pub end_lsn: Lsn,
+    /// Its source transaction id.
+    pub xid: u32,
+    /// Changes recorded in `walbridge.skipped`.
+    pub changes: usize,
+}
+
+/// One change of the skipped transaction, as stored.
+struct Recorded {
+    table: Option<String>,
+    op: &'static str,
+    row: Option<Json>,
+    old_key: Option<Json>,
+}
+
+/// The transaction found in the slot.
+struct Found {
+    xid: u32,
+    commit_time: PgTimestamp,
+    changes: Vec<Recorded>,
+}
+
+/// Moves the target of `source -> target` past the source transaction ending at `lsn`.
+pub async fn skip(
+    config: &Config,
+    source: &str,
+    target: &str,
+    lsn: Lsn,
+) -> Result<Skipped, SkipError> {
+    if source == target
+        || !config
+            .directions()
+            .iter()
+            .any(|d| d.source == source && d.target == target)
+    {
+        let nodes: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(SkipError::Refused(format!(
+            "there is no direction {source} -> {target}; nodes are {}",
+            nodes.join(", ")
+        )));
+    }
+    let (Some(s_node), Some(t_node)) = (config.node(source), config.node(target)) else {
+        return Err(SkipError::Refused(format!(
+            "there is no direction {source} -> {target}"
+        )));
+    };
+    let src = pgconn::connect(&s_node.dsn, "walbridge-skip")
+        .await
+        .map_err(|e| SkipError::Connect {
+            node: source.to_string(),
+            source: e,
+        })?;
+    let tgt = pgconn::connect(&t_node.dsn, "walbridge-skip")
+        .await
+        .map_err(|e| SkipError::Connect {
+            node: target.to_string(),
+            source: e,
+        })?;
+    check_capture(config, source, &src).await?;
+
+    // 1. The direction stopped on this very transaction, and the target is not past it.
+    let stop = tgt
+        .query_opt(
+            "SELECT end_lsn::text, error FROM walbridge.stopped WHERE source = $1 AND target = $2",
+            &[&source, &target],
+        )
+        .await
+        .map_err(sql_err(target, "reading walbridge.stopped"))?;
+    let Some(stop) = stop else {
+        return Err(SkipError::Refused(format!(
+            "direction {source} -> {target} is not stopped (no stop is recorded on {target}); \
+             skip only moves past the transaction a direction stopped on"
+        )));
+    };
+    let (stopped_on, error): (Option<String>, String) = (stop.get(0), stop.get(1));
+    let Some(stopped_on) = stopped_on.and_then(|l| l.parse::<Lsn>().ok()) else {
+        return Err(SkipError::Refused(format!(
+            "direction {source} -> {target} stopped on an error that is not tied to one \
+             transaction ({error}); fix its cause and restart walbridge run"
+        )));
+    };
+    if stopped_on != lsn {
+        return Err(SkipError::Refused(format!(
+            "direction {source} -> {target} stopped on the transaction ending at {stopped_on}, \
+             not {lsn}"
+        )));
+    }
+    let origin = config.origin_name(source);
+    let progress: Option<String> = tgt
+        .query_one(
+            "SELECT pg_catalog.pg_replication_origin_progress($1, true)::text",
+            &[&origin],
+        )
+        .await
+        .map_err(sql_err(target, "reading the origin's progress"))?
+        .get(0);
+    let progress = progress
+        .and_then(|p| p.parse::<Lsn>().ok())
+        .unwrap_or(Lsn::ZERO);
+    if progress >= lsn {
+        return Err(SkipError::Refused(format!(
+            "{target} has already applied the stream of {source} up to {progress}, past {lsn}"
+        )));
+    }
+
+    // 2. The transaction itself, peeked from the slot (nothing consumed).
+    let found = peek_transaction(config, source, target, &src, progress, lsn).await?;
+
+    // 3. Record it and move the origin, in one transaction on the target.
+    let changes = found.changes.len();
+    record(&tgt, config, source, target, lsn, &found).await?;
+    tracing::info!(
+        source, target, end_lsn = %lsn, xid = found.xid, changes,
+        "skipped a transaction; its changes are in walbridge.skipped"
+    );
+    Ok(Skipped {
+        end_lsn: lsn,
+        xid: found.xid,
+        changes,
+    })
+}
+
+/// Only stream-mode directions with pgoutput can be skipped.
+async fn check_capture(config: &Config, source: &str, src: &Client) -> Result<(), SkipError> {
+    let mode = match config.replication.mode {
+        Mode::Stream => CaptureMode::Stream,
+        Mode::Trigger => CaptureMode::Trigger,
+        Mode::Auto => {
+            crate::trigger::node_mode(config, source, src)
+                .await
+                .map_err(sql_err(source, "reading its capture mode"))?
+                .mode
+        }
+    };
+    if mode == CaptureMode::Trigger {
+        return Err(SkipError::Refused(format!(
+            "{source} is in trigger mode, where a change that cannot be applied never stops the \
+             direction: it moves to the change table's dead-row table with its error, and the \
+             rows after it go on"
+        )));
+    }
+    if config.replication.plugin != Plugin::PgOutput {
+        return Err(SkipError::Refused(
+            "skip reads the transaction from the slot with pgoutput; with wal2json, apply or \
+             remove the row by hand and advance the origin with pg_replication_origin_advance"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes the slot of `source -> target` up to `lsn` without consuming it, and returns the
+/// first transaction after `progress` that carries no origin: it must end at `lsn`.
+async fn peek_transaction(
+    config: &Config,
+    source: &str,
+    target: &str,
+    src: &Client,
+    progress: Lsn,
+    lsn: Lsn,
+) -> Result<Found, SkipError> {
+    let slot = config.slot_name(source, target);
+    let publication = config.publication_name();
+    let rows = src
+        .query(
+            "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(
+                 $1, $2::text::pg_lsn, NULL,
+                 'proto_version', '1', 'publication_names', $3)",
+            &[&slot, &lsn.to_string(), &publication],
+        )
+        .await
+        .map_err(|e| {
+            if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
+                SkipError::Refused(format!(
+                    "slot {slot} on {source} is in use: walbridge run still streams {source} -> \
+                     {target}, so the direction is not stopped"
+                ))
+            } else {
+                sql_err(source, &format!("reading slot {slot}"))(e)
+            }
+        })?;
+    let mut decoder = PgOutputDecoder::new();
+    let decode_err = |detail: String| SkipError::Decode {
+        node: source.to_string(),
+        slot: slot.clone(),
+        detail,
+    };
+    let mut open: Option<(u32, bool, Vec<Recorded>)> = None;
+    for row in rows {
+        let at: String = row.get(0);
+        let at = at.parse::<Lsn>().unwrap_or(Lsn::ZERO);
+        let data: Vec<u8> = row.get(1);
+        let event = decoder
+            .decode(at, &Bytes::from(data))
+            .map_err(|e| decode_err(e.to_string()))?;
+        let Some(event) = event else { continue };
+        match event {
+            Event::Begin(b) => open = Some((b.xid, false, Vec::new())),
+            Event::Origin(_) => {
+                if let Some(o) = open.as_mut() {
+                    o.1 = true;
+                }
+            }
+            Event::Change(c) => {
+                if let Some(o) = open.as_mut() {
+                    o.2.push(recorded_change(&c));
+                }
+            }
+            Event::Truncate(t) => {
+                if let Some(o) = open.as_mut() {
+                    for r in &t.relations {
+                        o.2.push(Recorded {
+                            table: Some(r.qualified_name()),
+                            op: "truncate",
+                            row: None,
+                            old_key: None,
+                        });
+                    }
+                }
+            }
+            Event::Message(m) => {
+                if let Some(o) = open.as_mut().filter(|_| m.transactional) {
+                    let mut body = Map::new();
+                    body.insert("prefix".into(), Json::String(m.prefix.clone()));
+                    body.insert(
+                        "content".into(),
+                        Json::String(String::from_utf8_lossy(&m.content).into_owned()),
+                    );
+                    o.2.push(Recorded {
+                        table: None,
+                        op: "message",
+                        row: Some(Json::Object(body)),
+                        old_key: None,
+                    });
+                }
+            }
+            Event::Commit(c) => {
+                let Some((xid, echo, changes)) = open.take() else {
+                    continue;
+                };
+                if echo || c.end_lsn <= progress {
+                    continue;
+                }
+                if c.end_lsn != lsn {
+                    return Err(SkipError::Refused(format!(
+                        "the first transaction of {source} that {target} has not applied ends \
+                         at {}, not {lsn}",
+                        c.end_lsn
+                    )));
+                }
+                return Ok(Found {
+                    xid,
+                    commit_time: c.commit_time,
+                    changes,
+                });
+            }
+            Event::Relation(_) | Event::Type(_) => {}
+        }
+    }
+    Err(SkipError::Refused(format!(
+        "slot {slot} on {source} holds no transaction ending at {lsn} after {target}'s \
+         progress {progress}"
+    )))
+}
+
+/// A change as stored: the new row (or the old key / row of a delete) and, for an update
+/// with an old key, that key.
+fn recorded_change(c: &Change) -> Recorded {
+    let old = c.old.as_ref().map(|o| row_json(&c.relation, &o.tuple));
+    let (row, old_key) = match c.op {
+        ChangeOp::Delete => (old, None),
+        ChangeOp::Insert | ChangeOp::Update => {
+            (c.new.as_ref().map(|n| row_json(&c.relation, n)), old)
+        }
+    };
+    Recorded {
+        table: Some(c.relation.qualified_name()),
+        op: c.op.as_str(),
+        row,
+        old_key,
+    }
+}
+
+/// `{column: text value or null}`; unchanged TOAST values are left out.
+fn row_json(relation: &Relation, tuple: &Tuple) -> Json {
+    let mut out = Map::new();
+    for (col, value) in relation.columns.iter().zip(&tuple.0) {
+        let v = match value {
+            Value::Null => Json::Null,
+            Value::UnchangedToast => continue,
+            Value::Text(b) | Value::Binary(b) => {
+                Json::String(String::from_utf8_lossy(b).into_owned())
+            }
+        };
+        out.insert(col.name.clone(), v);
+    }
+    Json::Object(out)
+}
+
+/// Records the changes, deletes the stop and moves the origin, in one transaction on the
+/// target under the source's origin.
+async fn record(
+    tgt: &Client,
+    config: &Config,
+    source: &str,
+    target: &str,
+    lsn: Lsn,
+    found: &Found,
+) -> Result<(), SkipError> {
+    let origin = config.origin_name(source);
+    tgt.execute(
+        "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
+        &[&origin],
+    )
+    .await
+    .map_err(|e| {
+        if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
+            SkipError::Refused(format!(
+                "origin {origin} on {target} is in use: walbridge run is applying {source} -> \
+                 {target}, so the direction is not stopped"
+            ))
+        } else {
+            sql_err(target, &format!("setting up origin {origin}"))(e)
+        }
+    })?;
+    let result = record_in_transaction(tgt, source, target, lsn, found).await;
+    if result.is_err() {
+        let _ = tgt.batch_execute("ROLLBACK").await;
+    }
+    let _ = tgt
+        .batch_execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        .await;
+    result
+}
+
+async fn record_in_transaction(
+    tgt: &Client,
+    source: &str,
+    target: &str,
+    lsn: Lsn,
+    found: &Found,
+) -> Result<(), SkipError> {
+    let err = |what: &str| sql_err(target, what);
+    tgt.batch_execute("BEGIN")
+        .await
+        .map_err(err("starting the transaction"))?;
+    let commit_micros = found.commit_time.0;
+    let lsn_text = lsn.to_string();
+    let xid = i64::from(found.xid);
+    for (seq, c) in found.changes.iter().enumerate() {
+        let seq = i32::try_from(seq).unwrap_or(i32::MAX);
+        tgt.execute(
+            "INSERT INTO walbridge.skipped
+                 (source, target, end_lsn, commit_time, xid, seq, table_name, op, \"row\", old_key)
+             VALUES ($1, $2, $3::text::pg_lsn,
+                     pg_catalog.to_timestamp(946684800) + pg_catalog.make_interval(secs => $4::float8 / 1e6),
+                     $5, $6, $7, $8, $9, $10)",
+            &[
+                &source,
+                &target,
+                &lsn_text,
+                &(commit_micros as f64),
+                &xid,
+                &seq,
+                &c.table,
+                &c.op,
+                &c.row,
+                &c.old_key,
+            ],
+        )
+        .await
+        .map_err(err("recording the skipped changes in walbridge.skipped"))?;
+    }
+    tgt.execute(
+        "DELETE FROM walbridge.stopped WHERE source = $1 AND target = $2",
+        &[&source, &target],
+    )
+    .await
+    .map_err(err("clearing the stop"))?;
+    tgt.execute(
+        "SELECT pg_catalog.pg_replication_origin_xact_setup($1::text::pg_lsn,
+             pg_catalog.to_timestamp(946684800) + pg_catalog.make_interval(secs => $2::float8 / 1e6))",
+        &[&lsn_text, &(commit_micros as f64)],
+    )
+    .await
+    .map_err(err("moving the origin"))?;
+    tgt.batch_execute("COMMIT")
+        .await
+        .map_err(err("committing the skip"))?;
+    Ok(())
+}
+
+/// `walbridge run`: a direction stopped on a definite error; record it on the target so
+/// `status` and `skip` see it. Best effort: a target that cannot be reached is logged.
+pub async fn record_stop(
+    config: &Config,
+    source: &str,
+    target: &str,
+    error: &str,
+    end_lsn: Option<Lsn>,
+) {
+    let Some(node) = config.node(target) else {
+        return;
+    };
+    let result = async {
+        let client = pgconn::connect(&node.dsn, "walbridge-stop")
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .execute(
+                "INSERT INTO walbridge.stopped (source, target, end_lsn, error)
+                 VALUES ($1, $2, $3::text::pg_lsn, $4)
+                 ON CONFLICT (source, target) DO UPDATE
+                    SET end_lsn = EXCLUDED.end_lsn, error = EXCLUDED.error,
+                        stopped_at = EXCLUDED.stopped_at",
+                &[&source, &target, &end_lsn.map(|l| l.to_string()), &error],
+            )
+            .await
+            .map_err(|e| crate::setup::pg_message(&e))
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(source, target, error = %e, "cannot record the stop on the target; walbridge skip will refuse this direction");
+    }
+}
+
+/// `walbridge run`: whether the recorded stop of `source -> target` is gone (skipped past,
+/// or removed by hand), so the direction may start again. `false` when it cannot tell.
+pub async fn stop_cleared(config: &Config, source: &str, target: &str) -> bool {
+    let Some(node) = config.node(target) else {
+        return false;
+    };
+    let Ok(client) = pgconn::connect(&node.dsn, "walbridge-stop").await else {
+        return false;
+    };
+    matches!(
+        client
+            .query_opt(
+                "SELECT 1 FROM walbridge.stopped WHERE source = $1 AND target = $2",
+                &[&source, &target],
+            )
+            .await,
+        Ok(None)
+    )
+}
+
+/// `walbridge run`: the direction streams again (restarted after a fix), so a stop recorded
+/// earlier is over; if the same transaction fails again, the stop is recorded anew. Best
+/// effort, like [`record_stop`].
+pub async fn clear_stop(config: &Config, source: &str, target: &str) {
+    let Some(node) = config.node(target) else {
+        return;
+    };
+    let Ok(client) = pgconn::connect(&node.dsn, "walbridge-stop").await else {
+        return;
+    };
+    if let Err(e) = client
+        .execute(
+            "DELETE FROM walbridge.stopped WHERE source = $1 AND target = $2",
+            &[&source, &target],
+        )
+        .await
+    {
+        tracing::debug!(source, target, error = %crate::setup::pg_message(&e), "cannot clear the recorded stop");
+    }
+}
