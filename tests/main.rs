@@ -9,6 +9,7 @@ mod copy;
 mod data_safety;
 mod decoding;
 mod demo;
+mod failover;
 mod faults;
 mod forensics;
 mod ha;
