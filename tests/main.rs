@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod forensics;
 mod ha;
+mod ha_trigger;
 mod heavy;
 mod heavy_convergence;
 mod heavy_histories;
