@@ -212,8 +212,8 @@ impl TargetSessionAttrs {
             "is a primary that accepts writes"
         };
         format!(
-            "the server {what}, and target_session_attrs={} asks for another; the next host \
-             is tried, and after a promotion the next reconnect finds the new server",
+            "the server {what}, not what target_session_attrs={} asks for (walbridge keeps \
+             retrying: after a promotion the hosts are tried again)",
             self.as_str()
         )
     }

@@ -344,9 +344,13 @@ async fn check_state(
         )
         .await
         .map_err(|e| ConnectError::from_postgres(address.to_string(), user, &e))?;
+    let flag = |i: usize| {
+        row.try_get::<_, bool>(i)
+            .map_err(|e| ConnectError::from_postgres(address.to_string(), user, &e))
+    };
     let state = ServerState {
-        in_hot_standby: row.get(0),
-        default_read_only: row.get(1),
+        in_hot_standby: flag(0)?,
+        default_read_only: flag(1)?,
     };
     if wanted.accepts(state) {
         return Ok(client);
