@@ -239,3 +239,19 @@ async fn check_standby_host(node: &str, dsn: &Dsn, i: usize) -> Option<String> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_slots_only_from_17_and_when_enabled() {
+        assert!(wants_failover(true, 170_000));
+        assert!(wants_failover(true, 180_004));
+        assert!(!wants_failover(true, 160_009));
+        assert!(!wants_failover(false, 170_000));
+        let text = promotion_loses_slots("east", 16);
+        assert!(text.contains("PostgreSQL 16"), "{text}");
+        assert!(text.contains("walbridge setup") && text.contains("walbridge verify"));
+    }
+}
