@@ -12,7 +12,18 @@
 //!
 //! Defaults follow libpq: `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGDATABASE`,
 //! `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`,
-//! `PGOPTIONS` and `PGPASSFILE` fill what the string leaves out.
+//! `PGOPTIONS`, `PGPASSFILE` and `PGTARGETSESSIONATTRS` fill what the string leaves out.
+//!
+//! A node may be a primary with physical standbys: `host=p,s port=5432,5433
+//! target_session_attrs=read-write` (or `postgres://p:5432,s:5433/app?target_session_attrs=...`)
+//! tries the hosts in order and keeps the first whose state matches, as libpq does; after a
+//! promotion the next reconnect finds the new primary:
+//!
+//! ```text
+//!  host p ── connect ── state matches? ── yes ──▶ use it
+//!                              │ no (standby, or read-only)
+//!  host s ── connect ── state matches? ── ...
+//! ```
 
 use std::fmt;
 use std::ops::Range;
@@ -118,6 +129,108 @@ impl FromStr for SslMode {
                     expected: "one of disable, allow, prefer, require, verify-ca, verify-full",
                 })
             }
+        })
+    }
+}
+
+/// `target_session_attrs`: the server state a host must be in for walbridge to use it.
+///
+/// As libpq: hosts are tried in order and the first that matches is used; `prefer-standby`
+/// tries every host for a standby first, then every host again for any server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    /// Any server.
+    #[default]
+    Any,
+    /// A server that accepts writes by default: not in hot standby and
+    /// `default_transaction_read_only` off.
+    ReadWrite,
+    /// The opposite of `read-write`.
+    ReadOnly,
+    /// A server that is not in recovery.
+    Primary,
+    /// A server in recovery (hot standby).
+    Standby,
+    /// A standby if one of the hosts is, else any server.
+    PreferStandby,
+}
+
+/// What a connected server said about itself, for [`TargetSessionAttrs::accepts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerState {
+    /// In recovery (`in_hot_standby`, `pg_is_in_recovery()`).
+    pub in_hot_standby: bool,
+    /// `default_transaction_read_only` is on.
+    pub default_read_only: bool,
+}
+
+impl TargetSessionAttrs {
+    /// The value as written in a connection string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::ReadWrite => "read-write",
+            Self::ReadOnly => "read-only",
+            Self::Primary => "primary",
+            Self::Standby => "standby",
+            Self::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// The requirement of each pass over the hosts, in order: `prefer-standby` makes two
+    /// (standby, then any), every other value one.
+    pub fn passes(self) -> &'static [TargetSessionAttrs] {
+        match self {
+            Self::Any => &[Self::Any],
+            Self::ReadWrite => &[Self::ReadWrite],
+            Self::ReadOnly => &[Self::ReadOnly],
+            Self::Primary => &[Self::Primary],
+            Self::Standby => &[Self::Standby],
+            Self::PreferStandby => &[Self::Standby, Self::Any],
+        }
+    }
+
+    /// Whether a server in `state` may be used (`Any` needs no state at all).
+    pub fn accepts(self, state: ServerState) -> bool {
+        let read_only = state.in_hot_standby || state.default_read_only;
+        match self {
+            Self::Any => true,
+            Self::ReadWrite => !read_only,
+            Self::ReadOnly => read_only,
+            Self::Primary => !state.in_hot_standby,
+            Self::Standby | Self::PreferStandby => state.in_hot_standby,
+        }
+    }
+
+    /// Why a server in `state` was passed over, as the end of a sentence naming the host.
+    pub fn refusal(self, state: ServerState) -> String {
+        let what = if state.in_hot_standby {
+            "is a standby (in recovery)"
+        } else if state.default_read_only {
+            "is read-only (default_transaction_read_only is on)"
+        } else {
+            "is a primary that accepts writes"
+        };
+        format!(
+            "the server {what}, not what target_session_attrs={} asks for (walbridge keeps \
+             retrying: after a promotion the hosts are tried again)",
+            self.as_str()
+        )
+    }
+}
+
+impl FromStr for TargetSessionAttrs {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "any" => Self::Any,
+            "read-write" => Self::ReadWrite,
+            "read-only" => Self::ReadOnly,
+            "primary" => Self::Primary,
+            "standby" => Self::Standby,
+            "prefer-standby" => Self::PreferStandby,
+            _ => return Err(()),
         })
     }
 }
@@ -354,6 +467,8 @@ pub struct Dsn {
     pub channel_binding: ChannelBinding,
     /// Accepted authentication methods; `None` accepts any the client implements.
     pub require_auth: Option<RequireAuth>,
+    /// `target_session_attrs`: which server state a host must be in to be used.
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 /// A connection string could not be understood, or a password could not be read.
@@ -370,7 +485,8 @@ pub enum DsnError {
         "invalid connection string: unknown option {0}; valid options are host, hostaddr, port, \
          user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, \
          connect_timeout, options, passfile, channel_binding, require_auth, keepalives, \
-         keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
+         keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout, \
+         target_session_attrs"
     )]
     UnknownKey(String),
     /// `require_auth` is not a valid method list.
@@ -554,7 +670,6 @@ const UNSUPPORTED_LIBPQ_KEYS: &[&str] = &[
     "krbsrvname",
     "gsslib",
     "gssdelegation",
-    "target_session_attrs",
     "load_balance_hosts",
 ];
 
@@ -582,11 +697,12 @@ struct Raw {
     keepalives_interval: Option<String>,
     keepalives_count: Option<String>,
     tcp_user_timeout: Option<String>,
+    target_session_attrs: Option<String>,
 }
 
 impl Raw {
     /// Every value given, with its key.
-    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 21] {
+    fn values_mut(&mut self) -> [(&'static str, &mut Option<String>); 22] {
         [
             ("host", &mut self.host),
             ("hostaddr", &mut self.hostaddr),
@@ -609,6 +725,7 @@ impl Raw {
             ("keepalives_interval", &mut self.keepalives_interval),
             ("keepalives_count", &mut self.keepalives_count),
             ("tcp_user_timeout", &mut self.tcp_user_timeout),
+            ("target_session_attrs", &mut self.target_session_attrs),
         ]
     }
 
@@ -706,6 +823,7 @@ impl Raw {
             "keepalives_interval" => &mut self.keepalives_interval,
             "keepalives_count" => &mut self.keepalives_count,
             "tcp_user_timeout" => &mut self.tcp_user_timeout,
+            "target_session_attrs" => &mut self.target_session_attrs,
             _ => {
                 let shown = red
                     .show(key_frag, key)
@@ -1381,6 +1499,14 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
         Some(v) if !v.is_empty() => Some(v.parse()?),
         _ => None,
     };
+    let target_session_attrs = match pick(raw.target_session_attrs, "PGTARGETSESSIONATTRS") {
+        Some(v) if !v.is_empty() => v.parse().map_err(|()| DsnError::InvalidValue {
+            key: "target_session_attrs".into(),
+            value: red.show_owned(&v),
+            expected: "one of any, read-write, read-only, primary, standby, prefer-standby",
+        })?,
+        _ => TargetSessionAttrs::Any,
+    };
 
     Ok(Dsn {
         hosts,
@@ -1399,6 +1525,7 @@ fn build(raw: Raw, red: &Redactor<'_>, env: &dyn Environment) -> Result<Dsn, Dsn
         passfile: raw.passfile.filter(|s| !s.is_empty()).map(PathBuf::from),
         channel_binding,
         require_auth,
+        target_session_attrs,
     })
 }
 
@@ -1616,7 +1743,8 @@ mod tests {
         assert!(parse_err("host").contains("missing \"=\""));
         assert!(parse_err("host=a dbname='x").contains("unterminated"));
         assert!(parse_err("bogus=1").contains("unknown option \"bogus\""));
-        assert!(parse_err("target_session_attrs=any").contains("does not support"));
+        assert!(parse_err("load_balance_hosts=random").contains("does not support"));
+        assert!(parse_err("target_session_attrs=master").contains("prefer-standby"));
         assert!(parse_err("sslmode=maybe").contains("sslmode"));
         assert!(parse_err("port=70000").contains("1 to 65535"));
         assert!(parse_err("port=abc").contains("\"abc\""));
@@ -1624,6 +1752,54 @@ mod tests {
         assert!(
             parse_err("host=a,b,c port=1,2").contains("could not match 2 port numbers to 3 hosts")
         );
+    }
+
+    #[test]
+    fn target_session_attrs_from_key_value_uri_and_environment() {
+        let d = parse("host=p,s port=5432,5433 target_session_attrs=read-write");
+        assert_eq!(d.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!(d.port_for(1), 5433);
+        let d = parse("postgresql://p:5432,s:5433/db?target_session_attrs=primary");
+        assert_eq!(d.target_session_attrs, TargetSessionAttrs::Primary);
+        assert_eq!(
+            d.addresses(),
+            vec![(Host::Tcp("p".into()), 5432), (Host::Tcp("s".into()), 5433)]
+        );
+        assert_eq!(parse("").target_session_attrs, TargetSessionAttrs::Any);
+        let env = FakeEnv::new().var("PGTARGETSESSIONATTRS", "prefer-standby");
+        let d = Dsn::parse_with("host=a,b", &env).unwrap();
+        assert_eq!(d.target_session_attrs, TargetSessionAttrs::PreferStandby);
+    }
+
+    #[test]
+    fn target_session_attrs_accept_as_libpq() {
+        use TargetSessionAttrs::*;
+        let primary = ServerState {
+            in_hot_standby: false,
+            default_read_only: false,
+        };
+        let read_only_primary = ServerState {
+            in_hot_standby: false,
+            default_read_only: true,
+        };
+        let standby = ServerState {
+            in_hot_standby: true,
+            default_read_only: false,
+        };
+        let table = [
+            (Any, [true, true, true]),
+            (ReadWrite, [true, false, false]),
+            (ReadOnly, [false, true, true]),
+            (Primary, [true, true, false]),
+            (Standby, [false, false, true]),
+        ];
+        for (attrs, want) in table {
+            let got = [primary, read_only_primary, standby].map(|s| attrs.accepts(s));
+            assert_eq!(got, want, "{}", attrs.as_str());
+        }
+        assert_eq!(PreferStandby.passes(), &[Standby, Any]);
+        assert_eq!(ReadWrite.passes(), &[ReadWrite]);
+        assert!(ReadWrite.refusal(standby).contains("is a standby"));
     }
 
     #[test]

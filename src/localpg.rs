@@ -48,7 +48,7 @@ pub enum LocalPgError {
     /// A client program (`psql`, `pgbench`) was not found beside the server or elsewhere.
     #[error(
         "no {tool} found beside the server binaries, in /usr/lib/postgresql/*/bin or on $PATH; \
-         install the postgresql-client package"
+         install the postgresql-client package (pg_basebackup 18: .ci/install-postgres)"
     )]
     NoClient {
         /// The program.
@@ -208,6 +208,112 @@ impl LocalCluster {
             }
         }
         Err(last_error.unwrap_or(LocalPgError::NoBinaries))
+    }
+
+    /// Creates and starts a physical standby of `primary` (`pg_basebackup -R` through the
+    /// physical slot `slot`, created on the primary): it streams from the primary with
+    /// `hot_standby_feedback = on` and `primary_conninfo` naming database `postgres`, which a
+    /// PostgreSQL 17+ standby needs to synchronize failover slots (add
+    /// `sync_replication_slots = on` to `options.conf`). `pg_basebackup` is the newest found
+    /// ([`basebackup_tool`]).
+    pub fn start_standby(
+        primary: &LocalCluster,
+        slot: &str,
+        options: &ClusterOptions,
+    ) -> Result<Self, LocalPgError> {
+        let tool = basebackup_tool(primary.major)?;
+        let owner = if primary.run_as_postgres {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
+        let base = make_temp_dir("walbridge-pg-")?;
+        if let Some((uid, gid)) = owner {
+            chown(&base, uid, gid)?;
+        }
+        let data = base.join("data");
+        let mut cluster = LocalCluster {
+            base,
+            data,
+            bin: primary.bin.clone(),
+            major: primary.major,
+            plugin_allowlist: primary.plugin_allowlist,
+            port: 0,
+            run_as_postgres: primary.run_as_postgres,
+            running: false,
+            keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
+            password: None,
+            server_env: options.server_env.clone(),
+        };
+        let out = run_as(
+            &tool,
+            &[
+                "-D",
+                &cluster.data.to_string_lossy(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-C",
+                "-S",
+                slot,
+                "-c",
+                "fast",
+            ],
+            cluster.run_as_postgres,
+            &[],
+        )?;
+        if !out.status.success() {
+            return Err(tool_error("pg_basebackup", &out, ""));
+        }
+        let mut conf = vec![
+            format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres \
+                 application_name=walbridge_standby'",
+                primary.port
+            ),
+            format!("primary_slot_name = '{slot}'"),
+            "hot_standby_feedback = on".to_string(),
+        ];
+        conf.extend(options.conf.iter().cloned());
+        let options = ClusterOptions {
+            conf,
+            ..options.clone()
+        };
+        let mut last_error = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            cluster.write_conf(&options)?;
+            match cluster.start_server() {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or(LocalPgError::NoBinaries))
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote(&self) -> Result<(), LocalPgError> {
+        let out = self.pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-w",
+                "-t",
+                "120",
+                "promote",
+            ],
+        )?;
+        if !out.status.success() {
+            return Err(tool_error("pg_ctl promote", &out, ""));
+        }
+        Ok(())
     }
 
     fn write_files(
@@ -518,7 +624,16 @@ fn run_pg_tool(
     as_postgres: bool,
     env: &[(String, String)],
 ) -> Result<Output, LocalPgError> {
-    let exe = bin.join(tool);
+    run_as(&bin.join(tool), args, as_postgres, env)
+}
+
+fn run_as(
+    exe: &Path,
+    args: &[&str],
+    as_postgres: bool,
+    env: &[(String, String)],
+) -> Result<Output, LocalPgError> {
+    let exe = exe.to_path_buf();
     let mut cmd = if as_postgres {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(&exe);
@@ -619,6 +734,46 @@ pub fn client_tool(bin: &Path, tool: &str) -> Result<PathBuf, LocalPgError> {
         .find(|p| p.is_file())
         .ok_or_else(|| LocalPgError::NoClient {
             tool: tool.to_string(),
+        })
+}
+
+/// A `pg_basebackup` that can back up a server of version `major` (it must be at least as
+/// new): beside the server, in `.ci/install-postgres`'s `<root>/clients/bin` (PostgreSQL 18
+/// from PyPI), in Debian's installations (newest first) or on `$PATH`.
+pub fn basebackup_tool(major: u32) -> Result<PathBuf, LocalPgError> {
+    let mut candidates = vec![install_root().join("clients").join("bin")];
+    if let Ok(bin) = bin_dir() {
+        candidates.insert(0, bin);
+    }
+    candidates.extend(debian_bins().into_iter().rev());
+    candidates.extend(
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths),
+    );
+    candidates
+        .into_iter()
+        .map(|dir| dir.join("pg_basebackup"))
+        .filter(|p| p.is_file())
+        .find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .ok()
+                .and_then(|out| {
+                    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    text.rsplit(' ')
+                        .next()?
+                        .split('.')
+                        .next()?
+                        .parse::<u32>()
+                        .ok()
+                })
+                .is_some_and(|m| m >= major)
+        })
+        .ok_or(LocalPgError::NoClient {
+            tool: format!("pg_basebackup {major} or newer"),
         })
 }
 

@@ -37,7 +37,10 @@ use std::time::Duration;
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::NoTls;
 
-use crate::dsn::{AuthMethod, AuthRefused, ChannelBinding, Dsn, Host, RequireAuth, SslMode};
+use crate::dsn::{
+    AuthMethod, AuthRefused, ChannelBinding, Dsn, Host, RequireAuth, ServerState, SslMode,
+    TargetSessionAttrs,
+};
 use crate::tls;
 
 pub use crate::protocol::{
@@ -265,45 +268,48 @@ async fn connect_with(
     let tls_config = tls::client_config(dsn).map_err(|e| ConnectError::tls_setup(dsn, e))?;
     let mut last: Option<ConnectError> = None;
     let mut any_transient = false;
-    for (i, (host, port)) in dsn.addresses().into_iter().enumerate() {
-        let address = dsn.describe_host(i);
-        let mut config = base_config(dsn, application_name);
-        match &host {
-            Host::Tcp(h) => config.host(h),
-            Host::Unix(p) => config.host_path(p),
-        };
-        config.port(port);
-        let tls_config = tls_config.clone();
-        let attempt = async {
-            match &dsn.require_auth {
-                None => connect_one(dsn, &host, config, tls_config, notify.clone())
-                    .await
-                    .map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e)),
-                Some(policy) => {
-                    let guarded = Guarded {
-                        dsn,
-                        host: &host,
-                        port,
-                        policy,
-                        address: &address,
-                    };
-                    guarded.connect(config, tls_config, notify.clone()).await
+    for &wanted in dsn.target_session_attrs.passes() {
+        for (i, (host, port)) in dsn.addresses().into_iter().enumerate() {
+            let address = dsn.describe_host(i);
+            let mut config = base_config(dsn, application_name);
+            match &host {
+                Host::Tcp(h) => config.host(h),
+                Host::Unix(p) => config.host_path(p),
+            };
+            config.port(port);
+            let tls_config = tls_config.clone();
+            let attempt = async {
+                let client = match &dsn.require_auth {
+                    None => connect_one(dsn, &host, config, tls_config, notify.clone())
+                        .await
+                        .map_err(|e| ConnectError::from_postgres(address.clone(), &dsn.user, &e))?,
+                    Some(policy) => {
+                        let guarded = Guarded {
+                            dsn,
+                            host: &host,
+                            port,
+                            policy,
+                            address: &address,
+                        };
+                        guarded.connect(config, tls_config, notify.clone()).await?
+                    }
+                };
+                check_state(client, wanted, &address, &dsn.user).await
+            };
+            let result = match dsn.connect_timeout {
+                Some(t) => match tokio::time::timeout(t, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ConnectError::timeout(address.clone(), t)),
+                },
+                None => attempt.await,
+            };
+            match result {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    tracing::debug!(node = %address, error = %e, "connection attempt failed");
+                    any_transient |= e.transient;
+                    last = Some(e);
                 }
-            }
-        };
-        let result = match dsn.connect_timeout {
-            Some(t) => match tokio::time::timeout(t, attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnectError::timeout(address.clone(), t)),
-            },
-            None => attempt.await,
-        };
-        match result {
-            Ok(client) => return Ok(client),
-            Err(e) => {
-                tracing::debug!(node = %address, error = %e, "connection attempt failed");
-                any_transient |= e.transient;
-                last = Some(e);
             }
         }
     }
@@ -319,6 +325,45 @@ async fn connect_with(
         err.transient = any_transient;
     }
     Err(err)
+}
+
+/// Keeps `client` when the server's state is what `target_session_attrs` asks for (libpq
+/// reads the same two facts); otherwise a transient error naming the host, so a node in the
+/// middle of a promotion is retried.
+async fn check_state(
+    client: tokio_postgres::Client,
+    wanted: TargetSessionAttrs,
+    address: &str,
+    user: &str,
+) -> Result<tokio_postgres::Client, ConnectError> {
+    if wanted == TargetSessionAttrs::Any {
+        return Ok(client);
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_is_in_recovery(), \
+                    pg_catalog.current_setting('default_transaction_read_only') = 'on'",
+            &[],
+        )
+        .await
+        .map_err(|e| ConnectError::from_postgres(address.to_string(), user, &e))?;
+    let flag = |i: usize| {
+        row.try_get::<_, bool>(i)
+            .map_err(|e| ConnectError::from_postgres(address.to_string(), user, &e))
+    };
+    let state = ServerState {
+        in_hot_standby: flag(0)?,
+        default_read_only: flag(1)?,
+    };
+    if wanted.accepts(state) {
+        return Ok(client);
+    }
+    Err(ConnectError {
+        address: address.to_string(),
+        reason: wanted.refusal(state),
+        transient: true,
+        db: None,
+    })
 }
 
 fn base_config(dsn: &Dsn, application_name: &str) -> tokio_postgres::Config {

@@ -139,7 +139,12 @@ pub enum SourceError {
         columns: Vec<String>,
     },
     /// The slot does not exist.
-    #[error("replication slot {slot} does not exist on {node}; run walbridge setup")]
+    #[error(
+        "replication slot {slot} does not exist on {node}; run walbridge setup (if {node} is a \
+         promoted standby, the promotion lost the slot: only failover slots synchronized to the \
+         standby survive one, on PostgreSQL 17+; after setup, run walbridge verify and copy \
+         from {node} what it names, since changes made before the new slot were not streamed)"
+    )]
     NoSlot {
         /// The slot.
         slot: String,

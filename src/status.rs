@@ -32,6 +32,7 @@ use crate::direction::probe::{self as monitor, Probe};
 use crate::direction::state::{format_seconds, human_bytes, DirectionState};
 use crate::direction::{DirectionStatus, NodeStatus, SlotStatus};
 use crate::lsn::{Lsn, PgTimestamp};
+use crate::setup::failover;
 
 /// How long to wait for a running process's `/status`.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -107,6 +108,8 @@ struct NodeLook {
     /// (source, target) -> the error a direction into this node stopped on, as `run` recorded
     /// it in `walbridge.stopped` (see [`crate::skip`]).
     stops: HashMap<(String, String), String>,
+    /// `server_version_num`, when the node answered.
+    version: Option<i64>,
 }
 
 /// Collects the report: the process's view (if any) merged with the databases'.
@@ -169,6 +172,19 @@ pub async fn gather(config: &Config) -> StatusReport {
                 .is_some_and(|r| r >= crate::direction::state::BUDGET_WARN_RATIO)
             {
                 warnings.push(crate::direction::state::slot_sentence(&n.name, s, budget));
+            }
+        }
+    }
+    // A node with standbys in its DSN on a server whose slots do not survive a promotion.
+    for node in &config.nodes {
+        let version = looks.get(node.name.as_str()).and_then(|l| l.version);
+        if let Some(v) = version.filter(|v| *v < failover::FAILOVER_SLOTS_SINCE) {
+            if node.dsn.hosts.len() > 1 {
+                warnings.push(format!(
+                    "{}: {}",
+                    node.name,
+                    failover::promotion_loses_slots(&node.name, v / 10000)
+                ));
             }
         }
     }
@@ -245,6 +261,16 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
             }
         }
     }
+    let mut version = None;
+    if let Some(c) = &client {
+        let query = c.query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::int8",
+            &[],
+        );
+        if let Ok(Ok(row)) = tokio::time::timeout(monitor::PROBE_TIMEOUT, query).await {
+            version = Some(row.get(0));
+        }
+    }
     let mut owners = None;
     if let Some(c) = &client {
         let sql = crate::direction::claim::owners_sql();
@@ -278,6 +304,7 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
         origins,
         owners,
         stops,
+        version,
     }
 }
 
@@ -406,14 +433,23 @@ fn merge_directions(
             out.last_error = match source {
                 _ if stop.is_some() => stop.cloned(),
                 Some(n) if !n.reachable => Some(format!("node {s} is unreachable")),
-                Some(_) if stream && slot.is_none() => Some(format!(
-                    "slot {slot_name} does not exist on {s}; run walbridge setup"
-                )),
+                Some(_) if stream && slot.is_none() => Some(missing_slot(&slot_name, s)),
                 _ => None,
             };
             out
         })
         .collect()
+}
+
+/// What a missing slot means and what to run: it may have been lost in a promotion.
+pub fn missing_slot(slot: &str, source: &str) -> String {
+    format!(
+        "slot {slot} does not exist on {source}; if {source} is a promoted standby, the \
+         promotion lost it (only failover slots synchronized to the standby survive one, on \
+         PostgreSQL 17+): run walbridge setup to create it again, then walbridge verify, and \
+         copy from {source} what it names (changes made on {source} before the new slot were \
+         not streamed)"
+    )
 }
 
 /// Asks the process at `[metrics] listen` for its `/status`. `Ok(None)` when nothing listens

@@ -17,7 +17,12 @@ const SCHEMA: &str = "CREATE TABLE public.ledger (seq bigint NOT NULL, note text
 const TOML: &str = "tables = [\"public.ledger\", \"public.marks\"]";
 
 /// An instance: its own config copy (own metrics port when `metrics`), named `name`.
-fn spawn_instance(d: &Deployment, name: &str, log: &str, metrics: Option<u16>) -> Runner {
+pub(crate) fn spawn_instance(
+    d: &Deployment,
+    name: &str,
+    log: &str,
+    metrics: Option<u16>,
+) -> Runner {
     let mut text = std::fs::read_to_string(&d.config).expect("config");
     if let Some(port) = metrics {
         text = text.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
@@ -43,7 +48,7 @@ fn spawn_instance(d: &Deployment, name: &str, log: &str, metrics: Option<u16>) -
 }
 
 /// (source, target) -> owner, from `walbridge status --json` (the targets' locks).
-fn owners(d: &Deployment) -> BTreeMap<(String, String), Option<String>> {
+pub(crate) fn owners(d: &Deployment) -> BTreeMap<(String, String), Option<String>> {
     let out = d.walbridge(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["directions"]

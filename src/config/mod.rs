@@ -304,6 +304,10 @@ pub struct ReplicationConfig {
     /// NULL). Off, such a node with such columns is refused by `check-config --connect`,
     /// `setup` and `run`.
     pub allow_lossy_wal2json: bool,
+    /// `failover_slots` (default `true`): on PostgreSQL 17+, `setup` creates the slots with
+    /// `failover` enabled, so a physical standby that synchronizes slots
+    /// (`sync_replication_slots = on`) keeps them through a promotion. Ignored on 15 and 16.
+    pub failover_slots: bool,
 }
 
 /// `[trigger]`: trigger mode, the fallback and drop-in for the old polling script.
@@ -909,6 +913,7 @@ fn validate_replication(
         conflict_max_row_bytes: conflict_max_row_bytes?,
         sequence_ranges: raw.sequence_ranges,
         allow_lossy_wal2json: raw.allow_lossy_wal2json,
+        failover_slots: raw.failover_slots,
     })
 }
 

@@ -95,6 +95,8 @@ pub(super) struct RawReplication {
     pub sequence_ranges: bool,
     #[serde(default)]
     pub allow_lossy_wal2json: bool,
+    #[serde(default = "default_true")]
+    pub failover_slots: bool,
 }
 
 impl Default for RawReplication {
@@ -115,6 +117,7 @@ impl Default for RawReplication {
             conflict_max_row_bytes: default_conflict_max_row_bytes(),
             sequence_ranges: false,
             allow_lossy_wal2json: false,
+            failover_slots: true,
         }
     }
 }
@@ -171,6 +174,9 @@ fn default_conflict() -> String {
 }
 fn default_max_retained_wal() -> RawSize {
     RawSize::Text("8GB".into())
+}
+fn default_true() -> bool {
+    true
 }
 fn default_slot_prefix() -> String {
     "walbridge".into()

@@ -130,6 +130,7 @@ fn defaults_fill_omitted_sections() {
     assert_eq!(r.tombstone_retention, Duration::from_secs(7 * 86400));
     assert_eq!(r.conflict_max_row_bytes, 64 << 10);
     assert!(!r.sequence_ranges);
+    assert!(r.failover_slots);
     assert_eq!(c.trigger.table.to_string(), "public.database_changes");
     assert_eq!(
         c.trigger.dead_table().to_string(),

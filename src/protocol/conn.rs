@@ -23,7 +23,10 @@ use super::codec::split_frame;
 use super::error::{ErrorKind, ProtocolError, ServerError};
 use super::ConnectOptions;
 use super::SESSION_PARAMS;
-use crate::dsn::{AuthMethod, AuthRefused, ChannelBinding as BindingPolicy, Dsn, Host, SslMode};
+use crate::dsn::{
+    AuthMethod, AuthRefused, ChannelBinding as BindingPolicy, Dsn, Host, ServerState, SslMode,
+    TargetSessionAttrs,
+};
 
 /// The byte stream under a session.
 pub(crate) enum Socket {
@@ -144,28 +147,34 @@ pub(crate) async fn connect(
         .map_err(|e| ProtocolError::new(dsn.describe(), ErrorKind::TlsConfig(Arc::new(e))))?;
     let mut last = None;
     let mut any_transient = false;
-    for (i, (host, port)) in dsn.addresses().into_iter().enumerate() {
-        let address = dsn.describe_host(i);
-        let attempt = connect_host(dsn, options, &host, port, &address, tls_config.clone());
-        let result = match dsn.connect_timeout {
-            Some(t) => match tokio::time::timeout(t, attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(ProtocolError::new(
-                    address.clone(),
-                    ErrorKind::Timeout {
-                        what: "connect_timeout",
-                        after: t,
-                    },
-                )),
-            },
-            None => attempt.await,
-        };
-        match result {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::debug!(node = %address, error = %e, "connection attempt failed");
-                any_transient |= e.is_transient();
-                last = Some(e);
+    for &wanted in dsn.target_session_attrs.passes() {
+        for (i, (host, port)) in dsn.addresses().into_iter().enumerate() {
+            let address = dsn.describe_host(i);
+            let attempt = async {
+                let conn =
+                    connect_host(dsn, options, &host, port, &address, tls_config.clone()).await?;
+                check_state(conn, wanted).await
+            };
+            let result = match dsn.connect_timeout {
+                Some(t) => match tokio::time::timeout(t, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProtocolError::new(
+                        address.clone(),
+                        ErrorKind::Timeout {
+                            what: "connect_timeout",
+                            after: t,
+                        },
+                    )),
+                },
+                None => attempt.await,
+            };
+            match result {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!(node = %address, error = %e, "connection attempt failed");
+                    any_transient |= e.is_transient();
+                    last = Some(e);
+                }
             }
         }
     }
@@ -183,6 +192,49 @@ pub(crate) async fn connect(
         ));
     }
     Err(err)
+}
+
+/// Keeps `conn` when the server's state is what `target_session_attrs` asks for. Servers from
+/// 14 on report `in_hot_standby` and `default_transaction_read_only` at startup (and a
+/// walsender does too); an older one is asked.
+async fn check_state(
+    mut conn: RawConnection,
+    wanted: TargetSessionAttrs,
+) -> Result<RawConnection, ProtocolError> {
+    if wanted == TargetSessionAttrs::Any {
+        return Ok(conn);
+    }
+    let reported = |c: &RawConnection, name: &str| c.parameter(name).map(|v| v == "on");
+    let state = match (
+        reported(&conn, "in_hot_standby"),
+        reported(&conn, "default_transaction_read_only"),
+    ) {
+        (Some(in_hot_standby), Some(default_read_only)) => ServerState {
+            in_hot_standby,
+            default_read_only,
+        },
+        _ => {
+            let r = conn
+                .simple_query(
+                    "SELECT pg_catalog.pg_is_in_recovery()::text, \
+                            pg_catalog.current_setting('default_transaction_read_only')",
+                )
+                .await?;
+            ServerState {
+                in_hot_standby: r.get(0, 0) == Some("true"),
+                default_read_only: r.get(0, 1) == Some("on"),
+            }
+        }
+    };
+    if wanted.accepts(state) {
+        return Ok(conn);
+    }
+    let address = conn.address().to_string();
+    let _ = conn.close().await;
+    Err(ProtocolError::new(
+        address,
+        ErrorKind::SessionAttrs(wanted.refusal(state)),
+    ))
 }
 
 async fn connect_host(

@@ -211,6 +211,10 @@ pub enum ErrorKind {
         "the server ended the replication stream (it is probably shutting down or restarting)"
     )]
     StreamEnded,
+    /// The server's state is not what `target_session_attrs` asks for (a standby when a
+    /// primary is wanted): retried, since a promotion changes it.
+    #[error("{0}")]
+    SessionAttrs(String),
 }
 
 /// A wire-protocol operation failed on a node.
@@ -289,7 +293,10 @@ impl ProtocolError {
     pub fn is_transient(&self) -> bool {
         match &*self.kind {
             ErrorKind::Io(e) => io_is_transient(e),
-            ErrorKind::Closed | ErrorKind::Timeout { .. } | ErrorKind::StreamEnded => true,
+            ErrorKind::Closed
+            | ErrorKind::Timeout { .. }
+            | ErrorKind::StreamEnded
+            | ErrorKind::SessionAttrs(_) => true,
             ErrorKind::Tls(e) => !tls::is_definite(e),
             ErrorKind::Server(s) => sqlstate_is_transient(&s.code),
             ErrorKind::TlsConfig(_)

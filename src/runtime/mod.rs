@@ -4,6 +4,7 @@
 mod housekeeping;
 pub mod monitor;
 mod stream;
+mod trigger_claim;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -185,7 +186,8 @@ async fn supervise(ctx: DirectionContext) {
     loop {
         let started = tokio::time::Instant::now();
         let result = match direction_mode(&ctx).await {
-            Ok(CaptureMode::Trigger) => crate::trigger::run_direction(&ctx).await.map(|()| false),
+            // Claimed like a stream direction, so one instance drains a change table.
+            Ok(CaptureMode::Trigger) => trigger_claim::run(&ctx).await.map(|()| false),
             Ok(CaptureMode::Stream) => stream::run(&ctx).await.map(|ended| match ended {
                 stream::Ended::Shutdown => false,
                 stream::Ended::Released => true,

@@ -16,6 +16,7 @@
 //! cut over once its slots exist ([`capture::cut_over`]).
 
 pub mod capture;
+pub mod failover;
 mod sequences;
 mod teardown;
 
@@ -82,6 +83,17 @@ pub enum SetupError {
         /// The server's error.
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// A replication command failed on a node.
+    #[error("node {node}: {what}: {source}")]
+    Replication {
+        /// The node.
+        node: String,
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: crate::protocol::ProtocolError,
     },
     /// The catalog could not be read.
     #[error("node {node}: {source}")]
@@ -226,14 +238,22 @@ pub async fn setup(
     let mut modes: BTreeMap<String, (CaptureMode, String)> = BTreeMap::new();
     let mut warnings: Vec<String> = Vec::new();
     let mut lossy_nodes: Vec<String> = Vec::new();
+    let mut versions: BTreeMap<String, i64> = BTreeMap::new();
+    let mut standby_lines: Vec<String> = Vec::new();
     for n in &nodes {
         let facts = prereq::node_facts(&n.client, &config.replication.slot_prefix)
             .await
             .map_err(sql_err(&n.name, "reading server settings"))?;
+        versions.insert(n.name.clone(), facts.server_version_num);
         let (mode, reason) = trigger::choose(config.replication.mode, &facts);
         let (p, w, lossy) = node_problems(config, n, mode, &facts).await?;
         problems.extend(p);
         warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
+        if mode == CaptureMode::Stream {
+            let (lines, w) = standby_report(config, n, &facts).await?;
+            standby_lines.extend(lines);
+            warnings.extend(w.into_iter().map(|w| format!("{}: warning: {w}", n.name)));
+        }
         if lossy {
             lossy_nodes.push(n.name.clone());
         }
@@ -401,7 +421,11 @@ pub async fn setup(
             );
             continue;
         }
-        let slot_created = ensure_slot(config, source, &slot).await?;
+        let failover = failover::wants_failover(
+            config.replication.failover_slots,
+            versions.get(&d.source).copied().unwrap_or(0),
+        );
+        let slot_created = ensure_slot(config, source, &slot, failover).await?;
         if slot_created && !origin_created {
             // A new slot starts a new stream: progress recorded for an old one would skip it.
             reset_origin(&target.client, &target.name, &origin).await?;
@@ -441,6 +465,9 @@ pub async fn setup(
     }
     if config.replication.sequence_ranges {
         sequences::give_each_node_its_range(config, &nodes, &tables, out).await?;
+    }
+    for line in &standby_lines {
+        let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(out, "setup complete; start replication with: walbridge run");
     Ok(())
@@ -487,6 +514,15 @@ pub async fn check(
         problems.extend(p);
         for w in w {
             let _ = writeln!(out, "{}: note: {w}", n.name);
+        }
+        if mode == CaptureMode::Stream {
+            let (lines, w) = standby_report(config, n, &facts).await?;
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+            for w in w {
+                let _ = writeln!(out, "{}: warning: {w}", n.name);
+            }
         }
         if lossy {
             lossy_nodes.push(n.name.clone());
@@ -691,10 +727,52 @@ async fn reset_origin(client: &Client, node: &str, origin: &str) -> Result<(), S
         .map_err(sql_err(node, format!("resetting origin {origin}")))
 }
 
+/// [`failover::standby_report`] for a node of the configuration.
+async fn standby_report(
+    config: &Config,
+    n: &NodeSession,
+    facts: &prereq::NodeFacts,
+) -> Result<(Vec<String>, Vec<String>), SetupError> {
+    let Some(node) = config.nodes.iter().find(|c| c.name == n.name) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    failover::standby_report(
+        &n.name,
+        &node.dsn,
+        &n.client,
+        facts.server_version_num,
+        config.replication.failover_slots,
+    )
+    .await
+}
+
+/// Creates the slot when missing (with `failover` when asked, 17+); turns `failover` on for
+/// an existing slot that lacks it. Returns whether the slot was created.
 async fn ensure_slot(
     config: &Config,
     source: &NodeSession,
     slot: &str,
+    failover: bool,
+) -> Result<bool, SetupError> {
+    let created = ensure_slot_exists(config, source, slot, failover).await?;
+    if failover && !created {
+        let has = failover::slot_has_failover(&source.client, slot)
+            .await
+            .map_err(sql_err(&source.name, format!("looking up slot {slot}")))?;
+        if has == Some(false) {
+            if let Some(node) = config.nodes.iter().find(|c| c.name == source.name) {
+                failover::enable_failover(&source.name, &node.dsn, slot).await?;
+            }
+        }
+    }
+    Ok(created)
+}
+
+async fn ensure_slot_exists(
+    config: &Config,
+    source: &NodeSession,
+    slot: &str,
+    failover: bool,
 ) -> Result<bool, SetupError> {
     let plugin = config.replication.plugin.as_str();
     let existing = source
@@ -721,12 +799,15 @@ async fn ensure_slot(
             Ok(false)
         }
         None => {
+            let sql = if failover {
+                // (slot_name, plugin, temporary, twophase, failover): 17+.
+                "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2, false, false, true)"
+            } else {
+                "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)"
+            };
             source
                 .client
-                .query_one(
-                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)",
-                    &[&slot, &plugin],
-                )
+                .query_one(sql, &[&slot, &plugin])
                 .await
                 .map_err(sql_err(&source.name, format!("creating slot {slot}")))?;
             Ok(true)
