@@ -47,6 +47,8 @@ pub struct Faults {
     /// One-shot: cut the connection after this many bytes of the next server→client CopyData
     /// message that is longer than that.
     pub cut_copy_data_after: Option<usize>,
+    /// CopyData messages long enough for the armed cut that pass whole before it.
+    pub cut_copy_data_skip: u64,
 }
 
 struct Shared {
@@ -76,6 +78,10 @@ impl Shared {
     fn take_copy_data_cut(&self, len: usize) -> Option<usize> {
         let mut g = self.faults.lock().ok()?;
         match g.cut_copy_data_after {
+            Some(n) if len > n && g.cut_copy_data_skip > 0 => {
+                g.cut_copy_data_skip -= 1;
+                None
+            }
             Some(n) if len > n => {
                 g.cut_copy_data_after = None;
                 Some(n)
@@ -161,7 +167,17 @@ impl FaultProxy {
     /// Arms a one-shot cut after `after` bytes of the next server→client CopyData message
     /// longer than that (see [`FaultProxy::copy_data_cuts`] to know it happened).
     pub fn cut_in_copy_data(&self, after: usize) {
-        self.shared.update(|f| f.cut_copy_data_after = Some(after));
+        self.cut_in_copy_data_message(0, after);
+    }
+
+    /// As [`FaultProxy::cut_in_copy_data`], letting `skip` such messages pass whole first:
+    /// armed before a large transaction is sent, this cuts inside it at a known depth,
+    /// however fast the stream runs.
+    pub fn cut_in_copy_data_message(&self, skip: u64, after: usize) {
+        self.shared.update(|f| {
+            f.cut_copy_data_skip = skip;
+            f.cut_copy_data_after = Some(after);
+        });
     }
 
     /// Lifts every fault.
