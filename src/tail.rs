@@ -247,7 +247,9 @@ pub async fn tail(
         }
     }
 
-    let stream_cancel = shutdown.child_token();
+    // Not a child of `shutdown`: the stream must outlive the pump, so that its final status
+    // update carries what the pump confirmed last (after printing), not an earlier position.
+    let stream_cancel = CancellationToken::new();
     let source_opts = SourceOptions {
         plugin,
         slot: opts
