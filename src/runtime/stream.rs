@@ -329,7 +329,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
             filter_origins: filter_origins.clone(),
             messages: false,
             application_name: format!("walbridge-source-{s}-to-{t}"),
-            skip_echo_changes: true,
+            drop_echo: true,
             stream: StreamConfig {
                 cancel: stream_cancel.clone(),
                 ..StreamConfig::default()
@@ -542,6 +542,12 @@ async fn pump(
                             SourceItem::Event { event, .. } => {
                                 let more = i + 1 < count || more_coming(source, applier);
                                 applier.on_event(event, more).await?
+                            }
+                            // Dropped by the source: it came from a peer (or its session
+                            // opted out), so it must not travel on.
+                            SourceItem::Echo { .. } => {
+                                ctx.metrics.echo_suppressed.with_label_values(&[s]).inc();
+                                Outcome::Continue
                             }
                         };
                         if outcome == Outcome::Restream {
