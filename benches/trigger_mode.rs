@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use walbridge::config::Config;
+use walbridge::direction::{DirectionContext, StatusBoard};
 use walbridge::localpg::{ClusterOptions, LocalCluster};
 use walbridge::metrics::Metrics;
-use walbridge::runtime::{DirectionContext, StatusBoard};
 
 const TABLE: &str =
     "CREATE TABLE public.bench (id bigint PRIMARY KEY, payload text, n int, at timestamptz)";
@@ -238,7 +238,7 @@ async fn walbridge_trigger(p: &Params) -> Figures {
                 status: status.clone(),
                 shutdown: shutdown.clone(),
                 abandoned_apply_pid: Default::default(),
-                fleet: walbridge::runtime::spread::Fleet::new(2),
+                fleet: walbridge::direction::spread::Fleet::new(2),
             };
             tasks.push(tokio::spawn(async move {
                 walbridge::trigger::run_direction(&ctx)

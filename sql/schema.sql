@@ -225,12 +225,20 @@ REVOKE ALL ON FUNCTION walbridge.expect_rows(bigint, bigint) FROM PUBLIC;
 
 -- Guards plain multi-row INSERTs of a table that had no delete tombstones when walbridge last
 -- looked: if one has appeared since, the transaction must take the per-row check instead.
+-- The error names the table in its structured SCHEMA and TABLE fields, which the applier reads.
 CREATE OR REPLACE FUNCTION walbridge.expect_no_tombstones(rel oid)
 RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    nsp text;
+    tab text;
 BEGIN
     IF EXISTS (SELECT 1 FROM walbridge.tombstones t WHERE t.relid OPERATOR(pg_catalog.=) rel) THEN
+        SELECT n.nspname, c.relname INTO nsp, tab
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE c.oid OPERATOR(pg_catalog.=) rel;
         RAISE EXCEPTION 'walbridge: relation % has tombstones', rel
-            USING ERRCODE = 'WB003';
+            USING ERRCODE = 'WB003', SCHEMA = COALESCE(nsp, ''), TABLE = COALESCE(tab, '');
     END IF;
 END
 $$;

@@ -20,9 +20,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+use crate::direction::StatusBoard;
 use crate::lsn::PgTimestamp;
 use crate::metrics::Metrics;
-use crate::runtime::StatusBoard;
 
 #[derive(Clone)]
 struct AppState {

@@ -21,6 +21,7 @@ pub mod conflict;
 pub mod copy;
 pub mod decode;
 pub mod demo;
+pub mod direction;
 pub mod dsn;
 pub mod event;
 pub mod forensics;

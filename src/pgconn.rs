@@ -30,6 +30,7 @@
 //! text, and `search_path=pg_catalog,pg_temp`, so no unqualified name in walbridge's SQL can
 //! reach an object a user created.
 
+use std::fmt::Write as _;
 use std::io;
 use std::time::Duration;
 
@@ -139,6 +140,8 @@ fn classify(user: &str, e: &tokio_postgres::Error) -> (String, bool) {
                 message: db.message().to_string(),
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
+                schema: db.schema().map(str::to_string),
+                table: db.table().map(str::to_string),
             };
             return (crate::protocol::auth_failure(user, &server), false);
         }
@@ -882,6 +885,64 @@ where
             }
         }
     });
+}
+
+/// The server's message (and detail/hint) rather than tokio-postgres's generic "db error";
+/// row values in them are withheld unless `[log] row_contents` is on
+/// ([`crate::telemetry::shown_detail`]).
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    db_message(e, true)
+}
+
+/// [`pg_message`] with row values always kept, for text stored next to the row it is about
+/// (the trigger mode's dead-letter table), never for logs or errors.
+pub fn pg_message_with_values(e: &tokio_postgres::Error) -> String {
+    db_message(e, false)
+}
+
+fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let (message, detail) = if redact {
+                (
+                    crate::telemetry::shown_message(code, db.message()),
+                    crate::telemetry::shown_detail(code, db.detail()),
+                )
+            } else {
+                (db.message().into(), db.detail())
+            };
+            let mut s = message.into_owned();
+            if let Some(d) = detail {
+                let _ = write!(s, " ({d})");
+            }
+            if let Some(h) = db.hint() {
+                let _ = write!(s, "; hint: {h}");
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Whether retrying may help after a statement failed: by the SQLSTATE when the server sent
+/// one ([`sqlstate_is_transient`]), else (connection closed, I/O failure, timeout) yes.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => sqlstate_is_transient(db.code().code()),
+        None => true,
+    }
+}
+
+/// Whether the session's role is a superuser.
+pub async fn is_superuser(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 #[cfg(test)]

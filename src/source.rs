@@ -153,14 +153,24 @@ pub enum SourceError {
     },
 }
 
+impl crate::direction::Classify for SourceError {
+    fn class(&self) -> crate::direction::ErrorClass {
+        if self.is_transient() {
+            crate::direction::ErrorClass::Transient
+        } else {
+            crate::direction::ErrorClass::Definite
+        }
+    }
+}
+
 impl SourceError {
     /// Transient (retry) or definite (stop).
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Protocol(e) => e.is_transient(),
             SourceError::Connect(e) => e.is_transient(),
-            SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
-            SourceError::Catalog(e) => e.0.is_closed() || e.0.as_db_error().is_none(),
+            SourceError::Sql(e) => pgconn::is_transient(e),
+            SourceError::Catalog(e) => pgconn::is_transient(&e.0),
             SourceError::Decode { .. }
             | SourceError::NoSlot { .. }
             | SourceError::SlotLost { .. }

@@ -28,10 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
 
 use crate::config::{Config, NodeConfig};
+use crate::direction::probe::{self as monitor, Probe};
+use crate::direction::state::{format_seconds, human_bytes, DirectionState};
+use crate::direction::{DirectionStatus, NodeStatus, SlotStatus};
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::runtime::monitor::{self, Probe};
-use crate::runtime::state::{format_seconds, human_bytes, DirectionState};
-use crate::runtime::{DirectionStatus, NodeStatus, SlotStatus};
 
 /// How long to wait for a running process's `/status`.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -163,9 +163,9 @@ pub async fn gather(config: &Config) -> StatusReport {
     for n in &nodes {
         for s in &n.slots {
             if s.budget_ratio
-                .is_some_and(|r| r >= crate::runtime::state::BUDGET_WARN_RATIO)
+                .is_some_and(|r| r >= crate::direction::state::BUDGET_WARN_RATIO)
             {
-                warnings.push(crate::runtime::state::slot_sentence(&n.name, s, budget));
+                warnings.push(crate::direction::state::slot_sentence(&n.name, s, budget));
             }
         }
     }
@@ -244,13 +244,15 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
     }
     let mut owners = None;
     if let Some(c) = &client {
-        let sql = crate::runtime::claim::owners_sql();
+        let sql = crate::direction::claim::owners_sql();
         let query = c.query(&sql, &[]);
         if let Ok(Ok(rows)) = tokio::time::timeout(monitor::PROBE_TIMEOUT, query).await {
             let mut map = HashMap::new();
             for r in rows {
                 let app: Option<String> = r.get(0);
-                if let Some((s, t, i)) = app.as_deref().and_then(crate::runtime::claim::parse_owner)
+                if let Some((s, t, i)) = app
+                    .as_deref()
+                    .and_then(crate::direction::claim::parse_owner)
                 {
                     map.insert((s.to_string(), t.to_string()), i.to_string());
                 }

@@ -491,6 +491,31 @@ fn retention_purges_old_conflict_records_and_tombstones_at_start() {
         "INSERT INTO items VALUES (1, 'x'); DELETE FROM items WHERE id = 1",
     );
     assert_eq!(d.sql("a", "SELECT count(*) FROM walbridge.tombstones"), "1");
+    // The applier's insert guard names the table in the error's structured fields (the
+    // applier reads them; it never parses the message).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(
+            &d.node("a").dsn("postgres"),
+            tokio_postgres::NoTls,
+        ))
+        .expect("connect");
+    rt.spawn(conn);
+    let err = rt
+        .block_on(client.execute(
+            "SELECT walbridge.expect_no_tombstones('public.items'::regclass)",
+            &[],
+        ))
+        .expect_err("the guard passed with a tombstone");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.code().code(), db.schema(), db.table()),
+        ("WB003", Some("public"), Some("items"))
+    );
+    drop(client);
     d.sql(
         "a",
         "INSERT INTO walbridge.conflicts (resolved_at, source, target, table_name, key, kind, resolution)

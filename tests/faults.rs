@@ -405,6 +405,69 @@ fn slot_invalidated_while_a_peer_is_away_is_reported_and_other_directions_go_on(
     assert!(text.contains("ledger"), "{text}");
 }
 
+/// The target restarts while the applier looks up a table it meets for the first time: the
+/// lookup fails with 57P01 (terminating connection due to administrator command), a transient
+/// error like any other restart, so the direction reconnects and the row arrives instead of the
+/// direction stopping. A session holding pg_namespace keeps the lookup waiting on the server
+/// until the restart, so the restart hits it in flight every time.
+#[test]
+fn target_restart_during_a_first_table_lookup_is_retried() {
+    let mut d = Deployment::new(
+        &["a", "b"],
+        "CREATE TABLE public.warm (id int PRIMARY KEY);
+         CREATE TABLE public.fresh (id int PRIMARY KEY);",
+        "tables = [\"public.warm\", \"public.fresh\"]",
+    );
+    let port = d.enable_metrics();
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("a", "INSERT INTO warm VALUES (1)");
+    d.wait_for("b", "SELECT count(*) FROM warm", "1");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (locker, conn) = rt
+        .block_on(tokio_postgres::connect(
+            &d.node("b").dsn("postgres"),
+            tokio_postgres::NoTls,
+        ))
+        .expect("connect");
+    rt.spawn(conn);
+    rt.block_on(
+        locker.batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_namespace IN ACCESS EXCLUSIVE MODE"),
+    )
+    .expect("lock pg_namespace");
+    d.sql("a", "INSERT INTO fresh VALUES (1)");
+    let waiting = wait_until(WAIT, || {
+        rt.block_on(locker.query_one(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+              WHERE wait_event_type = 'Lock' AND query LIKE '%relreplident%'",
+            &[],
+        ))
+        .map(|r| r.get::<_, i64>(0) > 0)
+        .unwrap_or(false)
+    });
+    assert!(waiting, "the lookup never waited; log:\n{}", run.log());
+    d.node_mut("b").stop(StopMode::Fast).expect("stop b");
+    drop(locker);
+    d.node_mut("b").restart().expect("start b");
+
+    d.wait_for("b", "SELECT count(*) FROM fresh", "1");
+    run.assert_running();
+    assert_eq!(
+        metric_sum(
+            &scrape(port),
+            "walbridge_errors_total",
+            &[("source", "a"), ("target", "b"), ("kind", "definite")],
+        ),
+        0.0,
+        "{}",
+        run.log()
+    );
+}
+
 /// Peak resident memory of a process, from `/proc` (kB).
 fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -13,10 +13,10 @@ use super::sql::{self, TableMap};
 use super::{proto, text, value_param, Applier, Item, Sent, TableState};
 use crate::config::ConflictPolicy;
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
+use crate::direction::DirectionError;
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
 use crate::lsn::PgTimestamp;
 use crate::protocol::ServerError;
-use crate::runtime::DirectionError;
 use crate::telemetry;
 
 /// A conflict resolved in the current careful transaction: counted once it commits.

@@ -49,12 +49,12 @@ use tokio_postgres::Client;
 use crate::catalog;
 use crate::config::{Config, ConflictPolicy};
 use crate::conflict::{ConflictKind, Resolution};
+use crate::direction::DirectionError;
 use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
-use crate::runtime::DirectionError;
 use sql::TableMap;
 pub use writers::Writers;
 
@@ -245,20 +245,11 @@ pub struct Applier {
 
 /// The target session could not be prepared.
 fn server(target: &str, what: &str, e: ServerError) -> DirectionError {
-    let msg = format!("node {target}: {what}: {e}");
-    if crate::protocol::sqlstate_is_transient(&e.code) {
-        DirectionError::transient(msg)
-    } else {
-        DirectionError::definite(msg)
-    }
+    DirectionError::caused_by(format!("node {target}: {what}: {e}"), &e)
 }
 
 fn proto(e: crate::protocol::ProtocolError) -> DirectionError {
-    if e.is_transient() {
-        DirectionError::transient(e.to_string())
-    } else {
-        DirectionError::definite(e.to_string())
-    }
+    DirectionError::caused_by(e.to_string(), &e)
 }
 
 fn text(b: &Option<Bytes>) -> Option<&str> {
@@ -301,12 +292,14 @@ impl Applier {
             .await
             .map_err(proto)?
             .map_err(|e| {
-                if e.code == "55006" || e.message.contains("is already active") {
+                // 55006 object_in_use: "replication origin … is already active for PID …";
+                // 42704 undefined_object: "replication origin … does not exist".
+                if e.code == "55006" {
                     DirectionError::transient(format!(
                         "node {target}: origin {origin} is still held by another session \
                          (a previous walbridge process?); retrying: {e}"
                     ))
-                } else if e.message.contains("does not exist") {
+                } else if e.code == "42704" {
                     DirectionError::definite(format!(
                         "node {target}: replication origin {origin} does not exist; run walbridge setup"
                     ))
@@ -554,11 +547,13 @@ impl Applier {
         let info = catalog::table_info(&self.catalog, &relation.schema, &relation.table)
             .await
             .map_err(|e| {
-                if e.0.is_closed() {
-                    DirectionError::transient(format!("node {}: {e}", self.target))
-                } else {
-                    DirectionError::definite(format!("node {}: {e}", self.target))
-                }
+                let msg = format!(
+                    "node {}: looking up table {}: {}",
+                    self.target,
+                    relation.qualified_name(),
+                    crate::pgconn::pg_message(&e.0)
+                );
+                DirectionError::caused_by(msg, &e)
             })?
             .ok_or_else(|| {
                 DirectionError::definite(format!(
@@ -586,10 +581,14 @@ impl Applier {
                 .await
                 .map(|r| r.get::<_, bool>(0))
                 .map_err(|e| {
-                    DirectionError::transient(format!(
-                        "node {}: reading walbridge.tombstones: {e}",
-                        self.target
-                    ))
+                    DirectionError::caused_by(
+                        format!(
+                            "node {}: reading walbridge.tombstones: {}",
+                            self.target,
+                            crate::pgconn::pg_message(&e)
+                        ),
+                        &e,
+                    )
                 })?;
         let policy = self
             .config
@@ -1291,19 +1290,24 @@ impl Applier {
         error: ServerError,
     ) -> Result<Outcome, DirectionError> {
         let class = &error.code[..2.min(error.code.len())];
-        if error.code == "WB003" {
-            // A table got tombstones: its inserts take the per-row check from now on.
-            let oid = error
-                .message
-                .split_whitespace()
-                .find_map(|w| w.parse::<u32>().ok());
+        if error.code == sql::TOMBSTONES_APPEARED {
+            // A table got tombstones: its inserts take the per-row check from now on. The
+            // error names it in its TABLE and SCHEMA fields; without them (a function
+            // installed by an older setup), every table takes the check.
+            let named = match (error.schema.as_deref(), error.table.as_deref()) {
+                (Some(s), Some(t)) if !t.is_empty() => Some((s, t)),
+                _ => None,
+            };
             for t in self.tables.values() {
-                if oid.is_none_or(|o| o == t.map.target.oid) {
+                let target = &t.map.target;
+                if named.is_none_or(|(s, n)| s == target.schema && n == target.name) {
                     t.tombstoned.store(true, Ordering::Relaxed);
                 }
             }
         }
-        let conflict_like = error.code == "WB001" || error.code == "WB003" || class == "23";
+        let conflict_like = error.code == sql::ROWS_NOT_AS_EXPECTED
+            || error.code == sql::TOMBSTONES_APPEARED
+            || class == "23";
         if !conflict_like && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
             if sql::truncate_refused(&error) {
@@ -1327,11 +1331,7 @@ impl Applier {
             );
             // The target refuses writes for now (read-only, lock_timeout, cancelled): the
             // direction starts again from the origin's progress after a backoff.
-            return Err(if crate::protocol::sqlstate_is_transient(&error.code) {
-                DirectionError::transient(msg)
-            } else {
-                DirectionError::definite(msg)
-            });
+            return Err(DirectionError::caused_by(msg, &error));
         }
         // Everything after the failed group fails in apply_finish (progress mismatch).
         let mut followers = Vec::new();

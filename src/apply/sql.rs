@@ -813,6 +813,14 @@ pub fn truncate_refused(error: &crate::protocol::ServerError) -> bool {
     error.code == "0A000" && error.message.contains("foreign key")
 }
 
+/// SQLSTATE raised by `walbridge.expect_rows` (sql/schema.sql): a statement changed other
+/// rows than expected, a possible conflict; the transaction is redone carefully.
+pub const ROWS_NOT_AS_EXPECTED: &str = "WB001";
+
+/// SQLSTATE raised by `walbridge.expect_no_tombstones` (sql/schema.sql), with the table in the
+/// error's SCHEMA and TABLE fields: the table got delete tombstones since it was mapped.
+pub const TOMBSTONES_APPEARED: &str = "WB003";
+
 /// Fails (WB001, like a possible conflict) so that the group rolls back and its transactions
 /// are redone carefully: used for a change only the careful path can write.
 pub const NEEDS_CAREFUL: &str = "SELECT walbridge.expect_rows(0, 1)";

@@ -41,9 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, quote_literal, TableInfo};
 use crate::config::Config;
+use crate::direction::prereq::Problem;
 use crate::lsn::Lsn;
 use crate::pgconn;
-use crate::setup::Problem;
 use progress::{human_bytes, Progress};
 use table::TablePlan;
 
@@ -71,7 +71,7 @@ pub enum CopyError {
         source: crate::protocol::ProtocolError,
     },
     /// A statement failed.
-    #[error("node {node}: {what}: {}", crate::setup::pg_message(source))]
+    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
     Sql {
         /// The node.
         node: String,
@@ -896,7 +896,7 @@ async fn undo(config: &Config, plan: &CopyPlan, done: &Done) -> String {
                 Err(e) => said.push(format!(
                     "could not drop slot {slot_name} on {source} ({}); drop it with SELECT \
                      pg_drop_replication_slot('{slot_name}')",
-                    crate::setup::pg_message(&e)
+                    crate::pgconn::pg_message(&e)
                 )),
             },
             Err(e) => said.push(format!(

@@ -61,6 +61,11 @@ pub struct ServerError {
     pub detail: Option<String>,
     /// Optional hint.
     pub hint: Option<String>,
+    /// Schema of the object the error is about, when the server names one (field `s`).
+    pub schema: Option<String>,
+    /// Table the error is about, when the server names one (field `t`): walbridge's own
+    /// errors set it (`RAISE … USING TABLE`) so the applier never parses a message.
+    pub table: Option<String>,
 }
 
 impl ServerError {
@@ -77,6 +82,8 @@ impl ServerError {
                 b'M' => e.message = value,
                 b'D' => e.detail = Some(value),
                 b'H' => e.hint = Some(value),
+                b's' => e.schema = Some(value),
+                b't' => e.table = Some(value),
                 _ => {}
             }
         }
@@ -309,8 +316,7 @@ mod tests {
                 severity: "ERROR".into(),
                 code: code.into(),
                 message: message.into(),
-                detail: None,
-                hint: None,
+                ..Default::default()
             }),
         )
     }

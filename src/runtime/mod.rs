@@ -1,11 +1,8 @@
 //! The runtime: the only place that spawns tasks. One worker per direction, each its own
 //! failure domain, restarted with backoff on transient errors and parked on definite ones.
 
-pub mod claim;
 mod housekeeping;
 pub mod monitor;
-pub mod spread;
-pub mod state;
 mod stream;
 
 use std::future::Future;
@@ -18,81 +15,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, Mode};
+use crate::direction::{claim, spread};
 use crate::metrics::Metrics;
 use crate::trigger::CaptureMode;
-pub use state::{DirectionState, DirectionStatus, NodeStatus, SlotStatus, StatusBoard};
-
-/// Everything a direction's worker needs, handed down by the runtime.
-#[derive(Clone)]
-pub struct DirectionContext {
-    /// The whole configuration.
-    pub config: Arc<Config>,
-    /// Source node name.
-    pub source: String,
-    /// Target node name.
-    pub target: String,
-    /// Metrics to count into.
-    pub metrics: Metrics,
-    /// Live state to report into.
-    pub status: StatusBoard,
-    /// Cancelled on SIGINT/SIGTERM: finish or abandon the in-flight transaction, then return.
-    pub shutdown: CancellationToken,
-    /// Server process id of an apply session given up as dead (0: none): the next attempt
-    /// ends it on the target, so it cannot keep holding the replication origin.
-    pub abandoned_apply_pid: Arc<std::sync::atomic::AtomicI32>,
-    /// This instance's share of the directions, and requests to hand one over.
-    pub fleet: spread::Fleet,
-}
-
-impl DirectionContext {
-    /// Updates this direction's entry on the status board.
-    pub fn report(&self, f: impl FnOnce(&mut DirectionStatus)) {
-        self.status.direction(&self.source, &self.target, f);
-    }
-}
-
-/// Whether a failure is worth retrying.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Connection lost, server restarting, lock held by a previous session: retry with backoff.
-    Transient,
-    /// Missing column or table, slot gone, conflict under policy `error`, bad data: stop this
-    /// direction and tell the operator.
-    Definite,
-}
-
-/// Why a direction's worker stopped.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct DirectionError {
-    /// Retry or stop.
-    pub class: ErrorClass,
-    /// What happened and what to do, naming the node/table.
-    pub message: String,
-}
-
-impl DirectionError {
-    /// A transient failure.
-    pub fn transient(message: impl Into<String>) -> Self {
-        DirectionError {
-            class: ErrorClass::Transient,
-            message: message.into(),
-        }
-    }
-
-    /// A definite failure.
-    pub fn definite(message: impl Into<String>) -> Self {
-        DirectionError {
-            class: ErrorClass::Definite,
-            message: message.into(),
-        }
-    }
-
-    /// True when retrying may help.
-    pub fn is_transient(&self) -> bool {
-        self.class == ErrorClass::Transient
-    }
-}
+// The direction contract moved down to `crate::direction`; these names stay importable here
+// so code written against `runtime::…` before the move keeps building.
+pub use crate::direction::{
+    state, DirectionContext, DirectionError, DirectionState, DirectionStatus, ErrorClass,
+    NodeStatus, SlotStatus, StatusBoard,
+};
 
 /// `walbridge run` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -219,15 +150,18 @@ async fn direction_mode(ctx: &DirectionContext) -> Result<CaptureMode, Direction
             })?;
             let client = crate::pgconn::connect(&node.dsn, "walbridge-mode")
                 .await
-                .map_err(|e| DirectionError::transient(format!("node {}: {e}", ctx.source)))?;
+                .map_err(|e| DirectionError::caused_by(format!("node {}: {e}", ctx.source), &e))?;
             let m = crate::trigger::node_mode(&ctx.config, &ctx.source, &client)
                 .await
                 .map_err(|e| {
-                    DirectionError::transient(format!(
-                        "node {}: reading its capture mode: {}",
-                        ctx.source,
-                        crate::setup::pg_message(&e)
-                    ))
+                    DirectionError::caused_by(
+                        format!(
+                            "node {}: reading its capture mode: {}",
+                            ctx.source,
+                            crate::pgconn::pg_message(&e)
+                        ),
+                        &e,
+                    )
                 })?;
             ctx.report(|s| s.mode_reason = Some(m.reason.clone()));
             Ok(m.mode)

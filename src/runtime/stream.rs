@@ -26,42 +26,28 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::claim;
-use super::state::Observation;
-use super::{DirectionContext, DirectionError, DirectionState};
 use crate::apply::{Applier, ApplyLimits, Outcome};
 use crate::config::Plugin;
+use crate::direction::prereq;
+use crate::direction::state::Observation;
+use crate::direction::{claim, DirectionContext, DirectionError, DirectionState};
 use crate::lsn::Lsn;
 use crate::pgconn;
 use crate::protocol::pipeline::Pipeline;
 use crate::protocol::{self, ConnectOptions, StreamConfig};
-use crate::setup::prereq;
 use crate::source::{Source, SourceError, SourceItem, SourceOptions};
 
 fn source_err(node: &str, e: SourceError) -> DirectionError {
-    let msg = format!("node {node}: {e}");
-    if e.is_transient() {
-        DirectionError::transient(msg)
-    } else {
-        DirectionError::definite(msg)
-    }
+    DirectionError::caused_by(format!("node {node}: {e}"), &e)
 }
 
 fn connect_err(e: pgconn::ConnectError) -> DirectionError {
-    if e.is_transient() {
-        DirectionError::transient(e.to_string())
-    } else {
-        DirectionError::definite(e.to_string())
-    }
+    DirectionError::caused_by(e.to_string(), &e)
 }
 
 fn sql_err(node: &str, what: &str, e: tokio_postgres::Error) -> DirectionError {
-    let msg = format!("node {node}: {what}: {}", crate::setup::pg_message(&e));
-    if e.is_closed() || e.as_db_error().is_none() {
-        DirectionError::transient(msg)
-    } else {
-        DirectionError::definite(msg)
-    }
+    let msg = format!("node {node}: {what}: {}", crate::pgconn::pg_message(&e));
+    DirectionError::caused_by(msg, &e)
 }
 
 /// A request to the target unanswered this long makes walbridge look at the apply session.
@@ -123,7 +109,7 @@ async fn watch_apply(
                     &[&pid, &app],
                 )
                 .await
-                .map_err(|e| crate::setup::pg_message(&e))?;
+                .map_err(|e| crate::pgconn::pg_message(&e))?;
             let seen = row.map(|r| {
                 (
                     r.get::<_, Option<String>>(0).unwrap_or_default(),
@@ -235,13 +221,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
         },
     )
     .await
-    .map_err(|e| {
-        if e.is_transient() {
-            DirectionError::transient(e.to_string())
-        } else {
-            DirectionError::definite(e.to_string())
-        }
-    })?;
+    .map_err(|e| DirectionError::caused_by(e.to_string(), &e))?;
     let apply_pid = raw.backend_key().map(|(pid, _)| pid).unwrap_or(0);
     let (mut pipe, driver) = Pipeline::from_raw(raw);
     let apply_driver = tokio::spawn(driver);

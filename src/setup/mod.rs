@@ -12,15 +12,14 @@
 //!
 //! Trigger mode (per node, [`crate::trigger::choose`]) creates the change table, its
 //! dead-letter twin and the capture triggers instead of the publication and slots
-//! ([`crate::trigger::setup`]); a node that was in trigger mode and is now in stream mode is
-//! cut over once its slots exist ([`crate::trigger::setup::cut_over`]).
+//! ([`capture`]); a node that was in trigger mode and is now in stream mode is
+//! cut over once its slots exist ([`capture::cut_over`]).
 
-pub mod prereq;
+pub mod capture;
 mod sequences;
 mod teardown;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 
 use tokio_postgres::Client;
 
@@ -29,7 +28,10 @@ use crate::config::{Config, ConflictPolicy};
 use crate::event::ReplicaIdentity;
 use crate::pgconn;
 use crate::trigger::{self, CaptureMode};
-pub use prereq::Problem;
+// Moved down (the prerequisite checks to `direction`, the server-message helpers to
+// `pgconn`); still importable here so code written before the move keeps building.
+pub use crate::direction::prereq::{self, Problem};
+pub use crate::pgconn::{is_superuser, pg_message, pg_message_with_values};
 pub use teardown::teardown;
 
 /// The SQL that creates walbridge's schema objects on a node.
@@ -109,44 +111,6 @@ pub enum SetupError {
     /// Something else that the message explains.
     #[error("{0}")]
     Other(String),
-}
-
-/// The server's message (and detail/hint) rather than tokio-postgres's generic "db error";
-/// row values in them are withheld unless `[log] row_contents` is on
-/// ([`crate::telemetry::shown_detail`]).
-pub fn pg_message(e: &tokio_postgres::Error) -> String {
-    db_message(e, true)
-}
-
-/// [`pg_message`] with row values always kept, for text stored next to the row it is about
-/// (the trigger mode's dead-letter table), never for logs or errors.
-pub fn pg_message_with_values(e: &tokio_postgres::Error) -> String {
-    db_message(e, false)
-}
-
-fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            let (message, detail) = if redact {
-                (
-                    crate::telemetry::shown_message(code, db.message()),
-                    crate::telemetry::shown_detail(code, db.detail()),
-                )
-            } else {
-                (db.message().into(), db.detail())
-            };
-            let mut s = message.into_owned();
-            if let Some(d) = detail {
-                let _ = write!(s, " ({d})");
-            }
-            if let Some(h) = db.hint() {
-                let _ = write!(s, "; hint: {h}");
-            }
-            s
-        }
-        None => e.to_string(),
-    }
 }
 
 /// Maps a failed statement to [`SetupError::Sql`] naming the node and what was being done.
@@ -366,7 +330,7 @@ pub async fn setup(
             Err(e) => return Err(e),
         }
         if any_trigger {
-            trigger::setup::install_bookkeeping(n).await?;
+            capture::install_bookkeeping(n).await?;
         }
         if node_mode == CaptureMode::Stream {
             let pub_line = ensure_publication(config, n, &tables).await?;
@@ -413,7 +377,7 @@ pub async fn setup(
             infos.push(info);
         }
         if node_mode == CaptureMode::Trigger {
-            trigger::setup::install_node(config, n, &infos, out).await?;
+            capture::install_node(config, n, &infos, out).await?;
         }
     }
 
@@ -471,14 +435,14 @@ pub async fn setup(
         if mode_of(&n.name) != CaptureMode::Stream {
             continue;
         }
-        let installed = trigger::setup::capture_installed(&n.client)
+        let installed = capture::capture_installed(&n.client)
             .await
             .map_err(sql_err(&n.name, "looking for capture triggers"))?;
-        let pending = trigger::setup::cutover_pending(&n.client)
+        let pending = capture::cutover_pending(&n.client)
             .await
             .map_err(sql_err(&n.name, "reading the cut-over state"))?;
         if installed || pending {
-            trigger::setup::cut_over(config, &nodes, &n.name, out).await?;
+            capture::cut_over(config, &nodes, &n.name, out).await?;
         }
     }
     for n in &nodes {
@@ -563,7 +527,7 @@ async fn node_problems(
     facts: &prereq::NodeFacts,
 ) -> Result<(Vec<Problem>, Vec<String>, bool), SetupError> {
     if mode == CaptureMode::Trigger {
-        let (p, w) = trigger::setup::check_node(config, &n.client, &n.name)
+        let (p, w) = capture::check_node(config, &n.client, &n.name)
             .await
             .map_err(sql_err(&n.name, "checking trigger-mode prerequisites"))?;
         let problems = p
@@ -659,17 +623,6 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
             .map_err(sql_err(&n.name, "recording walbridge.settings"))?;
     }
     Ok(())
-}
-
-/// Whether the session's role is a superuser.
-pub async fn is_superuser(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one(
-            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await?
-        .get(0))
 }
 
 /// Creates a replication origin when missing; true when created.

@@ -94,7 +94,7 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
             .map_err(sql_err(node, "dropping the publication"))?;
         // Trigger mode: the change and dead-letter tables go only when walbridge made them
         // and they are empty.
-        crate::trigger::setup::teardown_node(config, client, node, out).await?;
+        super::capture::teardown_node(config, client, node, out).await?;
         let triggers = client
             .query(
                 "SELECT pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', tgname, tgrelid::regclass)

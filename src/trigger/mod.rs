@@ -95,7 +95,7 @@
 //!
 //! # Cut-over to stream mode
 //!
-//! `setup` with `mode = "stream"` on a node in trigger mode ([`setup::cut_over`]), after it
+//! `setup` with `mode = "stream"` on a node in trigger mode (`setup::capture::cut_over`), after it
 //! created the node's slots (so their consistent point is before everything below):
 //!
 //! ```text
@@ -119,8 +119,7 @@
 mod change;
 pub mod legacy;
 pub mod mode;
-pub mod setup;
-mod sql;
+pub mod sql;
 mod worker;
 
 pub use change::{Op, RowError};

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, Mode};
-use crate::setup::prereq::{self, NodeFacts};
+use crate::direction::prereq::{self, NodeFacts};
 
 /// How one node's changes are captured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -117,7 +117,7 @@ pub async fn node_modes(config: &Config) -> Vec<Result<NodeMode, String>> {
         let r = match crate::pgconn::connect(&node.dsn, "walbridge-status").await {
             Ok(client) => node_mode(config, &node.name, &client)
                 .await
-                .map_err(|e| format!("node {}: {}", node.name, crate::setup::pg_message(&e))),
+                .map_err(|e| format!("node {}: {}", node.name, crate::pgconn::pg_message(&e))),
             Err(e) => Err(format!("node {}: {e}", node.name)),
         };
         out.push(r);

@@ -28,11 +28,11 @@ use tokio_postgres::{Client, IsolationLevel, Statement};
 use crate::catalog::{self, TableInfo};
 use crate::config::Config;
 use crate::conflict::{self, Action, Incoming, LocalState, Version};
+use crate::direction::{DirectionContext, DirectionError, DirectionState, ErrorClass};
 use crate::event::ChangeOp;
 use crate::lsn::PgTimestamp;
 use crate::pgconn;
-use crate::runtime::{DirectionContext, DirectionError, DirectionState, ErrorClass};
-use crate::setup::pg_message;
+use crate::pgconn::pg_message;
 
 use super::change::{self, Change, Op, RawRow, RowError};
 use super::sql;
@@ -191,11 +191,7 @@ fn pg_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> Direc
 }
 
 fn classify(e: &tokio_postgres::Error) -> ErrorClass {
-    match e.as_db_error() {
-        Some(db) if pgconn::sqlstate_is_transient(db.code().code()) => ErrorClass::Transient,
-        Some(_) => ErrorClass::Definite,
-        None => ErrorClass::Transient,
-    }
+    crate::direction::Classify::class(e)
 }
 
 /// Whether a server error is about the one statement's data (so the change row is dead and
@@ -224,7 +220,7 @@ fn row_failure(i: usize, e: &tokio_postgres::Error, node: &str, what: &str) -> O
         Some(db) if db.code().code() == "25P02" => None,
         Some(db) if is_row_error(db.code().code()) => Some(Attempt::Row(
             i,
-            crate::setup::pg_message_with_values(e),
+            crate::pgconn::pg_message_with_values(e),
             pg_message(e),
             Some(db.code().code().to_string()),
         )),

@@ -88,7 +88,7 @@ pub enum VerifyError {
         source: pgconn::ConnectError,
     },
     /// A query failed on a node.
-    #[error("node {node}: {what}: {}", crate::setup::pg_message(source))]
+    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
     Sql {
         /// The node.
         node: String,

@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{quote_ident, quote_literal, TableInfo};
 use crate::config::{Config, Plugin};
+use crate::direction::{DirectionContext, StatusBoard};
 use crate::metrics::Metrics;
-use crate::runtime::{DirectionContext, StatusBoard};
-use crate::setup::{pg_message, NodeSession, SetupError};
+use crate::pgconn::pg_message;
+use crate::setup::{NodeSession, SetupError};
 
-use super::sql;
+use crate::trigger::sql;
 
 /// Marks a change table that walbridge created (teardown may then drop it when empty).
 const CREATED_COMMENT: &str = "walbridge change table (created by walbridge setup)";
@@ -188,7 +189,7 @@ pub async fn install_node(
             &n.name,
             "creating the capture functions (sql/trigger_capture.sql)",
         ))?;
-    if crate::setup::is_superuser(&n.client)
+    if crate::pgconn::is_superuser(&n.client)
         .await
         .map_err(sql_err(&n.name, "reading the role's attributes"))?
     {
@@ -510,9 +511,9 @@ pub async fn cut_over(
             status: status.clone(),
             shutdown: CancellationToken::new(),
             abandoned_apply_pid: Arc::default(),
-            fleet: crate::runtime::spread::Fleet::new(1),
+            fleet: crate::direction::spread::Fleet::new(1),
         };
-        let applied = super::worker::drain_direction(&ctx, fence_id)
+        let applied = crate::trigger::drain_direction(&ctx, fence_id)
             .await
             .map_err(|e| {
                 SetupError::Other(format!(

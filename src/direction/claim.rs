@@ -139,13 +139,7 @@ pub async fn acquire(ctx: &DirectionContext, pipe: &mut Pipeline) -> Result<bool
         };
         let rows = rows
             .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    DirectionError::transient(e.to_string())
-                } else {
-                    DirectionError::definite(e.to_string())
-                }
-            })?
+            .map_err(|e| DirectionError::caused_by(e.to_string(), &e))?
             .map_err(|e| {
                 DirectionError::transient(format!("node {t}: claiming direction {s} -> {t}: {e}"))
             })?;
@@ -161,7 +155,7 @@ pub async fn acquire(ctx: &DirectionContext, pipe: &mut Pipeline) -> Result<bool
                 IDLE_LIMIT.as_secs()
             ))
             .await
-            .map_err(|e| DirectionError::transient(e.to_string()))?
+            .map_err(|e| DirectionError::caused_by(e.to_string(), &e))?
             .map_err(|e| {
                 DirectionError::transient(format!("node {t}: setting idle_session_timeout: {e}"))
             })?;

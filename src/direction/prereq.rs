@@ -241,7 +241,7 @@ pub async fn plugin_probe(
                 "the output plugin {} cannot be loaded ({}); install it (Debian: apt-get install \
                  postgresql-15-wal2json) or use plugin = \"pgoutput\"",
                     plugin.as_str(),
-                    crate::setup::pg_message(&e)
+                    crate::pgconn::pg_message(&e)
                 ),
             }),
         }),
