@@ -32,11 +32,16 @@ $$;
 DROP SCHEMA IF EXISTS walbridge CASCADE;
 
 -- The NOLOGIN owners of walbridge's functions (sql/definer_roles.sql), unless walbridge still
--- uses them in another database of the cluster.
+-- uses them in another database of the cluster. Only a superuser made them, so only a
+-- superuser removes them. (`walbridge teardown` runs this part as it is.)
 DO $$
 DECLARE
     r text;
 BEGIN
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) current_user) THEN
+        RAISE NOTICE 'not a superuser: roles walbridge_skip and walbridge_capture are left';
+        RETURN;
+    END IF;
     FOR r IN SELECT rolname FROM pg_catalog.pg_roles
               WHERE rolname IN ('walbridge_skip', 'walbridge_capture')
     LOOP

@@ -50,8 +50,8 @@ pub const DEFAULT_FILTER: &str = "info";
 
 /// Installs the global subscriber writing to stderr. `RUST_LOG` filters (default `info`); an
 /// invalid `RUST_LOG` falls back to the default and says so. Calling it again does nothing:
-/// the first subscriber stays.
-pub fn init(format: LogFormat) {
+/// the first subscriber stays. True when this call installed it.
+pub fn init(format: LogFormat) -> bool {
     let (filter, bad_filter) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
             Ok(filter) => (filter, None),
@@ -76,6 +76,7 @@ pub fn init(format: LogFormat) {
             tracing::warn!(rust_log = %spec, %error, "ignoring invalid RUST_LOG; logging at info");
         }
     }
+    installed.is_ok()
 }
 
 static ROW_CONTENTS: AtomicBool = AtomicBool::new(false);
@@ -210,9 +211,17 @@ mod tests {
     }
 
     #[test]
-    fn init_twice_is_harmless() {
-        init(LogFormat::Json);
-        init(LogFormat::Text);
+    fn init_installs_once_and_a_second_call_keeps_the_first() {
+        // The only test that installs a subscriber (nextest also gives it its own process).
+        assert!(
+            init(LogFormat::Json),
+            "the first call did not install the subscriber"
+        );
+        assert!(tracing::dispatcher::has_been_set());
+        assert!(
+            !init(LogFormat::Text),
+            "a second call replaced the first subscriber"
+        );
         tracing::info!("still logging");
     }
 }

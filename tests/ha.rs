@@ -185,34 +185,6 @@ fn standby_instance_takes_over_after_kill_9() {
     two.assert_running();
 }
 
-/// A writer committing `n` single-row ledger inserts on `node`, one per transaction.
-fn writer(d: &Deployment, node: &str, from: i64, n: i64, pause: &str) -> std::process::Child {
-    let c = d.node(node);
-    Command::new(c.bin_dir().join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &c.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-c",
-        ])
-        .arg(format!(
-            "DO $$ BEGIN FOR i IN {from}..{} LOOP \
-               INSERT INTO ledger VALUES (i, '{node}'); COMMIT; PERFORM pg_sleep({pause}); \
-             END LOOP; END $$;",
-            from + n - 1
-        ))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the writer")
-}
-
 /// Instance name -> how many directions it owns.
 fn owned_counts(d: &Deployment) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -220,10 +192,6 @@ fn owned_counts(d: &Deployment) -> BTreeMap<String, usize> {
         *m.entry(o).or_insert(0) += 1;
     }
     m
-}
-
-fn summary(d: &Deployment, node: &str) -> String {
-    d.sql(node, "SELECT count(*) || ' rows, ' || count(DISTINCT seq) || ' distinct, sum ' || coalesce(sum(seq), 0) FROM ledger")
 }
 
 #[test]
@@ -245,7 +213,7 @@ fn heavy_kill_9_owners_repeatedly_three_nodes_three_instances() {
     let mut writers: Vec<_> = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| writer(&d, n, 1 + i as i64 * 100_000, per_node, "0.005"))
+        .map(|(i, n)| ledger_writer(&d, n, 1 + i as i64 * 100_000, per_node, "0.005", false))
         .collect();
     let kills = 10;
     let mut times = Vec::new();
@@ -290,13 +258,13 @@ fn heavy_kill_9_owners_repeatedly_three_nodes_three_instances() {
         d.wait_for(n, "SELECT count(*) FROM ledger", &total);
     }
     d.wait_caught_up();
-    let first = summary(&d, "a");
+    let first = ledger_summary(&d, "a");
     assert!(
         first.starts_with(&format!("{total} rows, {total} distinct")),
         "{first}"
     );
     for n in nodes {
-        assert_eq!(summary(&d, n), first, "on {n}");
+        assert_eq!(ledger_summary(&d, n), first, "on {n}");
     }
     times.sort();
     eprintln!(
@@ -352,8 +320,8 @@ fn heavy_sigstopped_owner_is_fenced_and_applies_nothing_twice() {
         .count()
         == 2));
     let mut writers = vec![
-        writer(&d, "a", 1, 1500, "0.005"),
-        writer(&d, "b", 100_001, 1500, "0.005"),
+        ledger_writer(&d, "a", 1, 1500, "0.005", false),
+        ledger_writer(&d, "b", 100_001, 1500, "0.005", false),
     ];
     assert!(wait_until(WAIT, || count(
         &d,
@@ -393,7 +361,7 @@ fn heavy_sigstopped_owner_is_fenced_and_applies_nothing_twice() {
     assert!(owners(&d).values().all(|o| o.as_deref() == Some("two")));
     for n in nodes {
         assert_eq!(
-            summary(&d, n),
+            ledger_summary(&d, n),
             "3000 rows, 3000 distinct, sum 152251500",
             "on {n}"
         );
@@ -416,7 +384,7 @@ fn heavy_directions_spread_over_instances_within_60_s() {
     let mut writers: Vec<_> = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| writer(&d, n, 1 + i as i64 * 100_000, 2000, "0.01"))
+        .map(|(i, n)| ledger_writer(&d, n, 1 + i as i64 * 100_000, 2000, "0.01", false))
         .collect();
     let mut others = vec![
         spawn_instance(&d, "i2", "i2.log", None),
@@ -454,10 +422,10 @@ fn heavy_directions_spread_over_instances_within_60_s() {
         d.wait_for(n, "SELECT count(*) FROM ledger", "6000");
     }
     d.wait_caught_up();
-    let want = summary(&d, "a");
+    let want = ledger_summary(&d, "a");
     assert!(want.starts_with("6000 rows, 6000 distinct"), "{want}");
     for n in nodes {
-        assert_eq!(summary(&d, n), want, "on {n}");
+        assert_eq!(ledger_summary(&d, n), want, "on {n}");
     }
     // Still spread once the moves are over (nobody took back more than its share).
     assert!(spread(&d), "{:?}", owned_counts(&d));

@@ -1,8 +1,6 @@
 //! Randomized concurrent writes on a small key space on both nodes: after quiescence both
 //! nodes are identical and every conflict was counted.
 
-use std::io::Write;
-
 use rand::{Rng, SeedableRng};
 
 use crate::support::*;
@@ -32,27 +30,15 @@ fn script(seed: u64, node: &str, ops: usize, keys: i32) -> String {
 }
 
 fn run_scripts(d: &Deployment, seed: u64, phase: u64) {
-    let mut children = Vec::new();
-    for (i, node) in ["a", "b"].iter().enumerate() {
-        let path = d.dir.path().join(format!("{node}-{seed}-{phase}.sql"));
-        let mut f = std::fs::File::create(&path).unwrap();
-        f.write_all(script(seed * 100 + phase * 10 + i as u64, node, 400, 12).as_bytes())
-            .unwrap();
-        let c = d.node(node);
-        children.push(
-            std::process::Command::new(c.client_tool("psql").expect("psql"))
-                .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
-                .args(["-U", "postgres", "-d", "postgres", "-f"])
-                .arg(&path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    for mut c in children {
-        c.wait().unwrap();
-    }
+    let scripts: Vec<(String, String)> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let seed = seed * 100 + phase * 10 + i as u64;
+            (node.to_string(), script(seed, node, 400, 12))
+        })
+        .collect();
+    run_scripts_together(d, &scripts, &format!("{seed}-{phase}"));
 }
 
 fn conflicts_recorded(d: &Deployment) -> f64 {

@@ -7,7 +7,6 @@
 //! differ; `WALBRIDGE_SEED=N` runs that seed again, `WALBRIDGE_SEEDS=N` runs seeds 1..=N (the
 //! long run by hand; CI runs seeds 1..=3 per shape).
 
-use std::io::Write;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -66,27 +65,12 @@ fn node_salt(node: &str) -> u64 {
 
 /// Runs every node's script for `phase` at the same time.
 fn write_everywhere(d: &Deployment, seed: u64, phase: u64) {
-    let mut children = Vec::new();
-    for node in &d.names {
-        let path = d.dir.path().join(format!("{node}-{seed}-{phase}.sql"));
-        let mut f = std::fs::File::create(&path).expect("script file");
-        f.write_all(script(seed, node, phase).as_bytes())
-            .expect("write script");
-        let c = d.node(node);
-        children.push(
-            std::process::Command::new(c.client_tool("psql").expect("psql"))
-                .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
-                .args(["-U", "postgres", "-d", "postgres", "-f"])
-                .arg(&path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn psql"),
-        );
-    }
-    for mut c in children {
-        c.wait().expect("psql ran");
-    }
+    let scripts: Vec<(String, String)> = d
+        .names
+        .iter()
+        .map(|node| (node.clone(), script(seed, node, phase)))
+        .collect();
+    run_scripts_together(d, &scripts, &format!("{seed}-{phase}"));
 }
 
 /// Waits until every node's changes so far have been taken by walbridge: stream nodes' slots

@@ -8,43 +8,11 @@ use crate::support::*;
 const LEDGER: &str = "CREATE TABLE public.ledger (seq bigint NOT NULL, note text);
                       ALTER TABLE public.ledger REPLICA IDENTITY FULL;";
 
-/// Starts a psql that commits `n` single-row ledger inserts on `node`, one per transaction.
-fn writer(d: &Deployment, node: &str, from: i64, n: i64, pause: &str) -> std::process::Child {
-    let c = d.node(node);
-    std::process::Command::new(c.client_tool("psql").expect("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &c.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-c",
-        ])
-        .arg(format!(
-            "DO $$ BEGIN FOR i IN {from}..{} LOOP \
-               INSERT INTO ledger VALUES (i, '{node}'); COMMIT; PERFORM pg_sleep({pause}); \
-             END LOOP; END $$;",
-            from + n - 1
-        ))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start the writer")
-}
-
-fn ledger_summary(d: &Deployment, node: &str) -> String {
-    d.sql(node, "SELECT count(*) || ' rows, ' || count(DISTINCT seq) || ' distinct, sum ' || coalesce(sum(seq), 0) FROM ledger")
-}
-
 #[test]
 fn heavy_kill_9_repeatedly_loses_and_repeats_nothing() {
     let d = Deployment::new(&["a", "b"], LEDGER, "tables = [\"public.ledger\"]");
     d.walbridge_ok(&["setup"]);
-    let mut w = writer(&d, "a", 1, 3000, "0.002");
+    let mut w = ledger_writer(&d, "a", 1, 3000, "0.002", false);
     let mut run = d.spawn_run("run-0.log");
     for round in 1..=5 {
         // Kill only once replication has made progress since the last restart.
@@ -83,7 +51,7 @@ fn heavy_target_crash_and_restart_under_load_converges() {
     let mut d = Deployment::new(&["a", "b"], LEDGER, "tables = [\"public.ledger\"]");
     d.walbridge_ok(&["setup"]);
     let mut run = d.spawn_run("run.log");
-    let mut w = writer(&d, "a", 1, 2000, "0.002");
+    let mut w = ledger_writer(&d, "a", 1, 2000, "0.002", false);
     d.wait_for("b", "SELECT count(*) > 100 FROM ledger", "t");
     d.node_mut("b").stop(StopMode::Immediate).unwrap();
     // While b is down, a keeps committing.
@@ -115,7 +83,7 @@ fn heavy_three_node_mesh_delivers_each_write_exactly_once() {
     let mut run = d.spawn_run("run.log");
     let mut writers: Vec<_> = [("a", 1), ("b", 100_001), ("c", 200_001)]
         .iter()
-        .map(|(n, from)| writer(&d, n, *from, 500, "0.001"))
+        .map(|(n, from)| ledger_writer(&d, n, *from, 500, "0.001", false))
         .collect();
     for w in &mut writers {
         assert!(w.wait().expect("writer").success());

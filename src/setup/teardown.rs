@@ -11,28 +11,20 @@ use crate::catalog::quote_ident;
 use crate::config::Config;
 use crate::pgconn;
 
-/// Drops the owners of walbridge's functions (sql/definer_roles.sql): their grants in this
-/// database go with `DROP OWNED`; a role still used by walbridge in another database of the
-/// cluster stays. Only a superuser made them, so only a superuser removes them.
-const DROP_DEFINER_ROLES: &str = "DO $$
-DECLARE
-    r text;
-BEGIN
-    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
-        RETURN;
-    END IF;
-    FOR r IN SELECT rolname FROM pg_catalog.pg_roles
-              WHERE rolname IN ('walbridge_skip', 'walbridge_capture')
-    LOOP
-        EXECUTE pg_catalog.format('DROP OWNED BY %I', r);
-        BEGIN
-            EXECUTE pg_catalog.format('DROP ROLE %I', r);
-        EXCEPTION WHEN dependent_objects_still_exist THEN
-            NULL;
-        END;
-    END LOOP;
-END
-$$";
+/// What `teardown` runs to drop the owners of walbridge's functions (sql/definer_roles.sql):
+/// the last part of sql/uninstall.sql, from its comment on them to the end, so the by-hand
+/// uninstall and teardown stay one text. Their grants in this database go with `DROP OWNED`;
+/// a role still used by walbridge in another database of the cluster stays; only a superuser
+/// removes them.
+fn drop_definer_roles_sql() -> &'static str {
+    const UNINSTALL: &str = include_str!("../../sql/uninstall.sql");
+    UNINSTALL
+        .find(DEFINER_ROLES_SECTION)
+        .map_or("", |at| &UNINSTALL[at..])
+}
+
+/// The comment that opens the role-dropping part of sql/uninstall.sql.
+const DEFINER_ROLES_SECTION: &str = "-- The NOLOGIN owners of walbridge's functions";
 
 /// Triggers walbridge puts on replicated tables (and the change table), in any mode.
 const OWN_TRIGGERS: &[&str] = &[
@@ -115,7 +107,7 @@ pub async fn teardown(config: &Config, out: &mut (dyn Write + Send)) -> Result<(
             .await
             .map_err(sql_err(node, "dropping the walbridge schema"))?;
         client
-            .batch_execute(DROP_DEFINER_ROLES)
+            .batch_execute(drop_definer_roles_sql())
             .await
             .map_err(sql_err(
                 node,
@@ -169,4 +161,24 @@ async fn drop_slots(client: &Client, node: &str, prefix: &str) -> Result<Vec<Str
         dropped.push(slot);
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_role_drop_is_the_end_of_uninstall_sql() {
+        let sql = drop_definer_roles_sql();
+        assert!(sql.starts_with(DEFINER_ROLES_SECTION), "{sql}");
+        for words in [
+            "rolsuper",
+            "DROP OWNED BY",
+            "DROP ROLE",
+            "walbridge_capture",
+        ] {
+            assert!(sql.contains(words), "{words:?} missing from:\n{sql}");
+        }
+        assert!(!sql.contains("DROP SCHEMA"), "{sql}");
+    }
 }

@@ -448,6 +448,39 @@ pub fn ledger_writer(
         .expect("start the writer")
 }
 
+/// Runs each node's psql script (`(node, script)`) at the same time and waits for all of
+/// them; the scripts are written to the deployment's directory as `<node>-<tag>.sql`.
+pub fn run_scripts_together(d: &Deployment, scripts: &[(String, String)], tag: &str) {
+    let mut children = Vec::new();
+    for (node, script) in scripts {
+        let path = d.dir.path().join(format!("{node}-{tag}.sql"));
+        std::fs::write(&path, script).expect("write the script");
+        let c = d.node(node);
+        children.push(
+            std::process::Command::new(c.client_tool("psql").expect("psql"))
+                .args(["-X", "-q", "-h", "127.0.0.1", "-p", &c.port().to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-f"])
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn psql"),
+        );
+    }
+    for mut c in children {
+        c.wait().expect("psql ran");
+    }
+}
+
+/// `count, distinct count and sum` of the ledger's `seq` on `node`, one line to compare.
+pub fn ledger_summary(d: &Deployment, node: &str) -> String {
+    d.sql(
+        node,
+        "SELECT count(*) || ' rows, ' || count(DISTINCT seq) || ' distinct, sum ' \
+         || coalesce(sum(seq), 0) FROM ledger",
+    )
+}
+
 impl Deployment {
     /// The ledger check, once everything is caught up: no node holds a row twice, every node
     /// holds exactly the same rows (count and ordered content hash of `ledger` and `hot`), so
