@@ -5,8 +5,14 @@
 //! know which plugin produced an event.
 //!
 //! ```text
-//!  Begin ─ Origin? ─ (Relation | Type | Change | Truncate | Message)* ─ Commit
+//!  decoders:  Begin ─ Origin? ─ (Relation | Type | Change | Truncate | Message)* ─ Commit
+//!  framed:    Begin{origin} ─── (Relation | Type | Change | Truncate | Message)* ─ Commit
 //! ```
+//!
+//! The decoders give the plugin's messages as they come; the transaction frame is made once,
+//! by [`crate::decode::frame::Framer`] inside the source: it folds the Origin message into
+//! [`Begin::origin`] and, when asked, drops a transaction with an origin whole (echo). So
+//! every consumer (apply, `tail`) sees framed transactions and never an [`Event::Origin`].
 //!
 //! Tuples are positional: `Tuple.0[i]` is the value of `relation.columns[i]`. Old tuples are
 //! always full width; with an old *key* the non-key positions hold [`Value::Null`].
@@ -26,6 +32,7 @@ pub enum Event {
     /// The transaction commits.
     Commit(Commit),
     /// The transaction was written under a replication origin (it arrived by replication).
+    /// Only the decoders yield it; a framed stream carries it in [`Begin::origin`].
     Origin(Origin),
     /// A table's description; pgoutput sends it before the first change of a table in a
     /// session and again whenever the table changed.
@@ -66,6 +73,10 @@ pub struct Begin {
     pub final_lsn: Lsn,
     /// Commit time on the source.
     pub commit_time: PgTimestamp,
+    /// The replication origin the transaction was written under (it arrived by replication,
+    /// or its session opted out with `walbridge.skip_session()`): set by the framer from the
+    /// Origin message; `None` from the decoders and for a local transaction.
+    pub origin: Option<Origin>,
 }
 
 /// End of a transaction.

@@ -24,10 +24,14 @@
 //!       describe s.t from the catalog, decode ──▶ Event
 //! ```
 //!
+//! The transaction frame is made here, once ([`crate::decode::frame`]): the Origin message is
+//! folded into its Begin, and with [`SourceOptions::drop_echo`] a transaction with an origin
+//! is left out whole ([`SourceItem::Echo`] tells that it was).
+//!
 //! Echo: what walbridge applied on this node carries a replication origin and must not travel
 //! on. With pgoutput on PostgreSQL 16+ the server leaves such transactions out (`origin
 //! 'none'`); wal2json filters them by id (`filter-origins`); on 15 pgoutput sends them and the
-//! source skips their changes undecoded, then `run` drops them: the client-side safety net.
+//! source drops them, skipping their change messages undecoded: the client-side safety net.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -36,11 +40,12 @@ use tokio_postgres::Client;
 
 use crate::catalog::{self, quote_ident};
 use crate::config::{Plugin, QualifiedName, TableSelection, WALBRIDGE_SCHEMA};
+use crate::decode::frame::{Framed, Framer};
 use crate::decode::pgoutput::PgOutputDecoder;
 use crate::decode::wal2json::{self, Wal2JsonDecoder, Wal2JsonError};
 use crate::decode::DecodeError;
 use crate::dsn::Dsn;
-use crate::event::Event;
+use crate::event::{Commit, Event};
 use crate::lsn::Lsn;
 use crate::pgconn;
 use crate::protocol::{
@@ -82,10 +87,10 @@ pub struct SourceOptions {
     pub stream: StreamConfig,
     /// Leave out transactions that carry an origin (walbridge's own applied changes, and
     /// writes after `walbridge.skip_session()`). With pgoutput on PostgreSQL 16+ the server is
-    /// asked not to send them at all (`origin 'none'`). Elsewhere (pgoutput on 15) they still
-    /// arrive and their change messages are skipped without decoding (their Begin, Origin and
-    /// Commit still come through): the safety net, since `run` drops such transactions anyway.
-    pub skip_echo_changes: bool,
+    /// asked not to send them at all (`origin 'none'`). Elsewhere they still arrive and the
+    /// source drops them whole (their change messages undecoded), yielding
+    /// [`SourceItem::Echo`] for each.
+    pub drop_echo: bool,
 }
 
 /// The source could not be started or read.
@@ -190,16 +195,15 @@ pub struct Source {
     feedback: Feedback,
     decoder: Decoder,
     catalog: Option<Client>,
-    pending: VecDeque<(Event, Lsn)>,
+    pending: VecDeque<SourceItem>,
     /// Pass `pg_logical_emit_message` records on (wal2json sends them whether asked or not).
     messages: bool,
     /// wal2json 2.5 has no `numeric-data-types-as-string`: NaN/Infinity arrive as null.
     pub numeric_as_string: bool,
-    skip_echo_changes: bool,
     /// The server drops transactions with an origin before sending (pgoutput `origin 'none'`).
     server_echo_filter: bool,
-    /// Inside a transaction that carries an origin.
-    in_echo: bool,
+    /// Folds Origin into Begin and drops echo.
+    framer: Framer,
     /// wal2json: which tables to pass on.
     selection: Option<TableSelection>,
     /// wal2json writes NaN and ±Infinity as null and that is refused: the columns that do not
@@ -222,10 +226,16 @@ pub enum SourceItem {
         /// WAL position of the message.
         wal_start: Lsn,
     },
-    /// The server has nothing before `wal_end` left to send.
+    /// The server has nothing before `wal_end` left to send. Never yielded while a
+    /// transaction's Begin is held back by the framer.
     Keepalive {
         /// The server's WAL end.
         wal_end: Lsn,
+    },
+    /// A transaction with an origin was left out ([`SourceOptions::drop_echo`]).
+    Echo {
+        /// Its commit.
+        commit: Commit,
     },
 }
 
@@ -375,7 +385,7 @@ impl Source {
         let (stream, feedback, driver, created, server_echo_filter) = loop {
             let mut client = protocol::connect_replication(dsn, &opts.application_name).await?;
             let server_echo_filter = opts.plugin == Plugin::PgOutput
-                && opts.skip_echo_changes
+                && opts.drop_echo
                 && client
                     .connection()
                     .server_version_num()
@@ -464,9 +474,8 @@ impl Source {
                 pending: VecDeque::new(),
                 messages: opts.messages,
                 numeric_as_string,
-                skip_echo_changes: opts.skip_echo_changes,
                 server_echo_filter,
-                in_echo: false,
+                framer: Framer::new(opts.drop_echo),
                 selection: opts.selection,
                 refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
                 node: dsn.describe(),
@@ -496,19 +505,15 @@ impl Source {
     /// Not cancel-safe while decoding: in a `select!`, use [`Source::recv`] + [`Source::decode`].
     pub async fn next(&mut self) -> Result<Option<SourceItem>, SourceError> {
         loop {
-            if let Some((event, wal_start)) = self.pending.pop_front() {
-                return Ok(Some(SourceItem::Event { event, wal_start }));
+            if let Some(item) = self.pending.pop_front() {
+                return Ok(Some(item));
             }
             let Some(item) = self.recv().await else {
                 return Ok(None);
             };
             let mut items = self.decode(item?).await?.into_iter();
             if let Some(first) = items.next() {
-                for rest in items {
-                    if let SourceItem::Event { event, wal_start } = rest {
-                        self.pending.push_back((event, wal_start));
-                    }
-                }
+                self.pending.extend(items);
                 return Ok(Some(first));
             }
         }
@@ -524,77 +529,75 @@ impl Source {
         self.stream.recv().await
     }
 
-    /// Decodes one raw item into zero or more items (wal2json may look up the catalog).
+    /// Decodes one raw item into zero or more framed items (wal2json may look up the
+    /// catalog).
     pub async fn decode(&mut self, item: StreamItem) -> Result<Vec<SourceItem>, SourceError> {
         let data = match item {
             StreamItem::Keepalive { wal_end } => {
-                return Ok(vec![SourceItem::Keepalive { wal_end }])
+                // A held Begin's transaction was not delivered yet, though it lies before
+                // wal_end: this keepalive must not vouch for it (the next one will).
+                return Ok(if self.framer.settled() {
+                    vec![SourceItem::Keepalive { wal_end }]
+                } else {
+                    Vec::new()
+                });
             }
             StreamItem::XLogData(data) => data,
         };
-        {
-            match &mut self.decoder {
-                Decoder::PgOutput(d) => {
-                    if self.in_echo
-                        && matches!(data.data.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
-                    {
-                        return Ok(Vec::new());
-                    }
-                    let decoded =
-                        d.decode(data.wal_start, &data.data)
-                            .map_err(|e| SourceError::Decode {
-                                plugin: "pgoutput",
-                                lsn: data.wal_start,
-                                source: e.into(),
-                            })?;
-                    match &decoded {
-                        Some(Event::Origin(_)) => self.in_echo = self.skip_echo_changes,
-                        Some(Event::Begin(_) | Event::Commit(_)) => self.in_echo = false,
-                        _ => {}
-                    }
-                    Ok(decoded
-                        .map(|event| SourceItem::Event {
-                            event,
-                            wal_start: data.wal_start,
-                        })
-                        .into_iter()
-                        .collect())
+        let mut events = Vec::new();
+        match &mut self.decoder {
+            Decoder::PgOutput(d) => {
+                if self.framer.dropping()
+                    && matches!(data.data.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M'))
+                {
+                    return Ok(Vec::new());
                 }
-                Decoder::Wal2Json(d) => {
-                    let mut events = Vec::new();
-                    let mut retried = false;
-                    loop {
-                        match d.decode_into(data.wal_start, &data.data, &mut events) {
-                            Ok(()) => break,
-                            Err(e) if e.needs_catalog() && !retried && self.catalog.is_some() => {
-                                retried = true;
-                                if let Some(client) = self.catalog.as_ref() {
-                                    let lossy =
-                                        self.refuse_lossy.as_ref().map(|s| (s, &*self.node));
-                                    learn(d, client, &e, self.selection.as_ref(), lossy).await?;
-                                }
-                            }
-                            Err(e) => {
-                                return Err(SourceError::Decode {
-                                    plugin: "wal2json",
-                                    lsn: data.wal_start,
-                                    source: e.into(),
-                                })
+                let decoded =
+                    d.decode(data.wal_start, &data.data)
+                        .map_err(|e| SourceError::Decode {
+                            plugin: "pgoutput",
+                            lsn: data.wal_start,
+                            source: e.into(),
+                        })?;
+                events.extend(decoded);
+            }
+            Decoder::Wal2Json(d) => {
+                let mut retried = false;
+                loop {
+                    match d.decode_into(data.wal_start, &data.data, &mut events) {
+                        Ok(()) => break,
+                        Err(e) if e.needs_catalog() && !retried && self.catalog.is_some() => {
+                            retried = true;
+                            if let Some(client) = self.catalog.as_ref() {
+                                let lossy = self.refuse_lossy.as_ref().map(|s| (s, &*self.node));
+                                learn(d, client, &e, self.selection.as_ref(), lossy).await?;
                             }
                         }
+                        Err(e) => {
+                            return Err(SourceError::Decode {
+                                plugin: "wal2json",
+                                lsn: data.wal_start,
+                                source: e.into(),
+                            })
+                        }
                     }
-                    let messages = self.messages;
-                    Ok(events
-                        .into_iter()
-                        .filter(|event| messages || !matches!(event, Event::Message(_)))
-                        .map(|event| SourceItem::Event {
-                            event,
-                            wal_start: data.wal_start,
-                        })
-                        .collect())
+                }
+                if !self.messages {
+                    events.retain(|event| !matches!(event, Event::Message(_)));
                 }
             }
         }
+        let mut framed = Vec::with_capacity(events.len());
+        for event in events {
+            self.framer.push(event, data.wal_start, &mut framed);
+        }
+        Ok(framed
+            .into_iter()
+            .map(|f| match f {
+                Framed::Event(event, wal_start) => SourceItem::Event { event, wal_start },
+                Framed::Echo(commit) => SourceItem::Echo { commit },
+            })
+            .collect())
     }
 }
 

@@ -10,10 +10,10 @@
 //! Every line is one self-contained JSON object whose `op` says what it is (`begin`,
 //! `commit`, `insert`, `update`, `delete`, `truncate`, `message`); the full shape is in
 //! `docs/tail.md`. The renderer folds what the stream says across several messages into the
-//! lines that need it: a transaction's replication origin (a message of its own right after
-//! Begin) goes into its begin and commit lines, and each change carries its table's column
-//! names, types and key flags (from the Relation message before it), so a consumer never has
-//! to keep state.
+//! lines that need it: a transaction's replication origin (folded into its Begin by the
+//! source's framer, [`crate::decode::frame`]) goes into its begin and commit lines, and each
+//! change carries its table's column names, types and key flags (from the Relation message
+//! before it), so a consumer never has to keep state.
 //!
 //! Output: lines go out as soon as nothing more is waiting to be read (so a live reader sees
 //! each change at once), in batches of up to 64 kB while a large transaction streams.
@@ -38,9 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::quote_ident;
 use crate::config::{Config, NodeConfig, Plugin};
-use crate::event::{
-    Begin, Change, Column, Commit, Event, LogicalMessage, Relation, Truncate, Value,
-};
+use crate::event::{Change, Column, Commit, Event, LogicalMessage, Relation, Truncate, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgconn;
 use crate::protocol::{ProtocolError, StreamConfig, StreamItem};
@@ -247,7 +245,9 @@ pub async fn tail(
         }
     }
 
-    let stream_cancel = shutdown.child_token();
+    // Not a child of `shutdown`: the stream must outlive the pump, so that its final status
+    // update carries what the pump confirmed last (after printing), not an earlier position.
+    let stream_cancel = CancellationToken::new();
     let source_opts = SourceOptions {
         plugin,
         slot: opts
@@ -262,7 +262,7 @@ pub async fn tail(
         filter_origins: Vec::new(),
         messages: true,
         application_name,
-        skip_echo_changes: false,
+        drop_echo: false,
         stream: StreamConfig {
             cancel: stream_cancel.clone(),
             ..StreamConfig::default()
@@ -454,6 +454,8 @@ impl Printer<'_> {
                         self.confirm = self.confirm.max(Some(wal_end));
                     }
                 }
+                // Not asked for (drop_echo is off): `tail` shows every transaction.
+                SourceItem::Echo { .. } => {}
                 SourceItem::Event { event, wal_start } => {
                     let unknown = self.renderer.unknown_types(&event);
                     if !unknown.is_empty() {
@@ -512,8 +514,6 @@ fn qualified_type_name(schema: &str, name: &str) -> String {
 struct OpenTransaction {
     xid: u32,
     origin: Option<String>,
-    /// Begin waits for the next event, which may be the transaction's Origin.
-    held_begin: Option<Begin>,
 }
 
 /// Turns events into JSON lines; pure (no I/O) so that it can be tested on its own.
@@ -566,70 +566,43 @@ impl Renderer {
         }
     }
 
-    /// Appends the lines `event` produces (none, one, or a held begin line and one) to `out`.
+    /// Appends the line `event` produces, if any, to `out`.
     /// `wal_start` is the WAL position of the message the event came from.
     pub fn render(&mut self, event: &Event, wal_start: Lsn, out: &mut Vec<u8>) {
         match event {
             Event::Begin(b) => {
-                self.flush_begin(out);
-                self.open = Some(OpenTransaction {
-                    xid: b.xid,
-                    origin: None,
-                    held_begin: Some(b.clone()),
-                });
+                let origin = b.origin.as_ref().map(|o| o.name.clone());
+                write_line(
+                    out,
+                    &BeginLine {
+                        op: "begin",
+                        xid: b.xid,
+                        commit_lsn: b.final_lsn,
+                        commit_time: b.commit_time,
+                        origin: origin.as_deref(),
+                    },
+                );
+                self.open = Some(OpenTransaction { xid: b.xid, origin });
             }
-            Event::Origin(o) => {
-                if let Some(open) = &mut self.open {
-                    open.origin = Some(o.name.clone());
-                }
-                self.flush_begin(out);
-            }
+            // The source's framer folds it into the Begin: a framed stream has none.
+            Event::Origin(_) => {}
             Event::Type(t) => {
                 self.types
                     .insert(t.oid, Some(qualified_type_name(&t.schema, &t.name)));
             }
             Event::Relation(_) => {}
             Event::Commit(c) => {
-                self.flush_begin(out);
                 let open = self.open.take();
                 self.commit_line(c, open.as_ref(), out);
             }
-            Event::Change(c) => {
-                self.flush_begin(out);
-                self.change_line(c, wal_start, out);
-            }
-            Event::Truncate(t) => {
-                self.flush_begin(out);
-                self.truncate_line(t, out);
-            }
-            Event::Message(m) => {
-                self.flush_begin(out);
-                self.message_line(m, out);
-            }
+            Event::Change(c) => self.change_line(c, wal_start, out),
+            Event::Truncate(t) => self.truncate_line(t, out),
+            Event::Message(m) => self.message_line(m, out),
         }
     }
 
     fn xid(&self) -> Option<u32> {
         self.open.as_ref().map(|o| o.xid)
-    }
-
-    fn flush_begin(&mut self, out: &mut Vec<u8>) {
-        let Some(open) = &mut self.open else {
-            return;
-        };
-        let Some(b) = open.held_begin.take() else {
-            return;
-        };
-        write_line(
-            out,
-            &BeginLine {
-                op: "begin",
-                xid: b.xid,
-                commit_lsn: b.final_lsn,
-                commit_time: b.commit_time,
-                origin: open.origin.as_deref(),
-            },
-        );
     }
 
     fn commit_line(&self, c: &Commit, open: Option<&OpenTransaction>, out: &mut Vec<u8>) {
@@ -885,7 +858,9 @@ impl Serialize for ValueOut<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChangeOp, OldKind, OldTuple, Origin, ReplicaIdentity, Tuple, TypeInfo};
+    use crate::event::{
+        Begin, ChangeOp, OldKind, OldTuple, Origin, ReplicaIdentity, Tuple, TypeInfo,
+    };
     use bytes::Bytes;
     use serde_json::json;
 
@@ -917,12 +892,17 @@ mod tests {
             .collect()
     }
 
-    fn begin() -> Event {
-        Event::Begin(Begin {
-            xid: 7,
+    fn begin_of(xid: u32) -> Begin {
+        Begin {
+            xid,
             final_lsn: Lsn(0x100),
             commit_time: PgTimestamp(0),
-        })
+            origin: None,
+        }
+    }
+
+    fn begin() -> Event {
+        Event::Begin(begin_of(7))
     }
 
     fn commit() -> Event {
@@ -945,10 +925,12 @@ mod tests {
         let out = lines(
             &mut r,
             &[
-                begin(),
-                Event::Origin(Origin {
-                    name: "walbridge_from_b".into(),
-                    lsn: Lsn(5),
+                Event::Begin(Begin {
+                    origin: Some(Origin {
+                        name: "walbridge_from_b".into(),
+                        lsn: Lsn(5),
+                    }),
+                    ..begin_of(7)
                 }),
                 Event::Relation(rel.clone()),
                 Event::Change(Change {
@@ -978,7 +960,6 @@ mod tests {
             ]
         );
         assert!(r.idle());
-        // Without an origin, begin waits only for the next printed event.
         let out = lines(&mut r, &[begin(), commit()]);
         assert_eq!(out[0]["origin"], serde_json::Value::Null);
         assert_eq!(out[1]["origin"], serde_json::Value::Null);

@@ -24,6 +24,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "tail",
             "status",
             "forensics",
+            "drift",
+            "skip",
             "http",
         ],
     ),

@@ -471,6 +471,7 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
             xid: 77,
             final_lsn: end,
             commit_time,
+            origin: None,
         }),
         Event::Relation(relation.clone()),
         Event::Change(Change {

@@ -72,7 +72,7 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         filter_origins: Vec::new(),
         messages: true,
         application_name: "walbridge-test".into(),
-        skip_echo_changes: false,
+        drop_echo: false,
         stream: StreamConfig {
             cancel: cancel.clone(),
             ..StreamConfig::default()
@@ -92,6 +92,7 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
                 })) if m.prefix == END => return,
                 Ok(Some(SourceItem::Event { event, .. })) => events.push(event),
                 Ok(Some(SourceItem::Keepalive { .. })) => {}
+                Ok(Some(SourceItem::Echo { .. })) => panic!("{plugin}: echo dropped unasked"),
                 Ok(None) => panic!("{plugin}: the stream ended before the end marker"),
                 Err(e) => panic!("{plugin}: {e}"),
             }
@@ -106,8 +107,9 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
     events
 }
 
-/// Transactions are well formed: Begin, an optional Origin right after it, changes,
-/// truncates and transactional messages, then a Commit whose LSN and time match the Begin.
+/// Transactions are well formed: Begin (its origin folded in: no Origin event reaches a
+/// consumer), changes, truncates and transactional messages, then a Commit whose LSN and
+/// time match the Begin.
 fn check_framing(plugin: Plugin, events: &[Event]) {
     let mut open: Option<&walbridge::event::Begin> = None;
     for (i, e) in events.iter().enumerate() {
@@ -116,10 +118,9 @@ fn check_framing(plugin: Plugin, events: &[Event]) {
                 assert!(open.is_none(), "{plugin}: nested begin at {i}");
                 open = Some(b);
             }
-            Event::Origin(_) => assert!(
-                matches!(events.get(i.wrapping_sub(1)), Some(Event::Begin(_))),
-                "{plugin}: origin not right after begin at {i}"
-            ),
+            Event::Origin(_) => {
+                panic!("{plugin}: an origin event at {i}, not folded into its begin")
+            }
             Event::Commit(c) => {
                 let b = open.take().expect("commit without begin");
                 assert_eq!(c.commit_lsn, b.final_lsn, "{plugin}: commit LSN at {i}");
@@ -176,12 +177,14 @@ fn summary(events: &[Event]) -> Vec<Json> {
     let mut out: Vec<Json> = Vec::new();
     for e in events {
         match e {
-            Event::Begin(_) => out.push(json!({"op": "begin"})),
-            Event::Origin(o) => {
-                if let Some(last) = out.last_mut() {
-                    last["origin"] = json!(o.name);
+            Event::Begin(b) => {
+                let mut j = json!({"op": "begin"});
+                if let Some(o) = &b.origin {
+                    j["origin"] = json!(o.name);
                 }
+                out.push(j);
             }
+            Event::Origin(_) => panic!("an origin event, not folded into its begin"),
             Event::Commit(_) => out.push(json!({"op": "commit"})),
             Event::Relation(_) | Event::Type(_) => {}
             Event::Change(c) => {
@@ -780,7 +783,7 @@ async fn misc(plugin: Plugin) {
     let origin = events
         .iter()
         .find_map(|e| match e {
-            Event::Origin(o) => Some(o),
+            Event::Begin(b) => b.origin.as_ref(),
             _ => None,
         })
         .expect("an origin");
@@ -878,11 +881,13 @@ fn normalise(pg: &mut [Event], w2j: &[Event]) -> Normalised {
                     }
                 }
             }
-            (Event::Origin(p), Event::Origin(w)) => {
-                assert_eq!(w.lsn, Lsn::ZERO);
-                if !p.lsn.is_zero() {
-                    p.lsn = Lsn::ZERO;
-                    n.origin_lsns += 1;
+            (Event::Begin(p), Event::Begin(w)) => {
+                if let (Some(p), Some(w)) = (p.origin.as_mut(), w.origin.as_ref()) {
+                    assert_eq!(w.lsn, Lsn::ZERO);
+                    if !p.lsn.is_zero() {
+                        p.lsn = Lsn::ZERO;
+                        n.origin_lsns += 1;
+                    }
                 }
             }
             (Event::Truncate(p), Event::Truncate(w)) => {

@@ -92,16 +92,22 @@ impl Applier {
                 }
             }
         }
-        Err(DirectionError::definite(format!(
+        let msg = format!(
             "{} -> {}: the transaction of {} (xid {}, end {}) cannot be applied: {}",
             self.source,
             self.target,
             sent.commit_time,
             sent.begin.xid,
             sent.end_lsn,
-            last.map_or_else(|| "unknown error".to_string(), |e| e.to_string())
-        ))
-        .at_transaction(sent.end_lsn))
+            last.as_ref()
+                .map_or_else(|| "unknown error".to_string(), |e| e.to_string())
+        );
+        // Three refusals in a row: the last one's SQLSTATE says whether to retry later.
+        let err = match &last {
+            Some(e) => DirectionError::caused_by(msg, e),
+            None => DirectionError::definite(msg),
+        };
+        Err(err.at_transaction(sent.end_lsn))
     }
 
     async fn careful_attempt(
@@ -161,10 +167,10 @@ impl Applier {
         match begun {
             Ok(()) => {}
             Err(Failed::Server(e)) => {
-                return Err(DirectionError::transient(format!(
-                    "node {}: BEGIN failed: {e}",
-                    self.target
-                )))
+                return Err(DirectionError::caused_by(
+                    format!("node {}: BEGIN failed: {e}", self.target),
+                    &e,
+                ))
             }
             Err(Failed::Stop(e)) => return Err(e),
         }
@@ -236,6 +242,9 @@ impl Applier {
         let _ = self.round_trip("ROLLBACK", &[]).await?;
         Ok(match failed {
             Failed::Stop(e) => e,
+            // Not a classification: whatever the SQLSTATE (a conflict with a local writer,
+            // WB002 progress moved), the streamed transaction is read again from the
+            // target's progress and resolved afresh.
             Failed::Server(e) => DirectionError::transient(format!(
                 "{} -> {}: {what}: {e}",
                 self.source, self.target

@@ -127,7 +127,6 @@ enum Item {
 /// A transaction being received from the source.
 struct OpenTxn {
     begin: Begin,
-    echo: bool,
     items: Option<Vec<Item>>,
     changes: usize,
     /// Changes per (relation OID, op), labelled when counted.
@@ -511,6 +510,13 @@ impl Applier {
     /// tables then sees its slot follow even while its walsender never waits for WAL (so
     /// sends no keepalive), as during a long burst with wal2json, which sends every
     /// transaction.
+    /// A transaction the source left out whole (an echo): nothing to apply, but once
+    /// everything before it is applied its end is a position the source may confirm, so a
+    /// node that only receives echo still lets its slot advance.
+    pub fn on_dropped(&mut self, commit: &Commit) {
+        self.skipped_until(commit.end_lsn);
+    }
+
     fn skipped_until(&mut self, end_lsn: Lsn) {
         if self.open.is_none() && self.group.is_none() {
             self.idle_point = Some((end_lsn, self.expected));
@@ -660,7 +666,6 @@ impl Applier {
                 let careful = std::mem::take(&mut self.careful_next);
                 self.open = Some(OpenTxn {
                     begin,
-                    echo: false,
                     items: Some(Vec::new()),
                     changes: 0,
                     counts: HashMap::new(),
@@ -670,17 +675,14 @@ impl Applier {
                 });
                 return Ok(outcome);
             }
-            Event::Origin(_) => {
-                if let Some(open) = &mut self.open {
-                    open.echo = true;
-                }
-            }
             Event::Relation(rel) => {
                 // The table changed (or the stream re-describes it): map it again.
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
             }
-            Event::Type(_) | Event::Message(_) => {}
+            // A framed stream has no Origin (it is in the Begin) and no echo: the source
+            // dropped those transactions (see `decode::frame`).
+            Event::Origin(_) | Event::Type(_) | Event::Message(_) => {}
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
@@ -729,7 +731,7 @@ impl Applier {
         let Some(open) = &self.open else {
             return Ok(false);
         };
-        if !open.careful || open.echo {
+        if !open.careful {
             return Ok(false);
         }
         if self.streaming_careful.is_none() {
@@ -774,9 +776,6 @@ impl Applier {
         }
         {
             let open = self.open_txn()?;
-            if open.echo {
-                return Ok(());
-            }
             open.changes += 1;
             *open
                 .counts
@@ -1040,9 +1039,6 @@ impl Applier {
         }
         {
             let open = self.open_txn()?;
-            if open.echo {
-                return Ok(());
-            }
             open.changes += 1;
             for rel in &t.relations {
                 *open.truncates.entry(rel.qualified_name()).or_default() += 1;
@@ -1092,14 +1088,6 @@ impl Applier {
                 self.source
             )));
         };
-        if open.echo {
-            self.metrics
-                .echo_suppressed
-                .with_label_values(&[self.source.as_str()])
-                .inc();
-            self.skipped_until(commit.end_lsn);
-            return self.maybe_close(more_pending).await;
-        }
         if self.streaming_careful.is_some() {
             self.careful_stream_commit(commit).await?;
             return Ok(Outcome::Continue);
@@ -1537,7 +1525,6 @@ impl Applier {
         let items = sent.items.clone().unwrap_or_default();
         self.open = Some(OpenTxn {
             begin: sent.begin.clone(),
-            echo: false,
             items: Some(Vec::new()),
             changes: 0,
             counts: HashMap::new(),

@@ -914,3 +914,423 @@ pub const APPLY_FINISH: &str =
 /// The origin progress that is durable on the target (flushes WAL up to the last applied
 /// commit first), which is what may be confirmed to the source.
 pub const FLUSHED_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_session_progress(true)";
+
+#[cfg(test)]
+mod tests {
+    //! The builders' contract with their callers: the `$n` a statement uses are exactly the
+    //! parameters its caller sends (in number), names are quoted, values never inlined, and
+    //! every function is schema-qualified.
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::catalog::{ColumnInfo, TableKind};
+    use crate::event::{Column, OldKind, ReplicaIdentity};
+
+    fn col(name: &str, type_oid: u32, type_sql: &str) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            attnum: 1,
+            type_oid,
+            type_sql: type_sql.into(),
+            type_modifier: -1,
+            not_null: false,
+            generated: false,
+            identity_always: false,
+            identity_by_default: false,
+            has_equality: true,
+        }
+    }
+
+    /// `"Mixed Case"."we;ird ""t"""`: id (GENERATED ALWAYS identity, the key), `a"b` text,
+    /// `g` (generated), `mood` (a user type), `secret` (skipped by the configuration).
+    fn target(replica_identity: ReplicaIdentity, primary_key: &[&str]) -> TableInfo {
+        let mut id = col("id", 20, "bigint");
+        id.identity_always = true;
+        let mut g = col("g", 23, "integer");
+        g.generated = true;
+        TableInfo {
+            oid: 4242,
+            schema: "Mixed Case".into(),
+            name: "we;ird \"t\"".into(),
+            kind: TableKind::Ordinary,
+            replica_identity,
+            columns: vec![
+                id,
+                col("a\"b", 25, "text"),
+                g,
+                col("mood", 70000, "public.mood"),
+                col("secret", 25, "text"),
+            ],
+            primary_key: primary_key.iter().map(|s| s.to_string()).collect(),
+            identity_index: vec![],
+        }
+    }
+
+    fn relation(target: &TableInfo, keys: &[&str]) -> Relation {
+        Relation {
+            oid: 16400,
+            schema: target.schema.clone(),
+            table: target.name.clone(),
+            replica_identity: target.replica_identity,
+            columns: target
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    type_modifier: -1,
+                    is_key: keys.contains(&c.name.as_str()),
+                })
+                .collect(),
+        }
+    }
+
+    fn keyed() -> TableMap {
+        let t = target(ReplicaIdentity::Default, &["id"]);
+        let rel = relation(&t, &["id"]);
+        TableMap::new(&rel, t, &["secret".to_string()]).expect("maps")
+    }
+
+    /// REPLICA IDENTITY FULL and no key on the target.
+    fn full() -> TableMap {
+        let mut t = target(ReplicaIdentity::Full, &[]);
+        t.columns[1].has_equality = false;
+        let rel = relation(&t, &["id", "a\"b", "g", "mood", "secret"]);
+        TableMap::new(&rel, t, &["secret".to_string()]).expect("maps")
+    }
+
+    /// The parameter numbers a statement uses.
+    fn params(sql: &str) -> BTreeSet<usize> {
+        let b = sql.as_bytes();
+        let mut out = BTreeSet::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'$' {
+                let digits: String = sql[i + 1..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let Ok(n) = digits.parse() {
+                    out.insert(n);
+                }
+                i += 1 + digits.len();
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Asserts that `sql` uses exactly `$1 ..= $n`.
+    fn uses(sql: &str, n: usize) {
+        assert_eq!(params(sql), (1..=n).collect(), "{sql}");
+    }
+
+    /// Words directly followed by `(` that are neither schema-qualified nor SQL syntax.
+    /// `count(*)` is let through: the aggregate resolves in the session's pinned
+    /// `search_path=pg_catalog,pg_temp` (see `protocol`), though it is not written qualified.
+    fn unqualified_calls(sql: &str) -> Vec<String> {
+        const SYNTAX: &[&str] = &[
+            "VALUES", "EXISTS", "ANY", "IN", "AS", "AND", "OR", "NOT", "SELECT", "FROM", "WHERE",
+            "ON", "USING", "CONFLICT", "OPERATOR", "count",
+        ];
+        let mut out = Vec::new();
+        let mut word = String::new();
+        let mut qualified = false;
+        let mut prev = ' ';
+        for c in sql.chars() {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                if word.is_empty() {
+                    qualified = prev == '.';
+                }
+                word.push(c);
+            } else {
+                if c == '(' && !word.is_empty() && !qualified && !SYNTAX.contains(&word.as_str()) {
+                    out.push(word.clone());
+                }
+                word.clear();
+            }
+            prev = c;
+        }
+        out
+    }
+
+    /// Every builder's output, named, for the checks that hold for all of them.
+    fn every_statement(map: &TableMap) -> Vec<(&'static str, String)> {
+        let written: Vec<usize> = map.written().collect();
+        let resolving = Resolving {
+            rank_case: "(CASE {ro} WHEN 1 THEN 0 ELSE 1 END)".into(),
+            source_rank: 0,
+            source: "east".into(),
+            target: "we'st".into(),
+            writer_case: "(CASE {ro} WHEN 1 THEN 'east' ELSE 'we''st' END)".into(),
+            priority: vec!["east".into(), "we'st".into()],
+            max_row_bytes: 65536,
+        };
+        let mut all = vec![
+            ("insert_optimistic", map.insert_optimistic(3)),
+            ("insert_plain_rows", map.insert_plain_rows(3)),
+            ("copy_in", map.copy_in()),
+            (
+                "update_optimistic",
+                map.update_optimistic(&written, &[], true),
+            ),
+            (
+                "update_resolving",
+                map.update_resolving(&written, &[], &resolving),
+            ),
+            ("delete_optimistic", map.delete_optimistic(true)),
+            ("delete_resolving", map.delete_resolving(&resolving)),
+            ("lookup_row", map.lookup_row(&written)),
+            ("insert_plain", map.insert_plain()),
+            ("update_plain", map.update_plain(&written)),
+            ("delete_plain", map.delete_plain()),
+            ("identity_differs", map.identity_differs(&[0])),
+        ];
+        for (i, s) in map.identity_rewrite(&[0]).into_iter().enumerate() {
+            all.push((
+                [
+                    "identity_rewrite 0",
+                    "identity_rewrite 1",
+                    "identity_rewrite 2",
+                ][i],
+                s,
+            ));
+        }
+        for (name, s) in [
+            ("lookup_tombstone", map.lookup_tombstone()),
+            ("record_tombstone", map.record_tombstone()),
+            ("delete_tombstone", map.delete_tombstone()),
+        ] {
+            all.extend(s.map(|s| (name, s)));
+        }
+        all
+    }
+
+    #[test]
+    fn generated_and_skipped_columns_are_never_written() {
+        let map = keyed();
+        assert_eq!(map.written().collect::<Vec<_>>(), vec![0, 1, 3]);
+        assert_eq!(map.key, vec![0]);
+        assert_eq!(map.unique_key, Some(vec![0]));
+        assert!(map.overriding && !map.full_identity);
+        // The identity column is never SET by an UPDATE.
+        assert_eq!(map.settable(&[0, 1, 3]), vec![1, 3]);
+        let named = |sql: &str| sql.contains("\"g\"") || sql.contains("\"secret\"");
+        for sql in [
+            map.insert_optimistic(2),
+            map.insert_plain_rows(2),
+            map.insert_plain(),
+            map.copy_in(),
+        ] {
+            assert!(!named(&sql), "{sql}");
+        }
+        for (name, sql) in every_statement(&map) {
+            assert!(
+                !sql.contains("\"g\" =") && !sql.contains("\"secret\" ="),
+                "{name}: {sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn statements_use_exactly_the_parameters_their_callers_send() {
+        let map = keyed();
+        let written: Vec<usize> = map.written().collect();
+        let (w, k) = (written.len(), map.key.len());
+        let settable = map.settable(&written).len();
+        let r = Resolving {
+            rank_case: "(CASE {ro} WHEN 1 THEN 0 ELSE 1 END)".into(),
+            source_rank: 0,
+            source: "east".into(),
+            target: "west".into(),
+            writer_case: "(CASE {ro} WHEN 1 THEN 'east' ELSE 'west' END)".into(),
+            priority: vec!["east".into(), "west".into()],
+            max_row_bytes: 65536,
+        };
+        // Multi-row inserts: every written column of every row.
+        uses(&map.insert_optimistic(1), w);
+        uses(&map.insert_optimistic(4), 4 * w);
+        uses(&map.insert_plain_rows(8), 8 * w);
+        uses(&map.insert_plain(), w);
+        // Updates: set columns, identity values to check, key, then origins and commit time.
+        uses(
+            &map.update_optimistic(&written, &[], true),
+            settable + k + 2,
+        );
+        // Without `by_time` the guard takes no commit time.
+        uses(
+            &map.update_optimistic(&written, &[0], false),
+            settable + 1 + k + 1,
+        );
+        uses(&map.update_resolving(&written, &[], &r), settable + k + 2);
+        uses(
+            &map.update_resolving(&written, &[0], &r),
+            settable + 1 + k + 2,
+        );
+        uses(&map.update_plain(&written), settable + k);
+        // An update of unchanged TOAST only still has its key and guard parameters.
+        uses(&map.update_optimistic(&[], &[], true), k + 2);
+        uses(&map.delete_optimistic(true), k + 2);
+        uses(&map.delete_optimistic(false), k + 1);
+        uses(&map.delete_resolving(&r), k + 2);
+        uses(&map.delete_plain(), k);
+        uses(&map.lookup_row(&[]), k);
+        uses(&map.lookup_row(&written), k + w);
+        uses(&map.identity_differs(&[0]), 1 + k);
+        let [by_default, update, always] = map.identity_rewrite(&[0]);
+        uses(&by_default, 0);
+        uses(&update, 1 + k);
+        uses(&always, 0);
+        for sql in [
+            map.lookup_tombstone(),
+            map.record_tombstone(),
+            map.delete_tombstone(),
+        ] {
+            uses(&sql.expect("a unique key"), 1);
+        }
+        uses(APPLY_FINISH, 3);
+        uses(TOMBSTONE_GUARD, 1);
+        uses(INSERT_CONFLICT, 16);
+    }
+
+    #[test]
+    fn names_are_quoted_and_functions_qualified() {
+        for map in [keyed(), full()] {
+            for (name, sql) in every_statement(&map) {
+                assert!(
+                    // Tombstones name the table by its OID.
+                    name.ends_with("_tombstone") || sql.contains(r#""Mixed Case"."we;ird ""t""""#),
+                    "{name}: {sql}"
+                );
+                assert!(
+                    !sql.contains("we;ird \"t\" "),
+                    "{name}: unquoted table: {sql}"
+                );
+                if sql.contains("a\"") {
+                    assert!(sql.contains(r#""a""b""#), "{name}: unquoted column: {sql}");
+                }
+                assert_eq!(
+                    unqualified_calls(&sql),
+                    Vec::<String>::new(),
+                    "{name}: {sql}"
+                );
+            }
+        }
+        // The node names of the conflict log are literals, quoted as such.
+        let map = keyed();
+        let all = every_statement(&map);
+        let resolving = &all
+            .iter()
+            .find(|(n, _)| *n == "update_resolving")
+            .expect("built")
+            .1;
+        assert!(resolving.contains("'we''st'"), "{resolving}");
+    }
+
+    #[test]
+    fn values_are_cast_to_the_target_types_and_user_types_read_through_text() {
+        let map = keyed();
+        let insert = map.insert_plain();
+        assert!(
+            insert.contains("$1::bigint, $2::text, $3::public.mood"),
+            "{insert}"
+        );
+        assert!(insert.contains("OVERRIDING SYSTEM VALUE"), "{insert}");
+        // A user type's value is never handed to a cast to json its owner may have written.
+        let lookup = map.lookup_row(&map.written().collect::<Vec<_>>());
+        assert!(!lookup.contains("pg_catalog.to_jsonb(cur)"), "{lookup}");
+        assert!(
+            lookup.contains("pg_catalog.format('%s', cur.\"mood\")"),
+            "{lookup}"
+        );
+        assert!(lookup.contains("FOR UPDATE OF cur"), "{lookup}");
+    }
+
+    #[test]
+    fn full_identity_matches_one_row_null_safely_and_by_text_without_equality() {
+        let map = full();
+        assert!(map.full_identity);
+        assert_eq!(map.unique_key, None);
+        // Every written column is part of the key, found null-safely; `a"b` has no equality
+        // operator and is compared as text.
+        assert_eq!(map.key, vec![0, 1, 3]);
+        let delete = map.delete_plain();
+        assert!(
+            delete.contains(r#"c2."id" IS NOT DISTINCT FROM $1::bigint"#),
+            "{delete}"
+        );
+        assert!(
+            delete.contains(r#"(c2."a""b")::text IS NOT DISTINCT FROM $2::text"#),
+            "{delete}"
+        );
+        // Duplicates are indistinguishable: exactly one of them is deleted.
+        assert!(
+            delete.contains("cur.ctid = (SELECT c2.ctid FROM") && delete.contains("LIMIT 1)"),
+            "{delete}"
+        );
+        assert_eq!(map.lookup_tombstone(), None);
+    }
+
+    #[test]
+    fn identity_changes_are_told_from_unchanged_values() {
+        let map = keyed();
+        let t = |v: &[&str]| Tuple(v.iter().map(|s| Value::text(*s)).collect());
+        let new = t(&["1", "x", "0", "ok", "s"]);
+        // No old tuple: the key (the identity column) did not change.
+        assert_eq!(
+            map.identity_change(&new, None),
+            IdentityChange::Unchanged { check: vec![] }
+        );
+        let old = |id: &str| OldTuple {
+            kind: OldKind::Key,
+            tuple: Tuple(vec![
+                Value::text(id),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Null,
+            ]),
+        };
+        assert_eq!(
+            map.identity_change(&new, Some(&old("1"))),
+            IdentityChange::Unchanged { check: vec![] }
+        );
+        assert_eq!(
+            map.identity_change(&new, Some(&old("2"))),
+            IdentityChange::Changed
+        );
+    }
+
+    #[test]
+    fn a_missing_column_and_a_missing_identity_say_what_to_do() {
+        let t = target(ReplicaIdentity::Default, &["id"]);
+        let mut rel = relation(&t, &["id"]);
+        rel.columns.push(Column {
+            name: "extra".into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key: false,
+        });
+        let err = TableMap::new(&rel, t.clone(), &[]).expect_err("extra column");
+        assert!(
+            err.to_string().contains("replication.skip_columns"),
+            "{err}"
+        );
+        // Skipping it is the way out.
+        TableMap::new(&rel, t.clone(), &["extra".into(), "secret".into()]).expect("skipped");
+
+        let keyless = relation(&t, &[]);
+        let map = TableMap::new(&keyless, t, &[]).expect("maps");
+        let err = map.require_identity().expect_err("no key");
+        assert!(err.to_string().contains("REPLICA IDENTITY FULL"), "{err}");
+    }
+
+    #[test]
+    fn truncate_lists_exactly_the_tables_and_never_cascades() {
+        let sql = truncate(&["\"a\".\"b\"".into(), "\"c\".\"d\"".into()], true);
+        assert_eq!(sql, "TRUNCATE \"a\".\"b\", \"c\".\"d\" RESTART IDENTITY");
+        assert!(!truncate(&["x".into()], false).contains("CASCADE"));
+    }
+}

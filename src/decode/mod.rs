@@ -5,6 +5,7 @@
 //! decoder panic; malformed input is a [`DecodeError`], which the pipeline treats as definite
 //! (the stream cannot be trusted past it).
 
+pub mod frame;
 pub mod pgoutput;
 pub mod wal2json;
 

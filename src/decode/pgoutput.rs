@@ -364,6 +364,7 @@ impl PgOutputDecoder {
                 final_lsn: r.lsn("final LSN")?,
                 commit_time: r.timestamp("commit timestamp")?,
                 xid: r.u32("xid")?,
+                origin: None,
             }),
             b'C' => Event::Commit(r.commit()?),
             b'O' => Event::Origin(Origin {
@@ -1005,6 +1006,7 @@ mod tests {
             xid,
             final_lsn: Lsn(final_lsn),
             commit_time: PgTimestamp(ts),
+            origin: None,
         })
     }
 

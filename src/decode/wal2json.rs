@@ -460,6 +460,7 @@ impl Wal2JsonDecoder {
             xid,
             final_lsn,
             commit_time,
+            origin: None,
         })];
         if let Some(value) = doc.origin.filter(|&o| o != 0) {
             let id = u16::try_from(value).map_err(|_| Wal2JsonError::BadOrigin { value })?;
@@ -996,6 +997,7 @@ mod tests {
                 xid: 743,
                 final_lsn: lsn("0/1566560"),
                 commit_time: time,
+                origin: None,
             })]
         );
         let commit = Event::Commit(Commit {

@@ -309,7 +309,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
             filter_origins: filter_origins.clone(),
             messages: false,
             application_name: format!("walbridge-source-{s}-to-{t}"),
-            skip_echo_changes: true,
+            drop_echo: true,
             stream: StreamConfig {
                 cancel: stream_cancel.clone(),
                 ..StreamConfig::default()
@@ -566,6 +566,14 @@ async fn pump(
                                     idle_confirm.push(source, applier);
                                 }
                                 outcome
+                            }
+                            // Dropped by the source: it came from a peer (or its session
+                            // opted out), so it must not travel on.
+                            SourceItem::Echo { commit } => {
+                                ctx.metrics.echo_suppressed.with_label_values(&[s]).inc();
+                                applier.on_dropped(&commit);
+                                idle_confirm.push(source, applier);
+                                Outcome::Continue
                             }
                         };
                         if outcome == Outcome::Restream {
