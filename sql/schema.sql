@@ -94,8 +94,8 @@ ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS ambiguous       boolean
 -- Where the change came from and the policy version, so replay is exact:
 --   source_lsn        stream mode: the LSN of the source transaction's commit record (the
 --                     commit LSN pgoutput sends; the target's origin progress records the end
---                     of that record). NULL where the plugin does not say (wal2json without
---                     include-lsn) and in trigger mode.
+--                     of that record; with wal2json, the LSN of its begin message). NULL where
+--                     the plugin does not say (wal2json without include-lsn), in trigger mode.
 --   source_change_id  trigger mode: the id of the source's change-table row (the cursor).
 --   priority          the node order ties and node_priority used: replication.priority as
 --                     configured, then the unlisted nodes by name.

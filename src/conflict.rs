@@ -312,6 +312,17 @@ pub fn decide(policy: ConflictPolicy, incoming: Incoming, local: LocalState) -> 
     }
 }
 
+/// Whether a server error (SQLSTATE `code`) writing the conflict journal means the node's
+/// `walbridge.conflicts` predates this walbridge (a column, or `walbridge.journal_row`, is
+/// missing): `setup` adds them.
+pub fn journal_outdated(code: &str) -> bool {
+    code == "42703" || code == "42883"
+}
+
+/// What to do about [`journal_outdated`], for the error text.
+pub const JOURNAL_OUTDATED_FIX: &str = "walbridge.conflicts there predates this walbridge; \
+     run `walbridge setup` once (it is idempotent) to add the journal's columns, then restart";
+
 /// The rule that ordered the incoming version `incoming` against the target's `local` one
 /// under `policy`, as `walbridge why` and `walbridge conflicts` name it.
 pub fn deciding_rule(policy: ConflictPolicy, incoming: Version, local: Version) -> &'static str {

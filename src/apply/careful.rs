@@ -483,32 +483,45 @@ impl Applier {
             let journal = Journal::new(&self.config, begin, &unsent);
             let remote_version =
                 conflict::journal_remote_row(&remote_json, local_json.as_deref(), &unsent);
-            self.exec(
-                sql::INSERT_CONFLICT,
-                &[
-                    Some(source.as_bytes()),
-                    Some(target.as_bytes()),
-                    Some(table_label.as_bytes()),
-                    Some(key_json.as_bytes()),
-                    Some(kind.as_str().as_bytes()),
-                    Some(resolution.as_str().as_bytes()),
-                    local_json.as_deref().map(str::as_bytes),
-                    Some(remote_version.as_bytes()),
-                    local_ts.as_deref().map(str::as_bytes),
-                    Some(ts.as_bytes()),
-                    Some(table.policy.as_str().as_bytes()),
-                    local_writer.as_deref().map(str::as_bytes),
-                    Some(local_tombstone.as_bytes()),
-                    equals_old.map(|b| flag(b).as_bytes()),
-                    Some(flag(complete_row).as_bytes()),
-                    Some(flag(ambiguous).as_bytes()),
-                    journal.source_lsn.as_deref().map(str::as_bytes),
-                    Some(journal.priority.as_bytes()),
-                    Some(journal.unsent.as_bytes()),
-                    Some(journal.max_row_bytes.as_bytes()),
-                ],
-            )
-            .await?;
+            let journaled = self
+                .exec(
+                    sql::INSERT_CONFLICT,
+                    &[
+                        Some(source.as_bytes()),
+                        Some(target.as_bytes()),
+                        Some(table_label.as_bytes()),
+                        Some(key_json.as_bytes()),
+                        Some(kind.as_str().as_bytes()),
+                        Some(resolution.as_str().as_bytes()),
+                        local_json.as_deref().map(str::as_bytes),
+                        Some(remote_version.as_bytes()),
+                        local_ts.as_deref().map(str::as_bytes),
+                        Some(ts.as_bytes()),
+                        Some(table.policy.as_str().as_bytes()),
+                        local_writer.as_deref().map(str::as_bytes),
+                        Some(local_tombstone.as_bytes()),
+                        equals_old.map(|b| flag(b).as_bytes()),
+                        Some(flag(complete_row).as_bytes()),
+                        Some(flag(ambiguous).as_bytes()),
+                        journal.source_lsn.as_deref().map(str::as_bytes),
+                        Some(journal.priority.as_bytes()),
+                        Some(journal.unsent.as_bytes()),
+                        Some(journal.max_row_bytes.as_bytes()),
+                    ],
+                )
+                .await;
+            match journaled {
+                Err(Failed::Server(e)) if conflict::journal_outdated(&e.code) => {
+                    return Err(Failed::Stop(DirectionError::definite(format!(
+                        "{} -> {}: journaling a conflict on {} failed ({e}): {}",
+                        self.source,
+                        self.target,
+                        self.target,
+                        conflict::JOURNAL_OUTDATED_FIX
+                    ))));
+                }
+                other => other.map(drop)?,
+            }
             tracing::info!(
                 source = %self.source, target = %self.target, table = %table.label,
                 key = %telemetry::shown_row(&key_json), kind = %kind, resolution = %resolution,

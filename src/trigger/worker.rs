@@ -624,11 +624,20 @@ impl<'a> Worker<'a> {
                 _ => None,
             });
         }
-        let conflict_stmt = self
-            .t
-            .statement(sql::CONFLICT_SQL)
-            .await
-            .map_err(fatal("preparing a statement"))?;
+        let conflict_stmt =
+            self.t
+                .statement(sql::CONFLICT_SQL)
+                .await
+                .map_err(|e| match e.as_db_error() {
+                    Some(db) if conflict::journal_outdated(db.code().code()) => {
+                        Attempt::Fatal(DirectionError::definite(format!(
+                        "node {tgt}: preparing the conflict journal's statement failed ({}): {}",
+                        db.message(),
+                        conflict::JOURNAL_OUTDATED_FIX
+                    )))
+                    }
+                    _ => fatal("preparing a statement")(e),
+                })?;
 
         let txn = self
             .t
