@@ -55,7 +55,7 @@ pub enum SkipError {
         source: pgconn::ConnectError,
     },
     /// A statement failed on a node.
-    #[error("node {node}: {what}: {}", crate::setup::pg_message(source))]
+    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
     Sql {
         /// The node.
         node: String,
@@ -504,7 +504,7 @@ pub async fn record_stop(
                 &[&source, &target, &end_lsn.map(|l| l.to_string()), &error],
             )
             .await
-            .map_err(|e| crate::setup::pg_message(&e))
+            .map_err(|e| crate::pgconn::pg_message(&e))
     }
     .await;
     if let Err(e) = result {
@@ -549,6 +549,6 @@ pub async fn clear_stop(config: &Config, source: &str, target: &str) {
         )
         .await
     {
-        tracing::debug!(source, target, error = %crate::setup::pg_message(&e), "cannot clear the recorded stop");
+        tracing::debug!(source, target, error = %crate::pgconn::pg_message(&e), "cannot clear the recorded stop");
     }
 }

@@ -1033,7 +1033,7 @@ mod tests {
     fn unqualified_calls(sql: &str) -> Vec<String> {
         const SYNTAX: &[&str] = &[
             "VALUES", "EXISTS", "ANY", "IN", "AS", "AND", "OR", "NOT", "SELECT", "FROM", "WHERE",
-            "ON", "USING", "CONFLICT", "OPERATOR", "count",
+            "ON", "USING", "CONFLICT", "OPERATOR", "COALESCE", "coalesce", "GREATEST", "count",
         ];
         let mut out = Vec::new();
         let mut word = String::new();
@@ -1164,17 +1164,18 @@ mod tests {
             &map.update_optimistic(&written, &[0], false),
             settable + 1 + k + 1,
         );
-        uses(&map.update_resolving(&written, &[], &r), settable + k + 2);
+        // Resolving statements also take the journal's source LSN and the measured skews.
+        uses(&map.update_resolving(&written, &[], &r), settable + k + 4);
         uses(
             &map.update_resolving(&written, &[0], &r),
-            settable + 1 + k + 2,
+            settable + 1 + k + 4,
         );
         uses(&map.update_plain(&written), settable + k);
         // An update of unchanged TOAST only still has its key and guard parameters.
         uses(&map.update_optimistic(&[], &[], true), k + 2);
         uses(&map.delete_optimistic(true), k + 2);
         uses(&map.delete_optimistic(false), k + 1);
-        uses(&map.delete_resolving(&r), k + 2);
+        uses(&map.delete_resolving(&r), k + 4);
         uses(&map.delete_plain(), k);
         uses(&map.lookup_row(&[]), k);
         uses(&map.lookup_row(&written), k + w);
@@ -1192,7 +1193,7 @@ mod tests {
         }
         uses(APPLY_FINISH, 3);
         uses(TOMBSTONE_GUARD, 1);
-        uses(INSERT_CONFLICT, 16);
+        uses(INSERT_CONFLICT, 20);
     }
 
     #[test]
