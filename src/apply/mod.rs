@@ -35,6 +35,7 @@
 //! applied commit and returns its source position.
 
 mod careful;
+mod ddl;
 pub mod sql;
 mod writers;
 
@@ -122,6 +123,8 @@ impl TableState {
 enum Item {
     Change(Change),
     Truncate(Truncate),
+    /// A replicated schema change (`walbridge.ddl()`), see [`ddl`].
+    Ddl(ddl::Ddl),
 }
 
 /// A transaction being received from the source.
@@ -242,6 +245,13 @@ pub struct Applier {
     change_counters: HashMap<(u32, ChangeOp), prometheus::IntCounter>,
     txn_counter: prometheus::IntCounter,
     apply_histogram: prometheus::Histogram,
+    /// Prefix of `walbridge.ddl()`'s logical messages (`<slot_prefix>_ddl`).
+    ddl_prefix: String,
+    /// A careful transaction holding a schema change is open: table descriptions are read
+    /// through the apply session, which sees what the statement changed.
+    in_ddl_txn: bool,
+    /// Apply this source transaction carefully from its start (it holds a schema change).
+    careful_xid: Option<u32>,
 }
 
 /// The target session could not be prepared.
@@ -373,6 +383,7 @@ impl Applier {
             }
         }
         let node_count = config.nodes.len();
+        let ddl_prefix = ddl::message_prefix(&config.replication.slot_prefix);
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -416,6 +427,9 @@ impl Applier {
                 change_counters: HashMap::new(),
                 txn_counter,
                 apply_histogram,
+                ddl_prefix,
+                in_ddl_txn: false,
+                careful_xid: None,
             },
             progress,
         ))
@@ -552,24 +566,29 @@ impl Applier {
         if let Some(t) = self.tables.get(&relation.oid) {
             return Ok(t.clone());
         }
-        let info = catalog::table_info(&self.catalog, &relation.schema, &relation.table)
-            .await
-            .map_err(|e| {
-                if e.0.is_closed() {
-                    DirectionError::transient(format!("node {}: {e}", self.target))
-                } else {
-                    DirectionError::definite(format!("node {}: {e}", self.target))
-                }
-            })?
-            .ok_or_else(|| {
-                DirectionError::definite(format!(
-                    "table {} exists on {} but not on {}; create it there (DDL is not replicated) \
-                     or exclude it from replication.tables",
-                    relation.qualified_name(),
-                    self.source,
-                    self.target
-                ))
-            })?;
+        let info = if self.in_ddl_txn {
+            self.table_info_in_txn(&relation.schema, &relation.table)
+                .await?
+        } else {
+            catalog::table_info(&self.catalog, &relation.schema, &relation.table)
+                .await
+                .map_err(|e| {
+                    if e.0.is_closed() {
+                        DirectionError::transient(format!("node {}: {e}", self.target))
+                    } else {
+                        DirectionError::definite(format!("node {}: {e}", self.target))
+                    }
+                })?
+        };
+        let info = info.ok_or_else(|| {
+            DirectionError::definite(format!(
+                "table {} exists on {} but not on {}; create it there (plain DDL is not \
+                     replicated: use walbridge.ddl()) or exclude it from replication.tables",
+                relation.qualified_name(),
+                self.source,
+                self.target
+            ))
+        })?;
         let skip = self
             .config
             .skip_columns_for(&relation.schema, &relation.table)
@@ -638,7 +657,8 @@ impl Applier {
                 if must_close {
                     outcome = self.close_group().await?;
                 }
-                let careful = std::mem::take(&mut self.careful_next);
+                let careful = std::mem::take(&mut self.careful_next)
+                    || self.careful_xid.take_if(|x| *x == begin.xid).is_some();
                 self.open = Some(OpenTxn {
                     begin,
                     echo: false,
@@ -661,7 +681,8 @@ impl Applier {
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
             }
-            Event::Type(_) | Event::Message(_) => {}
+            Event::Type(_) => {}
+            Event::Message(m) => return self.on_message(m).await,
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
@@ -1485,6 +1506,15 @@ impl Applier {
             match item {
                 Item::Change(c) => self.on_change(c).await?,
                 Item::Truncate(t) => self.on_truncate(t).await?,
+                // A transaction with a schema change is never in an optimistic group (see
+                // `ddl`), so it is never sent again from there.
+                Item::Ddl(_) => {
+                    return Err(DirectionError::definite(format!(
+                        "{} -> {}: a schema change was about to be re-sent optimistically; \
+                         restart walbridge (it is then applied carefully)",
+                        self.source, self.target
+                    )))
+                }
             }
         }
         self.on_commit(sent.commit.clone(), false).await?;

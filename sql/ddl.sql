@@ -1,0 +1,187 @@
+-- walbridge's replicated schema changes, created by `walbridge setup` on every node.
+-- Idempotent: safe to run again.
+--
+--   SELECT walbridge.ddl('ALTER TABLE public.items ADD COLUMN note text DEFAULT ''''');
+--
+-- runs the statement here, in the caller's transaction and with the caller's rights, then
+-- records it in the change stream at that point (stream mode: a transactional logical message
+-- with prefix '<slot_prefix>_ddl'). Every peer's applier runs the same statement at the same
+-- point of the stream, inside the transaction that applies the caller's, under walbridge's
+-- replication origin (so it never travels on): a `CREATE TABLE` and rows written into it later
+-- in the same transaction, or in later ones, arrive in that order everywhere. Plain DDL outside
+-- walbridge.ddl() is not replicated.
+--
+-- Name lookup. The statement runs with the caller's search_path, on this node and, recorded
+-- with the statement, on every peer (set for that statement only). On a peer "$user" means
+-- walbridge's role, so schema-qualify names ("public.items") and nothing depends on it.
+--
+-- New tables. After the statement, walbridge.join_tables() adds every table that matches
+-- replication.tables (as setup recorded it in walbridge.settings) and is not yet replicated to
+-- the publication, and (re)creates its delete-tombstone trigger: on this node and, since the
+-- peers run the same function after the same statement, on every peer, in the same
+-- transaction. So a new table joins without a restart.
+--
+-- Rights. Every function here is SECURITY INVOKER with EXECUTE revoked from PUBLIC: the caller
+-- needs the rights the statement needs, and to join a table the rights setup has (owner of the
+-- publication, SELECT on walbridge.settings); in practice the role that runs walbridge setup,
+-- or a role it grants them to. Each pins search_path = pg_catalog, pg_temp for its own lookups,
+-- except walbridge.ddl() itself (below).
+
+-- The replicated tables as `walbridge setup` recorded them: does `sch`.`tab` match?
+-- walbridge.settings holds 'tables_include' and 'tables_exclude' (JSON arrays of
+-- [schema LIKE pattern, table LIKE pattern], the configuration's globs) and 'tables_reserved'
+-- (walbridge's own tables outside its schema, [schema, table]).
+CREATE OR REPLACE FUNCTION walbridge.is_replicated(sch name, tab name) RETURNS boolean
+LANGUAGE sql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT sch OPERATOR(pg_catalog.<>) 'walbridge'
+       AND EXISTS (SELECT 1
+                     FROM walbridge.settings s,
+                          pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
+                    WHERE s.name OPERATOR(pg_catalog.=) 'tables_include'
+                      AND sch::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 0)
+                      AND tab::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 1))
+       AND NOT EXISTS (SELECT 1
+                         FROM walbridge.settings s,
+                              pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
+                        WHERE s.name OPERATOR(pg_catalog.=) 'tables_exclude'
+                          AND sch::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 0)
+                          AND tab::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 1))
+       AND NOT EXISTS (SELECT 1
+                         FROM walbridge.settings s,
+                              pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
+                        WHERE s.name OPERATOR(pg_catalog.=) 'tables_reserved'
+                          AND sch::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 0)
+                          AND tab::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 1))
+$$;
+REVOKE ALL ON FUNCTION walbridge.is_replicated(name, name) FROM PUBLIC;
+
+-- Brings every replicated table (roots of partition trees) into replication on this node: the
+-- publication '<slot_prefix>_pub' (stream mode) and the delete-tombstone trigger, whose
+-- arguments are the table's unique key columns (primary key, else the replica identity index),
+-- renewed when they changed (a renamed key column). Tables already in are left alone.
+CREATE OR REPLACE FUNCTION walbridge.join_tables() RETURNS void
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    pub  text;
+    t    record;
+    want bytea;
+    have bytea;
+BEGIN
+    SELECT s.value OPERATOR(pg_catalog.||) '_pub' INTO pub
+      FROM walbridge.settings s WHERE s.name OPERATOR(pg_catalog.=) 'slot_prefix';
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p
+                    WHERE p.pubname OPERATOR(pg_catalog.=) pub) THEN
+        pub := NULL;
+    END IF;
+    FOR t IN
+        SELECT c.oid, n.nspname, c.relname,
+               COALESCE(
+                   (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+                      FROM pg_catalog.pg_index i
+                     CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                      JOIN pg_catalog.pg_attribute a
+                        ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                       AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+                     WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary),
+                   (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+                      FROM pg_catalog.pg_index i
+                     CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                      JOIN pg_catalog.pg_attribute a
+                        ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                       AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+                     WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisreplident)) AS key
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
+           AND NOT c.relispartition
+           AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{pg_catalog,information_schema,pg_toast}'::name[])
+           AND walbridge.is_replicated(n.nspname, c.relname)
+    LOOP
+        IF pub IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_publication_rel r
+                 JOIN pg_catalog.pg_publication p ON p.oid OPERATOR(pg_catalog.=) r.prpubid
+                WHERE p.pubname OPERATOR(pg_catalog.=) pub
+                  AND r.prrelid OPERATOR(pg_catalog.=) t.oid) THEN
+            EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %I.%I',
+                                      pub, t.nspname, t.relname);
+        END IF;
+        CONTINUE WHEN t.key IS NULL;
+        -- pg_trigger.tgargs: each argument followed by a zero byte.
+        SELECT pg_catalog.decode(pg_catalog.string_agg(
+                   pg_catalog.encode(pg_catalog.convert_to(k, 'UTF8'), 'hex')
+                   OPERATOR(pg_catalog.||) '00', '' ORDER BY o), 'hex')
+          INTO want FROM pg_catalog.unnest(t.key) WITH ORDINALITY AS u(k, o);
+        SELECT tg.tgargs INTO have FROM pg_catalog.pg_trigger tg
+         WHERE tg.tgrelid OPERATOR(pg_catalog.=) t.oid
+           AND tg.tgname OPERATOR(pg_catalog.=) 'walbridge_tombstones'
+           AND tg.tgparentid OPERATOR(pg_catalog.=) 0;
+        IF have IS DISTINCT FROM want THEN
+            EXECUTE pg_catalog.format(
+                'CREATE OR REPLACE TRIGGER walbridge_tombstones AFTER DELETE ON %I.%I '
+                'REFERENCING OLD TABLE AS walbridge_deleted_rows FOR EACH STATEMENT '
+                'EXECUTE FUNCTION walbridge.record_tombstones(%s); '
+                'ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER walbridge_tombstones',
+                t.nspname, t.relname,
+                (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(k), ', ' ORDER BY o)
+                   FROM pg_catalog.unnest(t.key) WITH ORDINALITY AS u(k, o)),
+                t.nspname, t.relname);
+        END IF;
+    END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.join_tables() FROM PUBLIC;
+
+-- Runs one schema change here: `statement` with search_path `path` (for that statement only),
+-- then joins new tables. Peers' appliers call this for a replicated statement (never
+-- walbridge.ddl(), which would record it again).
+CREATE OR REPLACE FUNCTION walbridge.ddl_apply(path text, statement text) RETURNS void
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- Local to this function: its SET clause restores the pinned path when it returns.
+    PERFORM pg_catalog.set_config('search_path', path, true);
+    EXECUTE statement;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    PERFORM walbridge.join_tables();
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.ddl_apply(text, text) FROM PUBLIC;
+
+-- walbridge.ddl()'s work, with the caller's search_path passed in.
+CREATE OR REPLACE FUNCTION walbridge.ddl_replicate(path text, statement text) RETURNS void
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mode   text;
+    prefix text;
+BEGIN
+    IF statement IS NULL OR pg_catalog.btrim(statement) OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'walbridge.ddl(): no statement given';
+    END IF;
+    SELECT s.value INTO mode FROM walbridge.settings s
+     WHERE s.name OPERATOR(pg_catalog.=) 'capture_mode';
+    IF mode OPERATOR(pg_catalog.=) 'trigger' THEN
+        RAISE EXCEPTION 'walbridge.ddl(): this node is in trigger mode, where schema changes are not replicated yet'
+            USING HINT = 'run the statement on every node by hand, in the same order';
+    END IF;
+    SELECT s.value INTO prefix FROM walbridge.settings s
+     WHERE s.name OPERATOR(pg_catalog.=) 'slot_prefix';
+    IF prefix IS NULL THEN
+        RAISE EXCEPTION 'walbridge.ddl(): walbridge.settings has no slot_prefix'
+            USING HINT = 'run walbridge setup';
+    END IF;
+    PERFORM walbridge.ddl_apply(path, statement);
+    PERFORM pg_catalog.pg_logical_emit_message(
+        true, prefix OPERATOR(pg_catalog.||) '_ddl',
+        pg_catalog.jsonb_build_object('search_path', path, 'statement', statement)::text);
+END
+$$;
+REVOKE ALL ON FUNCTION walbridge.ddl_replicate(text, text) FROM PUBLIC;
+
+-- The entry point. LANGUAGE sql without a SET clause, unlike every other walbridge function:
+-- it must read the caller's search_path, which a SET clause would replace before the body
+-- runs. It is safe unpinned because it names nothing unqualified: two schema-qualified
+-- function calls, no operator.
+CREATE OR REPLACE FUNCTION walbridge.ddl(statement text) RETURNS void
+LANGUAGE sql SECURITY INVOKER AS $$
+    SELECT walbridge.ddl_replicate(pg_catalog.current_setting('search_path'), statement)
+$$;
+REVOKE ALL ON FUNCTION walbridge.ddl(text) FROM PUBLIC;
