@@ -5,7 +5,7 @@
 --
 -- runs the statement here, in the caller's transaction and with the caller's rights, then
 -- records it in the change stream at that point (stream mode: a transactional logical message
--- with prefix '<slot_prefix>_ddl'). Every peer's applier runs the same statement at the same
+-- with prefix '<slot_prefix>_ddl'; trigger mode: a change-table row with metodo = 'DDL'). Every peer's applier runs the same statement at the same
 -- point of the stream, inside the transaction that applies the caller's, under walbridge's
 -- replication origin (so it never travels on): a `CREATE TABLE` and rows written into it later
 -- in the same transaction, or in later ones, arrive in that order everywhere. Plain DDL outside
@@ -56,17 +56,25 @@ $$;
 REVOKE ALL ON FUNCTION walbridge.is_replicated(name, name) FROM PUBLIC;
 
 -- Brings every replicated table (roots of partition trees) into replication on this node: the
--- publication '<slot_prefix>_pub' (stream mode) and the delete-tombstone trigger, whose
+-- publication '<slot_prefix>_pub' (stream mode), the capture triggers (trigger mode, when the
+-- table has none) and the delete-tombstone trigger, whose
 -- arguments are the table's unique key columns (primary key, else the replica identity index),
 -- renewed when they changed (a renamed key column). Tables already in are left alone.
 CREATE OR REPLACE FUNCTION walbridge.join_tables() RETURNS void
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     pub  text;
+    mode text;
+    node text;
+    args text;
     t    record;
     want bytea;
     have bytea;
 BEGIN
+    SELECT s.value INTO mode FROM walbridge.settings s
+     WHERE s.name OPERATOR(pg_catalog.=) 'capture_mode';
+    SELECT s.value INTO node FROM walbridge.settings s
+     WHERE s.name OPERATOR(pg_catalog.=) 'node_name';
     SELECT s.value OPERATOR(pg_catalog.||) '_pub' INTO pub
       FROM walbridge.settings s WHERE s.name OPERATOR(pg_catalog.=) 'slot_prefix';
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p
@@ -104,6 +112,24 @@ BEGIN
                   AND r.prrelid OPERATOR(pg_catalog.=) t.oid) THEN
             EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %I.%I',
                                       pub, t.nspname, t.relname);
+        END IF;
+        -- Trigger mode: the capture triggers a table gets from setup, when it has none (the
+        -- key of a table without one is the whole row, as setup does).
+        IF mode OPERATOR(pg_catalog.=) 'trigger' AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_trigger tg
+                WHERE tg.tgrelid OPERATOR(pg_catalog.=) t.oid
+                  AND tg.tgname OPERATOR(pg_catalog.=) 'walbridge_capture') THEN
+            args := pg_catalog.concat_ws(', ', pg_catalog.quote_literal(node),
+                        pg_catalog.quote_literal(t.nspname OPERATOR(pg_catalog.||) '.'
+                                                 OPERATOR(pg_catalog.||) t.relname),
+                        (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(k), ', ' ORDER BY o)
+                           FROM pg_catalog.unnest(t.key) WITH ORDINALITY AS u(k, o)));
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER walbridge_capture AFTER INSERT OR UPDATE OR DELETE ON %I.%I '
+                'FOR EACH ROW EXECUTE FUNCTION walbridge.capture(%s); '
+                'CREATE OR REPLACE TRIGGER walbridge_capture_truncate AFTER TRUNCATE ON %I.%I '
+                'FOR EACH STATEMENT EXECUTE FUNCTION walbridge.capture_truncate(%s)',
+                t.nspname, t.relname, args, t.nspname, t.relname, args);
         END IF;
         CONTINUE WHEN t.key IS NULL;
         -- pg_trigger.tgargs: each argument followed by a zero byte.
@@ -150,17 +176,34 @@ REVOKE ALL ON FUNCTION walbridge.ddl_apply(text, text) FROM PUBLIC;
 CREATE OR REPLACE FUNCTION walbridge.ddl_replicate(path text, statement text) RETURNS void
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    mode   text;
-    prefix text;
+    mode         text;
+    prefix       text;
+    change_table text;
+    node         text;
+    payload      text;
 BEGIN
     IF statement IS NULL OR pg_catalog.btrim(statement) OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'walbridge.ddl(): no statement given';
     END IF;
+    payload := pg_catalog.jsonb_build_object('search_path', path, 'statement', statement)::text;
     SELECT s.value INTO mode FROM walbridge.settings s
      WHERE s.name OPERATOR(pg_catalog.=) 'capture_mode';
     IF mode OPERATOR(pg_catalog.=) 'trigger' THEN
-        RAISE EXCEPTION 'walbridge.ddl(): this node is in trigger mode, where schema changes are not replicated yet'
-            USING HINT = 'run the statement on every node by hand, in the same order';
+        -- Trigger mode: a change row, ordered by id with the rows of the data changes.
+        SELECT s.value INTO change_table FROM walbridge.settings s
+         WHERE s.name OPERATOR(pg_catalog.=) 'change_table';
+        SELECT s.value INTO node FROM walbridge.settings s
+         WHERE s.name OPERATOR(pg_catalog.=) 'node_name';
+        IF change_table IS NULL OR node IS NULL THEN
+            RAISE EXCEPTION 'walbridge.ddl(): walbridge.settings has no change_table or node_name'
+                USING HINT = 'run walbridge setup';
+        END IF;
+        PERFORM walbridge.ddl_apply(path, statement);
+        -- Untyped literals: descripcion may be jsonb, json or text (the polling script's).
+        EXECUTE pg_catalog.format(
+            'INSERT INTO %s (metodo, tabla, descripcion, origin_node) VALUES (''DDL'', ''walbridge.ddl'', %L, %L)',
+            change_table, payload, node);
+        RETURN;
     END IF;
     SELECT s.value INTO prefix FROM walbridge.settings s
      WHERE s.name OPERATOR(pg_catalog.=) 'slot_prefix';
@@ -170,8 +213,7 @@ BEGIN
     END IF;
     PERFORM walbridge.ddl_apply(path, statement);
     PERFORM pg_catalog.pg_logical_emit_message(
-        true, prefix OPERATOR(pg_catalog.||) '_ddl',
-        pg_catalog.jsonb_build_object('search_path', path, 'statement', statement)::text);
+        true, prefix OPERATOR(pg_catalog.||) '_ddl', payload);
 END
 $$;
 REVOKE ALL ON FUNCTION walbridge.ddl_replicate(text, text) FROM PUBLIC;

@@ -23,20 +23,18 @@ fn trickle(d: &Deployment, node: &str, table: &str, from: i32, to: i32) {
     );
 }
 
-/// Waits until every node's `table` equals the first node's.
+/// Waits until every node holds the same rows in `table`.
 fn assert_identical(d: &Deployment, table: &str, key: &str) {
-    let first = d.names[0].clone();
-    d.wait_caught_up();
-    let want = d.fingerprint(&first, table, key);
-    for n in &d.names[1..] {
-        d.wait_for(
-            n,
-            &format!(
-                "SELECT count(*) || '|' || coalesce(md5(string_agg(t::text, ',' ORDER BY {key})), '') FROM {table} t"
-            ),
-            &want,
-        );
-    }
+    let mut last = Vec::new();
+    let same = wait_until(WAIT, || {
+        last = d
+            .names
+            .iter()
+            .map(|n| d.fingerprint(n, table, key))
+            .collect();
+        last.windows(2).all(|w| w[0] == w[1])
+    });
+    assert!(same, "{table} differs between nodes: {last:?}");
 }
 
 fn add_column_while_both_nodes_write(plugin: &str) {
@@ -357,6 +355,73 @@ fn ddl_reaches_every_node_of_three_once() {
         "log:\n{log}"
     );
     run.assert_running();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+}
+
+#[test]
+fn ddl_trigger_mode_travels_as_a_ddl_change_row() {
+    let d = Deployment::new(
+        &["east", "west"],
+        SCHEMA,
+        "mode = \"trigger\"\n\n[trigger]\npoll_interval = \"1s\"\n",
+    );
+    d.walbridge_ok(&["setup"]);
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO items VALUES (1, 'before')");
+    d.wait_for("west", "SELECT count(*) FROM items", "1");
+    std::thread::scope(|s| {
+        s.spawn(|| trickle(&d, "west", "public.items", 100_001, 100_100));
+        s.spawn(|| {
+            d.sql(
+                "east",
+                &format!(
+                    "BEGIN; INSERT INTO items VALUES (2, 'same txn, before'); {}; \
+                     INSERT INTO items VALUES (3, 'same txn, after', 'n3'); COMMIT;",
+                    ddl("ALTER TABLE public.items ADD COLUMN note text DEFAULT 'none'")
+                ),
+            );
+        });
+    });
+    // The change row is there, in order, with metodo DDL (until applied and deleted).
+    d.wait_for("west", "SELECT note FROM items WHERE id = 3", "n3");
+    d.sql(
+        "west",
+        "INSERT INTO items VALUES (100500, 'w', 'from west')",
+    );
+    d.wait_for(
+        "east",
+        "SELECT note FROM items WHERE id = 100500",
+        "from west",
+    );
+
+    // A new table with a row in the same transaction, then rows both ways.
+    d.sql(
+        "east",
+        &format!(
+            "BEGIN; {}; INSERT INTO public.fresh VALUES (1, 'east'); COMMIT;",
+            ddl("CREATE TABLE public.fresh (id int PRIMARY KEY, v text)")
+        ),
+    );
+    d.wait_for("west", "SELECT v FROM fresh WHERE id = 1", "east");
+    d.sql("west", "INSERT INTO fresh VALUES (2, 'west')");
+    d.wait_for(
+        "east",
+        "SELECT string_agg(v, ',' ORDER BY id) FROM fresh",
+        "east,west",
+    );
+    assert_identical(&d, "public.items", "id");
+    let log = run.log();
+    assert_eq!(
+        log.matches("schema change applied").count(),
+        2,
+        "log:\n{log}"
+    );
+    assert!(!log.contains("direction stopped"), "log:\n{log}");
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM public.database_changes_dead"),
+        "0"
+    );
     run.signal(libc::SIGTERM);
     assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
 }

@@ -28,32 +28,11 @@
 //! reads the catalog again. A statement that fails stops the direction with the statement (it
 //! is schema, not row data) and the server's error.
 
-use serde::Deserialize;
-
 use super::careful::Failed;
 use super::{text, Applier, Item, Outcome};
 use crate::catalog::{self, TableInfo};
-use crate::event::LogicalMessage;
+use crate::event::{LogicalMessage, SchemaChange};
 use crate::runtime::DirectionError;
-
-/// What the target runs for a replicated statement (`sql/ddl.sql`).
-const DDL_APPLY: &str = "SELECT walbridge.ddl_apply($1, $2)";
-
-/// One replicated schema change, as `walbridge.ddl()` recorded it.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub(super) struct Ddl {
-    /// The caller's `search_path` when the statement ran on the source.
-    pub search_path: String,
-    /// The statement, as given.
-    pub statement: String,
-}
-
-impl Ddl {
-    /// Reads a `<prefix>_ddl` message's content.
-    fn parse(content: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(content)
-    }
-}
 
 /// The message prefix `walbridge.ddl()` uses with this slot prefix.
 pub(super) fn message_prefix(slot_prefix: &str) -> String {
@@ -80,7 +59,7 @@ impl Applier {
             Some(open) if open.echo => return Ok(Outcome::Continue),
             Some(open) => (open.careful, open.changes == 0, open.begin.xid),
         };
-        let ddl = Ddl::parse(&message.content).map_err(|e| {
+        let ddl = SchemaChange::parse(&message.content).map_err(|e| {
             DirectionError::definite(format!(
                 "{} -> {}: the schema change at {} (message {}) is not what walbridge.ddl() \
                  writes: {e}; are the nodes running the same walbridge version?",
@@ -146,14 +125,14 @@ impl Applier {
     }
 
     /// Runs a replicated statement inside the open careful transaction.
-    pub(super) async fn careful_ddl(&mut self, ddl: &Ddl) -> Result<(), Failed> {
+    pub(super) async fn careful_ddl(&mut self, ddl: &SchemaChange) -> Result<(), Failed> {
         self.in_ddl_txn = true;
         self.tables.clear();
         let params = [
             Some(ddl.search_path.as_bytes()),
             Some(ddl.statement.as_bytes()),
         ];
-        match self.exec(DDL_APPLY, &params).await {
+        match self.exec(SchemaChange::APPLY_SQL, &params).await {
             Ok(_) => {
                 tracing::info!(
                     source = %self.source, target = %self.target, statement = %ddl.statement,
@@ -230,13 +209,13 @@ mod tests {
     #[test]
     fn reads_what_walbridge_ddl_writes() {
         // The text of jsonb_build_object('search_path', ..., 'statement', ...)::text.
-        let ddl = Ddl::parse(
+        let ddl = SchemaChange::parse(
             br#"{"statement": "ALTER TABLE t ADD COLUMN \"c\" int", "search_path": "\"$user\", public"}"#,
         )
         .expect("valid payload");
         assert_eq!(ddl.statement, r#"ALTER TABLE t ADD COLUMN "c" int"#);
         assert_eq!(ddl.search_path, r#""$user", public"#);
-        assert!(Ddl::parse(b"ALTER TABLE t").is_err());
+        assert!(SchemaChange::parse(b"ALTER TABLE t").is_err());
         assert_eq!(message_prefix("walbridge"), "walbridge_ddl");
     }
 }

@@ -124,7 +124,7 @@ enum Item {
     Change(Change),
     Truncate(Truncate),
     /// A replicated schema change (`walbridge.ddl()`), see [`ddl`].
-    Ddl(ddl::Ddl),
+    Ddl(crate::event::SchemaChange),
 }
 
 /// A transaction being received from the source.

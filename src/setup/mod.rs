@@ -651,6 +651,7 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         .await
         .map_err(sql_err(&n.name, "creating walbridge.ddl() (sql/ddl.sql)"))?;
     let (include, exclude, reserved) = selection_settings(&config.replication.tables);
+    let change_table = config.trigger.table.quoted();
     for (name, value) in [
         ("node_name", n.name.as_str()),
         ("skip_origin", &config.skip_origin_name()),
@@ -658,6 +659,7 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         ("tables_include", &include),
         ("tables_exclude", &exclude),
         ("tables_reserved", &reserved),
+        ("change_table", &change_table),
     ] {
         n.client
             .execute(

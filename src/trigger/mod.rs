@@ -117,6 +117,7 @@
 //! cut-over resumes when `setup` runs again.
 
 mod change;
+mod ddl;
 pub mod legacy;
 pub mod mode;
 pub mod setup;
