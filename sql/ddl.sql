@@ -67,6 +67,9 @@ DECLARE
     mode text;
     node text;
     args text;
+    ranges text;
+    joined boolean;
+    seq  regclass;
     t    record;
     want bytea;
     have bytea;
@@ -81,6 +84,8 @@ BEGIN
                     WHERE p.pubname OPERATOR(pg_catalog.=) pub) THEN
         pub := NULL;
     END IF;
+    SELECT s.value INTO ranges FROM walbridge.settings s
+     WHERE s.name OPERATOR(pg_catalog.=) 'sequence_ranges';
     FOR t IN
         SELECT c.oid, n.nspname, c.relname,
                COALESCE(
@@ -105,6 +110,7 @@ BEGIN
            AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{pg_catalog,information_schema,pg_toast}'::name[])
            AND walbridge.is_replicated(n.nspname, c.relname)
     LOOP
+        joined := false;
         IF pub IS NOT NULL AND NOT EXISTS (
                SELECT 1 FROM pg_catalog.pg_publication_rel r
                  JOIN pg_catalog.pg_publication p ON p.oid OPERATOR(pg_catalog.=) r.prpubid
@@ -112,6 +118,7 @@ BEGIN
                   AND r.prrelid OPERATOR(pg_catalog.=) t.oid) THEN
             EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %I.%I',
                                       pub, t.nspname, t.relname);
+            joined := true;
         END IF;
         -- Trigger mode: the capture triggers a table gets from setup, when it has none (the
         -- key of a table without one is the whole row, as setup does).
@@ -130,6 +137,27 @@ BEGIN
                 'CREATE OR REPLACE TRIGGER walbridge_capture_truncate AFTER TRUNCATE ON %I.%I '
                 'FOR EACH STATEMENT EXECUTE FUNCTION walbridge.capture_truncate(%s)',
                 t.nspname, t.relname, args, t.nspname, t.relname, args);
+            joined := true;
+        END IF;
+        -- replication.sequence_ranges: a joining table's sequences step by the node count
+        -- from this node's residue ("<nodes>:<residue>"), as setup gives existing ones; only
+        -- a sequence never used yet (a table just created), else setup must place it.
+        IF joined AND ranges IS NOT NULL AND ranges OPERATOR(pg_catalog.<>) '' THEN
+            FOR seq IN
+                SELECT s.oid::regclass FROM pg_catalog.pg_depend d
+                  JOIN pg_catalog.pg_class s ON s.oid OPERATOR(pg_catalog.=) d.objid
+                 WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::regclass
+                   AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::regclass
+                   AND d.refobjid OPERATOR(pg_catalog.=) t.oid
+                   AND d.deptype OPERATOR(pg_catalog.=) ANY ('{a,i}'::"char"[])
+                   AND s.relkind OPERATOR(pg_catalog.=) 'S'
+            LOOP
+                CONTINUE WHEN pg_catalog.pg_sequence_last_value(seq) IS NOT NULL;
+                EXECUTE pg_catalog.format(
+                    'ALTER SEQUENCE %s INCREMENT BY %s START WITH %s RESTART WITH %s',
+                    seq, pg_catalog.split_part(ranges, ':', 1),
+                    pg_catalog.split_part(ranges, ':', 2), pg_catalog.split_part(ranges, ':', 2));
+            END LOOP;
         END IF;
         CONTINUE WHEN t.key IS NULL;
         -- pg_trigger.tgargs: each argument followed by a zero byte.

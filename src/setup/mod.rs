@@ -652,6 +652,17 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         .map_err(sql_err(&n.name, "creating walbridge.ddl() (sql/ddl.sql)"))?;
     let (include, exclude, reserved) = selection_settings(&config.replication.tables);
     let change_table = config.trigger.table.quoted();
+    // For walbridge.join_tables: the residue class of this node's sequences ("" when off).
+    let ranges = if config.replication.sequence_ranges {
+        let index = config
+            .nodes
+            .iter()
+            .position(|c| c.name == n.name)
+            .unwrap_or(0);
+        format!("{}:{}", config.nodes.len(), index + 1)
+    } else {
+        String::new()
+    };
     for (name, value) in [
         ("node_name", n.name.as_str()),
         ("skip_origin", &config.skip_origin_name()),
@@ -660,6 +671,7 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
         ("tables_exclude", &exclude),
         ("tables_reserved", &reserved),
         ("change_table", &change_table),
+        ("sequence_ranges", &ranges),
     ] {
         n.client
             .execute(
