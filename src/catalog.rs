@@ -381,40 +381,16 @@ pub async fn float_columns(
         .collect())
 }
 
-/// Reads one table's description, `None` when it does not exist.
-pub async fn table_info(
-    client: &Client,
-    schema: &str,
-    name: &str,
-) -> Result<Option<TableInfo>, CatalogError> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT c.oid, c.relkind::text, c.relreplident::text
-               FROM pg_catalog.pg_class c
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&schema, &name],
-        )
-        .await?
-    else {
-        return Ok(None);
-    };
-    let oid: u32 = row.get(0);
-    let kind = if row.get::<_, String>(1) == "p" {
-        TableKind::Partitioned
-    } else {
-        TableKind::Ordinary
-    };
-    let replica_identity = row
-        .get::<_, String>(2)
-        .bytes()
-        .next()
-        .and_then(ReplicaIdentity::from_code)
-        .unwrap_or(ReplicaIdentity::Default);
-
-    let columns = client
-        .query(
-            "SELECT a.attname, a.attnum, a.atttypid,
+/// One table's whole description as a single JSON text (`$1` schema, `$2` name; no row when
+/// the table does not exist), read by [`table_info`] and by the apply session itself, which
+/// must see tables that a replicated DDL statement created or changed in its own, not yet
+/// committed, transaction (see `apply::ddl`).
+pub const TABLE_INFO_SQL: &str = "\
+SELECT pg_catalog.jsonb_build_object(
+         'oid', c.oid::int8, 'kind', c.relkind::text, 'replident', c.relreplident::text,
+         'columns', COALESCE((
+           SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(
+                    a.attname::text, a.attnum::int4, a.atttypid::int8,
                     pg_catalog.format_type(a.atttypid, a.atttypmod),
                     a.atttypmod, a.attnotnull, a.attgenerated::text, a.attidentity::text,
                     EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc
@@ -432,66 +408,112 @@ pub async fn table_info(
                                 OR (am.amname = 'btree' AND oc.opcdefault
                                     AND oc.opcintype = 'anyenum'::regtype
                                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t
-                                                 WHERE t.oid = a.atttypid AND t.typtype = 'e')))
-               FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
-            &[&oid],
-        )
-        .await?
-        .iter()
-        .map(|r| ColumnInfo {
-            name: r.get(0),
-            attnum: r.get(1),
-            type_oid: r.get(2),
-            type_sql: r.get(3),
-            type_modifier: r.get(4),
-            not_null: r.get(5),
-            generated: !r.get::<_, String>(6).is_empty(),
-            identity_always: r.get::<_, String>(7) == "a",
-            identity_by_default: r.get::<_, String>(7) == "d",
-            has_equality: r.get(8),
-        })
-        .collect();
+                                                 WHERE t.oid = a.atttypid AND t.typtype = 'e'))))
+                    ORDER BY a.attnum)
+             FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]'),
+         'primary_key', COALESCE((
+           SELECT pg_catalog.jsonb_agg(a.attname::text ORDER BY k.ord)
+             FROM pg_catalog.pg_index i
+            CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = c.oid AND i.indisprimary), '[]'),
+         'identity_index', COALESCE((
+           SELECT pg_catalog.jsonb_agg(a.attname::text ORDER BY k.ord)
+             FROM pg_catalog.pg_index i
+            CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = c.oid AND i.indisreplident), '[]'))
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
 
-    let index_columns = |primary: bool| {
-        let sql = format!(
-            "SELECT a.attname
-               FROM pg_catalog.pg_index i
-               CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-              WHERE i.indrelid = $1 AND {}
-              ORDER BY k.ord",
-            if primary {
-                "i.indisprimary"
-            } else {
-                "i.indisreplident"
-            }
-        );
-        async move {
-            Ok::<_, CatalogError>(
-                client
-                    .query(&sql, &[&oid])
-                    .await?
-                    .iter()
-                    .map(|r| r.get::<_, String>(0))
-                    .collect::<Vec<_>>(),
-            )
-        }
-    };
-    let primary_key = index_columns(true).await?;
-    let identity_index = index_columns(false).await?;
+/// The JSON of [`TABLE_INFO_SQL`] does not describe a table.
+#[derive(Debug, thiserror::Error)]
+#[error("the catalog description of {table} is not what walbridge expects: {reason}")]
+pub struct DescriptionError {
+    /// `schema.table`.
+    pub table: String,
+    /// What was wrong.
+    pub reason: String,
+}
 
-    Ok(Some(TableInfo {
-        oid,
+#[derive(serde::Deserialize)]
+struct RawTable {
+    oid: u32,
+    kind: String,
+    replident: String,
+    #[allow(clippy::type_complexity)]
+    columns: Vec<(String, i16, u32, String, i32, bool, String, String, bool)>,
+    primary_key: Vec<String>,
+    identity_index: Vec<String>,
+}
+
+/// Reads [`TABLE_INFO_SQL`]'s JSON for `schema`.`name`.
+pub fn table_info_from_json(
+    schema: &str,
+    name: &str,
+    json: &str,
+) -> Result<TableInfo, DescriptionError> {
+    let raw: RawTable = serde_json::from_str(json).map_err(|e| DescriptionError {
+        table: format!("{schema}.{name}"),
+        reason: e.to_string(),
+    })?;
+    Ok(from_raw(schema, name, raw))
+}
+
+fn from_raw(schema: &str, name: &str, raw: RawTable) -> TableInfo {
+    TableInfo {
+        oid: raw.oid,
         schema: schema.to_string(),
         name: name.to_string(),
-        kind,
-        replica_identity,
-        columns,
-        primary_key,
-        identity_index,
-    }))
+        kind: if raw.kind == "p" {
+            TableKind::Partitioned
+        } else {
+            TableKind::Ordinary
+        },
+        replica_identity: raw
+            .replident
+            .bytes()
+            .next()
+            .and_then(ReplicaIdentity::from_code)
+            .unwrap_or(ReplicaIdentity::Default),
+        columns: raw
+            .columns
+            .into_iter()
+            .map(
+                |(name, attnum, type_oid, type_sql, type_modifier, not_null, gen, ident, eq)| {
+                    ColumnInfo {
+                        name,
+                        attnum,
+                        type_oid,
+                        type_sql,
+                        type_modifier,
+                        not_null,
+                        generated: !gen.is_empty(),
+                        identity_always: ident == "a",
+                        identity_by_default: ident == "d",
+                        has_equality: eq,
+                    }
+                },
+            )
+            .collect(),
+        primary_key: raw.primary_key,
+        identity_index: raw.identity_index,
+    }
+}
+
+/// Reads one table's description, `None` when it does not exist.
+pub async fn table_info(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<TableInfo>, CatalogError> {
+    let Some(row) = client.query_opt(TABLE_INFO_SQL, &[&schema, &name]).await? else {
+        return Ok(None);
+    };
+    let raw: tokio_postgres::types::Json<RawTable> = row.try_get(0)?;
+    Ok(Some(from_raw(schema, name, raw.0)))
 }
 
 /// [`table_info`] as a shared relation description for the wal2json decoder.

@@ -332,3 +332,26 @@ pub struct LogicalMessage {
     /// The payload.
     pub content: Bytes,
 }
+
+/// A schema change `walbridge.ddl()` recorded on its node (`sql/ddl.sql`): in stream mode the
+/// content of a `<slot_prefix>_ddl` logical message, in trigger mode the `descripcion` of a
+/// change row with `metodo = 'DDL'`. Both are the JSON object
+/// `{"search_path": ..., "statement": ...}`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct SchemaChange {
+    /// The caller's `search_path` when the statement ran on its node.
+    pub search_path: String,
+    /// The statement, as given.
+    pub statement: String,
+}
+
+impl SchemaChange {
+    /// What a target runs for it: the statement under that `search_path`, then new matching
+    /// tables join replication there (never `walbridge.ddl()`, which would record it again).
+    pub const APPLY_SQL: &'static str = "SELECT walbridge.ddl_apply($1, $2)";
+
+    /// Reads the recorded JSON.
+    pub fn parse(content: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(content)
+    }
+}

@@ -25,6 +25,7 @@ mod observability;
 mod packaging;
 mod protocol;
 mod replication;
+mod schema;
 mod security;
 mod setup;
 mod skip;

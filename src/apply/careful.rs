@@ -30,7 +30,7 @@ pub(super) struct CarefulTxn {
 }
 
 /// Why one careful attempt did not commit.
-enum Failed {
+pub(super) enum Failed {
     /// The server refused a statement; the attempt rolled back and may be retried.
     Server(ServerError),
     /// Policy `error` (or an unrecoverable situation): stop the direction.
@@ -42,7 +42,7 @@ use crate::protocol::pipeline::Rows;
 impl Applier {
     /// One statement as its own round trip: `Parse` (unnamed) + `Bind` + `Execute` + `Sync`.
     /// Whatever is still in flight is read first, so the reply read here is this statement's.
-    async fn round_trip(
+    pub(super) async fn round_trip(
         &mut self,
         sql: &str,
         params: &[Option<&[u8]>],
@@ -61,7 +61,11 @@ impl Applier {
         })
     }
 
-    async fn exec(&mut self, sql: &str, params: &[Option<&[u8]>]) -> Result<Rows, Failed> {
+    pub(super) async fn exec(
+        &mut self,
+        sql: &str,
+        params: &[Option<&[u8]>],
+    ) -> Result<Rows, Failed> {
         match self.round_trip(sql, params).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(Failed::Server(e)),
@@ -80,6 +84,7 @@ impl Applier {
                 .await
             {
                 Ok(conflicts) => {
+                    self.ddl_txn_ended();
                     self.expected = sent.end_lsn;
                     self.acknowledge(&sent, &conflicts);
                     return Ok(());
@@ -87,6 +92,7 @@ impl Applier {
                 Err(Failed::Stop(e)) => return Err(e.at_transaction(sent.end_lsn)),
                 Err(Failed::Server(e)) => {
                     let _ = self.round_trip("ROLLBACK", &[]).await?;
+                    self.ddl_txn_ended();
                     tracing::debug!(error = %e, "careful apply attempt failed; retrying");
                     last = Some(e);
                 }
@@ -220,6 +226,7 @@ impl Applier {
         };
         match self.careful_commit(&commit).await {
             Ok(()) => {
+                self.ddl_txn_ended();
                 txn.sent.end_lsn = commit.end_lsn;
                 txn.sent.commit_time = commit.commit_time;
                 self.expected = commit.end_lsn;
@@ -240,6 +247,7 @@ impl Applier {
         what: &str,
     ) -> Result<DirectionError, DirectionError> {
         let _ = self.round_trip("ROLLBACK", &[]).await?;
+        self.ddl_txn_ended();
         Ok(match failed {
             Failed::Stop(e) => e,
             // Not a classification: whatever the SQLSTATE (a conflict with a local writer,
@@ -255,6 +263,7 @@ impl Applier {
     /// Rolls back a streamed careful transaction (shutdown).
     pub(super) async fn careful_abort(&mut self, _txn: CarefulTxn) -> Result<(), DirectionError> {
         let _ = self.round_trip("ROLLBACK", &[]).await?;
+        self.ddl_txn_ended();
         Ok(())
     }
 
@@ -267,6 +276,7 @@ impl Applier {
         match item {
             Item::Truncate(t) => self.careful_truncate(t).await,
             Item::Change(c) => self.careful_change(begin, c, conflicts).await,
+            Item::Ddl(d) => self.careful_ddl(d).await,
         }
     }
 

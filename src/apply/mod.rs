@@ -35,6 +35,7 @@
 //! applied commit and returns its source position.
 
 mod careful;
+mod ddl;
 pub mod sql;
 mod writers;
 
@@ -122,6 +123,8 @@ impl TableState {
 enum Item {
     Change(Change),
     Truncate(Truncate),
+    /// A replicated schema change (`walbridge.ddl()`), see [`ddl`].
+    Ddl(crate::event::SchemaChange),
 }
 
 /// A transaction being received from the source.
@@ -243,6 +246,13 @@ pub struct Applier {
     change_counters: HashMap<(u32, ChangeOp), prometheus::IntCounter>,
     txn_counter: prometheus::IntCounter,
     apply_histogram: prometheus::Histogram,
+    /// Prefix of `walbridge.ddl()`'s logical messages (`<slot_prefix>_ddl`).
+    ddl_prefix: String,
+    /// A careful transaction holding a schema change is open: table descriptions are read
+    /// through the apply session, which sees what the statement changed.
+    in_ddl_txn: bool,
+    /// Apply this source transaction carefully from its start (it holds a schema change).
+    careful_xid: Option<u32>,
 }
 
 /// The target session could not be prepared.
@@ -369,6 +379,7 @@ impl Applier {
         let node_count = config.nodes.len();
         let take_turns =
             crate::conflict::appliers_take_turns(node_count, config.uses_node_priority());
+        let ddl_prefix = ddl::message_prefix(&config.replication.slot_prefix);
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -413,6 +424,9 @@ impl Applier {
                 change_counters: HashMap::new(),
                 txn_counter,
                 apply_histogram,
+                ddl_prefix,
+                in_ddl_txn: false,
+                careful_xid: None,
             },
             progress,
         ))
@@ -568,26 +582,31 @@ impl Applier {
         if let Some(t) = self.tables.get(&relation.oid) {
             return Ok(t.clone());
         }
-        let info = catalog::table_info(&self.catalog, &relation.schema, &relation.table)
-            .await
-            .map_err(|e| {
-                let msg = format!(
-                    "node {}: looking up table {}: {}",
-                    self.target,
-                    relation.qualified_name(),
-                    crate::pgconn::pg_message(&e.0)
-                );
-                DirectionError::caused_by(msg, &e)
-            })?
-            .ok_or_else(|| {
-                DirectionError::definite(format!(
-                    "table {} exists on {} but not on {}; create it there (DDL is not replicated) \
-                     or exclude it from replication.tables",
-                    relation.qualified_name(),
-                    self.source,
-                    self.target
-                ))
-            })?;
+        let info = if self.in_ddl_txn {
+            self.table_info_in_txn(&relation.schema, &relation.table)
+                .await?
+        } else {
+            catalog::table_info(&self.catalog, &relation.schema, &relation.table)
+                .await
+                .map_err(|e| {
+                    let msg = format!(
+                        "node {}: looking up table {}: {}",
+                        self.target,
+                        relation.qualified_name(),
+                        crate::pgconn::pg_message(&e.0)
+                    );
+                    DirectionError::caused_by(msg, &e)
+                })?
+        };
+        let info = info.ok_or_else(|| {
+            DirectionError::definite(format!(
+                "table {} exists on {} but not on {}; create it there (plain DDL is not \
+                     replicated: use walbridge.ddl()) or exclude it from replication.tables",
+                relation.qualified_name(),
+                self.source,
+                self.target
+            ))
+        })?;
         let skip = self
             .config
             .skip_columns_for(&relation.schema, &relation.table)
@@ -663,7 +682,8 @@ impl Applier {
                 if must_close {
                     outcome = self.close_group().await?;
                 }
-                let careful = std::mem::take(&mut self.careful_next);
+                let careful = std::mem::take(&mut self.careful_next)
+                    || self.careful_xid.take_if(|x| *x == begin.xid).is_some();
                 self.open = Some(OpenTxn {
                     begin,
                     items: Some(Vec::new()),
@@ -682,7 +702,8 @@ impl Applier {
             }
             // A framed stream has no Origin (it is in the Begin) and no echo: the source
             // dropped those transactions (see `decode::frame`).
-            Event::Origin(_) | Event::Type(_) | Event::Message(_) => {}
+            Event::Origin(_) | Event::Type(_) => {}
+            Event::Message(m) => return self.on_message(m).await,
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
@@ -1536,6 +1557,15 @@ impl Applier {
             match item {
                 Item::Change(c) => self.on_change(c).await?,
                 Item::Truncate(t) => self.on_truncate(t).await?,
+                // A transaction with a schema change is never in an optimistic group (see
+                // `ddl`), so it is never sent again from there.
+                Item::Ddl(_) => {
+                    return Err(DirectionError::definite(format!(
+                        "{} -> {}: a schema change was about to be re-sent optimistically; \
+                         restart walbridge (it is then applied carefully)",
+                        self.source, self.target
+                    )))
+                }
             }
         }
         self.on_commit(sent.commit.clone(), false).await?;

@@ -117,6 +117,24 @@ impl Glob {
         }
     }
 
+    /// The same glob as an SQL `LIKE` pattern (escape character `\`): `*` becomes `%`, and
+    /// `%`, `_` and `\` stand for themselves.
+    fn like(&self) -> String {
+        let mut out = String::new();
+        for (i, piece) in self.pieces.iter().enumerate() {
+            if i > 0 {
+                out.push('%');
+            }
+            for c in piece.chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        }
+        out
+    }
+
     fn matches(&self, text: &str) -> bool {
         match self.pieces.as_slice() {
             [] => false,
@@ -167,6 +185,12 @@ impl TablePattern {
     /// True when the table `schema`.`table` is covered by this pattern.
     pub fn matches(&self, schema: &str, table: &str) -> bool {
         self.schema.matches(schema) && self.table.matches(table)
+    }
+
+    /// The schema and table globs as SQL `LIKE` patterns (escape `\`), for the database's
+    /// own view of the selection (`walbridge.is_replicated`, `sql/ddl.sql`).
+    pub fn like_patterns(&self) -> (String, String) {
+        (self.schema.like(), self.table.like())
     }
 
     /// The pattern as written in the configuration.
@@ -231,6 +255,22 @@ impl TableSelection {
     /// The `exclude` patterns.
     pub fn exclude(&self) -> &[TablePattern] {
         &self.exclude
+    }
+}
+
+#[cfg(test)]
+mod like_tests {
+    use super::TablePattern;
+
+    #[test]
+    fn globs_become_like_patterns_with_sql_wildcards_escaped() {
+        let p = TablePattern::parse("pub*.a_b%c*").expect("valid pattern");
+        assert_eq!(
+            p.like_patterns(),
+            ("pub%".to_string(), "a\\_b\\%c%".to_string())
+        );
+        let p = TablePattern::parse("s.x\\y").expect("valid pattern");
+        assert_eq!(p.like_patterns(), ("s".to_string(), "x\\\\y".to_string()));
     }
 }
 

@@ -307,7 +307,8 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
             refuse_lossy: (plugin == Plugin::Wal2Json && !config.replication.allow_lossy_wal2json)
                 .then(|| config.replication.skip_columns.clone()),
             filter_origins: filter_origins.clone(),
-            messages: false,
+            // walbridge.ddl()'s schema changes travel as logical messages.
+            messages: true,
             application_name: format!("walbridge-source-{s}-to-{t}"),
             drop_echo: true,
             stream: StreamConfig {

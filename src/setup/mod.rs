@@ -38,6 +38,8 @@ pub use teardown::teardown;
 pub const SCHEMA_SQL: &str = include_str!("../../sql/schema.sql");
 /// `sql/definer_roles.sql`: NOLOGIN owners for the SECURITY DEFINER functions (superuser only).
 pub const DEFINER_ROLES_SQL: &str = include_str!("../../sql/definer_roles.sql");
+/// `walbridge.ddl()` and what it needs (`sql/ddl.sql`).
+pub const DDL_SQL: &str = include_str!("../../sql/ddl.sql");
 
 /// Name of the statement-level trigger that records delete tombstones.
 pub const TOMBSTONE_TRIGGER: &str = "walbridge_tombstones";
@@ -677,10 +679,32 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
                 "creating the owners of walbridge's functions (sql/definer_roles.sql)",
             ))?;
     }
+    n.client
+        .batch_execute(DDL_SQL)
+        .await
+        .map_err(sql_err(&n.name, "creating walbridge.ddl() (sql/ddl.sql)"))?;
+    let (include, exclude, reserved) = selection_settings(&config.replication.tables);
+    let change_table = config.trigger.table.quoted();
+    // For walbridge.join_tables: the residue class of this node's sequences ("" when off).
+    let ranges = if config.replication.sequence_ranges {
+        let index = config
+            .nodes
+            .iter()
+            .position(|c| c.name == n.name)
+            .unwrap_or(0);
+        format!("{}:{}", config.nodes.len(), index + 1)
+    } else {
+        String::new()
+    };
     for (name, value) in [
         ("node_name", n.name.as_str()),
         ("skip_origin", &config.skip_origin_name()),
         ("slot_prefix", &config.replication.slot_prefix),
+        ("tables_include", &include),
+        ("tables_exclude", &exclude),
+        ("tables_reserved", &reserved),
+        ("change_table", &change_table),
+        ("sequence_ranges", &ranges),
     ] {
         n.client
             .execute(
@@ -692,6 +716,36 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
             .map_err(sql_err(&n.name, "recording walbridge.settings"))?;
     }
     Ok(())
+}
+
+/// `replication.tables` as `walbridge.is_replicated` (`sql/ddl.sql`) reads it: JSON arrays of
+/// `[schema, table]` LIKE patterns to include and exclude, and walbridge's own tables.
+fn selection_settings(selection: &crate::config::TableSelection) -> (String, String, String) {
+    let likes = |patterns: &[crate::config::TablePattern]| {
+        serde_json::Value::Array(
+            patterns
+                .iter()
+                .map(|p| {
+                    let (s, t) = p.like_patterns();
+                    serde_json::json!([s, t])
+                })
+                .collect(),
+        )
+        .to_string()
+    };
+    let reserved = serde_json::Value::Array(
+        selection
+            .reserved()
+            .iter()
+            .map(|q| serde_json::json!([q.schema, q.name]))
+            .collect(),
+    )
+    .to_string();
+    (
+        likes(selection.include()),
+        likes(selection.exclude()),
+        reserved,
+    )
 }
 
 /// Creates a replication origin when missing; true when created.

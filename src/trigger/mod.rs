@@ -116,6 +116,7 @@
 //! cut-over resumes when `setup` runs again.
 
 mod change;
+mod ddl;
 pub mod legacy;
 pub mod mode;
 pub mod sql;

@@ -128,6 +128,8 @@ enum Kind {
     Dead(String, String),
     /// To apply.
     Change(Box<Change>),
+    /// A schema change, alone in its batch (see [`super::ddl`]).
+    Ddl(Box<crate::event::SchemaChange>),
 }
 
 /// What went wrong inside one apply attempt.
@@ -402,7 +404,8 @@ impl<'a> Worker<'a> {
     async fn step(&mut self) -> Result<bool, DirectionError> {
         let started = Instant::now();
         let batch_size = self.config.trigger.batch_size;
-        let (rows, snapshot_hold, late_capped) = self.read().await?;
+        let (mut rows, snapshot_hold, late_capped) = self.read().await?;
+        let ddl_cut = super::ddl::cut_at_ddl(&mut rows);
         if rows.is_empty() {
             // Nothing to apply; still let the hold horizon move on, so `late` shrinks.
             if snapshot_hold > self.state.hold && !self.state.late.is_empty() {
@@ -421,12 +424,19 @@ impl<'a> Worker<'a> {
         let mut items = self.prepare(rows).await?;
         // Rows left out by the cut stay visible in this snapshot: keep the hold horizon, as
         // for capped late rows, so they are read again.
-        let cut = cut_at_stamp(&mut items, self.config.nodes.len());
+        let cut = cut_at_stamp(&mut items, self.config.nodes.len()) | ddl_cut;
         let outcome = self
             .apply(&mut items, snapshot_hold, late_capped || cut)
             .await?;
         let truncated = outcome.truncated;
         self.after_commit(&items, outcome, started).await?;
+        if items.iter().any(|i| matches!(i.kind, Kind::Ddl(_))) {
+            // The schema changed: the rows after it meet the target's tables as they are now.
+            self.t
+                .load_tables(self.config)
+                .await
+                .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
+        }
         self.update_depth(full || truncated || cut).await;
         Ok(full || truncated || late_capped || cut)
     }
@@ -503,6 +513,10 @@ impl<'a> Worker<'a> {
         for row in rows {
             let kind = match row.origin_node.as_deref() {
                 Some(o) if o != src => Kind::Echo,
+                _ if super::ddl::is_ddl(&row) => match super::ddl::parse(&row) {
+                    Ok(d) => Kind::Ddl(Box::new(d)),
+                    Err(e) => Kind::Dead(e.clone(), e),
+                },
                 _ => match self.build(&row).await? {
                     Ok(c) => Kind::Change(Box::new(c)),
                     Err(e) => Kind::Dead(e.to_string(), e.to_string()),
@@ -530,6 +544,14 @@ impl<'a> Worker<'a> {
                 .await
                 .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
             resolved = self.t.resolve(tabla);
+        }
+        if resolved.is_none() {
+            // A replicated table created on the target since (by walbridge.ddl(), whose own
+            // change row this direction never sees): read just that one.
+            resolved =
+                self.t.learn_table(self.config, tabla).await.map_err(|e| {
+                    DirectionError::transient(format!("node {}: {e}", self.ctx.target))
+                })?;
         }
         let Some(table) = resolved else {
             return Ok(Err(RowError::UnknownTable {
@@ -671,6 +693,22 @@ impl<'a> Worker<'a> {
             .map_err(fatal(
                 "stamping the transaction with the source commit time",
             ))?;
+        }
+
+        // A schema change is alone in its batch (see `super::ddl`).
+        for item in items {
+            if let Kind::Ddl(d) = &item.kind {
+                txn.execute(
+                    crate::event::SchemaChange::APPLY_SQL,
+                    &[&d.search_path, &d.statement],
+                )
+                .await
+                .map_err(|e| Attempt::Fatal(super::ddl::failed(&src, &tgt, d, &pg_message(&e))))?;
+                tracing::info!(
+                    source = %src, target = %tgt, statement = %d.statement,
+                    "schema change applied"
+                );
+            }
         }
 
         // 1. Lookups, pipelined: the target's row (locked) and tombstone of every key.
@@ -949,6 +987,9 @@ impl<'a> Worker<'a> {
                     );
                 }
                 Kind::Echo => echoes += 1,
+                Kind::Ddl(_) => {
+                    txids.insert(item.row.txid.unwrap_or(item.row.id as u64));
+                }
             }
         }
         // Counted once per source, by its first direction.
@@ -1489,6 +1530,27 @@ impl Target {
         // Statements name tables by OID and columns: start afresh.
         self.statements.clear();
         Ok(())
+    }
+
+    /// Looks up a `schema.table` that matches the selection but is not known yet.
+    async fn learn_table(
+        &mut self,
+        config: &Config,
+        tabla: &str,
+    ) -> Result<Option<Arc<TableInfo>>, catalog::CatalogError> {
+        let Some((schema, name)) = tabla.split_once('.') else {
+            return Ok(None);
+        };
+        if !config.replication.tables.matches(schema, name) {
+            return Ok(None);
+        }
+        let Some(info) = catalog::table_info(&self.client, schema, name).await? else {
+            return Ok(None);
+        };
+        let info = Arc::new(info);
+        self.tables
+            .insert((schema.to_string(), name.to_string()), info.clone());
+        Ok(Some(info))
     }
 
     fn resolve(&self, tabla: &str) -> Option<Arc<TableInfo>> {
