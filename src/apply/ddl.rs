@@ -31,8 +31,8 @@
 use super::careful::Failed;
 use super::{text, Applier, Item, Outcome};
 use crate::catalog::{self, TableInfo};
+use crate::direction::DirectionError;
 use crate::event::{LogicalMessage, SchemaChange};
-use crate::runtime::DirectionError;
 
 /// The message prefix `walbridge.ddl()` uses with this slot prefix.
 pub(super) fn message_prefix(slot_prefix: &str) -> String {

@@ -13,8 +13,8 @@
 //! dead-letter: the rows after it may need it) with the statement and the server's error.
 
 use super::change::RawRow;
+use crate::direction::DirectionError;
 use crate::event::SchemaChange;
-use crate::runtime::DirectionError;
 
 /// Whether the row is a schema change.
 pub(super) fn is_ddl(row: &RawRow) -> bool {
