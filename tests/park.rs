@@ -86,6 +86,23 @@ fn park_then_replay(replication_toml: &str) {
         "t"
     );
     wait_gauge(port, 5.0);
+    let out = d.walbridge(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("east -> west: public.items: 5 changes parked on west"),
+        "{text}"
+    );
+    let out = d.walbridge(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let east_west = json["directions"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x["source"] == "east" && x["target"] == "west")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(east_west["parked"]["public.items"], 5, "{json:#}");
 
     // The fix on west, and at once more writes on east: they land after the parked ones.
     d.sql("west", "ALTER TABLE public.items ADD COLUMN note text");
@@ -136,6 +153,17 @@ fn park_keeps_a_mismatched_table_and_replays_it_in_order_wal2json() {
     }
     park_then_replay(
         "plugin = \"wal2json\"\nallow_lossy_wal2json = true\non_schema_mismatch = \"park\"",
+    );
+}
+
+/// Trigger mode applies through its own worker (`src/trigger/worker.rs`), which still sends a
+/// row of a missing table or column to the dead-row table; it parks once trigger mode runs
+/// through `src/apply/` (the unified applier), when this test is enabled.
+#[test]
+#[ignore = "trigger mode parks once it applies through src/apply (unified applier)"]
+fn park_keeps_a_mismatched_table_and_replays_it_in_order_trigger_mode() {
+    park_then_replay(
+        "mode = \"trigger\"\non_schema_mismatch = \"park\"\n\n[trigger]\npoll_interval = \"1s\"\n",
     );
 }
 

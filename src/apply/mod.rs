@@ -1110,6 +1110,7 @@ impl Applier {
     async fn truncate_sql(&mut self, t: &Truncate) -> Result<String, DirectionError> {
         let mut names = Vec::new();
         for rel in &t.relations {
+            self.refuse_truncate_of_parked(rel)?;
             names.push(self.table(rel).await?.map.target.quoted_name());
         }
         // Exactly the listed tables, never CASCADE (see `sql::truncate`).

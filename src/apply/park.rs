@@ -333,6 +333,28 @@ impl Applier {
         }
     }
 
+    /// A TRUNCATE is never parked: one of a table with parked changes stops the direction
+    /// (it would otherwise overtake them). Once the table fits and its changes are replayed
+    /// (checked again when the direction restarts), the TRUNCATE applies.
+    pub(super) fn refuse_truncate_of_parked(&self, rel: &Relation) -> Result<(), DirectionError> {
+        if self
+            .park
+            .tables
+            .contains(&(rel.schema.clone(), rel.table.clone()))
+        {
+            return Err(DirectionError::definite(format!(
+                "{} -> {}: a TRUNCATE of {} arrived while changes of it are parked in \
+                 walbridge.parked on {}; make the table fit there (they are then replayed) and \
+                 restart walbridge",
+                self.source,
+                self.target,
+                rel.qualified_name(),
+                self.target
+            )));
+        }
+        Ok(())
+    }
+
     /// The pipelined path: parks `change` inside the open group when it must be. Returns
     /// whether it was parked.
     pub(super) async fn park_in_group(&mut self, change: &Change) -> Result<bool, DirectionError> {
