@@ -232,3 +232,40 @@ fn schema_mismatch_stop_is_the_default_and_names_table_and_column() {
     run.signal(libc::SIGTERM);
     let _ = run.wait_exit(WAIT);
 }
+
+/// The source's table changes again while changes are parked: each description of it is
+/// replayed only once the target fits it, in order.
+#[test]
+fn park_replays_only_as_far_as_the_target_fits() {
+    let mut d = mismatched("on_schema_mismatch = \"park\"");
+    let port = d.enable_metrics();
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO items VALUES (1, 'a', 'n1')");
+    d.sql("east", "ALTER TABLE public.items ADD COLUMN extra int");
+    d.sql("east", "INSERT INTO items VALUES (2, 'b', 'n2', 2)");
+    d.sql("east", "UPDATE items SET extra = 1 WHERE id = 1");
+    d.sql("east", "INSERT INTO other VALUES (1, 'x')");
+    d.wait_for("west", "SELECT count(*) FROM other", "1");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.parked", "3");
+    // Only the first description fits now: its change is replayed, the rest waits.
+    d.sql("west", "ALTER TABLE public.items ADD COLUMN note text");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.parked", "2");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(id || ':' || note, ',') FROM items"
+        ),
+        "1:n1"
+    );
+    wait_gauge(port, 2.0);
+    d.sql("west", "ALTER TABLE public.items ADD COLUMN extra int");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.parked", "0");
+    let same = wait_until(WAIT, || {
+        d.fingerprint("west", "public.items", "id") == d.fingerprint("east", "public.items", "id")
+    });
+    assert!(same, "items differ\n{}", run.log());
+    wait_gauge(port, 0.0);
+    run.assert_running();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+}

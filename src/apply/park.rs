@@ -49,6 +49,10 @@ pub const PARK_SQL: &str = include_str!("../../sql/park.sql");
 /// schema change hints at once).
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// Parked rows replayed per check and table at most (each is a round trip; the rest follow
+/// at the next tick).
+const REPLAY_BATCH: i64 = 5_000;
+
 /// Relation OID the replayed changes are mapped under (never a real `pg_class` OID: those
 /// stay below `FirstNormalObjectId`-based counters far from `u32::MAX`).
 const REPLAY_OID: u32 = u32::MAX;
@@ -444,8 +448,8 @@ impl Applier {
                 "SELECT seq, op, replica_identity, columns, type_oids, key_columns, new_values, \
                  unchanged, old_kind, old_values, xid, commit_lsn::text, commit_time::text \
                  FROM walbridge.parked WHERE source = $1 AND target = $2 AND schema_name = $3 \
-                 AND table_name = $4 ORDER BY seq",
-                &[&self.source, &self.target, &schema, &table],
+                 AND table_name = $4 ORDER BY seq LIMIT $5",
+                &[&self.source, &self.target, &schema, &table, &REPLAY_BATCH],
             )
             .await
             .map_err(|e| catalog_err(&self.target, "reading walbridge.parked", e))?;
@@ -472,32 +476,76 @@ impl Applier {
             self.target.as_str(),
             label.as_str(),
         ]);
-        let rows = self.parked_rows(schema, table).await?;
-        gauge.set(rows.len() as i64);
+        let total: i64 = self
+            .catalog
+            .query_one(
+                "SELECT count(*) FROM walbridge.parked WHERE source = $1 AND target = $2 \
+                 AND schema_name = $3 AND table_name = $4",
+                &[&self.source, &self.target, &schema, &table],
+            )
+            .await
+            .map_err(|e| catalog_err(&self.target, "counting walbridge.parked", e))?
+            .get(0);
+        gauge.set(total);
         let key = (schema.to_string(), table.to_string());
-        let Some(first) = rows.first() else {
+        if total == 0 {
             self.park.tables.remove(&key);
             return Ok(());
-        };
-        // Mapped afresh: the target's schema is what this check is about.
+        }
+        let mut rows = self.parked_rows(schema, table).await?;
+        let complete = (rows.len() as i64) == total;
+        if !complete {
+            // A batch ends at a source transaction's end: never replay half of one.
+            if let Some(last) = rows.last().map(|r| (r.xid, r.commit_lsn.clone())) {
+                let keep = rows
+                    .iter()
+                    .rposition(|r| (r.xid, r.commit_lsn.clone()) != last)
+                    .map_or(rows.len(), |i| i + 1);
+                rows.truncate(keep);
+            }
+            self.park.due = true;
+        }
+        // Replayed only as far as the target fits each description of the table the source
+        // sent (mapped afresh: the target's schema is what this check is about).
+        let mut fitting = 0;
+        let mut described: Option<&Relation> = None;
+        for r in &rows {
+            if described.is_none_or(|d| d.columns != r.change.relation.columns) {
+                self.tables.remove(&REPLAY_OID);
+                if let Err(mismatch) = self.table_fitting(&r.change.relation).await? {
+                    tracing::debug!(table = %label, reason = %mismatch, "parked table does not fit yet");
+                    break;
+                }
+                described = Some(&r.change.relation);
+            }
+            fitting += 1;
+        }
         self.tables.remove(&REPLAY_OID);
-        let fits = self.table_fitting(&first.change.relation).await?;
-        self.tables.remove(&REPLAY_OID);
-        if let Err(mismatch) = fits {
-            tracing::debug!(table = %label, reason = %mismatch, "parked table still does not fit");
+        // Never half of a source transaction.
+        if let Some(cut) = rows.get(fitting).map(|r| (r.xid, r.commit_lsn.clone())) {
+            fitting = rows
+                .iter()
+                .take(fitting)
+                .position(|r| (r.xid, r.commit_lsn.clone()) == cut)
+                .unwrap_or(fitting);
+        }
+        rows.truncate(fitting);
+        if rows.is_empty() {
             return Ok(());
         }
+        let replays_all = complete && fitting as i64 == total;
         // While replaying, the table's changes are applied, not parked again.
         self.park.tables.remove(&key);
-        let mut left = rows.len();
+        let mut left = total as usize;
         let mut rest = rows.as_slice();
+        let mut described: Option<Vec<Column>> = None;
         while let Some(head) = rest.first() {
             let n = rest
                 .iter()
                 .take_while(|r| r.xid == head.xid && r.commit_lsn == head.commit_lsn)
                 .count();
             let (txn, later) = rest.split_at(n);
-            match self.replay_txn(txn).await {
+            match self.replay_txn(txn, &mut described).await {
                 Ok(()) => {}
                 Err(Failed::Stop(e)) => {
                     self.tables.remove(&REPLAY_OID);
@@ -522,6 +570,17 @@ impl Applier {
             rest = later;
         }
         self.tables.remove(&REPLAY_OID);
+        if !replays_all {
+            // The rest waits for the next check (more rows, or a description that does not
+            // fit yet); the table's new changes keep parking behind it.
+            self.park.tables.insert(key);
+            tracing::info!(
+                source = %self.source, target = %self.target, table = %label,
+                changes = rows.len(), left,
+                "parked changes replayed in part"
+            );
+            return Ok(());
+        }
         tracing::info!(
             source = %self.source, target = %self.target, table = %label, changes = rows.len(),
             "parked changes replayed; the table is applied as usual again"
@@ -531,7 +590,11 @@ impl Applier {
 
     /// One source transaction's parked changes: applied carefully with its commit time, its
     /// rows deleted, progress left where it is, committed.
-    async fn replay_txn(&mut self, txn: &[ParkedRow]) -> Result<(), Failed> {
+    async fn replay_txn(
+        &mut self,
+        txn: &[ParkedRow],
+        described: &mut Option<Vec<Column>>,
+    ) -> Result<(), Failed> {
         let Some(head) = txn.first() else {
             return Ok(());
         };
@@ -552,6 +615,11 @@ impl Applier {
         }
         let mut conflicts = Vec::new();
         for row in txn {
+            if described.as_ref() != Some(&row.change.relation.columns) {
+                // Another description of the table: mapped anew.
+                self.tables.remove(&REPLAY_OID);
+                *described = Some(row.change.relation.columns.clone());
+            }
             self.careful_change(&begin, &row.change, &mut conflicts)
                 .await?;
         }
