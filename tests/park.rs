@@ -44,7 +44,17 @@ fn mismatched(replication_toml: &str) -> Deployment {
     d
 }
 
-fn park_then_replay(replication_toml: &str) {
+/// How the target is made to fit.
+#[derive(Clone, Copy)]
+enum Fix {
+    /// Plain DDL on the target (found by the periodic check).
+    ByHand,
+    /// `walbridge.ddl()` on the source (`IF NOT EXISTS`: a no-op there), applied on the target
+    /// through the stream (a hint: checked at once).
+    ThroughDdl,
+}
+
+fn park_then_replay(replication_toml: &str, fix: Fix) {
     let mut d = mismatched(replication_toml);
     let port = d.enable_metrics();
     let mut run = d.spawn_run("run.log");
@@ -105,7 +115,17 @@ fn park_then_replay(replication_toml: &str) {
     assert_eq!(east_west["parked"]["public.items"], 5, "{json:#}");
 
     // The fix on west, and at once more writes on east: they land after the parked ones.
-    d.sql("west", "ALTER TABLE public.items ADD COLUMN note text");
+    match fix {
+        Fix::ByHand => {
+            d.sql("west", "ALTER TABLE public.items ADD COLUMN note text");
+        }
+        Fix::ThroughDdl => {
+            d.sql(
+                "east",
+                "SELECT walbridge.ddl('ALTER TABLE public.items ADD COLUMN IF NOT EXISTS note text')",
+            );
+        }
+    }
     d.sql("east", "UPDATE items SET note = 'after fix' WHERE id = 1");
     d.sql("east", "INSERT INTO items VALUES (4, 'd', 'n4')");
 
@@ -143,7 +163,12 @@ fn park_then_replay(replication_toml: &str) {
 
 #[test]
 fn park_keeps_a_mismatched_table_and_replays_it_in_order() {
-    park_then_replay("on_schema_mismatch = \"park\"");
+    park_then_replay("on_schema_mismatch = \"park\"", Fix::ByHand);
+}
+
+#[test]
+fn park_replays_once_walbridge_ddl_makes_the_target_fit() {
+    park_then_replay("on_schema_mismatch = \"park\"", Fix::ThroughDdl);
 }
 
 #[test]
@@ -153,6 +178,7 @@ fn park_keeps_a_mismatched_table_and_replays_it_in_order_wal2json() {
     }
     park_then_replay(
         "plugin = \"wal2json\"\nallow_lossy_wal2json = true\non_schema_mismatch = \"park\"",
+        Fix::ByHand,
     );
 }
 
@@ -164,6 +190,7 @@ fn park_keeps_a_mismatched_table_and_replays_it_in_order_wal2json() {
 fn park_keeps_a_mismatched_table_and_replays_it_in_order_trigger_mode() {
     park_then_replay(
         "mode = \"trigger\"\non_schema_mismatch = \"park\"\n\n[trigger]\npoll_interval = \"1s\"\n",
+        Fix::ByHand,
     );
 }
 
