@@ -115,7 +115,11 @@ fn drain(what: &str, rows: usize) -> Result {
             .args(["-t", &(rows / 4).to_string(), "postgres"])
             .output()
             .expect("pgbench");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     sql(&a, "INSERT INTO bench VALUES (-1, 'marker', 0)");
     let total: f64 = sql(&a, "SELECT count(*) FROM bench").parse().unwrap_or(0.0);
