@@ -47,7 +47,9 @@ full_page_writes = off
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 CONF
-  if "$pgbin/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+  # Captured first: `grep -q` closing the pipe early would fail it under pipefail.
+  settings=$(as_pg "$pgbin/postgres" --describe-config 2>/dev/null || true)
+  if grep -q '^output_plugin_libraries' <<<"$settings"; then
     echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'" >> "$dir/$n/postgresql.conf"
   fi
   as_pg "$pgbin/pg_ctl" -D "$dir/$n" -l "$dir/$n.log" -w start >/dev/null
