@@ -204,6 +204,8 @@ pub struct Source {
     server_echo_filter: bool,
     /// Folds Origin into Begin and drops echo.
     framer: Framer,
+    /// The framer's output, reused from message to message (no allocation per message).
+    framed: Vec<Framed>,
     /// wal2json: which tables to pass on.
     selection: Option<TableSelection>,
     /// wal2json writes NaN and ±Infinity as null and that is refused: the columns that do not
@@ -476,6 +478,7 @@ impl Source {
                 numeric_as_string,
                 server_echo_filter,
                 framer: Framer::new(opts.drop_echo),
+                framed: Vec::new(),
                 selection: opts.selection,
                 refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
                 node: dsn.describe(),
@@ -544,7 +547,8 @@ impl Source {
             }
             StreamItem::XLogData(data) => data,
         };
-        let mut events = Vec::new();
+        let framed = &mut self.framed;
+        framed.clear();
         match &mut self.decoder {
             Decoder::PgOutput(d) => {
                 if self.framer.dropping()
@@ -559,9 +563,13 @@ impl Source {
                             lsn: data.wal_start,
                             source: e.into(),
                         })?;
-                events.extend(decoded);
+                // One event at most: framed straight away, no list in between.
+                if let Some(event) = decoded {
+                    self.framer.push(event, data.wal_start, framed);
+                }
             }
             Decoder::Wal2Json(d) => {
+                let mut events = Vec::new();
                 let mut retried = false;
                 loop {
                     match d.decode_into(data.wal_start, &data.data, &mut events) {
@@ -585,19 +593,19 @@ impl Source {
                 if !self.messages {
                     events.retain(|event| !matches!(event, Event::Message(_)));
                 }
+                for event in events {
+                    self.framer.push(event, data.wal_start, framed);
+                }
             }
         }
-        let mut framed = Vec::with_capacity(events.len());
-        for event in events {
-            self.framer.push(event, data.wal_start, &mut framed);
-        }
-        Ok(framed
-            .into_iter()
+        let items = framed
+            .drain(..)
             .map(|f| match f {
                 Framed::Event(event, wal_start) => SourceItem::Event { event, wal_start },
                 Framed::Echo(commit) => SourceItem::Echo { commit },
             })
-            .collect())
+            .collect();
+        Ok(items)
     }
 }
 
