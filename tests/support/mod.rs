@@ -10,6 +10,9 @@ pub use walbridge::localpg::{wait_until, ClusterOptions, LocalCluster, StopMode}
 pub mod proxy;
 pub use proxy::FaultProxy;
 
+pub mod db;
+pub use db::{sharing_enabled, TestDb};
+
 /// How long a test waits for replication or a server to reach a state before failing.
 pub const WAIT: Duration = Duration::from_secs(60);
 
