@@ -26,7 +26,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod shared;
-pub use shared::SharedCluster;
+pub use shared::{SharedCluster, IDLE_SECONDS};
 
 /// A local cluster could not be created, started or stopped.
 #[derive(Debug, thiserror::Error)]
