@@ -1201,8 +1201,9 @@ fn run_version(v: &Version, o: &Options) -> Report {
             load_systems.push(Replicator::Pglogical);
         } else {
             report.note(format!(
-                "(g): pglogical skipped: not installed for PostgreSQL {} (apt-get install postgresql-{}-pglogical)",
-                v.major, v.major
+                "(g): pglogical skipped: no pglogical.so beside the PostgreSQL {} server \
+                 (Debian 12 packages it for its own 15 only: apt-get install postgresql-15-pglogical)",
+                v.major
             ));
         }
         load_systems.push(Replicator::Walbridge("pgoutput"));
