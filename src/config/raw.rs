@@ -97,6 +97,8 @@ pub(super) struct RawReplication {
     pub allow_lossy_wal2json: bool,
     #[serde(default = "default_true")]
     pub failover_slots: bool,
+    #[serde(default = "default_on_schema_mismatch")]
+    pub on_schema_mismatch: String,
 }
 
 impl Default for RawReplication {
@@ -118,6 +120,7 @@ impl Default for RawReplication {
             sequence_ranges: false,
             allow_lossy_wal2json: false,
             failover_slots: true,
+            on_schema_mismatch: default_on_schema_mismatch(),
         }
     }
 }
@@ -178,6 +181,10 @@ fn default_max_retained_wal() -> RawSize {
 fn default_true() -> bool {
     true
 }
+fn default_on_schema_mismatch() -> String {
+    "stop".into()
+}
+
 fn default_slot_prefix() -> String {
     "walbridge".into()
 }
