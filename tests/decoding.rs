@@ -73,6 +73,8 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         messages: true,
         application_name: "walbridge-test".into(),
         drop_echo: false,
+        stream_in_progress: false,
+        spill: Vec::new(),
         stream: StreamConfig {
             cancel: cancel.clone(),
             ..StreamConfig::default()

@@ -37,9 +37,10 @@
 mod careful;
 mod ddl;
 pub mod sql;
+mod stream;
 mod writers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,6 +169,9 @@ struct OpenGroup {
     guarded: Vec<u32>,
     /// When the group opened.
     opened: Instant,
+    /// An explicit transaction (`BEGIN` first): it holds a streamed transaction, whose
+    /// subtransactions need savepoints. Closed with `COMMIT`.
+    explicit: bool,
 }
 
 enum Group {
@@ -253,6 +257,12 @@ pub struct Applier {
     in_ddl_txn: bool,
     /// Apply this source transaction carefully from its start (it holds a schema change).
     careful_xid: Option<u32>,
+    /// The streamed in-progress transaction being applied as it arrives (see [`stream`]).
+    live: Option<stream::Live>,
+    /// Streamed transactions the source must spill (they could not stay open here).
+    spilled: HashSet<u32>,
+    /// The coming restream is for a spill, not after a conflict: no careful mode.
+    restream_for_spill: bool,
 }
 
 /// The target session could not be prepared.
@@ -427,6 +437,9 @@ impl Applier {
                 ddl_prefix,
                 in_ddl_txn: false,
                 careful_xid: None,
+                live: None,
+                spilled: HashSet::new(),
+                restream_for_spill: false,
             },
             progress,
         ))
@@ -503,10 +516,15 @@ impl Applier {
             && self.redo.is_empty()
     }
 
-    /// Apply the next transaction carefully (the source was restarted after a conflict in a
-    /// transaction too large to keep).
-    pub fn set_careful_next(&mut self) {
-        self.careful_next = true;
+    /// The source is being restarted from [`Applier::committed_lsn`] after
+    /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
+    /// transaction is applied carefully; after a streamed transaction had to be given up (see
+    /// [`stream`]), it is spilled by the source ([`Applier::spilled`]) instead.
+    pub fn on_restream(&mut self) {
+        self.live = None;
+        if !std::mem::take(&mut self.restream_for_spill) {
+            self.careful_next = true;
+        }
     }
 
     /// A keepalive: the source has nothing before `wal_end` left to send.
@@ -668,7 +686,12 @@ impl Applier {
         more_pending: bool,
     ) -> Result<Outcome, DirectionError> {
         match event {
+            Event::Begin(_) if self.live.is_some() => {
+                // An ordinary transaction commits before the streamed one being applied.
+                return self.give_up_live().await;
+            }
             Event::Begin(begin) => {
+                self.spilled.remove(&begin.xid);
                 // The group's rows carry one stamp: close it where that stamp could change a
                 // third node's conflict decision.
                 let must_close = self.group.as_ref().is_some_and(|g| {
@@ -707,6 +730,11 @@ impl Applier {
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
+            Event::StreamStart(start) => return self.on_stream_start(start).await,
+            Event::StreamStop => return self.on_stream_stop().await,
+            Event::Subtransaction(xid) => return self.on_subtransaction(xid).await,
+            Event::StreamCommit(c) => return self.on_stream_commit(c, more_pending).await,
+            Event::StreamAbort { xid, subxid } => return self.on_stream_abort(xid, subxid).await,
         }
         Ok(Outcome::Continue)
     }
@@ -725,6 +753,11 @@ impl Applier {
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
+        if self.group.is_none() && self.live.is_some() {
+            // A streamed transaction: an explicit one, for its savepoints.
+            self.enc.parse("", "BEGIN").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         if self.group.is_none() && self.take_turns {
             // First statement of the group's transaction: take turns with the other sources'
             // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
@@ -744,11 +777,22 @@ impl Applier {
             batch_table: None,
             guarded: Vec::new(),
             opened: Instant::now(),
+            explicit: self.live.is_some(),
         }))
     }
 
     /// In careful mode (after a restream), changes are applied one by one as they arrive.
     async fn careful_mode_item(&mut self, item: Item) -> Result<bool, DirectionError> {
+        if !self.careful_open().await? {
+            return Ok(false);
+        }
+        self.careful_stream_item(item).await?;
+        Ok(true)
+    }
+
+    /// In careful mode, begins the careful transaction on the target unless it is open;
+    /// false when the open transaction is not careful.
+    async fn careful_open(&mut self) -> Result<bool, DirectionError> {
         let Some(open) = &self.open else {
             return Ok(false);
         };
@@ -773,7 +817,6 @@ impl Applier {
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
         }
-        self.careful_stream_item(item).await?;
         Ok(true)
     }
 
@@ -1229,12 +1272,21 @@ impl Applier {
                 ],
             )
             .map_err(proto)?;
+        if group.explicit {
+            self.enc.parse("", "COMMIT").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         self.enc.sync();
         self.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
         self.in_flight
             .push_back(Group::Txns(group.members, group.parsed));
+        if group.explicit {
+            // Had a statement failed, the server skipped the COMMIT and the transaction is
+            // still open (aborted): end it. Otherwise this only draws a warning.
+            self.end_explicit()?;
+        }
         self.flush().await?;
         if let Some((failed, parsed, error)) = self.pending_failure.take() {
             return self.recover(failed, parsed, error).await;
@@ -1603,14 +1655,27 @@ impl Applier {
         if let Some(txn) = self.streaming_careful.take() {
             return self.careful_abort(txn).await;
         }
-        self.group = None;
+        let explicit = self.group.take().is_some_and(|g| g.explicit);
         self.enc
             .parse("", "SELECT walbridge.expect_rows(0, 1)")
             .map_err(proto)?;
         self.enc.execute("", std::iter::empty()).map_err(proto)?;
         self.enc.sync();
         self.in_flight.push_back(Group::Abort);
+        if explicit {
+            self.end_explicit()?;
+        }
         self.flush().await
+    }
+
+    /// Ends an explicit transaction left open by a failed group: `ROLLBACK` in a group of
+    /// its own (a warning only when there is none).
+    fn end_explicit(&mut self) -> Result<(), DirectionError> {
+        self.enc.parse("", "ROLLBACK").map_err(proto)?;
+        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.enc.sync();
+        self.in_flight.push_back(Group::Close);
+        Ok(())
     }
 }
 
