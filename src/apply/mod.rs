@@ -520,6 +520,13 @@ impl Applier {
     /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
     /// transaction is applied carefully; after a streamed transaction had to be given up (see
     /// [`stream`]), it is spilled by the source ([`Applier::spilled`]) instead.
+    /// Apply the next transaction carefully (as after a conflict in a transaction too large
+    /// to keep).
+    pub fn set_careful_next(&mut self) {
+        self.careful_next = true;
+    }
+
+    /// See above: what [`Outcome::Restream`] asks of the caller once the source restarts.
     pub fn on_restream(&mut self) {
         self.live = None;
         if !std::mem::take(&mut self.restream_for_spill) {
