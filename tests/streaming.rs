@@ -104,6 +104,7 @@ fn streamed_transaction_is_applied_while_in_progress() {
     d.wait_caught_up();
     assert_eq!(d.sql("east", "SELECT count(DISTINCT xmin::text) FROM big"), "1");
     assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.conflicts"), "0");
+    assert_eq!(d.sql("east", "SELECT count(*) FROM walbridge.conflicts"), "0");
     run.assert_running();
 }
 
