@@ -102,9 +102,18 @@ fn streamed_transaction_is_applied_while_in_progress() {
     );
     // No echo: east's rows are the ones its own transaction wrote, never rewritten.
     d.wait_caught_up();
-    assert_eq!(d.sql("east", "SELECT count(DISTINCT xmin::text) FROM big"), "1");
-    assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.conflicts"), "0");
-    assert_eq!(d.sql("east", "SELECT count(*) FROM walbridge.conflicts"), "0");
+    assert_eq!(
+        d.sql("east", "SELECT count(DISTINCT xmin::text) FROM big"),
+        "1"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
+    assert_eq!(
+        d.sql("east", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
     run.assert_running();
 }
 
@@ -198,8 +207,14 @@ fn kill_during_streamed_transaction_applies_it_once() {
         d.fingerprint("east", "big", "id")
     );
     // Each row once, by one transaction: nothing was applied twice or resolved.
-    assert_eq!(d.sql("west", "SELECT count(DISTINCT xmin::text) FROM big"), "1");
-    assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.conflicts"), "0");
+    assert_eq!(
+        d.sql("west", "SELECT count(DISTINCT xmin::text) FROM big"),
+        "1"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM walbridge.conflicts"),
+        "0"
+    );
 }
 
 #[test]
@@ -248,6 +263,9 @@ fn heavy_million_row_streamed_transaction_keeps_memory_bounded() {
     s.close();
     d.wait_for("west", "SELECT count(*) FROM big", "1000000");
     let peak = peak_rss_kb(run.child.id());
-    eprintln!("walbridge peak RSS while streaming a 1M-row transaction: {} MB", peak / 1024);
+    eprintln!(
+        "walbridge peak RSS while streaming a 1M-row transaction: {} MB",
+        peak / 1024
+    );
     assert!(peak > 0 && peak < 200 * 1024, "peak RSS {peak} kB");
 }

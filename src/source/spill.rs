@@ -257,7 +257,10 @@ mod tests {
     #[test]
     fn a_spilled_transaction_replays_without_its_aborted_subtransaction() {
         let mut s = Spill::new([7]);
-        assert!(matches!(s.route(b"S", start(7, true)).unwrap(), Routed::Kept));
+        assert!(matches!(
+            s.route(b"S", start(7, true)).unwrap(),
+            Routed::Kept
+        ));
         s.route(&raw(7, 1), vec![]).unwrap();
         s.route(&raw(8, 2), vec![Event::Subtransaction(8)]).unwrap();
         s.route(&raw(8, 3), vec![]).unwrap();
