@@ -179,6 +179,42 @@ fn ordinary_transaction_interleaved_with_a_streamed_one_arrives_first() {
     s.run("COMMIT;");
     s.close();
     d.wait_for("west", "SELECT count(*) FROM big", "150000");
+    // It got there spilled: given up live when the small one interleaved.
+    assert!(run.log().contains("kept on disk"), "log:\n{}", run.log());
+    assert_eq!(
+        d.fingerprint("west", "big", "id"),
+        d.fingerprint("east", "big", "id")
+    );
+    run.assert_running();
+}
+
+#[test]
+fn streamed_transaction_conflict_is_resolved_by_last_write_wins() {
+    let d = deployment("");
+    let mut run = d.spawn_run("run.log");
+    d.sql("east", &insert(1, 20_000));
+    d.wait_for("west", "SELECT count(*) FROM big", "20000");
+    let mut s = Session::open(&d, "east");
+    s.run("BEGIN;");
+    s.run("UPDATE big SET v = 'east:' || id WHERE id <= 10000;");
+    wait_applied_live(&d);
+    // West writes a row the streamed transaction has not reached yet: newer than the
+    // transaction's first block, older than its commit.
+    d.sql("west", "UPDATE big SET v = 'west' WHERE id = 15000");
+    d.wait_for("east", "SELECT v FROM big WHERE id = 15000", "west");
+    s.run("UPDATE big SET v = 'east:' || id WHERE id > 10000;");
+    s.run("COMMIT;");
+    s.close();
+    // The streamed transaction commits last: it wins on both nodes, decided on west's
+    // careful path (its optimistic update found west's newer row).
+    let done = "SELECT count(*) FROM big WHERE v = 'east:' || id";
+    d.wait_for("east", done, "20000");
+    d.wait_for("west", done, "20000");
+    assert!(
+        run.log().contains("needs conflict resolution"),
+        "log:\n{}",
+        run.log()
+    );
     assert_eq!(
         d.fingerprint("west", "big", "id"),
         d.fingerprint("east", "big", "id")

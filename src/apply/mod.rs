@@ -585,7 +585,7 @@ impl Applier {
         if !self.enc.is_empty() {
             self.pipe.send(self.enc.take()).await.map_err(proto)?;
         }
-        Ok(())
+        self.take_live_replies()
     }
 
     /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time.

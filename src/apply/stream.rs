@@ -40,7 +40,9 @@
 //! crash (of walbridge or either server) loses only the open target transaction, and the
 //! source streams the whole transaction again from the origin's progress.
 
-use super::{proto, Applier, Begin, HashMap, Instant, Lsn, OpenTxn, Outcome, PgTimestamp};
+use super::{
+    proto, Applier, Begin, HashMap, Instant, Lsn, OpenTxn, Outcome, PgTimestamp, Response,
+};
 use crate::direction::DirectionError;
 use crate::event::{StreamCommit, StreamStart};
 
@@ -118,6 +120,24 @@ impl Applier {
         tracing::debug!(source = %self.source, target = %self.target, xid = start.xid,
             careful, "applying a streamed transaction as it arrives");
         Ok(Outcome::Continue)
+    }
+
+    /// Takes the replies that already arrived for a live transaction's statements (they are
+    /// kept for its group as usual), so they do not pile up unread until its commit: a
+    /// million-row transaction would otherwise leave millions of replies queued.
+    pub(super) fn take_live_replies(&mut self) -> Result<(), DirectionError> {
+        // With nothing else in flight, every reply is the live group's and none ends it.
+        if self.live.is_none() || !self.in_flight.is_empty() {
+            return Ok(());
+        }
+        while let Some(reply) = self.pipe.try_recv() {
+            match reply.map_err(proto)? {
+                Response::Row(r) => self.acc_rows.push(r),
+                Response::Error(e) => self.acc_error = Some(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The block ends: send what is encoded so the target works on it meanwhile.
@@ -247,7 +267,10 @@ impl Applier {
         let Some(live) = self.live.take() else {
             return Ok(Outcome::Continue);
         };
-        self.open = None;
+        if self.open.take().is_some_and(|o| o.careful) {
+            // It conflicted before: applied whole at its commit, still carefully.
+            self.careful_xid = Some(live.xid);
+        }
         self.discard_live().await?;
         self.spilled.insert(live.xid);
         tracing::info!(source = %self.source, target = %self.target, xid = live.xid,
