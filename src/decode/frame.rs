@@ -256,6 +256,67 @@ mod tests {
             .collect()
     }
 
+    fn stream_start(xid: u32, first_segment: bool) -> Event {
+        Event::StreamStart(StreamStart {
+            xid,
+            first_segment,
+            origin: None,
+        })
+    }
+
+    #[test]
+    fn a_streamed_transaction_with_an_origin_is_dropped_whole() {
+        let rel = relation();
+        let c = match commit(1) {
+            Event::Commit(c) => c,
+            _ => unreachable!(),
+        };
+        let out = frame(
+            true,
+            vec![
+                stream_start(1, true),
+                origin(),
+                insert(&rel),
+                Event::StreamStop,
+                // Another streamed transaction, local: passes.
+                stream_start(2, true),
+                insert(&rel),
+                Event::StreamStop,
+                stream_start(1, false),
+                Event::Subtransaction(3),
+                insert(&rel),
+                Event::StreamStop,
+                Event::StreamAbort { xid: 1, subxid: 3 },
+                Event::StreamCommit(crate::event::StreamCommit {
+                    xid: 1,
+                    commit: c.clone(),
+                }),
+            ],
+        );
+        assert_eq!(
+            events(&out),
+            vec![&stream_start(2, true), &insert(&rel), &Event::StreamStop]
+        );
+        assert_eq!(out.last(), Some(&Framed::Echo(c)));
+    }
+
+    #[test]
+    fn a_streamed_transaction_keeps_its_origin_when_echo_is_not_dropped() {
+        let out = frame(
+            false,
+            vec![stream_start(1, true), origin(), Event::StreamStop],
+        );
+        match events(&out).as_slice() {
+            [Event::StreamStart(s), Event::StreamStop] => {
+                assert_eq!(
+                    s.origin.as_ref().map(|o| o.name.as_str()),
+                    Some("walbridge_from_b")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn origin_is_folded_into_its_begin() {
         let rel = relation();

@@ -1369,6 +1369,90 @@ mod tests {
     }
 
     #[test]
+    fn decode_streaming_marks_blocks_and_subtransactions() {
+        let r = accounts();
+        let mut d = decoder_with(&r);
+        let lsn = Lsn(42);
+        let mut out = Vec::new();
+        let row = |id: &str| insert(&r, vec![t(id), t("a"), t("2"), Value::Null]);
+        let feed = |d: &mut PgOutputDecoder, bytes: Bytes, out: &mut Vec<Event>| {
+            d.decode_streaming(lsn, &bytes, out).unwrap();
+        };
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Start {
+                xid: 7,
+                first_segment: true,
+            }),
+            &mut out,
+        );
+        feed(&mut d, encode_with_xid(Some(7), &row("1")), &mut out);
+        feed(&mut d, encode_with_xid(Some(8), &row("2")), &mut out);
+        feed(&mut d, encode_with_xid(Some(8), &row("3")), &mut out);
+        feed(&mut d, encode_control(&StreamControl::Stop), &mut out);
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Abort { xid: 7, subxid: 8 }),
+            &mut out,
+        );
+        // A new block starts with the top-level transaction again.
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Start {
+                xid: 7,
+                first_segment: false,
+            }),
+            &mut out,
+        );
+        feed(&mut d, encode_with_xid(Some(8), &row("4")), &mut out);
+        feed(&mut d, encode_control(&StreamControl::Stop), &mut out);
+        let commit_ev = Commit {
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x130),
+            commit_time: PgTimestamp(9),
+        };
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Commit {
+                xid: 7,
+                commit: commit_ev.clone(),
+            }),
+            &mut out,
+        );
+        let start = |first_segment| {
+            Event::StreamStart(StreamStart {
+                xid: 7,
+                first_segment,
+                origin: None,
+            })
+        };
+        assert_eq!(
+            out,
+            vec![
+                start(true),
+                row("1"),
+                Event::Subtransaction(8),
+                row("2"),
+                row("3"),
+                Event::StreamStop,
+                Event::StreamAbort { xid: 7, subxid: 8 },
+                start(false),
+                Event::Subtransaction(8),
+                row("4"),
+                Event::StreamStop,
+                Event::StreamCommit(StreamCommit {
+                    xid: 7,
+                    commit: commit_ev
+                }),
+            ]
+        );
+        // Outside a block, an ordinary transaction decodes as with `decode`.
+        out.clear();
+        feed(&mut d, encode(&begin(0x200, 3, 9)), &mut out);
+        assert!(matches!(out.as_slice(), [Event::Begin(_)]));
+    }
+
+    #[test]
     fn stream_messages_round_trip_and_changes_carry_their_xid() {
         let r = accounts();
         let mut d = decoder_with(&r);
