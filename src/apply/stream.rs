@@ -91,9 +91,17 @@ impl Applier {
             self.spilled.insert(start.xid);
             return self.restream_for_spill().await;
         }
-        // What gathered before it commits first.
+        // What gathered before it commits first; a failed group's transactions are sent again
+        // now (the live transaction will hold the session's one open transaction).
         if self.close_group().await? == Outcome::Restream {
             return Ok(Outcome::Restream);
+        }
+        while !self.redo.is_empty() {
+            if self.has_redo() {
+                self.redo_one().await?;
+            } else if self.on_reply().await? == Outcome::Restream {
+                return Ok(Outcome::Restream);
+            }
         }
         let careful = std::mem::take(&mut self.careful_next)
             || self.careful_xid.take_if(|x| *x == start.xid).is_some();
