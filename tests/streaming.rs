@@ -189,6 +189,33 @@ fn ordinary_transaction_interleaved_with_a_streamed_one_arrives_first() {
 }
 
 #[test]
+fn spilled_transaction_leaves_out_its_rolled_back_subtransaction() {
+    let d = deployment("");
+    let mut run = d.spawn_run("run.log");
+    let mut s = Session::open(&d, "east");
+    s.run("BEGIN;");
+    s.run(&insert(1, 50_000));
+    wait_applied_live(&d);
+    // Interleaved: from here on the large transaction is kept on disk until it commits.
+    d.sql("east", "INSERT INTO small VALUES (1, 'first')");
+    d.wait_for("west", "SELECT count(*) FROM small", "1");
+    s.run("SAVEPOINT a;");
+    s.run(&insert(50_001, 80_000));
+    s.run("ROLLBACK TO SAVEPOINT a;");
+    s.run(&insert(80_001, 100_000));
+    s.run("COMMIT;");
+    s.close();
+    let summary = "SELECT count(*) || ':' || max(id) || ':' || \
+                   count(*) FILTER (WHERE id BETWEEN 50001 AND 80000) FROM big";
+    d.wait_for("west", summary, "70000:100000:0");
+    assert_eq!(
+        d.fingerprint("west", "big", "id"),
+        d.fingerprint("east", "big", "id")
+    );
+    assert!(run.log().contains("kept on disk"), "log:\n{}", run.log());
+}
+
+#[test]
 fn streamed_transaction_conflict_is_resolved_by_last_write_wins() {
     let d = deployment("");
     let mut run = d.spawn_run("run.log");
