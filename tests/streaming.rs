@@ -191,7 +191,7 @@ fn ordinary_transaction_interleaved_with_a_streamed_one_arrives_first() {
 #[test]
 fn spilled_transaction_leaves_out_its_rolled_back_subtransaction() {
     let d = deployment("");
-    let mut run = d.spawn_run("run.log");
+    let run = d.spawn_run("run.log");
     let mut s = Session::open(&d, "east");
     s.run("BEGIN;");
     s.run(&insert(1, 50_000));
