@@ -217,26 +217,27 @@ fn spilled_transaction_leaves_out_its_rolled_back_subtransaction() {
 
 #[test]
 fn streamed_transaction_conflict_is_resolved_by_last_write_wins() {
+    // Small (still streamed at 64kB): the careful path is one change per round trip.
     let d = deployment("");
     let mut run = d.spawn_run("run.log");
-    d.sql("east", &insert(1, 20_000));
-    d.wait_for("west", "SELECT count(*) FROM big", "20000");
+    d.sql("east", &insert(1, 4_000));
+    d.wait_for("west", "SELECT count(*) FROM big", "4000");
     let mut s = Session::open(&d, "east");
     s.run("BEGIN;");
-    s.run("UPDATE big SET v = 'east:' || id WHERE id <= 10000;");
+    s.run("UPDATE big SET v = 'east:' || id WHERE id <= 2000;");
     wait_applied_live(&d);
     // West writes a row the streamed transaction has not reached yet: newer than the
     // transaction's first block, older than its commit.
-    d.sql("west", "UPDATE big SET v = 'west' WHERE id = 15000");
-    d.wait_for("east", "SELECT v FROM big WHERE id = 15000", "west");
-    s.run("UPDATE big SET v = 'east:' || id WHERE id > 10000;");
+    d.sql("west", "UPDATE big SET v = 'west' WHERE id = 3000");
+    d.wait_for("east", "SELECT v FROM big WHERE id = 3000", "west");
+    s.run("UPDATE big SET v = 'east:' || id WHERE id > 2000;");
     s.run("COMMIT;");
     s.close();
     // The streamed transaction commits last: it wins on both nodes, decided on west's
     // careful path (its optimistic update found west's newer row).
     let done = "SELECT count(*) FROM big WHERE v = 'east:' || id";
-    d.wait_for("east", done, "20000");
-    d.wait_for("west", done, "20000");
+    d.wait_for("east", done, "4000");
+    d.wait_for("west", done, "4000");
     assert!(
         run.log().contains("needs conflict resolution"),
         "log:\n{}",
