@@ -516,17 +516,16 @@ impl Applier {
             && self.redo.is_empty()
     }
 
-    /// The source is being restarted from [`Applier::committed_lsn`] after
-    /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
-    /// transaction is applied carefully; after a streamed transaction had to be given up (see
-    /// [`stream`]), it is spilled by the source ([`Applier::spilled`]) instead.
-    /// Apply the next transaction carefully (as after a conflict in a transaction too large
-    /// to keep).
+    /// Apply the next transaction carefully (the source was restarted after a conflict in a
+    /// transaction too large to keep).
     pub fn set_careful_next(&mut self) {
         self.careful_next = true;
     }
 
-    /// See above: what [`Outcome::Restream`] asks of the caller once the source restarts.
+    /// The source is being restarted from [`Applier::committed_lsn`] after
+    /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
+    /// transaction is applied carefully; after a streamed transaction had to be given up (see
+    /// [`stream`]), it is spilled by the source ([`Applier::spilled`]) instead.
     pub fn on_restream(&mut self) {
         self.live = None;
         if !std::mem::take(&mut self.restream_for_spill) {
