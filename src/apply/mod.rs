@@ -525,7 +525,7 @@ impl Applier {
     /// The source is being restarted from [`Applier::committed_lsn`] after
     /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
     /// transaction is applied carefully; after a streamed transaction had to be given up (see
-    /// [`stream`]), it is spilled by the source ([`Applier::spilled`]) instead.
+    /// `apply::stream`), it is spilled by the source ([`Applier::spilled`]) instead.
     pub fn on_restream(&mut self) {
         self.live = None;
         if !std::mem::take(&mut self.restream_for_spill) {
