@@ -23,6 +23,7 @@ mod heavy_resilience;
 mod localpg;
 mod observability;
 mod packaging;
+mod park;
 mod protocol;
 mod replication;
 mod schema;

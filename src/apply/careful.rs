@@ -143,7 +143,7 @@ impl Applier {
         Ok(())
     }
 
-    async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
+    pub(super) async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
         let expected = self.committed.to_string();
         let end = commit.end_lsn.to_string();
         let ts = commit.commit_time.to_string();
@@ -290,12 +290,15 @@ impl Applier {
         }
     }
 
-    async fn careful_change(
+    pub(super) async fn careful_change(
         &mut self,
         begin: &Begin,
         change: &Change,
         conflicts: &mut Vec<Resolved>,
     ) -> Result<(), Failed> {
+        if self.park_carefully(begin, change).await? {
+            return Ok(());
+        }
         let table = self.table(&change.relation).await.map_err(Failed::Stop)?;
         let map = &table.map;
         let Some(row_tuple) = change

@@ -36,6 +36,7 @@
 
 mod careful;
 mod ddl;
+mod park;
 pub mod sql;
 mod stream;
 mod writers;
@@ -57,6 +58,7 @@ use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
+pub use park::{CHECK_EVERY as PARK_CHECK_EVERY, PARK_SQL};
 use sql::TableMap;
 pub use writers::Writers;
 
@@ -263,6 +265,8 @@ pub struct Applier {
     spilled: HashSet<u32>,
     /// The coming restream is for a spill, not after a conflict: no careful mode.
     restream_for_spill: bool,
+    /// Tables whose changes are parked (`replication.on_schema_mismatch = "park"`).
+    park: park::Parked,
 }
 
 /// The target session could not be prepared.
@@ -390,6 +394,7 @@ impl Applier {
         let take_turns =
             crate::conflict::appliers_take_turns(node_count, config.uses_node_priority());
         let ddl_prefix = ddl::message_prefix(&config.replication.slot_prefix);
+        let park = park::Parked::load(&catalog, &config, source, target).await?;
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -440,6 +445,7 @@ impl Applier {
                 live: None,
                 spilled: HashSet::new(),
                 restream_for_spill: false,
+                park,
             },
             progress,
         ))
@@ -603,8 +609,20 @@ impl Applier {
     }
 
     async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
+        self.table_fitting(relation)
+            .await?
+            .map_err(DirectionError::definite)
+    }
+
+    /// The table's apply state, or (inner `Err`) why the target's schema does not fit the
+    /// source's description: the table or one of its columns is missing there (a schema
+    /// mismatch, which `replication.on_schema_mismatch` decides about; see [`park`]).
+    async fn table_fitting(
+        &mut self,
+        relation: &Arc<Relation>,
+    ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
         if let Some(t) = self.tables.get(&relation.oid) {
-            return Ok(t.clone());
+            return Ok(Ok(t.clone()));
         }
         let info = if self.in_ddl_txn {
             self.table_info_in_txn(&relation.schema, &relation.table)
@@ -622,22 +640,31 @@ impl Applier {
                     DirectionError::caused_by(msg, &e)
                 })?
         };
-        let info = info.ok_or_else(|| {
-            DirectionError::definite(format!(
+        let Some(info) = info else {
+            return Ok(Err(format!(
                 "table {} exists on {} but not on {}; create it there (plain DDL is not \
                      replicated: use walbridge.ddl()) or exclude it from replication.tables",
                 relation.qualified_name(),
                 self.source,
                 self.target
-            ))
-        })?;
+            )));
+        };
         let skip = self
             .config
             .skip_columns_for(&relation.schema, &relation.table)
             .to_vec();
-        let map = TableMap::new(relation, info, &skip).map_err(|e| {
-            DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
-        })?;
+        let map = match TableMap::new(relation, info, &skip) {
+            Ok(map) => map,
+            Err(e @ sql::MapError::MissingColumn { .. }) => {
+                return Ok(Err(format!("{} -> {}: {e}", self.source, self.target)))
+            }
+            Err(e) => {
+                return Err(DirectionError::definite(format!(
+                    "{} -> {}: {e}",
+                    self.source, self.target
+                )))
+            }
+        };
         let tombstoned = map.unique_key.is_some()
             && self
                 .catalog
@@ -681,7 +708,7 @@ impl Applier {
         });
         self.tables.insert(relation.oid, state.clone());
         self.labels.insert(relation.oid, state.label.clone());
-        Ok(state)
+        Ok(Ok(state))
     }
 
     /// Feeds one source event. `more_pending`: the source has more already queued (so a group
@@ -728,6 +755,7 @@ impl Applier {
                 // The table changed (or the stream re-describes it): map it again.
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
+                self.park.hint();
             }
             // A framed stream has no Origin (it is in the Begin) and no echo: the source
             // dropped those transactions (see `decode::frame`).
@@ -842,6 +870,9 @@ impl Applier {
         let limit = self.limits.max_buffered_changes;
         if self.open.as_ref().is_some_and(|o| o.careful) {
             self.careful_mode_item(Item::Change(change)).await?;
+            return Ok(());
+        }
+        if self.park_in_group(&change).await? {
             return Ok(());
         }
         {
@@ -1128,6 +1159,7 @@ impl Applier {
     async fn truncate_sql(&mut self, t: &Truncate) -> Result<String, DirectionError> {
         let mut names = Vec::new();
         for rel in &t.relations {
+            self.refuse_truncate_of_parked(rel)?;
             names.push(self.table(rel).await?.map.target.quoted_name());
         }
         // Exactly the listed tables, never CASCADE (see `sql::truncate`).

@@ -212,6 +212,16 @@ keyword_enum! {
     }
 }
 
+keyword_enum! {
+    /// What a direction does with a change whose table does not fit the target's schema.
+    SchemaMismatch {
+        /// Stop the direction with an error naming the table and column.
+        Stop = "stop",
+        /// Keep that table's changes in `walbridge.parked` until the target's schema fits.
+        Park = "park",
+    }
+}
+
 /// Which checks the node list must pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
@@ -313,6 +323,9 @@ pub struct ReplicationConfig {
     /// `failover` enabled, so a physical standby that synchronizes slots
     /// (`sync_replication_slots = on`) keeps them through a promotion. Ignored on 15 and 16.
     pub failover_slots: bool,
+    /// `on_schema_mismatch` (default `stop`): what a direction does with a change whose
+    /// table is missing on the target or lacks one of its columns.
+    pub on_schema_mismatch: SchemaMismatch,
 }
 
 /// `[trigger]`: trigger mode, the fallback and drop-in for the old polling script.
@@ -780,6 +793,10 @@ fn validate_replication(
     problems: &mut Problems,
 ) -> Option<ReplicationConfig> {
     let mode = problems.check("replication.mode", raw.mode.parse::<Mode>());
+    let on_schema_mismatch = problems.check(
+        "replication.on_schema_mismatch",
+        raw.on_schema_mismatch.parse::<SchemaMismatch>(),
+    );
     let plugin = problems.check("replication.plugin", raw.plugin.parse::<Plugin>());
 
     if raw.tables.is_empty() {
@@ -920,6 +937,7 @@ fn validate_replication(
         allow_lossy_wal2json: raw.allow_lossy_wal2json,
         stream_in_progress: raw.stream_in_progress,
         failover_slots: raw.failover_slots,
+        on_schema_mismatch: on_schema_mismatch?,
     })
 }
 

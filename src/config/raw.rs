@@ -99,6 +99,8 @@ pub(super) struct RawReplication {
     pub stream_in_progress: bool,
     #[serde(default = "default_true")]
     pub failover_slots: bool,
+    #[serde(default = "default_on_schema_mismatch")]
+    pub on_schema_mismatch: String,
 }
 
 impl Default for RawReplication {
@@ -121,6 +123,7 @@ impl Default for RawReplication {
             allow_lossy_wal2json: false,
             stream_in_progress: true,
             failover_slots: true,
+            on_schema_mismatch: default_on_schema_mismatch(),
         }
     }
 }
@@ -181,6 +184,10 @@ fn default_max_retained_wal() -> RawSize {
 fn default_true() -> bool {
     true
 }
+fn default_on_schema_mismatch() -> String {
+    "stop".into()
+}
+
 fn default_slot_prefix() -> String {
     "walbridge".into()
 }

@@ -525,6 +525,9 @@ async fn pump(
                 if release_wanted && applier.idle() {
                     return Ok(Pumped::Release);
                 }
+                // Parked tables whose target schema fits again are replayed here, between
+                // transactions (see apply::park).
+                applier.check_parked().await?;
                 applier.request_progress().await?;
                 let confirmed = applier.confirmable();
                 source.feedback().confirm(confirmed);

@@ -667,6 +667,10 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
             &n.name,
             "creating walbridge's skip tables (sql/skip.sql)",
         ))?;
+    n.client
+        .batch_execute(crate::apply::PARK_SQL)
+        .await
+        .map_err(sql_err(&n.name, "creating walbridge.parked (sql/park.sql)"))?;
     if is_superuser(&n.client)
         .await
         .map_err(sql_err(&n.name, "reading the role's attributes"))?
