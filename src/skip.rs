@@ -260,6 +260,12 @@ async fn peek_transaction(
             .map_err(|e| decode_err(e.to_string()))?;
         let Some(event) = event else { continue };
         match event {
+            // Read with protocol version 1: no streamed transactions.
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => {}
             Event::Begin(b) => open = Some((b.xid, false, Vec::new())),
             Event::Origin(_) => {
                 if let Some(o) = open.as_mut() {

@@ -92,6 +92,8 @@ async fn decode(c: &TestDb, plugin: Plugin) -> Vec<Event> {
         messages: true,
         application_name: "walbridge-test".into(),
         drop_echo: false,
+        stream_in_progress: false,
+        spill: Vec::new(),
         stream: StreamConfig {
             cancel: cancel.clone(),
             ..StreamConfig::default()
@@ -140,6 +142,11 @@ fn check_framing(plugin: Plugin, events: &[Event]) {
             Event::Origin(_) => {
                 panic!("{plugin}: an origin event at {i}, not folded into its begin")
             }
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => panic!("{plugin}: a streamed event at {i}"),
             Event::Commit(c) => {
                 let b = open.take().expect("commit without begin");
                 assert_eq!(c.commit_lsn, b.final_lsn, "{plugin}: commit LSN at {i}");
@@ -204,6 +211,11 @@ fn summary(events: &[Event]) -> Vec<Json> {
                 out.push(j);
             }
             Event::Origin(_) => panic!("an origin event, not folded into its begin"),
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => panic!("a streamed event (not asked for)"),
             Event::Commit(_) => out.push(json!({"op": "commit"})),
             Event::Relation(_) | Event::Type(_) => {}
             Event::Change(c) => {
