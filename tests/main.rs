@@ -31,6 +31,7 @@ mod security;
 mod setup;
 mod skip;
 mod status;
+mod streaming;
 mod tail;
 mod tls;
 mod trigger;

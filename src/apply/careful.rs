@@ -241,7 +241,7 @@ impl Applier {
 
     /// Rolls back after a failed careful step: a refused statement is worth retrying from the
     /// target's progress (transient), a stop is final.
-    async fn roll_back(
+    pub(super) async fn roll_back(
         &mut self,
         failed: Failed,
         what: &str,

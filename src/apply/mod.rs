@@ -38,9 +38,10 @@ mod careful;
 mod ddl;
 mod park;
 pub mod sql;
+mod stream;
 mod writers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,6 +171,9 @@ struct OpenGroup {
     guarded: Vec<u32>,
     /// When the group opened.
     opened: Instant,
+    /// An explicit transaction (`BEGIN` first): it holds a streamed transaction, whose
+    /// subtransactions need savepoints. Closed with `COMMIT`.
+    explicit: bool,
 }
 
 enum Group {
@@ -255,6 +259,12 @@ pub struct Applier {
     in_ddl_txn: bool,
     /// Apply this source transaction carefully from its start (it holds a schema change).
     careful_xid: Option<u32>,
+    /// The streamed in-progress transaction being applied as it arrives (see [`stream`]).
+    live: Option<stream::Live>,
+    /// Streamed transactions the source must spill (they could not stay open here).
+    spilled: HashSet<u32>,
+    /// The coming restream is for a spill, not after a conflict: no careful mode.
+    restream_for_spill: bool,
     /// Tables whose changes are parked (`replication.on_schema_mismatch = "park"`).
     park: park::Parked,
 }
@@ -432,6 +442,9 @@ impl Applier {
                 ddl_prefix,
                 in_ddl_txn: false,
                 careful_xid: None,
+                live: None,
+                spilled: HashSet::new(),
+                restream_for_spill: false,
                 park,
             },
             progress,
@@ -515,6 +528,17 @@ impl Applier {
         self.careful_next = true;
     }
 
+    /// The source is being restarted from [`Applier::committed_lsn`] after
+    /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
+    /// transaction is applied carefully; after a streamed transaction had to be given up (see
+    /// `apply::stream`), it is spilled by the source ([`Applier::spilled`]) instead.
+    pub fn on_restream(&mut self) {
+        self.live = None;
+        if !std::mem::take(&mut self.restream_for_spill) {
+            self.careful_next = true;
+        }
+    }
+
     /// A keepalive: the source has nothing before `wal_end` left to send.
     pub async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<Outcome, DirectionError> {
         let outcome = self.close_group().await?;
@@ -566,7 +590,7 @@ impl Applier {
         if !self.enc.is_empty() {
             self.pipe.send(self.enc.take()).await.map_err(proto)?;
         }
-        Ok(())
+        self.take_live_replies()
     }
 
     /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time.
@@ -695,7 +719,12 @@ impl Applier {
         more_pending: bool,
     ) -> Result<Outcome, DirectionError> {
         match event {
+            Event::Begin(_) if self.live.is_some() => {
+                // An ordinary transaction commits before the streamed one being applied.
+                return self.give_up_live().await;
+            }
             Event::Begin(begin) => {
+                self.spilled.remove(&begin.xid);
                 // The group's rows carry one stamp: close it where that stamp could change a
                 // third node's conflict decision.
                 let must_close = self.group.as_ref().is_some_and(|g| {
@@ -735,6 +764,11 @@ impl Applier {
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
+            Event::StreamStart(start) => return self.on_stream_start(start).await,
+            Event::StreamStop => return self.on_stream_stop().await,
+            Event::Subtransaction(xid) => return self.on_subtransaction(xid).await,
+            Event::StreamCommit(c) => return self.on_stream_commit(c, more_pending).await,
+            Event::StreamAbort { xid, subxid } => return self.on_stream_abort(xid, subxid).await,
         }
         Ok(Outcome::Continue)
     }
@@ -753,6 +787,11 @@ impl Applier {
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
+        if self.group.is_none() && self.live.is_some() {
+            // A streamed transaction: an explicit one, for its savepoints.
+            self.enc.parse("", "BEGIN").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         if self.group.is_none() && self.take_turns {
             // First statement of the group's transaction: take turns with the other sources'
             // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
@@ -772,11 +811,22 @@ impl Applier {
             batch_table: None,
             guarded: Vec::new(),
             opened: Instant::now(),
+            explicit: self.live.is_some(),
         }))
     }
 
     /// In careful mode (after a restream), changes are applied one by one as they arrive.
     async fn careful_mode_item(&mut self, item: Item) -> Result<bool, DirectionError> {
+        if !self.careful_open().await? {
+            return Ok(false);
+        }
+        self.careful_stream_item(item).await?;
+        Ok(true)
+    }
+
+    /// In careful mode, begins the careful transaction on the target unless it is open;
+    /// false when the open transaction is not careful.
+    async fn careful_open(&mut self) -> Result<bool, DirectionError> {
         let Some(open) = &self.open else {
             return Ok(false);
         };
@@ -801,7 +851,6 @@ impl Applier {
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
         }
-        self.careful_stream_item(item).await?;
         Ok(true)
     }
 
@@ -1261,12 +1310,21 @@ impl Applier {
                 ],
             )
             .map_err(proto)?;
+        if group.explicit {
+            self.enc.parse("", "COMMIT").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         self.enc.sync();
         self.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
         self.in_flight
             .push_back(Group::Txns(group.members, group.parsed));
+        if group.explicit {
+            // Had a statement failed, the server skipped the COMMIT and the transaction is
+            // still open (aborted): end it. Otherwise this only draws a warning.
+            self.end_explicit()?;
+        }
         self.flush().await?;
         if let Some((failed, parsed, error)) = self.pending_failure.take() {
             return self.recover(failed, parsed, error).await;
@@ -1635,14 +1693,27 @@ impl Applier {
         if let Some(txn) = self.streaming_careful.take() {
             return self.careful_abort(txn).await;
         }
-        self.group = None;
+        let explicit = self.group.take().is_some_and(|g| g.explicit);
         self.enc
             .parse("", "SELECT walbridge.expect_rows(0, 1)")
             .map_err(proto)?;
         self.enc.execute("", std::iter::empty()).map_err(proto)?;
         self.enc.sync();
         self.in_flight.push_back(Group::Abort);
+        if explicit {
+            self.end_explicit()?;
+        }
         self.flush().await
+    }
+
+    /// Ends an explicit transaction left open by a failed group: `ROLLBACK` in a group of
+    /// its own (a warning only when there is none).
+    fn end_explicit(&mut self) -> Result<(), DirectionError> {
+        self.enc.parse("", "ROLLBACK").map_err(proto)?;
+        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.enc.sync();
+        self.in_flight.push_back(Group::Close);
+        Ok(())
     }
 }
 

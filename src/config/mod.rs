@@ -314,6 +314,11 @@ pub struct ReplicationConfig {
     /// NULL). Off, such a node with such columns is refused by `check-config --connect`,
     /// `setup` and `run`.
     pub allow_lossy_wal2json: bool,
+    /// `stream_in_progress` (default `true`): with pgoutput, large transactions are streamed
+    /// while still in progress on the source (protocol version 2, `streaming 'on'`) and
+    /// applied into an open target transaction as they arrive, committed when the source
+    /// commits and rolled back when it aborts. Off: a transaction is sent once it commits.
+    pub stream_in_progress: bool,
     /// `failover_slots` (default `true`): on PostgreSQL 17+, `setup` creates the slots with
     /// `failover` enabled, so a physical standby that synchronizes slots
     /// (`sync_replication_slots = on`) keeps them through a promotion. Ignored on 15 and 16.
@@ -930,6 +935,7 @@ fn validate_replication(
         conflict_max_row_bytes: conflict_max_row_bytes?,
         sequence_ranges: raw.sequence_ranges,
         allow_lossy_wal2json: raw.allow_lossy_wal2json,
+        stream_in_progress: raw.stream_in_progress,
         failover_slots: raw.failover_slots,
         on_schema_mismatch: on_schema_mismatch?,
     })
