@@ -117,6 +117,7 @@
 
 mod change;
 mod ddl;
+pub mod events;
 pub mod legacy;
 pub mod mode;
 pub mod sql;
