@@ -787,3 +787,143 @@ fn a_lookup_that_waits_for_a_local_writer_sees_that_writers_commit_time() {
         );
     }
 }
+
+/// Issue 12's one pipeline, its common path: change rows (JSON and the old script's Python
+/// dicts, a partial update, a changed key, a delete) become framed events
+/// (`trigger::events`) and the stream's `Applier` applies them, recording the change-table
+/// cursor in the same transaction through the progress seam (`apply::position`) and leaving
+/// the origin's LSN (where a stream resumes after a cut-over) where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
+    use walbridge::apply::{Applier, ApplyLimits};
+    use walbridge::lsn::{Lsn, PgTimestamp};
+    use walbridge::protocol::{self, pipeline::Pipeline, ConnectOptions};
+    use walbridge::trigger::{events::TxnBuilder, recorded_progress, RawRow, State};
+
+    let d = tokio::task::block_in_place(|| {
+        let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+        d.walbridge_ok(&["setup"]);
+        d.sql(
+            "west",
+            "INSERT INTO users VALUES (5, 'local', NULL, 7, false, NULL)",
+        );
+        // Where a stream would resume after a cut-over: must not move.
+        d.sql(
+            "west",
+            "SELECT pg_replication_origin_advance('walbridge_from_east', '0/5000000')",
+        );
+        d
+    });
+    let config = Arc::new(walbridge::config::Config::load(&d.config).expect("config"));
+    let dsn = config.node("west").expect("node west").dsn.clone();
+    let mut options = ConnectOptions::replication("walbridge-test-trigger-apply");
+    options.replication = false;
+    let raw = protocol::connect(&dsn, options)
+        .await
+        .expect("apply session");
+    let (pipe, driver) = Pipeline::from_raw(raw);
+    tokio::spawn(driver);
+    let catalog = walbridge::pgconn::connect(&dsn, "walbridge-test-catalog")
+        .await
+        .expect("catalog session");
+    let users = Arc::new(
+        walbridge::catalog::table_info(&catalog, "public", "users")
+            .await
+            .expect("catalog")
+            .expect("users on west"),
+    );
+    let limits = ApplyLimits {
+        max_in_flight: 1,
+        durable_commits: true,
+        ..ApplyLimits::default()
+    };
+    let (mut applier, progress) = Applier::start(
+        pipe,
+        catalog,
+        config,
+        "east",
+        "west",
+        walbridge::metrics::Metrics::new(),
+        limits,
+    )
+    .await
+    .expect("applier");
+    assert_eq!(progress, "0/5000000".parse::<Lsn>().expect("lsn"));
+
+    let row = |id: i64, txid: u64, metodo: &str, descripcion: &str| RawRow {
+        id,
+        metodo: Some(metodo.into()),
+        tabla: Some("users".into()),
+        descripcion: Some(descripcion.into()),
+        origin_node: None,
+        txid: Some(txid),
+        commit_time: Some(PgTimestamp::now()),
+        created_at: None,
+        old_key: None,
+    };
+    let mut changed_key = row(5, 1002, "UPDATE", r#"{"id": 20, "name": "moved"}"#);
+    changed_key.old_key = Some(r#"{"id": 2}"#.into());
+    let batches = vec![
+        vec![
+            row(
+                1,
+                1000,
+                "INSERT",
+                r#"{"id": 1, "name": "ana", "tags": ["a", "b c"], "balance": 10.50, "active": true, "born": "2000-01-02"}"#,
+            ),
+            row(
+                2,
+                1000,
+                "INSERT",
+                "{'id': 2, 'name': 'bo', 'tags': None, 'balance': Decimal('1e20')}",
+            ),
+            row(3, 1001, "UPDATE", "{'id': 1, 'name': 'ana maria'}"),
+        ],
+        vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key],
+    ];
+    let mut state = State::default();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for batch in batches {
+            let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
+            for r in &batch {
+                builder.push_row(r, users.clone(), &[]).expect("a good row");
+            }
+            for txn in builder.finish() {
+                state = state.advance(&txn.rows, 1000, false).0;
+                applier.set_next_position(recorded_progress("east", &state));
+                for event in txn.events {
+                    applier.on_event(event, true).await.expect("apply");
+                }
+            }
+            applier.close_group().await.expect("close");
+            while applier.has_in_flight() {
+                applier.on_reply().await.expect("reply");
+            }
+        }
+        applier.finish().await.expect("finish")
+    })
+    .await
+    .expect("the applier did not finish");
+
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            d.sql("west", "SELECT string_agg(concat_ws('|', id, name, tags, balance, active, born), ' ' ORDER BY id) FROM users"),
+            "1|ana maria|{a,\"b c\"}|10.50|t|2000-01-02 20|moved|100000000000000000000"
+        );
+        assert_eq!(
+            d.sql("west", "SELECT last_id || ' ' || hold_xid FROM walbridge.trigger_progress WHERE source = 'east'"),
+            "5 1000"
+        );
+        assert_eq!(
+            d.sql("west", "SELECT string_agg(id::text, ',' ORDER BY id) FROM walbridge.trigger_applied WHERE source = 'east'"),
+            "1,2,3,4,5"
+        );
+        assert_eq!(
+            d.sql(
+                "west",
+                "SELECT pg_replication_origin_progress('walbridge_from_east', false)"
+            ),
+            "0/5000000"
+        );
+    });
+}

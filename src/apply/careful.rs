@@ -9,13 +9,14 @@
 
 use serde_json::{Map, Value as Json};
 
+use super::position::Recorded;
 use super::sql::{self, TableMap};
 use super::{proto, text, value_param, Applier, Item, Sent, TableState};
 use crate::config::ConflictPolicy;
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
 use crate::direction::DirectionError;
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
-use crate::lsn::PgTimestamp;
+use crate::lsn::{Lsn, PgTimestamp};
 use crate::protocol::ServerError;
 use crate::telemetry;
 
@@ -80,12 +81,14 @@ impl Applier {
         let mut last = None;
         for _attempt in 0..3 {
             match self
-                .careful_attempt(&sent.begin, &items, &sent.commit)
+                .careful_attempt(&sent.begin, &items, &sent.commit, sent.recorded.as_deref())
                 .await
             {
                 Ok(conflicts) => {
                     self.ddl_txn_ended();
-                    self.expected = sent.end_lsn;
+                    if sent.recorded.is_none() {
+                        self.expected = sent.end_lsn;
+                    }
                     self.acknowledge(&sent, &conflicts);
                     return Ok(());
                 }
@@ -121,6 +124,7 @@ impl Applier {
         begin: &Begin,
         items: &[Item],
         commit: &Commit,
+        recorded: Option<&Recorded>,
     ) -> Result<Vec<Resolved>, Failed> {
         self.exec("BEGIN", &[]).await?;
         self.take_turn().await?;
@@ -128,7 +132,7 @@ impl Applier {
         for item in items {
             self.careful_item(begin, item, &mut conflicts).await?;
         }
-        self.careful_commit(commit).await?;
+        self.careful_commit(commit, recorded).await?;
         Ok(conflicts)
     }
 
@@ -143,19 +147,40 @@ impl Applier {
         Ok(())
     }
 
-    async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
-        let expected = self.committed.to_string();
-        let end = commit.end_lsn.to_string();
+    async fn careful_commit(
+        &mut self,
+        commit: &Commit,
+        recorded: Option<&Recorded>,
+    ) -> Result<(), Failed> {
         let ts = commit.commit_time.to_string();
-        self.exec(
-            sql::APPLY_FINISH,
-            &[
-                Some(expected.as_bytes()),
-                Some(end.as_bytes()),
-                Some(ts.as_bytes()),
-            ],
-        )
-        .await?;
+        if let Some(recorded) = recorded {
+            // A position that is not an LSN (see `super::position`).
+            for (sql, params) in &recorded.statements {
+                let params: Vec<Option<&[u8]>> = params
+                    .iter()
+                    .map(|p| p.as_deref().map(str::as_bytes))
+                    .collect();
+                self.exec(sql, &params).await?;
+            }
+            let end = Lsn::ZERO.to_string();
+            self.exec(
+                sql::APPLY_FINISH,
+                &[None, Some(end.as_bytes()), Some(ts.as_bytes())],
+            )
+            .await?;
+        } else {
+            let expected = self.committed.to_string();
+            let end = commit.end_lsn.to_string();
+            self.exec(
+                sql::APPLY_FINISH,
+                &[
+                    Some(expected.as_bytes()),
+                    Some(end.as_bytes()),
+                    Some(ts.as_bytes()),
+                ],
+            )
+            .await?;
+        }
         self.exec("COMMIT", &[]).await?;
         Ok(())
     }
@@ -220,16 +245,20 @@ impl Applier {
     pub(super) async fn careful_stream_commit(
         &mut self,
         commit: Commit,
+        recorded: Option<Box<Recorded>>,
     ) -> Result<(), DirectionError> {
         let Some(mut txn) = self.streaming_careful.take() else {
             return Ok(());
         };
-        match self.careful_commit(&commit).await {
+        match self.careful_commit(&commit, recorded.as_deref()).await {
             Ok(()) => {
                 self.ddl_txn_ended();
                 txn.sent.end_lsn = commit.end_lsn;
                 txn.sent.commit_time = commit.commit_time;
-                self.expected = commit.end_lsn;
+                if recorded.is_none() {
+                    self.expected = commit.end_lsn;
+                }
+                txn.sent.recorded = recorded;
                 self.acknowledge(&txn.sent, &txn.conflicts);
                 Ok(())
             }

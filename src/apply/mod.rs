@@ -36,6 +36,7 @@
 
 mod careful;
 mod ddl;
+pub mod position;
 pub mod sql;
 mod writers;
 
@@ -75,6 +76,10 @@ pub struct ApplyLimits {
     pub copy_min_rows: usize,
     /// Send encoded statements once this many bytes are waiting.
     pub flush_bytes: usize,
+    /// Every commit is on the target's disk before it is acknowledged (a source that forgets
+    /// what the target applied, as trigger mode deletes its change rows, needs it); else the
+    /// session runs with `synchronous_commit = off` and confirms only flushed progress.
+    pub durable_commits: bool,
 }
 
 impl Default for ApplyLimits {
@@ -86,6 +91,7 @@ impl Default for ApplyLimits {
             insert_batch_rows: 1024,
             copy_min_rows: 64,
             flush_bytes: 256 * 1024,
+            durable_commits: false,
         }
     }
 }
@@ -153,6 +159,8 @@ struct Sent {
     /// Truncated tables (`schema.table`) and how often.
     truncates: HashMap<String, u64>,
     started: Instant,
+    /// A position that is not an LSN (see [`position`]); `None` in stream mode.
+    recorded: Option<Box<position::Recorded>>,
 }
 
 /// The group being encoded (statements sent or buffered, no `Sync` yet).
@@ -253,6 +261,8 @@ pub struct Applier {
     in_ddl_txn: bool,
     /// Apply this source transaction carefully from its start (it holds a schema change).
     careful_xid: Option<u32>,
+    /// The position of the next commit, when it is not an LSN (see [`position`]).
+    next_position: Option<Box<position::Recorded>>,
 }
 
 /// The target session could not be prepared.
@@ -287,10 +297,15 @@ impl Applier {
             .map_err(proto)?
             .map_err(|e| server(target, "reading the role", e))?;
         let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
-        let mut settings = String::from(
+        let mut settings = String::from(if limits.durable_commits {
+            // Every value but `off` flushes the commit locally: keep the server's.
+            "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) \
+              WHERE pg_catalog.current_setting('synchronous_commit') = 'off'; \
+             SET walbridge.skip = 'on'; SET lock_timeout = 0; SET statement_timeout = 0; "
+        } else {
             "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
-             SET lock_timeout = 0; SET statement_timeout = 0; ",
-        );
+             SET lock_timeout = 0; SET statement_timeout = 0; "
+        });
         if superuser {
             // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
             // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
@@ -427,6 +442,7 @@ impl Applier {
                 ddl_prefix,
                 in_ddl_txn: false,
                 careful_xid: None,
+                next_position: None,
             },
             progress,
         ))
@@ -535,6 +551,13 @@ impl Applier {
         if self.open.is_none() && self.group.is_none() {
             self.idle_point = Some((end_lsn, self.expected));
         }
+    }
+
+    /// The position of the next transaction's commit, for a source whose positions are not
+    /// LSNs (trigger mode's change-table cursor): recorded with that transaction's data
+    /// (see [`position`]).
+    pub fn set_next_position(&mut self, recorded: position::Recorded) {
+        self.next_position = Some(Box::new(recorded));
     }
 
     /// Queues a durable-progress query (at most one at a time, never inside a group).
@@ -769,6 +792,7 @@ impl Applier {
                 counts: HashMap::new(),
                 truncates: HashMap::new(),
                 started: open.started,
+                recorded: None,
             };
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
@@ -1109,8 +1133,9 @@ impl Applier {
                 self.source
             )));
         };
+        let recorded = self.next_position.take();
         if self.streaming_careful.is_some() {
-            self.careful_stream_commit(commit).await?;
+            self.careful_stream_commit(commit, recorded).await?;
             return Ok(Outcome::Continue);
         }
         if open.changes == 0 || open.careful {
@@ -1128,6 +1153,7 @@ impl Applier {
             counts: open.counts,
             truncates: open.truncates,
             started: open.started,
+            recorded,
         };
         self.open_group()?.members.push(sent);
         self.maybe_close(more_pending).await
@@ -1209,28 +1235,57 @@ impl Applier {
             return Ok(Outcome::Continue);
         }
         self.flush_batch().await?;
+        // A position that is not an LSN: its statements are parsed while the group is open,
+        // so a failed group forgets them with its other statements.
+        let recorded = self
+            .group
+            .as_ref()
+            .and_then(|g| g.members.last())
+            .and_then(|m| m.recorded.clone());
+        let recorded_names = match &recorded {
+            Some(r) => r
+                .statements
+                .iter()
+                .map(|(sql, _)| self.statement(sql))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         let Some(group) = self.group.take() else {
             return Ok(Outcome::Continue);
         };
         let Some(last) = group.members.last() else {
             return Ok(Outcome::Continue);
         };
-        let name = self.statement(sql::APPLY_FINISH)?;
-        let expected = self.expected.to_string();
-        let end = last.end_lsn.to_string();
         let ts = last.commit_time.to_string();
-        self.enc
-            .execute(
-                &name,
-                [
-                    Some(expected.as_bytes()),
-                    Some(end.as_bytes()),
-                    Some(ts.as_bytes()),
-                ],
-            )
-            .map_err(proto)?;
+        if let Some(recorded) = recorded {
+            // Its rows, then the stamp without progress.
+            for (name, (_, params)) in recorded_names.iter().zip(&recorded.statements) {
+                self.enc
+                    .execute(name, params.iter().map(|p| p.as_deref().map(str::as_bytes)))
+                    .map_err(proto)?;
+            }
+            let name = self.statement(sql::APPLY_FINISH)?;
+            let end = Lsn::ZERO.to_string();
+            self.enc
+                .execute(&name, [None, Some(end.as_bytes()), Some(ts.as_bytes())])
+                .map_err(proto)?;
+        } else {
+            let name = self.statement(sql::APPLY_FINISH)?;
+            let expected = self.expected.to_string();
+            let end = last.end_lsn.to_string();
+            self.enc
+                .execute(
+                    &name,
+                    [
+                        Some(expected.as_bytes()),
+                        Some(end.as_bytes()),
+                        Some(ts.as_bytes()),
+                    ],
+                )
+                .map_err(proto)?;
+            self.expected = last.end_lsn;
+        }
         self.enc.sync();
-        self.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
         self.in_flight
@@ -1544,6 +1599,7 @@ impl Applier {
     /// Sends a buffered transaction again, optimistically, in a group of its own.
     async fn resend(&mut self, sent: Sent) -> Result<(), DirectionError> {
         let items = sent.items.clone().unwrap_or_default();
+        self.next_position = sent.recorded.clone();
         self.open = Some(OpenTxn {
             begin: sent.begin.clone(),
             items: Some(Vec::new()),

@@ -99,6 +99,24 @@ impl TxnBuilder {
         }
     }
 
+    /// Adds a change row of `table` (resolved from its `tabla` by the caller): a schema
+    /// change, or a change checked by [`change::build`]. On error nothing is added: the row is
+    /// dead (echoes are the caller's to drop before).
+    pub fn push_row(
+        &mut self,
+        row: &RawRow,
+        table: Arc<TableInfo>,
+        skip: &[String],
+    ) -> Result<(), RowError> {
+        if super::ddl::is_ddl(row) {
+            self.push_ddl(row);
+            return Ok(());
+        }
+        let op = change::parse_metodo(row.metodo.as_deref().ok_or(RowError::Null("metodo"))?)?;
+        let c = change::build(row, op, table, skip)?;
+        self.push_change(row, &c, skip)
+    }
+
     /// Adds a change built by [`change::build`]; `skip` is the table's
     /// `replication.skip_columns`. On error nothing is added: the row is dead.
     pub fn push_change(

@@ -123,7 +123,9 @@ pub mod mode;
 pub mod sql;
 mod worker;
 
-pub use change::{Op, RowError};
+pub use change::{Op, RawRow, RowError};
 pub use mode::{choose, node_mode, node_modes, CaptureMode, NodeMode};
 pub use sql::{channel, CAPTURE_TRIGGER, NOTIFY_TRIGGER, TRUNCATE_TRIGGER};
-pub use worker::{drain_direction, run_direction, State, FAILPOINT_AFTER_COMMIT};
+pub use worker::{
+    drain_direction, recorded_progress, run_direction, State, FAILPOINT_AFTER_COMMIT,
+};

@@ -1771,6 +1771,46 @@ async fn load_state(client: &Client, source: &str) -> Result<State, tokio_postgr
     })
 }
 
+/// `state` for `source` as the applier's progress seam records it with the data
+/// ([`crate::apply::position`]): the same rows as [`record_progress`], parameters as text.
+pub fn recorded_progress(source: &str, state: &State) -> crate::apply::position::Recorded {
+    let list = |items: Vec<String>| format!("{{{}}}", items.join(","));
+    let hold = state.hold.to_string();
+    crate::apply::position::Recorded {
+        statements: vec![
+            (
+                "INSERT INTO walbridge.trigger_progress (source, last_id, hold_xid, updated_at)
+                 VALUES ($1::text, $2::text::int8, $3::text::xid8, pg_catalog.now())
+                 ON CONFLICT (source) DO UPDATE
+                    SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid,
+                        updated_at = pg_catalog.now()",
+                vec![
+                    Some(source.to_string()),
+                    Some(state.last_id.to_string()),
+                    Some(hold.clone()),
+                ],
+            ),
+            (
+                "DELETE FROM walbridge.trigger_applied
+                  WHERE source = $1::text AND txid < $2::text::xid8",
+                vec![Some(source.to_string()), Some(hold)],
+            ),
+            (
+                "INSERT INTO walbridge.trigger_applied (source, id, txid)
+                 SELECT $1::text, u.id, u.txid::xid8
+                   FROM ROWS FROM (pg_catalog.unnest($2::text::int8[]),
+                                  pg_catalog.unnest($3::text::text[])) AS u(id, txid)
+                 ON CONFLICT (source, id) DO NOTHING",
+                vec![
+                    Some(source.to_string()),
+                    Some(list(state.late.keys().map(i64::to_string).collect())),
+                    Some(list(state.late.values().map(u64::to_string).collect())),
+                ],
+            ),
+        ],
+    }
+}
+
 /// Writes `state` for `source` inside the apply transaction.
 async fn record_progress(
     txn: &tokio_postgres::Transaction<'_>,
