@@ -805,7 +805,7 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
         d.walbridge_ok(&["setup"]);
         d.sql(
             "west",
-            "INSERT INTO users VALUES (5, 'local', NULL, 7, false, NULL)",
+            "INSERT INTO users VALUES (5, 'local', NULL, 7, false, NULL), (7, 'local7', NULL, NULL, NULL, NULL)",
         );
         // Where a stream would resume after a cut-over: must not move.
         d.sql(
@@ -863,6 +863,9 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
     };
     let mut changed_key = row(5, 1002, "UPDATE", r#"{"id": 20, "name": "moved"}"#);
     changed_key.old_key = Some(r#"{"id": 2}"#.into());
+    // Older than west's own version of row 7: a conflict, decided as in stream mode.
+    let mut too_old = row(6, 1003, "UPDATE", "{'id': 7, 'name': 'too old'}");
+    too_old.commit_time = Some(PgTimestamp(0));
     let batches = vec![
         vec![
             row(
@@ -879,7 +882,7 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
             ),
             row(3, 1001, "UPDATE", "{'id': 1, 'name': 'ana maria'}"),
         ],
-        vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key],
+        vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key, too_old],
     ];
     let mut state = State::default();
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -896,8 +899,13 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
                 }
             }
             applier.close_group().await.expect("close");
-            while applier.has_in_flight() {
-                applier.on_reply().await.expect("reply");
+            // As the stream's loop: replies, and redos after a failed group.
+            while !applier.idle() || applier.has_in_flight() {
+                if applier.has_redo() {
+                    applier.redo_one().await.expect("redo");
+                } else {
+                    applier.on_reply().await.expect("reply");
+                }
             }
         }
         applier.finish().await.expect("finish")
@@ -908,15 +916,22 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
     tokio::task::block_in_place(|| {
         assert_eq!(
             d.sql("west", "SELECT string_agg(concat_ws('|', id, name, tags, balance, active, born), ' ' ORDER BY id) FROM users"),
-            "1|ana maria|{a,\"b c\"}|10.50|t|2000-01-02 20|moved|100000000000000000000"
+            "1|ana maria|{a,\"b c\"}|10.50|t|2000-01-02 7|local7 20|moved|100000000000000000000"
         );
         assert_eq!(
             d.sql("west", "SELECT last_id || ' ' || hold_xid FROM walbridge.trigger_progress WHERE source = 'east'"),
-            "5 1000"
+            "6 1000"
+        );
+        assert_eq!(
+            d.sql(
+                "west",
+                "SELECT string_agg(kind || ' ' || resolution, ',') FROM walbridge.conflicts"
+            ),
+            "update_older skipped"
         );
         assert_eq!(
             d.sql("west", "SELECT string_agg(id::text, ',' ORDER BY id) FROM walbridge.trigger_applied WHERE source = 'east'"),
-            "1,2,3,4,5"
+            "1,2,3,4,5,6"
         );
         assert_eq!(
             d.sql(
