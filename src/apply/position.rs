@@ -17,6 +17,11 @@
 //! flight (`ApplyLimits::max_in_flight = 1`). What follows the target's commit is the
 //! source's own hook: stream mode confirms the LSN to the slot, trigger mode deletes the
 //! applied change rows at the source once the applier is idle.
+//!
+//! A transaction with nothing to apply (every change skipped as walbridge's own) records
+//! nothing, as in stream mode it moves no origin: the next transaction's position covers it,
+//! and a source whose last transaction it was records that position itself (trigger mode's
+//! progress-only commit).
 
 /// A source position that is not an LSN, as the statements that record it on the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
