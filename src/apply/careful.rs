@@ -16,7 +16,7 @@ use crate::config::ConflictPolicy;
 use crate::conflict::{self, Action, ConflictKind, Incoming, LocalState, Resolution, Version};
 use crate::direction::DirectionError;
 use crate::event::{Begin, Change, ChangeOp, Commit, OldKind, Truncate, Tuple, Value};
-use crate::lsn::{Lsn, PgTimestamp};
+use crate::lsn::PgTimestamp;
 use crate::protocol::ServerError;
 use crate::telemetry;
 
@@ -86,9 +86,7 @@ impl Applier {
             {
                 Ok(conflicts) => {
                     self.ddl_txn_ended();
-                    if sent.recorded.is_none() {
-                        self.expected = sent.end_lsn;
-                    }
+                    self.expected = sent.end_lsn;
                     self.acknowledge(&sent, &conflicts);
                     return Ok(());
                 }
@@ -152,35 +150,22 @@ impl Applier {
         commit: &Commit,
         recorded: Option<&Recorded>,
     ) -> Result<(), Failed> {
-        let ts = commit.commit_time.to_string();
         if let Some(recorded) = recorded {
-            // A position that is not an LSN (see `super::position`).
-            for (sql, params) in &recorded.statements {
-                let params: Vec<Option<&[u8]>> = params
-                    .iter()
-                    .map(|p| p.as_deref().map(str::as_bytes))
-                    .collect();
-                self.exec(sql, &params).await?;
-            }
-            let end = Lsn::ZERO.to_string();
-            self.exec(
-                sql::APPLY_FINISH,
-                &[None, Some(end.as_bytes()), Some(ts.as_bytes())],
-            )
-            .await?;
-        } else {
-            let expected = self.committed.to_string();
-            let end = commit.end_lsn.to_string();
-            self.exec(
-                sql::APPLY_FINISH,
-                &[
-                    Some(expected.as_bytes()),
-                    Some(end.as_bytes()),
-                    Some(ts.as_bytes()),
-                ],
-            )
-            .await?;
+            // A position that is not an LSN: its rows first (see `super::position`).
+            self.exec_recorded(recorded).await?;
         }
+        let (expected, end) =
+            super::position::finish_lsns(recorded.is_some(), self.committed, commit.end_lsn);
+        let ts = commit.commit_time.to_string();
+        self.exec(
+            sql::APPLY_FINISH,
+            &[
+                expected.as_deref().map(str::as_bytes),
+                Some(end.as_bytes()),
+                Some(ts.as_bytes()),
+            ],
+        )
+        .await?;
         self.exec("COMMIT", &[]).await?;
         Ok(())
     }
@@ -255,9 +240,7 @@ impl Applier {
                 self.ddl_txn_ended();
                 txn.sent.end_lsn = commit.end_lsn;
                 txn.sent.commit_time = commit.commit_time;
-                if recorded.is_none() {
-                    self.expected = commit.end_lsn;
-                }
+                self.expected = commit.end_lsn;
                 txn.sent.recorded = recorded;
                 self.acknowledge(&txn.sent, &txn.conflicts);
                 Ok(())

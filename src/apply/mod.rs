@@ -1235,57 +1235,29 @@ impl Applier {
             return Ok(Outcome::Continue);
         }
         self.flush_batch().await?;
-        // A position that is not an LSN: its statements are parsed while the group is open,
-        // so a failed group forgets them with its other statements.
-        let recorded = self
-            .group
-            .as_ref()
-            .and_then(|g| g.members.last())
-            .and_then(|m| m.recorded.clone());
-        let recorded_names = match &recorded {
-            Some(r) => r
-                .statements
-                .iter()
-                .map(|(sql, _)| self.statement(sql))
-                .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
+        // A position that is not an LSN: its rows first (see `position`).
+        let recorded = self.encode_recorded()?;
         let Some(group) = self.group.take() else {
             return Ok(Outcome::Continue);
         };
         let Some(last) = group.members.last() else {
             return Ok(Outcome::Continue);
         };
+        let name = self.statement(sql::APPLY_FINISH)?;
+        let (expected, end) = position::finish_lsns(recorded, self.expected, last.end_lsn);
         let ts = last.commit_time.to_string();
-        if let Some(recorded) = recorded {
-            // Its rows, then the stamp without progress.
-            for (name, (_, params)) in recorded_names.iter().zip(&recorded.statements) {
-                self.enc
-                    .execute(name, params.iter().map(|p| p.as_deref().map(str::as_bytes)))
-                    .map_err(proto)?;
-            }
-            let name = self.statement(sql::APPLY_FINISH)?;
-            let end = Lsn::ZERO.to_string();
-            self.enc
-                .execute(&name, [None, Some(end.as_bytes()), Some(ts.as_bytes())])
-                .map_err(proto)?;
-        } else {
-            let name = self.statement(sql::APPLY_FINISH)?;
-            let expected = self.expected.to_string();
-            let end = last.end_lsn.to_string();
-            self.enc
-                .execute(
-                    &name,
-                    [
-                        Some(expected.as_bytes()),
-                        Some(end.as_bytes()),
-                        Some(ts.as_bytes()),
-                    ],
-                )
-                .map_err(proto)?;
-            self.expected = last.end_lsn;
-        }
+        self.enc
+            .execute(
+                &name,
+                [
+                    expected.as_deref().map(str::as_bytes),
+                    Some(end.as_bytes()),
+                    Some(ts.as_bytes()),
+                ],
+            )
+            .map_err(proto)?;
         self.enc.sync();
+        self.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
         self.in_flight
