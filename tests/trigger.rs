@@ -885,13 +885,14 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
         vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key, too_old],
     ];
     let mut state = State::default();
+    let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
     tokio::time::timeout(Duration::from_secs(60), async {
         for batch in batches {
-            let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
+            builder.set_read_at(PgTimestamp::now());
             for r in &batch {
                 builder.push_row(r, users.clone(), &[]).expect("a good row");
             }
-            for txn in builder.finish() {
+            for txn in builder.take() {
                 state = state.advance(&txn.rows, 1000, false).0;
                 applier.set_next_position(recorded_progress("east", &state));
                 for event in txn.events {

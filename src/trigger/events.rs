@@ -68,7 +68,9 @@ pub struct SourceTxn {
     pub rows: Vec<(i64, Option<u64>)>,
 }
 
-/// Turns a batch's change rows, in id order, into source transactions.
+/// Turns batches of change rows, in id order, into source transactions. One builder serves a
+/// direction for as long as its applier lives: a table is described (`Relation`) when its
+/// columns change, not in every batch, so the applier keeps its statements.
 pub struct TxnBuilder {
     ddl_prefix: String,
     read_at: PgTimestamp,
@@ -86,9 +88,9 @@ struct Open {
 }
 
 impl TxnBuilder {
-    /// A builder for one batch: `slot_prefix` names the schema-change messages
-    /// (`<slot_prefix>_ddl`, as in stream mode), `read_at` is the time of a row whose commit
-    /// time is unknown.
+    /// A builder: `slot_prefix` names the schema-change messages (`<slot_prefix>_ddl`, as in
+    /// stream mode); `read_at` is the time of a row whose commit time is unknown (the batch
+    /// was read then; see [`TxnBuilder::take`]).
     pub fn new(slot_prefix: &str, read_at: PgTimestamp) -> Self {
         TxnBuilder {
             ddl_prefix: format!("{slot_prefix}_ddl"),
@@ -97,6 +99,17 @@ impl TxnBuilder {
             open: None,
             done: Vec::new(),
         }
+    }
+
+    /// The next batch's read time (see [`TxnBuilder::new`]).
+    pub fn set_read_at(&mut self, read_at: PgTimestamp) {
+        self.read_at = read_at;
+    }
+
+    /// Describes every table again before its next change (the applier was restarted, so
+    /// it knows none).
+    pub fn forget_relations(&mut self) {
+        self.sent.clear();
     }
 
     /// Adds a change row of `table` (resolved from its `tabla` by the caller): a schema
@@ -212,10 +225,10 @@ impl TxnBuilder {
             }));
     }
 
-    /// The source transactions, in id order.
-    pub fn finish(mut self) -> Vec<SourceTxn> {
+    /// The batch's source transactions, in id order; the builder is ready for the next batch.
+    pub fn take(&mut self) -> Vec<SourceTxn> {
         self.close();
-        self.done
+        std::mem::take(&mut self.done)
     }
 
     /// The relation to use, shared with the last one sent when it is the same.
@@ -452,7 +465,7 @@ mod tests {
         let mut legacy = row(4, None, "DELETE", "{'id': 2}");
         legacy.created_at = None;
         push(&mut b, &legacy).unwrap();
-        let txns = b.finish();
+        let txns = b.take();
         assert_eq!(txns.len(), 3);
         assert_eq!(txns[0].rows, vec![(1, Some(900)), (2, Some(900))]);
         assert_eq!(txns[1].rows, vec![(3, Some(905))]);
@@ -483,7 +496,7 @@ mod tests {
         let mut b = TxnBuilder::new("wb", PgTimestamp(0));
         push(&mut b, &row(1, Some(9), "INSERT", r#"{"name": "a"}"#)).unwrap();
         push(&mut b, &row(2, Some(9), "UPDATE", "{'id': 3, 'name': 'b'}")).unwrap();
-        let txns = b.finish();
+        let txns = b.take();
         let c = changes(&txns[0]);
         let names = |c: &Change| -> Vec<String> {
             c.relation.columns.iter().map(|c| c.name.clone()).collect()
@@ -527,7 +540,7 @@ mod tests {
             &row(2, Some(9), "DELETE", r#"{"id": 2, "name": "x"}"#),
         )
         .unwrap();
-        let txns = b.finish();
+        let txns = b.take();
         let c = changes(&txns[0]);
         let key_of = |c: &Change| c.old.as_ref().map(|o| (o.kind, o.tuple.0[0].clone()));
         assert_eq!(key_of(c[0]), Some((OldKind::Key, text("1"))));
@@ -557,7 +570,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let txns = b.finish();
+        let txns = b.take();
         let c = changes(&txns[0]);
         assert_eq!(
             c[0].new,
@@ -583,7 +596,7 @@ mod tests {
         );
         b.push_ddl(&ddl);
         push(&mut b, &row(3, Some(11), "TRUNCATE", "")).unwrap();
-        let txns = b.finish();
+        let txns = b.take();
         assert_eq!(txns.len(), 3);
         match &txns[1].events[1] {
             Event::Message(m) => {
@@ -616,5 +629,27 @@ mod tests {
             matches!(e, RowError::Value { ref column, .. } if column == "nope"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_table_is_described_again_only_when_its_columns_change_or_the_applier_restarts() {
+        let mut b = TxnBuilder::new("wb", PgTimestamp(0));
+        let relations = |txns: &[SourceTxn]| {
+            txns.iter()
+                .flat_map(|t| &t.events)
+                .filter(|e| matches!(e, Event::Relation(_)))
+                .count()
+        };
+        push(
+            &mut b,
+            &row(1, Some(9), "UPDATE", r#"{"id": 1, "name": "a"}"#),
+        )
+        .unwrap();
+        assert_eq!(relations(&b.take()), 1);
+        push(&mut b, &row(2, Some(10), "DELETE", r#"{"id": 1}"#)).unwrap();
+        assert_eq!(relations(&b.take()), 0, "the next batch, same table");
+        b.forget_relations();
+        push(&mut b, &row(3, Some(11), "DELETE", r#"{"id": 2}"#)).unwrap();
+        assert_eq!(relations(&b.take()), 1);
     }
 }
