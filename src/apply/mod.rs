@@ -98,6 +98,9 @@ impl Default for ApplyLimits {
 
 /// How a replicated table is applied.
 struct TableState {
+    /// The description it was mapped from: a change described otherwise (one buffered
+    /// before a new `Relation`, sent again after a failure) needs its own mapping.
+    relation: Arc<Relation>,
     map: TableMap,
     label: String,
     policy: ConflictPolicy,
@@ -603,7 +606,9 @@ impl Applier {
 
     async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
         if let Some(t) = self.tables.get(&relation.oid) {
-            return Ok(t.clone());
+            if Arc::ptr_eq(&t.relation, relation) || t.relation == *relation {
+                return Ok(t.clone());
+            }
         }
         let info = if self.in_ddl_txn {
             self.table_info_in_txn(&relation.schema, &relation.table)
@@ -669,6 +674,7 @@ impl Applier {
             max_row_bytes: self.config.replication.conflict_max_row_bytes,
         });
         let state = Arc::new(TableState {
+            relation: relation.clone(),
             label: relation.qualified_name(),
             overwritable: self.writers.overwritable(policy, &self.source),
             by_time: policy != ConflictPolicy::NodePriority,
@@ -719,7 +725,15 @@ impl Applier {
                 return Ok(outcome);
             }
             Event::Relation(rel) => {
-                // The table changed (or the stream re-describes it): map it again.
+                // The table changed (or the stream re-describes it): map it again, after the
+                // inserts buffered under its old description are encoded with it.
+                if self
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| g.batch_table == Some(rel.oid))
+                {
+                    self.flush_batch().await?;
+                }
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
             }

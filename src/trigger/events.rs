@@ -26,7 +26,11 @@
 //!   more dead row ([`TxnBuilder::push_change`] returns the error and pushes nothing).
 //! - **JSON values** go through the stream's converter,
 //!   [`crate::decode::wal2json::json_column_value`] with PostgreSQL's `to_json` rendering
-//!   (legacy Python literals are JSON once parsed, see [`super::legacy`]).
+//!   (legacy Python literals are JSON once parsed, see [`super::legacy`]). The values equal
+//!   what the worker's `json_populate_record` writes, type for type
+//!   (`trigger::the_worker_and_the_event_path_write_the_same_values`), except a `json`
+//!   column's text: the worker's goes through `jsonb` (its spacing, keys sorted), this keeps
+//!   the row's compact JSON (key order kept).
 //! - **Partial updates** (a legacy row that names only some columns): the columns it does not
 //!   name are [`Value::UnchangedToast`], which the applier's UPDATE leaves as they are, and
 //!   which makes the change an incomplete row for [`crate::conflict::decide`] (it cannot
