@@ -1111,3 +1111,42 @@ async fn the_worker_and_the_event_path_write_the_same_values() {
         assert_eq!(rows_of("kinds_b"), by_worker);
     });
 }
+
+/// One echo rule for both modes: a stream-mode apply session names its source in
+/// `walbridge.origin`, as the trigger worker's does, so a change-logging trigger that still
+/// fires for applied rows (an old script's, where walbridge may not set
+/// `session_replication_role`) logs them with `origin_node` set and they are never sent back.
+#[test]
+fn a_stream_apply_session_names_its_source_for_change_logging_triggers() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!("{SCHEMA} CREATE TABLE public.seen (origin text);"),
+        "tables = [\"public.users\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    // Fires for applied rows too (as an ordinary trigger does without the replica role).
+    d.sql(
+        "west",
+        "CREATE FUNCTION public.log_origin() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.seen VALUES (coalesce(current_setting('walbridge.origin', true), '<unset>'));
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER log_origin AFTER INSERT ON public.users
+             FOR EACH ROW EXECUTE FUNCTION public.log_origin();
+         ALTER TABLE public.users ENABLE ALWAYS TRIGGER log_origin;",
+    );
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) VALUES (1, 'from east')",
+    );
+    d.replicate_once("run.log");
+    assert_eq!(
+        d.sql("west", "SELECT name FROM users WHERE id = 1"),
+        "from east"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT string_agg(origin, ',') FROM seen"),
+        "east"
+    );
+}

@@ -314,6 +314,12 @@ impl Applier {
             // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
             settings.push_str("SET session_replication_role = replica; ");
         }
+        // The source, for change-logging triggers that fire anyway (trigger mode's change
+        // table defaults `origin_node` to it): what they log is an echo, never sent back.
+        settings.push_str(&format!(
+            "SELECT pg_catalog.set_config('walbridge.origin', {}, false); ",
+            catalog::quote_literal(source)
+        ));
         settings.push_str(&format!(
             "SELECT pg_catalog.pg_replication_origin_session_setup({});",
             catalog::quote_literal(&origin)
