@@ -33,25 +33,24 @@
 -- (walbridge's own tables outside its schema, [schema, table]).
 CREATE OR REPLACE FUNCTION walbridge.is_replicated(sch name, tab name) RETURNS boolean
 LANGUAGE sql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+    -- The lists that name the table: include and exclude by pattern, reserved exactly.
+    WITH naming AS (
+        SELECT s.name
+          FROM walbridge.settings s,
+               pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
+         WHERE s.name OPERATOR(pg_catalog.=)
+                   ANY ('{tables_include,tables_exclude,tables_reserved}'::text[])
+           AND CASE WHEN s.name OPERATOR(pg_catalog.=) 'tables_reserved'
+                    THEN sch::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 0)
+                     AND tab::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 1)
+                    ELSE sch::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 0)
+                     AND tab::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 1)
+               END)
     SELECT sch OPERATOR(pg_catalog.<>) 'walbridge'
-       AND EXISTS (SELECT 1
-                     FROM walbridge.settings s,
-                          pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
-                    WHERE s.name OPERATOR(pg_catalog.=) 'tables_include'
-                      AND sch::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 0)
-                      AND tab::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 1))
-       AND NOT EXISTS (SELECT 1
-                         FROM walbridge.settings s,
-                              pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
-                        WHERE s.name OPERATOR(pg_catalog.=) 'tables_exclude'
-                          AND sch::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 0)
-                          AND tab::text OPERATOR(pg_catalog.~~) (p.v OPERATOR(pg_catalog.->>) 1))
-       AND NOT EXISTS (SELECT 1
-                         FROM walbridge.settings s,
-                              pg_catalog.jsonb_array_elements(s.value::jsonb) AS p(v)
-                        WHERE s.name OPERATOR(pg_catalog.=) 'tables_reserved'
-                          AND sch::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 0)
-                          AND tab::text OPERATOR(pg_catalog.=) (p.v OPERATOR(pg_catalog.->>) 1))
+       AND EXISTS (SELECT 1 FROM naming n
+                    WHERE n.name OPERATOR(pg_catalog.=) 'tables_include')
+       AND NOT EXISTS (SELECT 1 FROM naming n
+                        WHERE n.name OPERATOR(pg_catalog.<>) 'tables_include')
 $$;
 REVOKE ALL ON FUNCTION walbridge.is_replicated(name, name) FROM PUBLIC;
 

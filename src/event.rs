@@ -45,6 +45,26 @@ pub enum Event {
     Truncate(Truncate),
     /// A `pg_logical_emit_message` record.
     Message(LogicalMessage),
+    /// A block of a large transaction streamed while still in progress (pgoutput protocol 2,
+    /// `streaming 'on'`) starts; its changes follow until [`Event::StreamStop`]. Blocks of one
+    /// transaction may be separated by blocks of others and by whole ordinary transactions.
+    StreamStart(StreamStart),
+    /// The streamed block ends.
+    StreamStop,
+    /// Inside a streamed block: the changes that follow (up to the next one of these or the
+    /// block's end) belong to this (sub)transaction xid. Only sent when it changes; a block
+    /// starts with the top-level xid.
+    Subtransaction(u32),
+    /// A streamed transaction committed; nothing of it follows.
+    StreamCommit(StreamCommit),
+    /// A streamed (sub)transaction rolled back: `subxid == xid` discards the whole
+    /// transaction, another `subxid` only that subtransaction's changes (and its children's).
+    StreamAbort {
+        /// The top-level transaction.
+        xid: u32,
+        /// The (sub)transaction that rolled back.
+        subxid: u32,
+    },
 }
 
 impl Event {
@@ -59,6 +79,11 @@ impl Event {
             Event::Change(c) => c.op.as_str(),
             Event::Truncate(_) => "truncate",
             Event::Message(_) => "message",
+            Event::StreamStart(_) => "stream_start",
+            Event::StreamStop => "stream_stop",
+            Event::Subtransaction(_) => "subtransaction",
+            Event::StreamCommit(_) => "stream_commit",
+            Event::StreamAbort { .. } => "stream_abort",
         }
     }
 }
@@ -77,6 +102,28 @@ pub struct Begin {
     /// or its session opted out with `walbridge.skip_session()`): set by the framer from the
     /// Origin message; `None` from the decoders and for a local transaction.
     pub origin: Option<Origin>,
+}
+
+/// Start of a block of a streamed in-progress transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The top-level transaction id on the source.
+    pub xid: u32,
+    /// The transaction's first block in this replication session (its earlier changes, if
+    /// any were streamed in an earlier session, come again from the start).
+    pub first_segment: bool,
+    /// The replication origin the transaction was written under: set by the framer from the
+    /// Origin message that follows the first block's start (like [`Begin::origin`]).
+    pub origin: Option<Origin>,
+}
+
+/// A streamed transaction committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamCommit {
+    /// The top-level transaction id.
+    pub xid: u32,
+    /// Its commit, as for an ordinary transaction.
+    pub commit: Commit,
 }
 
 /// End of a transaction.

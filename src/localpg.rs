@@ -25,6 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod shared;
+pub use shared::{SharedCluster, IDLE_SECONDS};
+
 /// A local cluster could not be created, started or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalPgError {
@@ -96,7 +99,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Loc
 }
 
 /// How to set up a cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Hash)]
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` lines (`name = value`), appended after walbridge's defaults.
     pub conf: Vec<String>,
@@ -151,6 +154,9 @@ pub struct LocalCluster {
     port: u16,
     run_as_postgres: bool,
     running: bool,
+    /// Stopped and deleted on drop; false for a handle on a [`SharedCluster`]'s server,
+    /// which outlives this process.
+    owned: bool,
     keep: bool,
     /// `postgres`'s password for TCP logins (with `tcp_password`).
     password: Option<String>,
@@ -160,6 +166,13 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Creates and starts a cluster with `wal_level = logical` and `track_commit_timestamp = on`.
     pub fn start(options: &ClusterOptions) -> Result<Self, LocalPgError> {
+        let base = make_temp_dir("walbridge-pg-")?;
+        Self::start_in(base, options)
+    }
+
+    /// As [`LocalCluster::start`] in the empty directory `base` (private, 0700), which the
+    /// cluster owns from then on: a failed start removes it.
+    fn start_in(base: PathBuf, options: &ClusterOptions) -> Result<Self, LocalPgError> {
         let bin = bin_dir()?;
         let run_as_postgres = is_root();
         let owner = if run_as_postgres {
@@ -169,9 +182,13 @@ impl LocalCluster {
         };
         let major = server_major(&bin)?;
         let plugin_allowlist = has_setting(&bin, "output_plugin_libraries");
-        let template = ensure_template(&bin, major, owner)?;
-
-        let base = make_temp_dir("walbridge-pg-")?;
+        let template = match ensure_template(&bin, major, owner) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&base);
+                return Err(e);
+            }
+        };
         if let Some((uid, gid)) = owner {
             chown(&base, uid, gid)?;
         }
@@ -186,6 +203,7 @@ impl LocalCluster {
             port: 0,
             run_as_postgres,
             running: false,
+            owned: true,
             keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
             password: None,
             server_env: options.server_env.clone(),
@@ -241,6 +259,7 @@ impl LocalCluster {
             port: 0,
             run_as_postgres: primary.run_as_postgres,
             running: false,
+            owned: true,
             keep: std::env::var_os("WALBRIDGE_KEEP_CLUSTERS").is_some(),
             password: None,
             server_env: options.server_env.clone(),
@@ -592,6 +611,9 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if self.running {
             let _ = self.stop(StopMode::Immediate);
         }

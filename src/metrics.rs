@@ -50,6 +50,8 @@ pub mod names {
     pub const CLOCK_SKEW: &str = "walbridge_clock_skew_seconds";
     /// Last-write-wins conflicts decided by less than the measured clock skew.
     pub const CONFLICTS_AMBIGUOUS: &str = "walbridge_conflicts_ambiguous_total";
+    /// Changes kept in `walbridge.parked` on the target until its schema fits.
+    pub const PARKED_CHANGES: &str = "walbridge_parked_changes";
 }
 
 /// Every metric walbridge exports, in one registry.
@@ -92,6 +94,8 @@ pub struct Metrics {
     pub clock_skew: GaugeVec,
     /// `walbridge_conflicts_ambiguous_total{source,target}`.
     pub conflicts_ambiguous: IntCounterVec,
+    /// `walbridge_parked_changes{source,target,table}`.
+    pub parked_changes: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -242,6 +246,11 @@ impl Metrics {
             "Last-write-wins conflicts decided by a commit-time difference smaller than the measured clock skew between the writers.",
             &["source", "target"],
         );
+        let parked_changes = int_gauge(
+            PARKED_CHANGES,
+            "Changes of the table kept in walbridge.parked on the target (replication.on_schema_mismatch = park) until the target's schema fits.",
+            &["source", "target", "table"],
+        );
         Metrics {
             registry,
             changes_applied,
@@ -262,6 +271,7 @@ impl Metrics {
             trigger_dead_rows,
             clock_skew,
             conflicts_ambiguous,
+            parked_changes,
         }
     }
 

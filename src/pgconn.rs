@@ -970,6 +970,46 @@ fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
     }
 }
 
+/// Connecting to, or a statement on, one named node failed: the per-node error of the
+/// one-shot commands (`verify`, `skip`), which wrap it as their own variant.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node could not be reached.
+    #[error("node {node}: {source}")]
+    Connect {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// A statement failed on the node.
+    #[error("node {node}: {what}: {}", pg_message(source))]
+    Sql {
+        /// The node.
+        node: String,
+        /// What was being done.
+        what: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl NodeError {
+    /// Maps a failed statement on `node` while doing `what` (for `map_err`).
+    pub fn sql(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let (node, what) = (node.to_string(), what.to_string());
+        move |source| NodeError::Sql { node, what, source }
+    }
+
+    /// Maps a failed connection to `node` (for `map_err`).
+    pub fn connect(node: &str) -> impl FnOnce(ConnectError) -> Self {
+        let node = node.to_string();
+        move |source| NodeError::Connect { node, source }
+    }
+}
+
 /// Whether retrying may help after a statement failed: by the SQLSTATE when the server sent
 /// one ([`sqlstate_is_transient`]), else (connection closed, I/O failure, timeout) yes.
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {

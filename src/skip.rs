@@ -45,26 +45,9 @@ pub enum SkipError {
     /// The request does not fit the direction's state; nothing was changed.
     #[error("refused: {0}; nothing was changed")]
     Refused(String),
-    /// A node could not be reached.
-    #[error("node {node}: {source}")]
-    Connect {
-        /// The node.
-        node: String,
-        /// Why.
-        #[source]
-        source: pgconn::ConnectError,
-    },
-    /// A statement failed on a node.
-    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// A node could not be reached, or a statement on it failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// The slot sent something the decoder cannot read.
     #[error("node {node}: decoding slot {slot}: {detail}")]
     Decode {
@@ -78,8 +61,8 @@ pub enum SkipError {
 }
 
 fn sql_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> SkipError {
-    let (node, what) = (node.to_string(), what.to_string());
-    move |source| SkipError::Sql { node, what, source }
+    let sql = pgconn::NodeError::sql(node, what);
+    move |source| SkipError::Node(sql(source))
 }
 
 /// What was skipped.
@@ -134,16 +117,10 @@ pub async fn skip(
     };
     let src = pgconn::connect(&s_node.dsn, "walbridge-skip")
         .await
-        .map_err(|e| SkipError::Connect {
-            node: source.to_string(),
-            source: e,
-        })?;
+        .map_err(pgconn::NodeError::connect(source))?;
     let tgt = pgconn::connect(&t_node.dsn, "walbridge-skip")
         .await
-        .map_err(|e| SkipError::Connect {
-            node: target.to_string(),
-            source: e,
-        })?;
+        .map_err(pgconn::NodeError::connect(target))?;
     check_capture(config, source, &src).await?;
 
     // 1. The direction stopped on this very transaction, and the target is not past it.
@@ -283,6 +260,12 @@ async fn peek_transaction(
             .map_err(|e| decode_err(e.to_string()))?;
         let Some(event) = event else { continue };
         match event {
+            // Read with protocol version 1: no streamed transactions.
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => {}
             Event::Begin(b) => open = Some((b.xid, false, Vec::new())),
             Event::Origin(_) => {
                 if let Some(o) = open.as_mut() {

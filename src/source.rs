@@ -50,8 +50,11 @@ use crate::lsn::Lsn;
 use crate::pgconn;
 use crate::protocol::{
     self, CreatedSlot, DriverFuture, Feedback, ProtocolError, ReplicationClient, ReplicationStream,
-    SnapshotAction, StreamConfig, StreamItem,
+    SnapshotAction, StreamConfig, StreamItem, XLogData,
 };
+
+mod spill;
+use spill::{Replay, Routed, Spill};
 
 /// What to stream.
 #[derive(Clone, Debug)]
@@ -91,6 +94,14 @@ pub struct SourceOptions {
     /// source drops them whole (their change messages undecoded), yielding
     /// [`SourceItem::Echo`] for each.
     pub drop_echo: bool,
+    /// pgoutput: ask for large transactions while they are still in progress (protocol
+    /// version 2, `streaming 'on'`): their blocks arrive as [`Event::StreamStart`] ...
+    /// [`Event::StreamCommit`] / [`Event::StreamAbort`]. Ignored with wal2json.
+    pub stream_in_progress: bool,
+    /// Streamed transactions (xids) to keep on disk until they commit and then pass on as
+    /// one ordinary transaction (see `spill`): those the applier could not keep open because
+    /// other transactions interleaved with them.
+    pub spill: Vec<u32>,
 }
 
 /// The source could not be started or read.
@@ -143,6 +154,18 @@ pub enum SourceError {
         /// `schema.table.column`.
         columns: Vec<String>,
     },
+    /// A streamed transaction could not be kept on (or read back from) local disk.
+    #[error(
+        "keeping a streamed transaction of node {node} in a temporary file failed (is $TMPDIR \
+         full or unwritable?): {source}"
+    )]
+    Spill {
+        /// The node.
+        node: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The slot does not exist.
     #[error(
         "replication slot {slot} does not exist on {node}; run walbridge setup (if {node} is a \
@@ -176,6 +199,8 @@ impl SourceError {
             SourceError::Connect(e) => e.is_transient(),
             SourceError::Sql(e) => pgconn::is_transient(e),
             SourceError::Catalog(e) => pgconn::is_transient(&e.0),
+            // Disk space may come back; the transaction is streamed again from its start.
+            SourceError::Spill { .. } => true,
             SourceError::Decode { .. }
             | SourceError::NoSlot { .. }
             | SourceError::SlotLost { .. }
@@ -211,6 +236,12 @@ pub struct Source {
     refuse_lossy: Option<BTreeMap<QualifiedName, Vec<String>>>,
     /// The node, for errors.
     node: String,
+    /// Protocol version 2 with `streaming 'on'` was asked for.
+    streaming: bool,
+    /// Streamed transactions kept on disk until they commit.
+    spill: Spill,
+    /// A spilled transaction being replayed, with the position of its Stream Commit.
+    replay: Option<(Replay, Lsn)>,
 }
 
 /// The first server version whose pgoutput takes `origin 'none'`.
@@ -242,8 +273,11 @@ pub enum SourceItem {
 /// `START_REPLICATION` options for pgoutput; `origin_none` asks the server (16+) to leave out
 /// every transaction that carries a replication origin.
 fn pgoutput_options(opts: &SourceOptions, origin_none: bool) -> Vec<(String, String)> {
+    // Protocol version 2 adds in-progress streaming (3 would add two-phase, 4 parallel
+    // streaming; walbridge uses neither).
+    let proto = if opts.stream_in_progress { "2" } else { "1" };
     let mut v = vec![
-        ("proto_version".to_string(), "1".to_string()),
+        ("proto_version".to_string(), proto.to_string()),
         (
             "publication_names".to_string(),
             quote_ident(&opts.publication),
@@ -254,6 +288,9 @@ fn pgoutput_options(opts: &SourceOptions, origin_none: bool) -> Vec<(String, Str
     }
     if origin_none {
         v.push(("origin".to_string(), "none".to_string()));
+    }
+    if opts.stream_in_progress {
+        v.push(("streaming".to_string(), "on".to_string()));
     }
     v
 }
@@ -381,6 +418,8 @@ impl Source {
             }
         };
         let mut numeric_as_string = opts.plugin == Plugin::Wal2Json;
+        let streaming = opts.plugin == Plugin::PgOutput && opts.stream_in_progress;
+        let spill = Spill::new(opts.spill.iter().copied());
         let mut retried = false;
         let (stream, feedback, driver, created, server_echo_filter) = loop {
             let mut client = protocol::connect_replication(dsn, &opts.application_name).await?;
@@ -479,6 +518,9 @@ impl Source {
                 selection: opts.selection,
                 refuse_lossy: opts.refuse_lossy.filter(|_| !numeric_as_string),
                 node: dsn.describe(),
+                streaming,
+                spill,
+                replay: None,
             },
             driver,
             created,
@@ -493,7 +535,7 @@ impl Source {
 
     /// Whether more is already received and waiting (decoded or not).
     pub fn has_queued(&self) -> bool {
-        !self.pending.is_empty() || self.stream.queued() > 0
+        !self.pending.is_empty() || self.replay.is_some() || self.stream.queued() > 0
     }
 
     /// Progress shared with the stream driver: confirm applied positions here.
@@ -521,12 +563,39 @@ impl Source {
 
     /// The next raw stream item if one is already waiting (never waits).
     pub fn try_recv(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
+        if let Some(item) = self.replayed() {
+            return Some(item);
+        }
         self.stream.try_recv()
     }
 
     /// The next raw stream item; cancel-safe. `None` when the stream ended cleanly.
     pub async fn recv(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
+        if let Some(item) = self.replayed() {
+            return Some(item);
+        }
         self.stream.recv().await
+    }
+
+    /// The next message of a spilled transaction being replayed (see `spill`), as if the
+    /// server had sent it; read errors end the stream with an error.
+    fn replayed(&mut self) -> Option<Result<StreamItem, ProtocolError>> {
+        let (replay, at) = self.replay.as_mut()?;
+        let at = *at;
+        match replay.next() {
+            Ok(Some(data)) => Some(Ok(StreamItem::XLogData(XLogData::replayed(at, data)))),
+            Ok(None) => {
+                self.replay = None;
+                None
+            }
+            Err(e) => {
+                self.replay = None;
+                Some(Err(ProtocolError::protocol(
+                    &self.node,
+                    format!("reading back a spilled streamed transaction: {e}"),
+                )))
+            }
+        }
     }
 
     /// Decodes one raw item into zero or more framed items (wal2json may look up the
@@ -552,14 +621,28 @@ impl Source {
                 {
                     return Ok(Vec::new());
                 }
-                let decoded =
-                    d.decode(data.wal_start, &data.data)
-                        .map_err(|e| SourceError::Decode {
-                            plugin: "pgoutput",
-                            lsn: data.wal_start,
-                            source: e.into(),
-                        })?;
-                events.extend(decoded);
+                let failed = |e: crate::decode::pgoutput::PgOutputError| SourceError::Decode {
+                    plugin: "pgoutput",
+                    lsn: data.wal_start,
+                    source: e.into(),
+                };
+                if self.streaming {
+                    d.decode_streaming(data.wal_start, &data.data, &mut events)
+                        .map_err(failed)?;
+                    if !self.spill.is_empty() {
+                        let routed = self.spill.route(&data.data, std::mem::take(&mut events));
+                        match routed.map_err(|source| SourceError::Spill {
+                            node: self.node.clone(),
+                            source,
+                        })? {
+                            Routed::Pass(passed) => events = passed,
+                            Routed::Kept => {}
+                            Routed::Replay(replay) => self.replay = Some((replay, data.wal_start)),
+                        }
+                    }
+                } else {
+                    events.extend(d.decode(data.wal_start, &data.data).map_err(failed)?);
+                }
             }
             Decoder::Wal2Json(d) => {
                 let mut retried = false;

@@ -108,6 +108,8 @@ struct NodeLook {
     /// (source, target) -> the error a direction into this node stopped on, as `run` recorded
     /// it in `walbridge.stopped` (see [`crate::skip`]).
     stops: HashMap<(String, String), String>,
+    /// (source, target) -> `schema.table` -> changes parked in `walbridge.parked` on this node.
+    parked: HashMap<(String, String), std::collections::BTreeMap<String, i64>>,
     /// `server_version_num`, when the node answered.
     version: Option<i64>,
 }
@@ -299,11 +301,30 @@ async fn look(config: &Config, node: &NodeConfig) -> NodeLook {
             }
         }
     }
+    let mut parked: HashMap<(String, String), std::collections::BTreeMap<String, i64>> =
+        HashMap::new();
+    if let Some(c) = &client {
+        let query = c.query(
+            "SELECT source, target, schema_name || '.' || table_name, count(*) \
+             FROM walbridge.parked GROUP BY 1, 2, 3",
+            &[],
+        );
+        // Before setup (or set up by an older version) the table does not exist: none parked.
+        if let Ok(Ok(rows)) = tokio::time::timeout(monitor::PROBE_TIMEOUT, query).await {
+            for r in rows {
+                parked
+                    .entry((r.get(0), r.get(1)))
+                    .or_default()
+                    .insert(r.get(2), r.get(3));
+            }
+        }
+    }
     NodeLook {
         probe,
         origins,
         owners,
         stops,
+        parked,
         version,
     }
 }
@@ -394,10 +415,16 @@ fn merge_directions(
                 .get(t)
                 .and_then(|l| l.owners.as_ref())
                 .map(|o| o.get(&(s.to_string(), t.to_string())).cloned());
+            let parked = looks
+                .get(t)
+                .and_then(|l| l.parked.get(&(s.to_string(), t.to_string())))
+                .cloned()
+                .unwrap_or_default();
             let live_dir =
                 live.and_then(|l| l.directions.iter().find(|x| x.source == s && x.target == t));
             if let Some(live_dir) = live_dir {
                 let mut out = live_dir.clone();
+                out.parked = parked;
                 out.applied_lsn = applied.or(out.applied_lsn);
                 if let Some(owner) = owner {
                     out.owner = owner;
@@ -416,6 +443,7 @@ fn merge_directions(
                 out.slot = Some(slot_name.clone());
             }
             out.origin = Some(origin_name);
+            out.parked = parked;
             out.owner = owner.flatten();
             out.applied_lsn = applied;
             out.confirmed_lsn = slot.and_then(|x| x.confirmed_flush_lsn);
@@ -687,6 +715,14 @@ pub fn render_text(report: &StatusReport) -> String {
     for d in &report.directions {
         if let Some(e) = &d.last_error {
             let _ = writeln!(out, "{} -> {}: {e}", d.source, d.target);
+        }
+        for (table, n) in &d.parked {
+            let _ = writeln!(
+                out,
+                "{} -> {}: {table}: {n} changes parked on {} until its schema fits \
+                 (walbridge.parked)",
+                d.source, d.target, d.target
+            );
         }
     }
     if !report.warnings.is_empty() {

@@ -263,6 +263,8 @@ pub async fn tail(
         messages: true,
         application_name,
         drop_echo: false,
+        stream_in_progress: false,
+        spill: Vec::new(),
         stream: StreamConfig {
             cancel: stream_cancel.clone(),
             ..StreamConfig::default()
@@ -598,6 +600,12 @@ impl Renderer {
             Event::Change(c) => self.change_line(c, wal_start, out),
             Event::Truncate(t) => self.truncate_line(t, out),
             Event::Message(m) => self.message_line(m, out),
+            // `tail` reads protocol version 1: no streamed transactions.
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => {}
         }
     }
 

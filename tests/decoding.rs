@@ -23,47 +23,66 @@ const PUBLICATION: &str = "decoding_pub";
 /// Prefix of the marker message that ends every workload.
 const END: &str = "walbridge-test-end";
 
-/// A cluster with `schema`, a publication of all tables and one slot per plugin, created
-/// before any workload so that the slots see all of it.
-fn prepared(schema: &str) -> LocalCluster {
-    let c = cluster();
-    c.psql("postgres", schema).expect("create the schema");
+/// A database of its own (on the run's shared server) with `schema`, a publication of all
+/// tables and one slot per plugin, created before any workload so that the slots see all of
+/// it. The replication origin `test_origin` of the SQL becomes one named after the database
+/// ([`origin_name`]): origins, like slots, are the server's, not the database's.
+fn prepared(schema: &str) -> TestDb {
+    let c = TestDb::new();
+    c.psql(&own_names(&c, schema)).expect("create the schema");
     // One statement per psql call: a slot cannot be created in a transaction that wrote.
     let mut statements = vec![
         format!("CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES"),
-        "SELECT pg_create_logical_replication_slot('s_pgoutput', 'pgoutput')".into(),
+        format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            slot_name(&c, Plugin::PgOutput)
+        ),
     ];
     if wal2json_installed() {
-        statements
-            .push("SELECT pg_create_logical_replication_slot('s_wal2json', 'wal2json')".into());
+        statements.push(format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'wal2json')",
+            slot_name(&c, Plugin::Wal2Json)
+        ));
     }
     for sql in statements {
-        c.psql("postgres", &sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c.psql(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     c
 }
 
+/// The test's slot for `plugin`.
+fn slot_name(c: &TestDb, plugin: Plugin) -> String {
+    format!("{}_{plugin}", c.name())
+}
+
+/// The test's replication origin (written `test_origin` in the scenarios' SQL).
+fn origin_name(c: &TestDb) -> String {
+    format!("{}_origin", c.name())
+}
+
+fn own_names(c: &TestDb, sql: &str) -> String {
+    sql.replace("test_origin", &origin_name(c))
+}
+
 /// Runs each transaction of `workload` in its own psql call, then the end marker.
-fn run_workload(c: &LocalCluster, workload: &[&str]) {
+fn run_workload(c: &TestDb, workload: &[&str]) {
     for sql in workload {
-        c.psql("postgres", sql)
+        c.psql(&own_names(c, sql))
             .unwrap_or_else(|e| panic!("workload failed: {e}\n{sql}"));
     }
-    c.psql(
-        "postgres",
-        &format!("SELECT pg_logical_emit_message(false, '{END}', '')"),
-    )
+    c.psql(&format!(
+        "SELECT pg_logical_emit_message(false, '{END}', '')"
+    ))
     .expect("end marker");
 }
 
 /// Decodes the plugin's slot up to the end marker.
-async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
-    let dsn = Dsn::parse(&c.dsn("postgres")).expect("dsn");
+async fn decode(c: &TestDb, plugin: Plugin) -> Vec<Event> {
+    let dsn = Dsn::parse(&c.dsn()).expect("dsn");
     let cancel = CancellationToken::new();
     let opts = SourceOptions {
         plugin,
-        slot: format!("s_{plugin}"),
+        slot: slot_name(c, plugin),
         publication: PUBLICATION.into(),
         start: Lsn::ZERO,
         tables: Vec::new(),
@@ -73,6 +92,8 @@ async fn decode(c: &LocalCluster, plugin: Plugin) -> Vec<Event> {
         messages: true,
         application_name: "walbridge-test".into(),
         drop_echo: false,
+        stream_in_progress: false,
+        spill: Vec::new(),
         stream: StreamConfig {
             cancel: cancel.clone(),
             ..StreamConfig::default()
@@ -121,6 +142,11 @@ fn check_framing(plugin: Plugin, events: &[Event]) {
             Event::Origin(_) => {
                 panic!("{plugin}: an origin event at {i}, not folded into its begin")
             }
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => panic!("{plugin}: a streamed event at {i}"),
             Event::Commit(c) => {
                 let b = open.take().expect("commit without begin");
                 assert_eq!(c.commit_lsn, b.final_lsn, "{plugin}: commit LSN at {i}");
@@ -185,6 +211,11 @@ fn summary(events: &[Event]) -> Vec<Json> {
                 out.push(j);
             }
             Event::Origin(_) => panic!("an origin event, not folded into its begin"),
+            Event::StreamStart(_)
+            | Event::StreamStop
+            | Event::Subtransaction(_)
+            | Event::StreamCommit(_)
+            | Event::StreamAbort { .. } => panic!("a streamed event (not asked for)"),
             Event::Commit(_) => out.push(json!({"op": "commit"})),
             Event::Relation(_) | Event::Type(_) => {}
             Event::Change(c) => {
@@ -284,7 +315,7 @@ fn relation_of<'a>(events: &'a [Event], table: &str) -> &'a walbridge::event::Re
 /// The column descriptions match the catalog: names in attribute order (generated ones left
 /// out), type OIDs, type modifiers, and key flags on `keys`.
 fn check_relation(
-    c: &LocalCluster,
+    c: &TestDb,
     events: &[Event],
     table: &str,
     identity: ReplicaIdentity,
@@ -294,14 +325,11 @@ fn check_relation(
     assert_eq!(rel.replica_identity, identity, "{table}");
     let (schema, name) = table.split_once('.').expect("schema.table");
     let catalog = c
-        .psql(
-            "postgres",
-            &format!(
-                "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) \
-                 FROM pg_attribute WHERE attrelid = format('%I.%I', '{schema}', '{name}')::regclass \
-                 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''"
-            ),
-        )
+        .psql(&format!(
+            "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) \
+             FROM pg_attribute WHERE attrelid = format('%I.%I', '{schema}', '{name}')::regclass \
+             AND attnum > 0 AND NOT attisdropped AND attgenerated = ''"
+        ))
         .expect("catalog");
     let described: Vec<String> = rel
         .columns
@@ -492,15 +520,11 @@ async fn toast(plugin: Plugin) {
     let c = prepared(TOAST_SCHEMA);
     let workload = toast_workload();
     let sql: Vec<&str> = workload.iter().map(String::as_str).collect();
-    c.psql("postgres", sql[0]).expect("insert the big value");
+    c.psql(sql[0]).expect("insert the big value");
     // Stored as is (not compressed) and out of line.
-    let stored = c
-        .psql("postgres", "SELECT pg_column_size(big) FROM toasty")
-        .unwrap();
+    let stored = c.psql("SELECT pg_column_size(big) FROM toasty").unwrap();
     assert!(stored.parse::<u32>().unwrap() >= 102_400, "stored {stored}");
-    let big = c
-        .psql("postgres", "SELECT big FROM toasty WHERE id = 1")
-        .unwrap();
+    let big = c.psql("SELECT big FROM toasty WHERE id = 1").unwrap();
     assert_eq!(big.len(), 102_400);
     run_workload(&c, &sql[1..]);
     let events = decode(&c, plugin).await;
@@ -704,7 +728,7 @@ const MISC_WORKLOAD: &[&str] = &[
      INSERT INTO \"order\" VALUES (9); COMMIT;",
 ];
 
-fn misc_expected(plugin: Plugin) -> Vec<Json> {
+fn misc_expected(plugin: Plugin, origin: &str) -> Vec<Json> {
     let o = "public.order";
     let m = "Mixed Case.Table With Space";
     vec![
@@ -759,7 +783,7 @@ fn misc_expected(plugin: Plugin) -> Vec<Json> {
         insert(o, json!({"id": "8"})),
         commit(),
         json!({"op": "message", "transactional": false, "prefix": "app", "content": "outside"}),
-        json!({"op": "begin", "origin": "test_origin"}),
+        json!({"op": "begin", "origin": origin}),
         insert(o, json!({"id": "9"})),
         commit(),
     ]
@@ -769,7 +793,11 @@ async fn misc(plugin: Plugin) {
     let c = prepared(MISC_SCHEMA);
     run_workload(&c, MISC_WORKLOAD);
     let events = decode(&c, plugin).await;
-    assert_events(plugin, &summary(&events), &misc_expected(plugin));
+    assert_events(
+        plugin,
+        &summary(&events),
+        &misc_expected(plugin, &origin_name(&c)),
+    );
     check_relation(&c, &events, "public.gen", ReplicaIdentity::Default, &["id"]);
     check_relation(
         &c,

@@ -28,6 +28,13 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
 
+/// `walbridge why --node NODE --table TABLE --key KEY --json`, parsed.
+fn why_json(d: &Deployment, node: &str, table: &str, key: &str) -> Value {
+    json(&d.walbridge_ok(&[
+        "why", "--node", node, "--table", table, "--key", key, "--json",
+    ]))
+}
+
 #[test]
 fn conflicts_lists_every_nodes_journal_newest_last() {
     let d = update_update_conflict();
@@ -101,16 +108,7 @@ fn conflicts_lists_every_nodes_journal_newest_last() {
 #[test]
 fn why_explains_a_row_field_by_field() {
     let d = update_update_conflict();
-    let out = json(&d.walbridge_ok(&[
-        "why",
-        "--node",
-        "a",
-        "--table",
-        "public.items",
-        "--key",
-        r#"{"id": 1}"#,
-        "--json",
-    ]));
+    let out = why_json(&d, "a", "public.items", r#"{"id": 1}"#);
     assert_eq!(out["node"], "a");
     assert_eq!(out["table"], "public.items");
     assert_eq!(out["key"]["id"], 1);
@@ -157,30 +155,12 @@ fn why_explains_a_row_field_by_field() {
     );
 
     // A row without conflicts, written by a: no conflicts, a wrote it.
-    let two = json(&d.walbridge_ok(&[
-        "why",
-        "--node",
-        "b",
-        "--table",
-        "public.items",
-        "--key",
-        r#"{"id": 2}"#,
-        "--json",
-    ]));
+    let two = why_json(&d, "b", "public.items", r#"{"id": 2}"#);
     assert_eq!(two["current"]["written_by"], "a");
     assert_eq!(two["others"][0]["written_by"], "a");
     assert_eq!(two["conflicts"].as_array().map(Vec::len), Some(0));
     // A missing row.
-    let gone = json(&d.walbridge_ok(&[
-        "why",
-        "--node",
-        "a",
-        "--table",
-        "public.items",
-        "--key",
-        r#"{"id": 99}"#,
-        "--json",
-    ]));
+    let gone = why_json(&d, "a", "public.items", r#"{"id": 99}"#);
     assert_eq!(gone["current"]["exists"], false);
     // Text form names the versions and the conflict.
     let text = d.walbridge_ok(&[
@@ -333,8 +313,7 @@ fn clock_skew_of_a_node_300_ms_ahead_is_measured_within_20_ms() {
         clusters,
     );
     let port = d.enable_metrics();
-    d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let _run = d.setup_and_run();
     let skew = |node: &str, text: &str| {
         metric_sum(text, "walbridge_clock_skew_seconds", &[("node", node)])
     };
@@ -377,8 +356,7 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
         vec![cluster(), ahead],
     );
     let port = d.enable_metrics();
-    d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let _run = d.setup_and_run();
     let mut last = String::new();
     let measured = wait_until(std::time::Duration::from_secs(30), || {
         last = std::net::TcpStream::connect(("127.0.0.1", port))
@@ -388,12 +366,40 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
     });
     assert!(measured, "no skew measured:\n{last}");
 
-    d.sql("a", "INSERT INTO items VALUES (1, 'seed')");
-    d.wait_for("c", "SELECT v FROM items WHERE id = 1", "seed");
-    d.sql("c", "UPDATE items SET v = 'from c' WHERE id = 1");
-    d.wait_for("a", "SELECT v FROM items WHERE id = 1", "from c");
-    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 1");
-    d.wait_for("c", "SELECT count(*) FROM walbridge.conflicts", "1");
+    // c edits a seeded row, a edits it again once it has seen that: the n-th conflict.
+    let race = |id: u32, n: u32| {
+        d.sql("a", &format!("INSERT INTO items VALUES ({id}, 'seed')"));
+        d.wait_for("c", &format!("SELECT v FROM items WHERE id = {id}"), "seed");
+        d.sql(
+            "c",
+            &format!("UPDATE items SET v = 'from c' WHERE id = {id}"),
+        );
+        d.wait_for(
+            "a",
+            &format!("SELECT v FROM items WHERE id = {id}"),
+            "from c",
+        );
+        d.sql(
+            "a",
+            &format!("UPDATE items SET v = 'from a' WHERE id = {id}"),
+        );
+        d.wait_for(
+            "c",
+            "SELECT count(*) FROM walbridge.conflicts",
+            &n.to_string(),
+        );
+    };
+    let counted = |n: f64, last: &mut String| {
+        wait_until(std::time::Duration::from_secs(10), || {
+            *last = scrape(port);
+            metric_sum(
+                last,
+                "walbridge_conflicts_ambiguous_total",
+                &[("source", "a"), ("target", "c")],
+            ) == n
+        })
+    };
+    race(1, 1);
     assert_eq!(
         d.sql(
             "c",
@@ -401,27 +407,17 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
         ),
         "update_older skipped a true"
     );
-    let flagged = wait_until(std::time::Duration::from_secs(10), || {
-        last = scrape(port);
-        metric_sum(
-            &last,
-            "walbridge_conflicts_ambiguous_total",
-            &[("source", "a"), ("target", "c")],
-        ) == 1.0
-    });
-    assert!(flagged, "ambiguous conflict not counted:\n{last}");
+    assert!(
+        counted(1.0, &mut last),
+        "ambiguous conflict not counted:\n{last}"
+    );
     // `walbridge conflicts` shows it.
     let out = json(&d.walbridge_ok(&["conflicts", "--json"]));
     assert_eq!(out["conflicts"][0]["ambiguous"], true);
 
     // The table is contended now: the same race on another key is settled by the set-based
     // statement, which flags and counts it the same way.
-    d.sql("a", "INSERT INTO items VALUES (2, 'seed')");
-    d.wait_for("c", "SELECT v FROM items WHERE id = 2", "seed");
-    d.sql("c", "UPDATE items SET v = 'from c' WHERE id = 2");
-    d.wait_for("a", "SELECT v FROM items WHERE id = 2", "from c");
-    d.sql("a", "UPDATE items SET v = 'from a' WHERE id = 2");
-    d.wait_for("c", "SELECT count(*) FROM walbridge.conflicts", "2");
+    race(2, 2);
     assert_eq!(
         d.sql(
             "c",
@@ -430,15 +426,10 @@ fn lww_decision_closer_than_the_clock_skew_is_flagged_ambiguous() {
         ),
         "update_older skipped a true c {a,c}"
     );
-    let flagged = wait_until(std::time::Duration::from_secs(10), || {
-        last = scrape(port);
-        metric_sum(
-            &last,
-            "walbridge_conflicts_ambiguous_total",
-            &[("source", "a"), ("target", "c")],
-        ) == 2.0
-    });
-    assert!(flagged, "set-based ambiguous conflict not counted:\n{last}");
+    assert!(
+        counted(2.0, &mut last),
+        "set-based ambiguous conflict not counted:\n{last}"
+    );
 }
 
 /// Every journal row of `node` with the facts replay needs, one line each, oldest first:
@@ -581,16 +572,7 @@ fn journal_keeps_commit_lsn_policy_version_and_facts_under_each_policy() {
     assert_eq!(list[1]["source_lsn"], lsns[1].as_str());
 
     // `why` on a for ranked: b wrote it, and the conflict on b with its rule.
-    let why = json(&d.walbridge_ok(&[
-        "why",
-        "--node",
-        "a",
-        "--table",
-        "public.ranked",
-        "--key",
-        r#"{"id": 1}"#,
-        "--json",
-    ]));
+    let why = why_json(&d, "a", "public.ranked", r#"{"id": 1}"#);
     assert_eq!(why["policy"], "node_priority");
     assert_eq!(why["current"]["written_by"], "b");
     assert_eq!(
@@ -705,16 +687,7 @@ fn forged_tie_is_broken_by_priority_on_both_nodes_and_journaled_as_a_tie() {
         ),
         "t"
     );
-    let why = json(&d.walbridge_ok(&[
-        "why",
-        "--node",
-        "b",
-        "--table",
-        "public.items",
-        "--key",
-        r#"{"id": 1}"#,
-        "--json",
-    ]));
+    let why = why_json(&d, "b", "public.items", r#"{"id": 1}"#);
     assert_eq!(why["current"]["written_by"], "a");
     assert_eq!(why["others"][0]["written_by"], "a");
     let c = &why["conflicts"][0];

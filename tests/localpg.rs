@@ -46,3 +46,66 @@ fn cluster_runs_the_server_version_asked_for() {
     // The server-only packages bring no psql; the Debian client talks to them.
     assert!(c.client_tool("psql").unwrap().is_file());
 }
+
+/// A shared server is found again by the next process (here: the next acquire), survives
+/// its users' databases, is stopped and deleted by its reaper once idle, and a server killed
+/// under it is replaced by a fresh one.
+#[test]
+fn shared_cluster_is_reused_then_reaped_when_idle_and_replaced_when_dead() {
+    use walbridge::localpg::{SharedCluster, IDLE_SECONDS};
+    // A server of this test's own name: the run's other tests use "default".
+    let name = format!("selftest{}", std::process::id());
+    let options = ClusterOptions::default();
+    let first = SharedCluster::acquire(&name, &options).expect("shared cluster");
+    let server = first.base_dir().to_path_buf();
+    let pid_file = first.data_dir().join("postmaster.pid");
+    let port = first.port();
+    first.create_database("kept").unwrap();
+    // Its server is not this handle's: dropping the handle leaves it running.
+    drop(first);
+    let again = SharedCluster::acquire(&name, &options).expect("shared cluster");
+    assert_eq!(again.port(), port, "the running server was not found again");
+    assert_eq!(
+        again
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM pg_database WHERE datname = 'kept'"
+            )
+            .unwrap(),
+        "1"
+    );
+
+    // Killed under its users: the next acquire starts a fresh one.
+    let postmaster: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: kill with a pid read from the server's own pid file.
+    unsafe {
+        libc::kill(postmaster, libc::SIGKILL);
+    }
+    drop(again);
+    let fresh = SharedCluster::acquire(&name, &options).expect("shared cluster");
+    assert_eq!(
+        fresh
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM pg_database WHERE datname = 'kept'"
+            )
+            .unwrap(),
+        "0",
+        "the dead server's data was reused"
+    );
+
+    // Idle: the reaper stops the server and deletes its directory.
+    drop(fresh);
+    let reaped = wait_until(
+        std::time::Duration::from_secs(u64::from(IDLE_SECONDS) + 30),
+        || !server.exists(),
+    );
+    assert!(reaped, "{server:?} still there after its last user left");
+    let _ = std::fs::remove_dir_all(server.parent().expect("run directory"));
+}

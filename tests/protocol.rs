@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use walbridge::dsn::Dsn;
-use walbridge::localpg::{ClusterOptions, LocalCluster};
+use walbridge::localpg::ClusterOptions;
 use walbridge::lsn::Lsn;
 use walbridge::pgconn;
 use walbridge::protocol::{
@@ -34,62 +34,94 @@ where
 }
 
 /// psql from async code without stalling the runtime's other tasks.
-fn psql(c: &LocalCluster, sql: &str) -> String {
-    tokio::task::block_in_place(|| c.psql("postgres", sql)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+fn psql(c: &TestDb, sql: &str) -> String {
+    tokio::task::block_in_place(|| c.psql(sql)).unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-fn dsn(c: &LocalCluster) -> Dsn {
-    Dsn::parse(&c.dsn("postgres")).unwrap()
+fn dsn(c: &TestDb) -> Dsn {
+    Dsn::parse(&c.dsn()).unwrap()
 }
 
-async fn replication(c: &LocalCluster) -> ReplicationClient {
+/// The test's slot called `name`: slots are the server's, and the server may be shared.
+fn slot(c: &TestDb, name: &str) -> String {
+    format!("{}_{name}", c.name())
+}
+
+async fn replication(c: &TestDb) -> ReplicationClient {
     protocol::connect_replication(&dsn(c), "walbridge-test")
         .await
         .expect("replication connection")
 }
 
-/// A cluster whose pg_hba asks each test user for a different password method; `postgres`
-/// stays trusted for psql.
-fn auth_cluster() -> LocalCluster {
+/// A database on the shared server whose pg_hba asks the members of three groups for a
+/// different password method each (`postgres` stays trusted for psql), with one user per
+/// method named after the database: [`AuthUsers`].
+fn auth_db() -> (TestDb, AuthUsers) {
     let hba = "host all postgres 127.0.0.1/32 trust\n\
-               host all pw_user 127.0.0.1/32 password\n\
-               host all md5_user 127.0.0.1/32 md5\n\
-               host replication md5_user 127.0.0.1/32 md5\n\
-               host all scram_user 127.0.0.1/32 scram-sha-256\n\
-               host replication scram_user 127.0.0.1/32 scram-sha-256\n";
-    let c = LocalCluster::start(&ClusterOptions {
-        hba: Some(hba.into()),
-        ..ClusterOptions::default()
-    })
-    .expect("start cluster");
-    c.psql(
-        "postgres",
+               host all +auth_password 127.0.0.1/32 password\n\
+               host all +auth_md5 127.0.0.1/32 md5\n\
+               host replication +auth_md5 127.0.0.1/32 md5\n\
+               host all +auth_scram 127.0.0.1/32 scram-sha-256\n\
+               host replication +auth_scram 127.0.0.1/32 scram-sha-256\n";
+    let c = TestDb::on(
+        "auth",
+        &ClusterOptions {
+            hba: Some(hba.into()),
+            ..ClusterOptions::default()
+        },
+    );
+    // The groups are the server's: created by whichever test comes first (tests run at the
+    // same time, so a concurrent creation counts as done).
+    for group in ["auth_password", "auth_md5", "auth_scram"] {
+        c.psql(&format!(
+            "DO $$ BEGIN CREATE ROLE {group} NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .unwrap();
+    }
+    let users = AuthUsers {
+        password: format!("{}_pw", c.name()),
+        md5: format!("{}_md5", c.name()),
+        scram: format!("{}_scram", c.name()),
+    };
+    c.psql(&format!(
         "SET password_encryption = 'md5'; \
-         CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5 secret'; \
-         CREATE ROLE pw_user LOGIN PASSWORD 'plain secret'; \
+         CREATE ROLE {md5} LOGIN REPLICATION PASSWORD 'md5 secret' IN ROLE auth_md5; \
+         CREATE ROLE {pw} LOGIN PASSWORD 'plain secret' IN ROLE auth_password; \
          SET password_encryption = 'scram-sha-256'; \
-         CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram sécret';",
-    )
+         CREATE ROLE {scram} LOGIN REPLICATION PASSWORD 'scram sécret' IN ROLE auth_scram;",
+        md5 = users.md5,
+        pw = users.password,
+        scram = users.scram,
+    ))
     .unwrap();
     assert!(c
-        .psql(
-            "postgres",
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'md5_user'"
-        )
+        .psql(&format!(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = '{}'",
+            users.md5
+        ))
         .unwrap()
         .starts_with("md5"));
-    c
+    (c, users)
 }
 
-fn user_dsn(c: &LocalCluster, user: &str, password: &str) -> Dsn {
+/// The login users of [`auth_db`], one per password method.
+struct AuthUsers {
+    password: String,
+    md5: String,
+    scram: String,
+}
+
+fn user_dsn(c: &TestDb, user: &str, password: &str) -> Dsn {
     Dsn::parse(&format!(
-        "host=127.0.0.1 port={} user={user} password='{password}' dbname=postgres sslmode=disable",
-        c.port()
+        "host=127.0.0.1 port={} user={user} password='{password}' dbname={} sslmode=disable",
+        c.cluster().port(),
+        c.name()
     ))
     .unwrap()
 }
 
-async fn assert_login(c: &LocalCluster, user: &str, password: &str, replication: bool) {
+async fn assert_login(c: &TestDb, user: &str, password: &str, replication: bool) {
     let d = user_dsn(c, user, password);
     let mut conn = protocol::connect(
         &d,
@@ -113,7 +145,7 @@ async fn assert_login(c: &LocalCluster, user: &str, password: &str, replication:
     }
 }
 
-async fn assert_wrong_password_rejected(c: &LocalCluster, user: &str) {
+async fn assert_wrong_password_rejected(c: &TestDb, user: &str) {
     let d = user_dsn(c, user, "not-the-password");
     let e = protocol::connect(&d, ConnectOptions::default())
         .await
@@ -140,7 +172,7 @@ async fn assert_wrong_password_rejected(c: &LocalCluster, user: &str) {
 
 #[tokio::test]
 async fn trust_login_sets_unambiguous_session_settings() {
-    let c = cluster();
+    let c = TestDb::new();
     let mut conn = protocol::connect(&dsn(&c), ConnectOptions::default())
         .await
         .unwrap();
@@ -192,31 +224,31 @@ async fn trust_login_sets_unambiguous_session_settings() {
 
 #[tokio::test]
 async fn cleartext_password_login() {
-    let c = auth_cluster();
-    assert_login(&c, "pw_user", "plain secret", false).await;
-    assert_wrong_password_rejected(&c, "pw_user").await;
+    let (c, users) = auth_db();
+    assert_login(&c, &users.password, "plain secret", false).await;
+    assert_wrong_password_rejected(&c, &users.password).await;
 }
 
 #[tokio::test]
 async fn md5_login() {
-    let c = auth_cluster();
-    assert_login(&c, "md5_user", "md5 secret", false).await;
-    assert_login(&c, "md5_user", "md5 secret", true).await;
-    assert_wrong_password_rejected(&c, "md5_user").await;
+    let (c, users) = auth_db();
+    assert_login(&c, &users.md5, "md5 secret", false).await;
+    assert_login(&c, &users.md5, "md5 secret", true).await;
+    assert_wrong_password_rejected(&c, &users.md5).await;
 }
 
 #[tokio::test]
 async fn scram_sha_256_login() {
-    let c = auth_cluster();
-    assert_login(&c, "scram_user", "scram sécret", false).await;
-    assert_login(&c, "scram_user", "scram sécret", true).await;
-    assert_wrong_password_rejected(&c, "scram_user").await;
+    let (c, users) = auth_db();
+    assert_login(&c, &users.scram, "scram sécret", false).await;
+    assert_login(&c, &users.scram, "scram sécret", true).await;
+    assert_wrong_password_rejected(&c, &users.scram).await;
 }
 
 #[tokio::test]
 async fn missing_password_says_where_to_put_it() {
-    let c = auth_cluster();
-    let mut d = user_dsn(&c, "scram_user", "x");
+    let (c, users) = auth_db();
+    let mut d = user_dsn(&c, &users.scram, "x");
     d.password = None;
     let e = protocol::connect(&d, ConnectOptions::default())
         .await
@@ -245,11 +277,12 @@ async fn refused_connection_is_transient_and_names_the_node() {
 
 #[tokio::test]
 async fn unix_socket_login() {
-    let c = cluster();
+    let c = TestDb::new();
     let d = Dsn::parse(&format!(
-        "host={} port={} user=postgres dbname=postgres sslmode=require",
-        c.base_dir().display(),
-        c.port()
+        "host={} port={} user=postgres dbname={} sslmode=require",
+        c.cluster().base_dir().display(),
+        c.cluster().port(),
+        c.name()
     ))
     .unwrap();
     // sslmode does not apply to Unix sockets, as in libpq.
@@ -266,11 +299,11 @@ async fn unix_socket_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_system_reports_the_cluster() {
-    let c = cluster();
+    let c = TestDb::new();
     let mut r = replication(&c).await;
     let id = r.identify_system().await.unwrap();
     assert_eq!(id.timeline, 1);
-    assert_eq!(id.dbname.as_deref(), Some("postgres"));
+    assert_eq!(id.dbname.as_deref(), Some(c.name()));
     assert!(!id.xlogpos.is_zero());
     assert!(
         id.systemid.chars().all(|ch| ch.is_ascii_digit()),
@@ -291,39 +324,45 @@ async fn create_and_drop_slots() {
     if !wal2json_available() {
         return;
     }
-    let c = cluster();
+    let c = TestDb::new();
+    let (perm, temp) = (slot(&c, "perm"), slot(&c, "temp"));
     let mut r = replication(&c).await;
-    let slot = r
-        .create_logical_slot("perm_slot", "pgoutput", false, SnapshotAction::Export)
+    let created = r
+        .create_logical_slot(&perm, "pgoutput", false, SnapshotAction::Export)
         .await
         .unwrap();
-    assert_eq!(slot.slot_name, "perm_slot");
-    assert_eq!(slot.plugin, "pgoutput");
-    assert!(!slot.consistent_point.is_zero());
-    assert!(slot.snapshot_name.is_some());
-    let temp = r
-        .create_logical_slot("temp_slot", "wal2json", true, SnapshotAction::NoExport)
+    assert_eq!(created.slot_name, perm);
+    assert_eq!(created.plugin, "pgoutput");
+    assert!(!created.consistent_point.is_zero());
+    assert!(created.snapshot_name.is_some());
+    let temporary = r
+        .create_logical_slot(&temp, "wal2json", true, SnapshotAction::NoExport)
         .await
         .unwrap();
-    assert_eq!(temp.snapshot_name, None);
+    assert_eq!(temporary.snapshot_name, None);
+    // This database's slots (the server may be shared with other tests).
     let listed = psql(
         &c,
-        "SELECT slot_name || ':' || temporary FROM pg_replication_slots ORDER BY 1",
+        "SELECT slot_name || ':' || temporary FROM pg_replication_slots \
+         WHERE database = current_database() ORDER BY 1",
     );
-    assert_eq!(listed, "perm_slot:false\ntemp_slot:true");
+    assert_eq!(listed, format!("{perm}:false\n{temp}:true"));
     // Creating it again is a definite error.
     let e = r
-        .create_logical_slot("perm_slot", "pgoutput", false, SnapshotAction::NoExport)
+        .create_logical_slot(&perm, "pgoutput", false, SnapshotAction::NoExport)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("42710"));
     assert!(!e.is_transient());
-    r.drop_slot("perm_slot", false).await.unwrap();
+    r.drop_slot(&perm, false).await.unwrap();
     drop(r);
     // The temporary slot goes with its session.
     assert!(
         wait_for(WAIT, || async {
-            psql(&c, "SELECT count(*) FROM pg_replication_slots") == "0"
+            psql(
+                &c,
+                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            ) == "0"
         })
         .await
     );
@@ -331,7 +370,7 @@ async fn create_and_drop_slots() {
 
 #[tokio::test]
 async fn missing_slot_is_a_definite_error() {
-    let c = cluster();
+    let c = TestDb::new();
     let r = replication(&c).await;
     let Err(e) = r
         .start_logical("no_such_slot", Lsn::ZERO, &[], StreamConfig::default())
@@ -398,13 +437,14 @@ fn is_commit(data: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgoutput_stream_delivers_a_transaction() {
-    let c = cluster();
+    let c = TestDb::new();
+    let s = slot(&c, "s");
     psql(
         &c,
         "CREATE TABLE t (id int primary key, v text); CREATE PUBLICATION p FOR TABLE t",
     );
     let mut r = replication(&c).await;
-    r.create_logical_slot("s", "pgoutput", true, SnapshotAction::NoExport)
+    r.create_logical_slot(&s, "pgoutput", true, SnapshotAction::NoExport)
         .await
         .unwrap();
     let opts = vec![
@@ -412,7 +452,7 @@ async fn pgoutput_stream_delivers_a_transaction() {
         ("publication_names".to_string(), "p".to_string()),
     ];
     let (mut stream, _feedback, driver) = r
-        .start_logical("s", Lsn::ZERO, &opts, StreamConfig::default())
+        .start_logical(&s, Lsn::ZERO, &opts, StreamConfig::default())
         .await
         .unwrap();
     let driver = tokio::spawn(driver);
@@ -433,7 +473,10 @@ async fn stalled_consumer_is_kept_alive_by_status_updates() {
     if !wal2json_available() {
         return;
     }
-    let c = cluster_with(&["wal_sender_timeout = '2s'"]);
+    let c = TestDb::private(&ClusterOptions {
+        conf: vec!["wal_sender_timeout = '2s'".into()],
+        ..ClusterOptions::default()
+    });
     psql(&c, "CREATE TABLE t (id int primary key, v text)");
     let mut r = replication(&c).await;
     r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
@@ -484,10 +527,11 @@ async fn byte_budget_bounds_buffered_memory() {
     if !wal2json_available() {
         return;
     }
-    let c = cluster();
+    let c = TestDb::new();
+    let s = slot(&c, "s");
     psql(&c, "CREATE TABLE t (id int primary key, v text)");
     let mut r = replication(&c).await;
-    r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
+    r.create_logical_slot(&s, "wal2json", true, SnapshotAction::NoExport)
         .await
         .unwrap();
     let budget = 1 << 20;
@@ -497,7 +541,7 @@ async fn byte_budget_bounds_buffered_memory() {
         ..StreamConfig::default()
     };
     let (mut stream, feedback, driver) = r
-        .start_logical("s", Lsn::ZERO, &wal2json_options(), config)
+        .start_logical(&s, Lsn::ZERO, &wal2json_options(), config)
         .await
         .unwrap();
     let driver = tokio::spawn(driver);
@@ -536,16 +580,17 @@ async fn cancellation_stops_cleanly_and_releases_the_slot() {
     if !wal2json_available() {
         return;
     }
-    let c = cluster();
+    let c = TestDb::new();
+    let s = slot(&c, "s");
     psql(&c, "CREATE TABLE t (id int primary key)");
     let mut r = replication(&c).await;
-    r.create_logical_slot("s", "wal2json", false, SnapshotAction::NoExport)
+    r.create_logical_slot(&s, "wal2json", false, SnapshotAction::NoExport)
         .await
         .unwrap();
     let config = StreamConfig::default();
     let cancel = config.cancel.clone();
     let (mut stream, _feedback, driver) = r
-        .start_logical("s", Lsn::ZERO, &wal2json_options(), config)
+        .start_logical(&s, Lsn::ZERO, &wal2json_options(), config)
         .await
         .unwrap();
     let driver = tokio::spawn(driver);
@@ -554,7 +599,7 @@ async fn cancellation_stops_cleanly_and_releases_the_slot() {
     let active = || async {
         psql(
             &c,
-            "SELECT active FROM pg_replication_slots WHERE slot_name = 's'",
+            &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{s}'"),
         )
     };
     assert_eq!(active().await, "t");
@@ -573,11 +618,12 @@ async fn cancellation_stops_cleanly_and_releases_the_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_lsn_reaches_the_slot() {
-    let c = cluster();
+    let c = TestDb::new();
+    let s = slot(&c, "s");
     psql(&c, "CREATE TABLE t (id int primary key)");
     let mut r = replication(&c).await;
     let created = r
-        .create_logical_slot("s", "pgoutput", false, SnapshotAction::NoExport)
+        .create_logical_slot(&s, "pgoutput", false, SnapshotAction::NoExport)
         .await
         .unwrap();
     psql(&c, "CREATE PUBLICATION p FOR TABLE t");
@@ -587,7 +633,7 @@ async fn confirmed_lsn_reaches_the_slot() {
     ];
     let (mut stream, feedback, driver) = r
         .start_logical(
-            "s",
+            &s,
             Lsn::ZERO,
             &opts,
             StreamConfig {
@@ -610,11 +656,14 @@ async fn confirmed_lsn_reaches_the_slot() {
     assert_eq!(feedback.confirmed(), end_lsn);
     feedback.request_now();
     let confirmed = || async {
-        let s = psql(
+        psql(
             &c,
-            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 's'",
-        );
-        s.parse::<Lsn>().unwrap_or(Lsn::ZERO)
+            &format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{s}'"
+            ),
+        )
+        .parse::<Lsn>()
+        .unwrap_or(Lsn::ZERO)
     };
     assert!(
         wait_for(WAIT, || async { confirmed().await >= end_lsn }).await,
@@ -630,8 +679,12 @@ async fn server_shutdown_surfaces_a_transient_error() {
     if !wal2json_available() {
         return;
     }
+    // Stops its server: a cluster of its own.
     let mut c = cluster();
-    let mut r = replication(&c).await;
+    let mut r =
+        protocol::connect_replication(&Dsn::parse(&c.dsn("postgres")).unwrap(), "walbridge-test")
+            .await
+            .expect("replication connection");
     r.create_logical_slot("s", "wal2json", true, SnapshotAction::NoExport)
         .await
         .unwrap();

@@ -101,17 +101,24 @@ const SHADOWS: &str = "
     END $$;";
 
 fn shadowed_deployment(toml: &str) -> Deployment {
-    let d = Deployment::new(&["east", "west"], ROLES, toml);
-    for node in ["east", "west"] {
-        ok_as(
-            &d,
-            node,
-            "alice",
+    alices_deployment(
+        toml,
+        &[
             "CREATE TABLE public.items (id int PRIMARY KEY, name text);
              CREATE TYPE public.mood AS ENUM ('calm', 'wild');
              CREATE TABLE public.pets (id int PRIMARY KEY, m public.mood)",
-        );
-        ok_as(&d, node, "alice", SHADOWS);
+            SHADOWS,
+        ],
+    )
+}
+
+/// Two nodes with [`ROLES`], then `alice` runs each of `as_alice` on both (her objects).
+fn alices_deployment(toml: &str, as_alice: &[&str]) -> Deployment {
+    let d = Deployment::new(&["east", "west"], ROLES, toml);
+    for node in ["east", "west"] {
+        for sql in as_alice {
+            ok_as(&d, node, "alice", sql);
+        }
     }
     d
 }
@@ -149,8 +156,7 @@ fn assert_no_canary(d: &Deployment, run: &Runner) {
 #[test]
 fn functions_on_the_search_path_never_run_in_walbridge_sessions_stream() {
     let d = shadowed_deployment(&stream_toml());
-    d.walbridge_ok(&["setup"]);
-    let run = d.spawn_run("run.log");
+    let run = d.setup_and_run();
     write_through_every_path(&d);
     d.walbridge_ok(&["verify"]);
     assert_no_canary(&d, &run);
@@ -159,8 +165,7 @@ fn functions_on_the_search_path_never_run_in_walbridge_sessions_stream() {
 #[test]
 fn functions_on_the_search_path_never_run_in_walbridge_sessions_trigger() {
     let d = shadowed_deployment(&trigger_toml());
-    d.walbridge_ok(&["setup"]);
-    let run = d.spawn_run("run.log");
+    let run = d.setup_and_run();
     write_through_every_path(&d);
     d.walbridge_ok(&["verify"]);
     assert_no_canary(&d, &run);
@@ -172,18 +177,12 @@ fn functions_on_the_search_path_never_run_in_walbridge_sessions_trigger() {
 
 /// Tables owned by `alice` on every node: `pets` has an enum of hers in its key.
 fn owner_deployment(toml: &str) -> Deployment {
-    let d = Deployment::new(&["east", "west"], ROLES, toml);
-    for node in ["east", "west"] {
-        ok_as(
-            &d,
-            node,
-            "alice",
-            "CREATE TABLE public.items (id int PRIMARY KEY, name text);
-             CREATE TYPE public.mood AS ENUM ('calm', 'wild');
-             CREATE TABLE public.pets (m public.mood, id int, note text, PRIMARY KEY (m, id))",
-        );
-    }
-    d
+    alices_deployment(
+        toml,
+        &["CREATE TABLE public.items (id int PRIMARY KEY, name text);
+           CREATE TYPE public.mood AS ENUM ('calm', 'wild');
+           CREATE TABLE public.pets (m public.mood, id int, note text, PRIMARY KEY (m, id))"],
+    )
 }
 
 /// alice's cast from her enum to json: it tries to make her a superuser (which works only
@@ -297,8 +296,7 @@ fn assert_no_forgery(d: &Deployment, extra: &[&str]) {
 #[test]
 fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
     let d = owner_deployment(&stream_toml());
-    d.walbridge_ok(&["setup"]);
-    let run = d.spawn_run("run.log");
+    let run = d.setup_and_run();
     owner_writes(&d);
     let _run = conflict_on_the_careful_path(&d, run);
     assert_attack_failed(&d);
@@ -322,8 +320,7 @@ fn a_table_owners_json_cast_never_runs_with_walbridge_rights_stream() {
 #[test]
 fn a_table_owners_json_cast_never_runs_with_walbridge_rights_trigger() {
     let d = owner_deployment(&trigger_toml());
-    d.walbridge_ok(&["setup"]);
-    let run = d.spawn_run("run.log");
+    let run = d.setup_and_run();
     owner_writes(&d);
     let _run = conflict_on_the_careful_path(&d, run);
     assert_attack_failed(&d);
@@ -378,8 +375,7 @@ fn skip_one_insert(d: &Deployment) {
 #[test]
 fn skip_session_works_for_an_ordinary_role_stream() {
     let d = owner_deployment(&stream_toml());
-    d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let _run = d.setup_and_run();
     skip_one_insert(&d);
     // The right skip_session() uses is not hers: no other origin, no progress.
     denied_as(
@@ -399,8 +395,7 @@ fn skip_session_works_for_an_ordinary_role_stream() {
 #[test]
 fn skip_session_works_for_an_ordinary_role_trigger() {
     let d = owner_deployment(&trigger_toml());
-    d.walbridge_ok(&["setup"]);
-    let _run = d.spawn_run("run.log");
+    let _run = d.setup_and_run();
     skip_one_insert(&d);
     d.wait_for("east", "SELECT count(*) FROM public.database_changes", "0");
 }

@@ -47,12 +47,19 @@ fuzz_target!(|data: &[u8]| {
     // The whole input as one message.
     let _ = decoder.decode(Lsn(2), &Bytes::copy_from_slice(data));
 
-    // The input as a sequence of length-prefixed messages.
+    // The input as a sequence of length-prefixed messages, once through `decode` and once
+    // through `decode_streaming` (protocol version 2 streamed blocks as events).
+    let mut streaming = PgOutputDecoder::new();
+    let _ = streaming.decode(Lsn(1), &relation_message());
+    let mut events = Vec::new();
     let mut rest = data;
     while let Some((&len, tail)) = rest.split_first() {
         let len = usize::from(len).min(tail.len());
         let (message, tail) = tail.split_at(len);
-        let _ = decoder.decode(Lsn(3), &Bytes::copy_from_slice(message));
+        let message = Bytes::copy_from_slice(message);
+        let _ = decoder.decode(Lsn(3), &message);
+        events.clear();
+        let _ = streaming.decode_streaming(Lsn(3), &message, &mut events);
         rest = tail;
     }
 });

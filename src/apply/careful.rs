@@ -145,7 +145,7 @@ impl Applier {
         Ok(())
     }
 
-    async fn careful_commit(
+    pub(super) async fn careful_commit(
         &mut self,
         commit: &Commit,
         recorded: Option<&Recorded>,
@@ -253,7 +253,7 @@ impl Applier {
 
     /// Rolls back after a failed careful step: a refused statement is worth retrying from the
     /// target's progress (transient), a stop is final.
-    async fn roll_back(
+    pub(super) async fn roll_back(
         &mut self,
         failed: Failed,
         what: &str,
@@ -302,12 +302,15 @@ impl Applier {
         }
     }
 
-    async fn careful_change(
+    pub(super) async fn careful_change(
         &mut self,
         begin: &Begin,
         change: &Change,
         conflicts: &mut Vec<Resolved>,
     ) -> Result<(), Failed> {
+        if self.park_carefully(begin, change).await? {
+            return Ok(());
+        }
         let table = self.table(&change.relation).await.map_err(Failed::Stop)?;
         let map = &table.map;
         let Some(row_tuple) = change

@@ -165,6 +165,7 @@ impl Applier {
     pub(super) fn ddl_txn_ended(&mut self) {
         if std::mem::take(&mut self.in_ddl_txn) {
             self.tables.clear();
+            self.park.hint();
         }
     }
 

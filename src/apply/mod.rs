@@ -36,11 +36,13 @@
 
 mod careful;
 mod ddl;
+mod park;
 pub mod position;
 pub mod sql;
+mod stream;
 mod writers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +59,7 @@ use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
+pub use park::{CHECK_EVERY as PARK_CHECK_EVERY, PARK_SQL};
 use sql::TableMap;
 pub use writers::Writers;
 
@@ -179,6 +182,9 @@ struct OpenGroup {
     guarded: Vec<u32>,
     /// When the group opened.
     opened: Instant,
+    /// An explicit transaction (`BEGIN` first): it holds a streamed transaction, whose
+    /// subtransactions need savepoints. Closed with `COMMIT`.
+    explicit: bool,
 }
 
 enum Group {
@@ -266,6 +272,14 @@ pub struct Applier {
     careful_xid: Option<u32>,
     /// The position of the next commit, when it is not an LSN (see [`position`]).
     next_position: Option<Box<position::Recorded>>,
+    /// The streamed in-progress transaction being applied as it arrives (see [`stream`]).
+    live: Option<stream::Live>,
+    /// Streamed transactions the source must spill (they could not stay open here).
+    spilled: HashSet<u32>,
+    /// The coming restream is for a spill, not after a conflict: no careful mode.
+    restream_for_spill: bool,
+    /// Tables whose changes are parked (`replication.on_schema_mismatch = "park"`).
+    park: park::Parked,
 }
 
 /// The target session could not be prepared.
@@ -404,6 +418,7 @@ impl Applier {
         let take_turns =
             crate::conflict::appliers_take_turns(node_count, config.uses_node_priority());
         let ddl_prefix = ddl::message_prefix(&config.replication.slot_prefix);
+        let park = park::Parked::load(&catalog, &config, source, target).await?;
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
@@ -452,6 +467,10 @@ impl Applier {
                 in_ddl_txn: false,
                 careful_xid: None,
                 next_position: None,
+                live: None,
+                spilled: HashSet::new(),
+                restream_for_spill: false,
+                park,
             },
             progress,
         ))
@@ -534,6 +553,17 @@ impl Applier {
         self.careful_next = true;
     }
 
+    /// The source is being restarted from [`Applier::committed_lsn`] after
+    /// [`Outcome::Restream`]: after a conflict in a transaction too large to keep, the next
+    /// transaction is applied carefully; after a streamed transaction had to be given up (see
+    /// `apply::stream`), it is spilled by the source ([`Applier::spilled`]) instead.
+    pub fn on_restream(&mut self) {
+        self.live = None;
+        if !std::mem::take(&mut self.restream_for_spill) {
+            self.careful_next = true;
+        }
+    }
+
     /// A keepalive: the source has nothing before `wal_end` left to send.
     pub async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<Outcome, DirectionError> {
         let outcome = self.close_group().await?;
@@ -592,7 +622,7 @@ impl Applier {
         if !self.enc.is_empty() {
             self.pipe.send(self.enc.take()).await.map_err(proto)?;
         }
-        Ok(())
+        self.take_live_replies()
     }
 
     /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time.
@@ -611,9 +641,21 @@ impl Applier {
     }
 
     async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
+        self.table_fitting(relation)
+            .await?
+            .map_err(DirectionError::definite)
+    }
+
+    /// The table's apply state, or (inner `Err`) why the target's schema does not fit the
+    /// source's description: the table or one of its columns is missing there (a schema
+    /// mismatch, which `replication.on_schema_mismatch` decides about; see [`park`]).
+    async fn table_fitting(
+        &mut self,
+        relation: &Arc<Relation>,
+    ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
         if let Some(t) = self.tables.get(&relation.oid) {
             if Arc::ptr_eq(&t.relation, relation) || t.relation == *relation {
-                return Ok(t.clone());
+                return Ok(Ok(t.clone()));
             }
         }
         let info = if self.in_ddl_txn {
@@ -632,22 +674,31 @@ impl Applier {
                     DirectionError::caused_by(msg, &e)
                 })?
         };
-        let info = info.ok_or_else(|| {
-            DirectionError::definite(format!(
+        let Some(info) = info else {
+            return Ok(Err(format!(
                 "table {} exists on {} but not on {}; create it there (plain DDL is not \
                      replicated: use walbridge.ddl()) or exclude it from replication.tables",
                 relation.qualified_name(),
                 self.source,
                 self.target
-            ))
-        })?;
+            )));
+        };
         let skip = self
             .config
             .skip_columns_for(&relation.schema, &relation.table)
             .to_vec();
-        let map = TableMap::new(relation, info, &skip).map_err(|e| {
-            DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
-        })?;
+        let map = match TableMap::new(relation, info, &skip) {
+            Ok(map) => map,
+            Err(e @ sql::MapError::MissingColumn { .. }) => {
+                return Ok(Err(format!("{} -> {}: {e}", self.source, self.target)))
+            }
+            Err(e) => {
+                return Err(DirectionError::definite(format!(
+                    "{} -> {}: {e}",
+                    self.source, self.target
+                )))
+            }
+        };
         let tombstoned = map.unique_key.is_some()
             && self
                 .catalog
@@ -692,7 +743,7 @@ impl Applier {
         });
         self.tables.insert(relation.oid, state.clone());
         self.labels.insert(relation.oid, state.label.clone());
-        Ok(state)
+        Ok(Ok(state))
     }
 
     /// Feeds one source event. `more_pending`: the source has more already queued (so a group
@@ -703,7 +754,12 @@ impl Applier {
         more_pending: bool,
     ) -> Result<Outcome, DirectionError> {
         match event {
+            Event::Begin(_) if self.live.is_some() => {
+                // An ordinary transaction commits before the streamed one being applied.
+                return self.give_up_live().await;
+            }
             Event::Begin(begin) => {
+                self.spilled.remove(&begin.xid);
                 // The group's rows carry one stamp: close it where that stamp could change a
                 // third node's conflict decision.
                 let must_close = self.group.as_ref().is_some_and(|g| {
@@ -742,6 +798,7 @@ impl Applier {
                 }
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
+                self.park.hint();
             }
             // A framed stream has no Origin (it is in the Begin) and no echo: the source
             // dropped those transactions (see `decode::frame`).
@@ -750,6 +807,11 @@ impl Applier {
             Event::Change(change) => self.on_change(change).await?,
             Event::Truncate(t) => self.on_truncate(t).await?,
             Event::Commit(commit) => return self.on_commit(commit, more_pending).await,
+            Event::StreamStart(start) => return self.on_stream_start(start).await,
+            Event::StreamStop => return self.on_stream_stop().await,
+            Event::Subtransaction(xid) => return self.on_subtransaction(xid).await,
+            Event::StreamCommit(c) => return self.on_stream_commit(c, more_pending).await,
+            Event::StreamAbort { xid, subxid } => return self.on_stream_abort(xid, subxid).await,
         }
         Ok(Outcome::Continue)
     }
@@ -768,6 +830,11 @@ impl Applier {
             .open
             .as_ref()
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
+        if self.group.is_none() && self.live.is_some() {
+            // A streamed transaction: an explicit one, for its savepoints.
+            self.enc.parse("", "BEGIN").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         if self.group.is_none() && self.take_turns {
             // First statement of the group's transaction: take turns with the other sources'
             // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
@@ -787,11 +854,22 @@ impl Applier {
             batch_table: None,
             guarded: Vec::new(),
             opened: Instant::now(),
+            explicit: self.live.is_some(),
         }))
     }
 
     /// In careful mode (after a restream), changes are applied one by one as they arrive.
     async fn careful_mode_item(&mut self, item: Item) -> Result<bool, DirectionError> {
+        if !self.careful_open().await? {
+            return Ok(false);
+        }
+        self.careful_stream_item(item).await?;
+        Ok(true)
+    }
+
+    /// In careful mode, begins the careful transaction on the target unless it is open;
+    /// false when the open transaction is not careful.
+    async fn careful_open(&mut self) -> Result<bool, DirectionError> {
         let Some(open) = &self.open else {
             return Ok(false);
         };
@@ -817,7 +895,6 @@ impl Applier {
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
         }
-        self.careful_stream_item(item).await?;
         Ok(true)
     }
 
@@ -837,6 +914,9 @@ impl Applier {
         let limit = self.limits.max_buffered_changes;
         if self.open.as_ref().is_some_and(|o| o.careful) {
             self.careful_mode_item(Item::Change(change)).await?;
+            return Ok(());
+        }
+        if self.park_in_group(&change).await? {
             return Ok(());
         }
         {
@@ -1123,6 +1203,7 @@ impl Applier {
     async fn truncate_sql(&mut self, t: &Truncate) -> Result<String, DirectionError> {
         let mut names = Vec::new();
         for rel in &t.relations {
+            self.refuse_truncate_of_parked(rel)?;
             names.push(self.table(rel).await?.map.target.quoted_name());
         }
         // Exactly the listed tables, never CASCADE (see `sql::truncate`).
@@ -1276,12 +1357,21 @@ impl Applier {
                 ],
             )
             .map_err(proto)?;
+        if group.explicit {
+            self.enc.parse("", "COMMIT").map_err(proto)?;
+            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        }
         self.enc.sync();
         self.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
         self.in_flight
             .push_back(Group::Txns(group.members, group.parsed));
+        if group.explicit {
+            // Had a statement failed, the server skipped the COMMIT and the transaction is
+            // still open (aborted): end it. Otherwise this only draws a warning.
+            self.end_explicit()?;
+        }
         self.flush().await?;
         if let Some((failed, parsed, error)) = self.pending_failure.take() {
             return self.recover(failed, parsed, error).await;
@@ -1651,14 +1741,27 @@ impl Applier {
         if let Some(txn) = self.streaming_careful.take() {
             return self.careful_abort(txn).await;
         }
-        self.group = None;
+        let explicit = self.group.take().is_some_and(|g| g.explicit);
         self.enc
             .parse("", "SELECT walbridge.expect_rows(0, 1)")
             .map_err(proto)?;
         self.enc.execute("", std::iter::empty()).map_err(proto)?;
         self.enc.sync();
         self.in_flight.push_back(Group::Abort);
+        if explicit {
+            self.end_explicit()?;
+        }
         self.flush().await
+    }
+
+    /// Ends an explicit transaction left open by a failed group: `ROLLBACK` in a group of
+    /// its own (a warning only when there is none).
+    fn end_explicit(&mut self) -> Result<(), DirectionError> {
+        self.enc.parse("", "ROLLBACK").map_err(proto)?;
+        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.enc.sync();
+        self.in_flight.push_back(Group::Close);
+        Ok(())
     }
 }
 

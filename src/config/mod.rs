@@ -212,6 +212,16 @@ keyword_enum! {
     }
 }
 
+keyword_enum! {
+    /// What a direction does with a change whose table does not fit the target's schema.
+    SchemaMismatch {
+        /// Stop the direction with an error naming the table and column.
+        Stop = "stop",
+        /// Keep that table's changes in `walbridge.parked` until the target's schema fits.
+        Park = "park",
+    }
+}
+
 /// Which checks the node list must pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
@@ -304,10 +314,18 @@ pub struct ReplicationConfig {
     /// NULL). Off, such a node with such columns is refused by `check-config --connect`,
     /// `setup` and `run`.
     pub allow_lossy_wal2json: bool,
+    /// `stream_in_progress` (default `true`): with pgoutput, large transactions are streamed
+    /// while still in progress on the source (protocol version 2, `streaming 'on'`) and
+    /// applied into an open target transaction as they arrive, committed when the source
+    /// commits and rolled back when it aborts. Off: a transaction is sent once it commits.
+    pub stream_in_progress: bool,
     /// `failover_slots` (default `true`): on PostgreSQL 17+, `setup` creates the slots with
     /// `failover` enabled, so a physical standby that synchronizes slots
     /// (`sync_replication_slots = on`) keeps them through a promotion. Ignored on 15 and 16.
     pub failover_slots: bool,
+    /// `on_schema_mismatch` (default `stop`): what a direction does with a change whose
+    /// table is missing on the target or lacks one of its columns.
+    pub on_schema_mismatch: SchemaMismatch,
 }
 
 /// `[trigger]`: trigger mode, the fallback and drop-in for the old polling script.
@@ -775,6 +793,10 @@ fn validate_replication(
     problems: &mut Problems,
 ) -> Option<ReplicationConfig> {
     let mode = problems.check("replication.mode", raw.mode.parse::<Mode>());
+    let on_schema_mismatch = problems.check(
+        "replication.on_schema_mismatch",
+        raw.on_schema_mismatch.parse::<SchemaMismatch>(),
+    );
     let plugin = problems.check("replication.plugin", raw.plugin.parse::<Plugin>());
 
     if raw.tables.is_empty() {
@@ -913,7 +935,9 @@ fn validate_replication(
         conflict_max_row_bytes: conflict_max_row_bytes?,
         sequence_ranges: raw.sequence_ranges,
         allow_lossy_wal2json: raw.allow_lossy_wal2json,
+        stream_in_progress: raw.stream_in_progress,
         failover_slots: raw.failover_slots,
+        on_schema_mismatch: on_schema_mismatch?,
     })
 }
 

@@ -96,7 +96,11 @@ pub(super) struct RawReplication {
     #[serde(default)]
     pub allow_lossy_wal2json: bool,
     #[serde(default = "default_true")]
+    pub stream_in_progress: bool,
+    #[serde(default = "default_true")]
     pub failover_slots: bool,
+    #[serde(default = "default_on_schema_mismatch")]
+    pub on_schema_mismatch: String,
 }
 
 impl Default for RawReplication {
@@ -117,7 +121,9 @@ impl Default for RawReplication {
             conflict_max_row_bytes: default_conflict_max_row_bytes(),
             sequence_ranges: false,
             allow_lossy_wal2json: false,
+            stream_in_progress: true,
             failover_slots: true,
+            on_schema_mismatch: default_on_schema_mismatch(),
         }
     }
 }
@@ -178,6 +184,10 @@ fn default_max_retained_wal() -> RawSize {
 fn default_true() -> bool {
     true
 }
+fn default_on_schema_mismatch() -> String {
+    "stop".into()
+}
+
 fn default_slot_prefix() -> String {
     "walbridge".into()
 }

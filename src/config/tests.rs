@@ -838,3 +838,19 @@ fn conflict_max_row_bytes_is_a_bounded_size() {
         &["not a size"],
     );
 }
+
+#[test]
+fn on_schema_mismatch_defaults_to_stop_and_takes_park() {
+    let c = parse(TWO_NODES).expect("valid");
+    assert_eq!(c.replication.on_schema_mismatch, SchemaMismatch::Stop);
+    let c = parse(&format!(
+        "{TWO_NODES}\n[replication]\non_schema_mismatch = \"park\""
+    ))
+    .expect("valid");
+    assert_eq!(c.replication.on_schema_mismatch, SchemaMismatch::Park);
+    assert_problem(
+        "[replication]\non_schema_mismatch = \"queue\"",
+        "replication.on_schema_mismatch",
+        &["queue", "stop", "park"],
+    );
+}

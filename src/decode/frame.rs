@@ -17,8 +17,21 @@
 //!
 //! While a Begin is held, [`Framer::settled`] is false: a keepalive then must not be taken
 //! as "everything before its position was delivered", since the held transaction was not.
+//!
+//! A streamed in-progress transaction (pgoutput protocol 2) announces its origin with an
+//! Origin message right after the Stream Start of its first block: the framer folds it into
+//! [`StreamStart::origin`] the same way and, dropping echo, leaves out every block of that
+//! transaction and reports its Stream Commit as [`Framed::Echo`] (its Stream Abort as
+//! nothing):
+//!
+//! ```text
+//!   StreamStart(x, first) ─ Origin ─ Insert ─ StreamStop ... StreamCommit(x)
+//!                                                    drop_echo: Echo(commit)
+//! ```
 
-use crate::event::{Begin, Commit, Event};
+use std::collections::HashSet;
+
+use crate::event::{Begin, Commit, Event, StreamStart};
 use crate::lsn::Lsn;
 
 /// One framed item.
@@ -38,6 +51,12 @@ pub struct Framer {
     held: Option<(Begin, Lsn)>,
     /// Inside a transaction with an origin that is being dropped.
     echo: bool,
+    /// A Stream Start of a transaction's first block, waiting for the next event.
+    held_stream: Option<(StreamStart, Lsn)>,
+    /// Streamed transactions with an origin, being dropped (their blocks and their end).
+    echo_streams: HashSet<u32>,
+    /// Inside a streamed block of a dropped transaction.
+    echo_block: bool,
 }
 
 impl Framer {
@@ -45,25 +64,73 @@ impl Framer {
     pub fn new(drop_echo: bool) -> Self {
         Framer {
             drop_echo,
-            held: None,
-            echo: false,
+            ..Framer::default()
         }
     }
 
     /// Inside a transaction being dropped as echo: its change messages need not even be
     /// decoded (they would be dropped here).
     pub fn dropping(&self) -> bool {
-        self.echo
+        self.echo || self.echo_block
     }
 
     /// Nothing is held back: every transaction begun so far has been passed on (or dropped).
     pub fn settled(&self) -> bool {
-        self.held.is_none()
+        self.held.is_none() && self.held_stream.is_none()
     }
 
     /// Frames one decoded event, appending what it yields to `out`.
     pub fn push(&mut self, event: Event, wal_start: Lsn, out: &mut Vec<Framed>) {
+        if let Some((mut start, at)) = self.held_stream.take() {
+            if let Event::Origin(origin) = event {
+                start.origin = Some(origin);
+                if self.drop_echo {
+                    self.echo_streams.insert(start.xid);
+                    self.echo_block = true;
+                } else {
+                    out.push(Framed::Event(Event::StreamStart(start), at));
+                }
+                return;
+            }
+            out.push(Framed::Event(Event::StreamStart(start), at));
+        }
         match event {
+            Event::StreamStart(start) => {
+                self.release(out);
+                if self.echo_streams.contains(&start.xid) {
+                    self.echo_block = true;
+                } else if start.first_segment {
+                    self.held_stream = Some((start, wal_start));
+                } else {
+                    out.push(Framed::Event(Event::StreamStart(start), wal_start));
+                }
+            }
+            Event::StreamStop => {
+                if !std::mem::take(&mut self.echo_block) {
+                    out.push(Framed::Event(event, wal_start));
+                }
+            }
+            Event::StreamCommit(c) => {
+                if self.echo_streams.remove(&c.xid) {
+                    out.push(Framed::Echo(c.commit));
+                } else {
+                    out.push(Framed::Event(Event::StreamCommit(c), wal_start));
+                }
+            }
+            Event::StreamAbort { xid, subxid } => {
+                if self.echo_streams.contains(&xid) {
+                    if xid == subxid {
+                        self.echo_streams.remove(&xid);
+                    }
+                } else {
+                    out.push(Framed::Event(event, wal_start));
+                }
+            }
+            Event::Subtransaction(_) => {
+                if !self.echo_block {
+                    out.push(Framed::Event(event, wal_start));
+                }
+            }
             Event::Begin(begin) => {
                 // A Begin with no Commit before it: the stream restarted inside a
                 // transaction; the new one stands alone.
@@ -96,7 +163,7 @@ impl Framer {
             }
             Event::Change(_) | Event::Truncate(_) | Event::Message(_) => {
                 self.release(out);
-                if !self.echo {
+                if !self.echo && !self.echo_block {
                     out.push(Framed::Event(event, wal_start));
                 }
             }
@@ -187,6 +254,67 @@ mod tests {
                 Framed::Echo(_) => None,
             })
             .collect()
+    }
+
+    fn stream_start(xid: u32, first_segment: bool) -> Event {
+        Event::StreamStart(StreamStart {
+            xid,
+            first_segment,
+            origin: None,
+        })
+    }
+
+    #[test]
+    fn a_streamed_transaction_with_an_origin_is_dropped_whole() {
+        let rel = relation();
+        let c = match commit(1) {
+            Event::Commit(c) => c,
+            _ => unreachable!(),
+        };
+        let out = frame(
+            true,
+            vec![
+                stream_start(1, true),
+                origin(),
+                insert(&rel),
+                Event::StreamStop,
+                // Another streamed transaction, local: passes.
+                stream_start(2, true),
+                insert(&rel),
+                Event::StreamStop,
+                stream_start(1, false),
+                Event::Subtransaction(3),
+                insert(&rel),
+                Event::StreamStop,
+                Event::StreamAbort { xid: 1, subxid: 3 },
+                Event::StreamCommit(crate::event::StreamCommit {
+                    xid: 1,
+                    commit: c.clone(),
+                }),
+            ],
+        );
+        assert_eq!(
+            events(&out),
+            vec![&stream_start(2, true), &insert(&rel), &Event::StreamStop]
+        );
+        assert_eq!(out.last(), Some(&Framed::Echo(c)));
+    }
+
+    #[test]
+    fn a_streamed_transaction_keeps_its_origin_when_echo_is_not_dropped() {
+        let out = frame(
+            false,
+            vec![stream_start(1, true), origin(), Event::StreamStop],
+        );
+        match events(&out).as_slice() {
+            [Event::StreamStart(s), Event::StreamStop] => {
+                assert_eq!(
+                    s.origin.as_ref().map(|o| o.name.as_str()),
+                    Some("walbridge_from_b")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

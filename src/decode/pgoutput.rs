@@ -22,8 +22,9 @@
 //! zero-copy slices of the input [`Bytes`].
 //!
 //! Protocol version 2 streaming (`streaming 'on'`: Stream Start/Stop/Commit/Abort, and the
-//! xid that changes carry inside a streamed block) is parsed, but the event model has no way
-//! to express an in-progress transaction yet, so such messages are reported as
+//! xid that changes carry inside a streamed block) is decoded by
+//! [`PgOutputDecoder::decode_streaming`] into the stream events of [`Event`];
+//! [`PgOutputDecoder::decode`] (for readers of protocol version 1) reports such messages as
 //! [`PgOutputError::StreamingUnsupported`].
 
 use std::collections::HashMap;
@@ -33,7 +34,7 @@ use bytes::Bytes;
 
 use crate::event::{
     Begin, Change, ChangeOp, Column, Commit, Event, LogicalMessage, OldKind, OldTuple, Origin,
-    Relation, ReplicaIdentity, Truncate, Tuple, TypeInfo, Value,
+    Relation, ReplicaIdentity, StreamCommit, StreamStart, Truncate, Tuple, TypeInfo, Value,
 };
 use crate::lsn::{Lsn, PgTimestamp};
 
@@ -276,6 +277,9 @@ pub struct PgOutputDecoder {
     /// The top-level xid of the streamed block we are inside (between Stream Start and
     /// Stream Stop); changes there carry an xid prefix.
     stream_xid: Option<u32>,
+    /// The (sub)transaction the last change of the current streamed block belonged to
+    /// ([`PgOutputDecoder::decode_streaming`] says when it changes).
+    block_xid: u32,
 }
 
 /// A proto-v2 streaming control message.
@@ -331,6 +335,49 @@ impl PgOutputDecoder {
                 },
             }),
         }
+    }
+
+    /// Decodes one XLogData payload of a protocol version 2 stream (`streaming 'on'`),
+    /// appending its events to `out`: what [`PgOutputDecoder::decode`] gives, and for a
+    /// streamed in-progress transaction [`Event::StreamStart`], [`Event::StreamStop`],
+    /// [`Event::StreamCommit`], [`Event::StreamAbort`], and, before a change of another
+    /// (sub)transaction than the previous one in its block, [`Event::Subtransaction`].
+    pub fn decode_streaming(
+        &mut self,
+        wal_start: Lsn,
+        data: &Bytes,
+        out: &mut Vec<Event>,
+    ) -> Result<(), PgOutputError> {
+        match self.decode_message(wal_start, data)? {
+            Decoded::Event(event) => out.push(event),
+            Decoded::Streamed { xid, event } => {
+                let is_change = matches!(
+                    event,
+                    Event::Change(_) | Event::Truncate(_) | Event::Message(_)
+                );
+                if is_change && xid != self.block_xid {
+                    self.block_xid = xid;
+                    out.push(Event::Subtransaction(xid));
+                }
+                out.push(event);
+            }
+            Decoded::Stream(control) => out.push(match control {
+                StreamControl::Start { xid, first_segment } => {
+                    self.block_xid = xid;
+                    Event::StreamStart(StreamStart {
+                        xid,
+                        first_segment,
+                        origin: None,
+                    })
+                }
+                StreamControl::Stop => Event::StreamStop,
+                StreamControl::Commit { xid, commit } => {
+                    Event::StreamCommit(StreamCommit { xid, commit })
+                }
+                StreamControl::Abort { xid, subxid } => Event::StreamAbort { xid, subxid },
+            }),
+        }
+        Ok(())
     }
 
     /// The cached description of relation `oid`, as of the last Relation message.
@@ -559,6 +606,11 @@ fn event_type_byte(event: &Event) -> u8 {
         },
         Event::Truncate(_) => b'T',
         Event::Message(_) => b'M',
+        Event::StreamStart(_) => b'S',
+        Event::StreamStop => b'E',
+        Event::Subtransaction(_) => 0,
+        Event::StreamCommit(_) => b'c',
+        Event::StreamAbort { .. } => b'A',
     }
 }
 
@@ -944,6 +996,7 @@ mod tests {
                     .i32(m.content.len() as i32)
                     .raw(&m.content);
             }
+            other => panic!("encode: not a data event: {other:?}"),
         }
         e.done()
     }
@@ -1313,6 +1366,90 @@ mod tests {
                 }),
             );
         }
+    }
+
+    #[test]
+    fn decode_streaming_marks_blocks_and_subtransactions() {
+        let r = accounts();
+        let mut d = decoder_with(&r);
+        let lsn = Lsn(42);
+        let mut out = Vec::new();
+        let row = |id: &str| insert(&r, vec![t(id), t("a"), t("2"), Value::Null]);
+        let feed = |d: &mut PgOutputDecoder, bytes: Bytes, out: &mut Vec<Event>| {
+            d.decode_streaming(lsn, &bytes, out).unwrap();
+        };
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Start {
+                xid: 7,
+                first_segment: true,
+            }),
+            &mut out,
+        );
+        feed(&mut d, encode_with_xid(Some(7), &row("1")), &mut out);
+        feed(&mut d, encode_with_xid(Some(8), &row("2")), &mut out);
+        feed(&mut d, encode_with_xid(Some(8), &row("3")), &mut out);
+        feed(&mut d, encode_control(&StreamControl::Stop), &mut out);
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Abort { xid: 7, subxid: 8 }),
+            &mut out,
+        );
+        // A new block starts with the top-level transaction again.
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Start {
+                xid: 7,
+                first_segment: false,
+            }),
+            &mut out,
+        );
+        feed(&mut d, encode_with_xid(Some(8), &row("4")), &mut out);
+        feed(&mut d, encode_control(&StreamControl::Stop), &mut out);
+        let commit_ev = Commit {
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x130),
+            commit_time: PgTimestamp(9),
+        };
+        feed(
+            &mut d,
+            encode_control(&StreamControl::Commit {
+                xid: 7,
+                commit: commit_ev.clone(),
+            }),
+            &mut out,
+        );
+        let start = |first_segment| {
+            Event::StreamStart(StreamStart {
+                xid: 7,
+                first_segment,
+                origin: None,
+            })
+        };
+        assert_eq!(
+            out,
+            vec![
+                start(true),
+                row("1"),
+                Event::Subtransaction(8),
+                row("2"),
+                row("3"),
+                Event::StreamStop,
+                Event::StreamAbort { xid: 7, subxid: 8 },
+                start(false),
+                Event::Subtransaction(8),
+                row("4"),
+                Event::StreamStop,
+                Event::StreamCommit(StreamCommit {
+                    xid: 7,
+                    commit: commit_ev
+                }),
+            ]
+        );
+        // Outside a block, an ordinary transaction decodes as with `decode`.
+        out.clear();
+        feed(&mut d, encode(&begin(0x200, 3, 9)), &mut out);
+        assert!(matches!(out.as_slice(), [Event::Begin(_)]));
     }
 
     #[test]

@@ -136,6 +136,11 @@ pub struct DirectionStatus {
     /// Last moment the target was known to have everything the source had committed.
     #[serde(default, with = "opt_ts")]
     pub in_sync_at: Option<PgTimestamp>,
+    /// Tables with changes parked on the target (`replication.on_schema_mismatch = "park"`):
+    /// `schema.table` -> changes waiting in `walbridge.parked` (`walbridge status` reads it
+    /// from the target).
+    #[serde(default)]
+    pub parked: std::collections::BTreeMap<String, i64>,
     /// The stream's applier had nothing open or in flight at the last report.
     #[serde(skip)]
     idle: bool,
@@ -172,6 +177,7 @@ impl DirectionStatus {
             transactions_applied: 0,
             received_lsn: None,
             applied_lsn: None,
+            parked: std::collections::BTreeMap::new(),
             last_applied_commit_time: None,
             in_sync_at: None,
             idle: false,

@@ -207,6 +207,11 @@ impl Pipeline {
         }
     }
 
+    /// A reply that already arrived, if any (never waits).
+    pub fn try_recv(&mut self) -> Option<Result<Response, ProtocolError>> {
+        self.replies.try_recv().ok()
+    }
+
     /// The node address for errors.
     pub fn address(&self) -> &str {
         &self.address

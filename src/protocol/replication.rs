@@ -111,6 +111,20 @@ pub struct XLogData {
     budget: Option<OwnedSemaphorePermit>,
 }
 
+impl XLogData {
+    /// A message not read from the socket (a spilled transaction read back from disk), at
+    /// WAL position `wal_start`; it holds none of the stream's byte budget.
+    pub fn replayed(wal_start: Lsn, data: Bytes) -> Self {
+        XLogData {
+            wal_start,
+            wal_end: wal_start,
+            send_time: PgTimestamp(0),
+            data,
+            budget: None,
+        }
+    }
+}
+
 /// What the stream yields.
 #[derive(Debug)]
 pub enum StreamItem {

@@ -311,6 +311,8 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
             messages: true,
             application_name: format!("walbridge-source-{s}-to-{t}"),
             drop_echo: true,
+            stream_in_progress: config.replication.stream_in_progress,
+            spill: applier.spilled(),
             stream: StreamConfig {
                 cancel: stream_cancel.clone(),
                 ..StreamConfig::default()
@@ -369,12 +371,13 @@ pub async fn run(ctx: &DirectionContext) -> Result<Ended, DirectionError> {
                 return Ok(Ended::Shutdown);
             }
             Ok(Pumped::Restream) => {
-                // A conflict inside a transaction too large to keep: read it again from the
-                // target's progress and apply it change by change.
+                // A conflict inside a transaction too large to keep (read it again from the
+                // target's progress and apply it change by change), or a streamed transaction
+                // that must be spilled: read again from the target's progress.
                 stream_cancel.cancel();
                 let _ = tokio::time::timeout(Duration::from_secs(15), stream_driver).await;
                 start = applier.committed_lsn();
-                applier.set_careful_next();
+                applier.on_restream();
                 debug!(source = %s, target = %t, from = %start, "restreaming");
             }
             Err(e) => {
@@ -522,6 +525,9 @@ async fn pump(
                 if release_wanted && applier.idle() {
                     return Ok(Pumped::Release);
                 }
+                // Parked tables whose target schema fits again are replayed here, between
+                // transactions (see apply::park).
+                applier.check_parked().await?;
                 applier.request_progress().await?;
                 let confirmed = applier.confirmable();
                 source.feedback().confirm(confirmed);

@@ -63,29 +63,12 @@ pub struct SetupOptions {
 /// Setup or teardown failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// A node could not be reached.
-    #[error("node {node}: {source}")]
-    Connect {
-        /// The node.
-        node: String,
-        /// Why.
-        #[source]
-        source: pgconn::ConnectError,
-    },
+    /// A node could not be reached, or a statement on it failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// Nodes lack prerequisites; nothing was changed.
     #[error("{} prerequisite(s) missing, nothing was changed:\n  {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
     Prerequisites(Vec<Problem>),
-    /// A statement failed on a node.
-    #[error("node {node}: {what}: {}", pg_message(source))]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
     /// A replication command failed on a node.
     #[error("node {node}: {what}: {source}")]
     Replication {
@@ -132,14 +115,13 @@ pub enum SetupError {
     Other(String),
 }
 
-/// Maps a failed statement to [`SetupError::Sql`] naming the node and what was being done.
+/// Maps a failed statement to [`SetupError::Node`] naming the node and what was being done.
 pub(crate) fn sql_err(
     node: &str,
     what: impl Into<String>,
 ) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
-    let node = node.to_string();
-    let what = what.into();
-    move |source| SetupError::Sql { node, what, source }
+    let sql = pgconn::NodeError::sql(node, &what.into());
+    move |source| SetupError::Node(sql(source))
 }
 
 /// An open connection to a configured node.
@@ -156,10 +138,7 @@ pub async fn connect_all(config: &Config, purpose: &str) -> Result<Vec<NodeSessi
     for node in &config.nodes {
         let client = pgconn::connect(&node.dsn, &format!("walbridge-{purpose}"))
             .await
-            .map_err(|source| SetupError::Connect {
-                node: node.name.clone(),
-                source,
-            })?;
+            .map_err(pgconn::NodeError::connect(&node.name))?;
         out.push(NodeSession {
             name: node.name.clone(),
             client,
@@ -477,7 +456,7 @@ pub async fn setup(
 
 /// A failure for lack of privilege (SQLSTATE 42501), which trigger mode can live with.
 fn is_permission_error(e: &SetupError) -> bool {
-    matches!(e, SetupError::Sql { source, .. }
+    matches!(e, SetupError::Node(pgconn::NodeError::Sql { source, .. })
         if source.as_db_error().is_some_and(|d| d.code().code() == "42501"))
 }
 
@@ -667,6 +646,10 @@ async fn install_schema(config: &Config, n: &NodeSession) -> Result<(), SetupErr
             &n.name,
             "creating walbridge's skip tables (sql/skip.sql)",
         ))?;
+    n.client
+        .batch_execute(crate::apply::PARK_SQL)
+        .await
+        .map_err(sql_err(&n.name, "creating walbridge.parked (sql/park.sql)"))?;
     if is_superuser(&n.client)
         .await
         .map_err(sql_err(&n.name, "reading the role's attributes"))?

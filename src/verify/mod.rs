@@ -78,26 +78,9 @@ impl Default for VerifyOptions {
 /// Verification could not run to the end.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    /// A node could not be reached.
-    #[error("node {node}: {source}")]
-    Connect {
-        /// The node.
-        node: String,
-        /// Why.
-        #[source]
-        source: pgconn::ConnectError,
-    },
-    /// A query failed on a node.
-    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// A node could not be reached, or a query on it failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// The catalog could not be read.
     #[error("node {node}: {source}")]
     Catalog {
@@ -228,22 +211,14 @@ impl Node {
         self.client
             .query(&stmt.sql, &params)
             .await
-            .map_err(|source| VerifyError::Sql {
-                node: self.name.clone(),
-                what: what.to_string(),
-                source,
-            })
+            .map_err(|source| pgconn::NodeError::sql(&self.name, what)(source).into())
     }
 
     async fn execute(&self, sql: &str, what: &str) -> Result<(), VerifyError> {
         self.client
             .batch_execute(sql)
             .await
-            .map_err(|source| VerifyError::Sql {
-                node: self.name.clone(),
-                what: what.to_string(),
-                source,
-            })
+            .map_err(|source| pgconn::NodeError::sql(&self.name, what)(source).into())
     }
 
     fn unexpected(&self, what: &str, detail: impl Into<String>) -> VerifyError {
@@ -360,10 +335,7 @@ pub async fn verify(
     let nodes = try_join_all(config.nodes.iter().map(|n| async move {
         let client = pgconn::connect(&n.dsn, "walbridge-verify")
             .await
-            .map_err(|source| VerifyError::Connect {
-                node: n.name.clone(),
-                source,
-            })?;
+            .map_err(pgconn::NodeError::connect(&n.name))?;
         let node = Node {
             name: n.name.clone(),
             client,

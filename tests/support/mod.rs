@@ -10,6 +10,9 @@ pub use walbridge::localpg::{wait_until, ClusterOptions, LocalCluster, StopMode}
 pub mod proxy;
 pub use proxy::FaultProxy;
 
+pub mod db;
+pub use db::{sharing_enabled, TestDb};
+
 /// How long a test waits for replication or a server to reach a state before failing.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -232,6 +235,13 @@ impl Deployment {
         Runner { child, log }
     }
 
+    /// `walbridge setup` (must succeed), then `walbridge run` in the background logging to
+    /// `run.log`: how most scenarios begin.
+    pub fn setup_and_run(&self) -> Runner {
+        self.walbridge_ok(&["setup"]);
+        self.spawn_run("run.log")
+    }
+
     /// Waits until `sql` returns `expected` on `node`; panics with the last value otherwise.
     pub fn wait_for(&self, node: &str, sql: &str, expected: &str) {
         let mut last = String::new();
@@ -282,6 +292,13 @@ impl Runner {
             _ => false,
         });
         code
+    }
+
+    /// Stops it with SIGTERM and asserts a clean exit (0) within [`WAIT`], showing the log
+    /// otherwise.
+    pub fn stop_ok(&mut self) {
+        self.signal(libc::SIGTERM);
+        assert_eq!(self.wait_exit(WAIT), Some(0), "log:\n{}", self.log());
     }
 
     /// Asserts the process is still running (it did not die on an error).
