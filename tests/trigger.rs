@@ -787,3 +787,366 @@ fn a_lookup_that_waits_for_a_local_writer_sees_that_writers_commit_time() {
         );
     }
 }
+
+/// Issue 12's one pipeline, its common path: change rows (JSON and the old script's Python
+/// dicts, a partial update, a changed key, a delete) become framed events
+/// (`trigger::events`) and the stream's `Applier` applies them, recording the change-table
+/// cursor in the same transaction through the progress seam (`apply::position`) and leaving
+/// the origin's LSN (where a stream resumes after a cut-over) where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
+    use walbridge::apply::{Applier, ApplyLimits};
+    use walbridge::lsn::{Lsn, PgTimestamp};
+    use walbridge::protocol::{self, pipeline::Pipeline, ConnectOptions};
+    use walbridge::trigger::{events::TxnBuilder, recorded_progress, RawRow, State};
+
+    let d = tokio::task::block_in_place(|| {
+        let d = Deployment::new(&["east", "west"], SCHEMA, &trigger_toml(""));
+        d.walbridge_ok(&["setup"]);
+        d.sql(
+            "west",
+            "INSERT INTO users VALUES (5, 'local', NULL, 7, false, NULL), (7, 'local7', NULL, NULL, NULL, NULL)",
+        );
+        // Where a stream would resume after a cut-over: must not move.
+        d.sql(
+            "west",
+            "SELECT pg_replication_origin_advance('walbridge_from_east', '0/5000000')",
+        );
+        d
+    });
+    let config = Arc::new(walbridge::config::Config::load(&d.config).expect("config"));
+    let dsn = config.node("west").expect("node west").dsn.clone();
+    let mut options = ConnectOptions::replication("walbridge-test-trigger-apply");
+    options.replication = false;
+    let raw = protocol::connect(&dsn, options)
+        .await
+        .expect("apply session");
+    let (pipe, driver) = Pipeline::from_raw(raw);
+    tokio::spawn(driver);
+    let catalog = walbridge::pgconn::connect(&dsn, "walbridge-test-catalog")
+        .await
+        .expect("catalog session");
+    let users = Arc::new(
+        walbridge::catalog::table_info(&catalog, "public", "users")
+            .await
+            .expect("catalog")
+            .expect("users on west"),
+    );
+    let limits = ApplyLimits {
+        max_in_flight: 1,
+        durable_commits: true,
+        ..ApplyLimits::default()
+    };
+    let (mut applier, progress) = Applier::start(
+        pipe,
+        catalog,
+        config,
+        "east",
+        "west",
+        walbridge::metrics::Metrics::new(),
+        limits,
+    )
+    .await
+    .expect("applier");
+    assert_eq!(progress, "0/5000000".parse::<Lsn>().expect("lsn"));
+
+    let row = |id: i64, txid: u64, metodo: &str, descripcion: &str| RawRow {
+        id,
+        metodo: Some(metodo.into()),
+        tabla: Some("users".into()),
+        descripcion: Some(descripcion.into()),
+        origin_node: None,
+        txid: Some(txid),
+        commit_time: Some(PgTimestamp::now()),
+        created_at: None,
+        old_key: None,
+    };
+    let mut changed_key = row(5, 1002, "UPDATE", r#"{"id": 20, "name": "moved"}"#);
+    changed_key.old_key = Some(r#"{"id": 2}"#.into());
+    // Older than west's own version of row 7: a conflict, decided as in stream mode.
+    let mut too_old = row(6, 1003, "UPDATE", "{'id': 7, 'name': 'too old'}");
+    too_old.commit_time = Some(PgTimestamp(0));
+    let batches = vec![
+        vec![
+            row(
+                1,
+                1000,
+                "INSERT",
+                r#"{"id": 1, "name": "ana", "tags": ["a", "b c"], "balance": 10.50, "active": true, "born": "2000-01-02"}"#,
+            ),
+            row(
+                2,
+                1000,
+                "INSERT",
+                "{'id': 2, 'name': 'bo', 'tags': None, 'balance': Decimal('1e20')}",
+            ),
+            row(3, 1001, "UPDATE", "{'id': 1, 'name': 'ana maria'}"),
+        ],
+        vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key, too_old],
+    ];
+    let mut state = State::default();
+    let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for batch in batches {
+            builder.set_read_at(PgTimestamp::now());
+            for r in &batch {
+                builder.push_row(r, users.clone(), &[]).expect("a good row");
+            }
+            for txn in builder.take() {
+                state = state.advance(&txn.rows, 1000, false).0;
+                applier.set_next_position(recorded_progress("east", &state));
+                for event in txn.events {
+                    applier.on_event(event, true).await.expect("apply");
+                }
+            }
+            applier.close_group().await.expect("close");
+            // As the stream's loop: replies, and redos after a failed group.
+            while !applier.idle() || applier.has_in_flight() {
+                if applier.has_redo() {
+                    applier.redo_one().await.expect("redo");
+                } else {
+                    applier.on_reply().await.expect("reply");
+                }
+            }
+        }
+        applier.finish().await.expect("finish")
+    })
+    .await
+    .expect("the applier did not finish");
+
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            d.sql("west", "SELECT string_agg(concat_ws('|', id, name, tags, balance, active, born), ' ' ORDER BY id) FROM users"),
+            "1|ana maria|{a,\"b c\"}|10.50|t|2000-01-02 7|local7 20|moved|100000000000000000000"
+        );
+        assert_eq!(
+            d.sql("west", "SELECT last_id || ' ' || hold_xid FROM walbridge.trigger_progress WHERE source = 'east'"),
+            "6 1000"
+        );
+        assert_eq!(
+            d.sql(
+                "west",
+                "SELECT string_agg(kind || ' ' || resolution, ',') FROM walbridge.conflicts"
+            ),
+            "update_older skipped"
+        );
+        assert_eq!(
+            d.sql("west", "SELECT string_agg(id::text, ',' ORDER BY id) FROM walbridge.trigger_applied WHERE source = 'east'"),
+            "1,2,3,4,5,6"
+        );
+        assert_eq!(
+            d.sql(
+                "west",
+                "SELECT pg_replication_origin_progress('walbridge_from_east', false)"
+            ),
+            "0/5000000"
+        );
+    });
+}
+
+/// The two ways a change row reaches a peer write the same values: the trigger worker
+/// (`descripcion` as one JSON parameter, `json_populate_record` on the target) and the
+/// event path of issue 12's one applier (`trigger::events`: JSON and Python literals through
+/// the wal2json converter into the stream's `Applier`). Every type the old script and
+/// `row_to_json` write, partial inserts and updates, a delete; the same rows go to `kinds`
+/// by `walbridge run` and to its twin `kinds_b` by the applier, and the two tables must match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_and_the_event_path_write_the_same_values() {
+    use walbridge::apply::{Applier, ApplyLimits};
+    use walbridge::lsn::PgTimestamp;
+    use walbridge::protocol::{self, pipeline::Pipeline, ConnectOptions};
+    use walbridge::trigger::{events::TxnBuilder, recorded_progress, RawRow, State};
+
+    const KINDS: &str = "CREATE TABLE public.kinds (id int PRIMARY KEY, t text, n numeric, \
+        b boolean, d date, ts timestamptz, tm time, iv interval, u uuid, f float8, ia int[], \
+        ta text[], j jsonb, js json, bt bytea, g text GENERATED ALWAYS AS (upper(t)) STORED);
+        CREATE TABLE public.kinds_b (LIKE public.kinds INCLUDING ALL);";
+    let rows: Vec<(&str, &str)> = vec![
+        (
+            "INSERT",
+            r#"{"id": 1, "t": "a \"q\" \\ b", "n": 12.50, "b": true, "d": "2024-01-02",
+                "ts": "2024-01-02T03:04:05.6+00:00", "tm": "03:04:05", "iv": "1 day 02:00:00",
+                "u": "12345678-1234-5678-1234-567812345678", "f": 1.5e300, "ia": [1, 2, null],
+                "ta": ["x y", "{z}", null, "\"q\"", "NULL", ""], "j": {"k": [1, "v"], "s": "t"},
+                "js": [1, {"a": 2}], "bt": "\\x00ff"}"#,
+        ),
+        (
+            "insert",
+            "{'id': 2, 't': \"O'Brien\", 'n': Decimal('-0.001'), 'b': False, \
+              'd': datetime.date(1999, 12, 31), \
+              'ts': datetime.datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=datetime.timezone.utc), \
+              'tm': datetime.time(3, 4, 5, 6), 'iv': datetime.timedelta(days=1, seconds=5), \
+              'u': UUID('12345678-1234-5678-1234-567812345678'), 'ia': [1, 2], 'ta': ('x',), \
+              'f': 0.1, 'j': None}",
+        ),
+        ("INSERT", r#"{"id": 3}"#),
+        (
+            "INSERT",
+            r#"{"id": 4, "ia": [[1, 2], [3, 4]], "j": "just a string", "js": null}"#,
+        ),
+        ("Update", "{'id': 1, 't': 'changed', 'ia': []}"),
+        ("UPDATE", r#"{"id": 2, "j": [true, null], "n": 1e20}"#),
+        ("DELETE", r#"{"id": 3}"#),
+    ];
+
+    let d = tokio::task::block_in_place(|| {
+        let d = Deployment::new(&["east", "west"], KINDS, &trigger_toml(""));
+        // The old script's table (text descripcion: Python dicts fit), kept by setup.
+        d.sql(
+            "east",
+            "CREATE TABLE public.database_changes (id serial PRIMARY KEY, metodo varchar(10), \
+             tabla varchar(100), descripcion text)",
+        );
+        d.walbridge_ok(&["setup"]);
+        // The same rows as the old script's triggers (or a person) would log them.
+        for (metodo, descripcion) in &rows {
+            d.sql(
+                "east",
+                &format!(
+                    "INSERT INTO database_changes (metodo, tabla, descripcion) VALUES ({}, 'kinds', {})",
+                    walbridge::catalog::quote_literal(metodo),
+                    walbridge::catalog::quote_literal(descripcion)
+                ),
+            );
+        }
+        let run = d.spawn_run("run.log");
+        d.wait_for("east", "SELECT count(*) FROM database_changes", "0");
+        drop(run);
+        stopped(&d);
+        assert_eq!(
+            d.sql("east", "SELECT count(*) FROM database_changes_dead"),
+            "0"
+        );
+        d
+    });
+
+    let config = Arc::new(walbridge::config::Config::load(&d.config).expect("config"));
+    let dsn = config.node("west").expect("node west").dsn.clone();
+    let mut options = ConnectOptions::replication("walbridge-test-trigger-apply");
+    options.replication = false;
+    let raw = protocol::connect(&dsn, options)
+        .await
+        .expect("apply session");
+    let (pipe, driver) = Pipeline::from_raw(raw);
+    tokio::spawn(driver);
+    let catalog = walbridge::pgconn::connect(&dsn, "walbridge-test-catalog")
+        .await
+        .expect("catalog session");
+    let twin = Arc::new(
+        walbridge::catalog::table_info(&catalog, "public", "kinds_b")
+            .await
+            .expect("catalog")
+            .expect("kinds_b on west"),
+    );
+    let limits = ApplyLimits {
+        max_in_flight: 1,
+        durable_commits: true,
+        ..ApplyLimits::default()
+    };
+    let (mut applier, _) = Applier::start(
+        pipe,
+        catalog,
+        config,
+        "east",
+        "west",
+        walbridge::metrics::Metrics::new(),
+        limits,
+    )
+    .await
+    .expect("applier");
+    let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
+    for (i, (metodo, descripcion)) in rows.iter().enumerate() {
+        let row = RawRow {
+            id: 1_000 + i as i64,
+            metodo: Some(metodo.to_string()),
+            tabla: Some("kinds_b".into()),
+            descripcion: Some(descripcion.to_string()),
+            origin_node: None,
+            txid: None,
+            commit_time: Some(PgTimestamp::now()),
+            created_at: None,
+            old_key: None,
+        };
+        builder
+            .push_row(&row, twin.clone(), &[])
+            .unwrap_or_else(|e| panic!("row {i}: {e}"));
+    }
+    let mut state = State::default();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for txn in builder.take() {
+            state = state.advance(&txn.rows, 1, false).0;
+            applier.set_next_position(recorded_progress("east", &state));
+            for event in txn.events {
+                applier.on_event(event, true).await.expect("apply");
+            }
+        }
+        applier.close_group().await.expect("close");
+        while !applier.idle() || applier.has_in_flight() {
+            if applier.has_redo() {
+                applier.redo_one().await.expect("redo");
+            } else {
+                applier.on_reply().await.expect("reply");
+            }
+        }
+        applier.finish().await.expect("finish")
+    })
+    .await
+    .expect("the applier did not finish");
+
+    tokio::task::block_in_place(|| {
+        let rows_of = |table: &str| {
+            d.sql(
+                "west",
+                // A json column compares as jsonb: the worker's value went through jsonb (its
+                // spacing and key order), the event path keeps the row's compact JSON.
+                &format!(
+                    "SELECT string_agg((k.id, k.t, k.n, k.b, k.d, k.ts, k.tm, k.iv, k.u, k.f, \
+                     k.ia, k.ta, k.j, k.js::jsonb, k.bt, k.g)::text, E'\\n' ORDER BY id) \
+                     FROM public.{table} AS k"
+                ),
+            )
+        };
+        let by_worker = rows_of("kinds");
+        assert_eq!(by_worker.lines().count(), 3, "{by_worker}");
+        assert_eq!(rows_of("kinds_b"), by_worker);
+    });
+}
+
+/// One echo rule for both modes: a stream-mode apply session names its source in
+/// `walbridge.origin`, as the trigger worker's does, so a change-logging trigger that still
+/// fires for applied rows (an old script's, where walbridge may not set
+/// `session_replication_role`) logs them with `origin_node` set and they are never sent back.
+#[test]
+fn a_stream_apply_session_names_its_source_for_change_logging_triggers() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!("{SCHEMA} CREATE TABLE public.seen (origin text);"),
+        "tables = [\"public.users\"]",
+    );
+    d.walbridge_ok(&["setup"]);
+    // Fires for applied rows too (as an ordinary trigger does without the replica role).
+    d.sql(
+        "west",
+        "CREATE FUNCTION public.log_origin() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.seen VALUES (coalesce(current_setting('walbridge.origin', true), '<unset>'));
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER log_origin AFTER INSERT ON public.users
+             FOR EACH ROW EXECUTE FUNCTION public.log_origin();
+         ALTER TABLE public.users ENABLE ALWAYS TRIGGER log_origin;",
+    );
+    d.sql(
+        "east",
+        "INSERT INTO users (id, name) VALUES (1, 'from east')",
+    );
+    d.replicate_once("run.log");
+    assert_eq!(
+        d.sql("west", "SELECT name FROM users WHERE id = 1"),
+        "from east"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT string_agg(origin, ',') FROM seen"),
+        "east"
+    );
+}

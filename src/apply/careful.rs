@@ -9,6 +9,7 @@
 
 use serde_json::{Map, Value as Json};
 
+use super::position::Recorded;
 use super::sql::{self, TableMap};
 use super::{proto, text, value_param, Applier, Item, Sent, TableState};
 use crate::config::ConflictPolicy;
@@ -80,7 +81,7 @@ impl Applier {
         let mut last = None;
         for _attempt in 0..3 {
             match self
-                .careful_attempt(&sent.begin, &items, &sent.commit)
+                .careful_attempt(&sent.begin, &items, &sent.commit, sent.recorded.as_deref())
                 .await
             {
                 Ok(conflicts) => {
@@ -121,6 +122,7 @@ impl Applier {
         begin: &Begin,
         items: &[Item],
         commit: &Commit,
+        recorded: Option<&Recorded>,
     ) -> Result<Vec<Resolved>, Failed> {
         self.exec("BEGIN", &[]).await?;
         self.take_turn().await?;
@@ -128,7 +130,7 @@ impl Applier {
         for item in items {
             self.careful_item(begin, item, &mut conflicts).await?;
         }
-        self.careful_commit(commit).await?;
+        self.careful_commit(commit, recorded).await?;
         Ok(conflicts)
     }
 
@@ -143,14 +145,22 @@ impl Applier {
         Ok(())
     }
 
-    pub(super) async fn careful_commit(&mut self, commit: &Commit) -> Result<(), Failed> {
-        let expected = self.committed.to_string();
-        let end = commit.end_lsn.to_string();
+    pub(super) async fn careful_commit(
+        &mut self,
+        commit: &Commit,
+        recorded: Option<&Recorded>,
+    ) -> Result<(), Failed> {
+        if let Some(recorded) = recorded {
+            // A position that is not an LSN: its rows first (see `super::position`).
+            self.exec_recorded(recorded).await?;
+        }
+        let (expected, end) =
+            super::position::finish_lsns(recorded.is_some(), self.committed, commit.end_lsn);
         let ts = commit.commit_time.to_string();
         self.exec(
             sql::APPLY_FINISH,
             &[
-                Some(expected.as_bytes()),
+                expected.as_deref().map(str::as_bytes),
                 Some(end.as_bytes()),
                 Some(ts.as_bytes()),
             ],
@@ -220,16 +230,18 @@ impl Applier {
     pub(super) async fn careful_stream_commit(
         &mut self,
         commit: Commit,
+        recorded: Option<Box<Recorded>>,
     ) -> Result<(), DirectionError> {
         let Some(mut txn) = self.streaming_careful.take() else {
             return Ok(());
         };
-        match self.careful_commit(&commit).await {
+        match self.careful_commit(&commit, recorded.as_deref()).await {
             Ok(()) => {
                 self.ddl_txn_ended();
                 txn.sent.end_lsn = commit.end_lsn;
                 txn.sent.commit_time = commit.commit_time;
                 self.expected = commit.end_lsn;
+                txn.sent.recorded = recorded;
                 self.acknowledge(&txn.sent, &txn.conflicts);
                 Ok(())
             }

@@ -37,6 +37,7 @@
 mod careful;
 mod ddl;
 mod park;
+pub mod position;
 pub mod sql;
 mod stream;
 mod writers;
@@ -78,6 +79,10 @@ pub struct ApplyLimits {
     pub copy_min_rows: usize,
     /// Send encoded statements once this many bytes are waiting.
     pub flush_bytes: usize,
+    /// Every commit is on the target's disk before it is acknowledged (a source that forgets
+    /// what the target applied, as trigger mode deletes its change rows, needs it); else the
+    /// session runs with `synchronous_commit = off` and confirms only flushed progress.
+    pub durable_commits: bool,
 }
 
 impl Default for ApplyLimits {
@@ -89,12 +94,16 @@ impl Default for ApplyLimits {
             insert_batch_rows: 1024,
             copy_min_rows: 64,
             flush_bytes: 256 * 1024,
+            durable_commits: false,
         }
     }
 }
 
 /// How a replicated table is applied.
 struct TableState {
+    /// The description it was mapped from: a change described otherwise (one buffered
+    /// before a new `Relation`, sent again after a failure) needs its own mapping.
+    relation: Arc<Relation>,
     map: TableMap,
     label: String,
     policy: ConflictPolicy,
@@ -156,6 +165,8 @@ struct Sent {
     /// Truncated tables (`schema.table`) and how often.
     truncates: HashMap<String, u64>,
     started: Instant,
+    /// A position that is not an LSN (see [`position`]); `None` in stream mode.
+    recorded: Option<Box<position::Recorded>>,
 }
 
 /// The group being encoded (statements sent or buffered, no `Sync` yet).
@@ -259,6 +270,8 @@ pub struct Applier {
     in_ddl_txn: bool,
     /// Apply this source transaction carefully from its start (it holds a schema change).
     careful_xid: Option<u32>,
+    /// The position of the next commit, when it is not an LSN (see [`position`]).
+    next_position: Option<Box<position::Recorded>>,
     /// The streamed in-progress transaction being applied as it arrives (see [`stream`]).
     live: Option<stream::Live>,
     /// Streamed transactions the source must spill (they could not stay open here).
@@ -301,15 +314,26 @@ impl Applier {
             .map_err(proto)?
             .map_err(|e| server(target, "reading the role", e))?;
         let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
-        let mut settings = String::from(
+        let mut settings = String::from(if limits.durable_commits {
+            // Every value but `off` flushes the commit locally: keep the server's.
+            "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) \
+              WHERE pg_catalog.current_setting('synchronous_commit') = 'off'; \
+             SET walbridge.skip = 'on'; SET lock_timeout = 0; SET statement_timeout = 0; "
+        } else {
             "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
-             SET lock_timeout = 0; SET statement_timeout = 0; ",
-        );
+             SET lock_timeout = 0; SET statement_timeout = 0; "
+        });
         if superuser {
             // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
             // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
             settings.push_str("SET session_replication_role = replica; ");
         }
+        // The source, for change-logging triggers that fire anyway (trigger mode's change
+        // table defaults `origin_node` to it): what they log is an echo, never sent back.
+        settings.push_str(&format!(
+            "SELECT pg_catalog.set_config('walbridge.origin', {}, false); ",
+            catalog::quote_literal(source)
+        ));
         settings.push_str(&format!(
             "SELECT pg_catalog.pg_replication_origin_session_setup({});",
             catalog::quote_literal(&origin)
@@ -442,6 +466,7 @@ impl Applier {
                 ddl_prefix,
                 in_ddl_txn: false,
                 careful_xid: None,
+                next_position: None,
                 live: None,
                 spilled: HashSet::new(),
                 restream_for_spill: false,
@@ -567,6 +592,13 @@ impl Applier {
         }
     }
 
+    /// The position of the next transaction's commit, for a source whose positions are not
+    /// LSNs (trigger mode's change-table cursor): recorded with that transaction's data
+    /// (see [`position`]).
+    pub fn set_next_position(&mut self, recorded: position::Recorded) {
+        self.next_position = Some(Box::new(recorded));
+    }
+
     /// Queues a durable-progress query (at most one at a time, never inside a group).
     pub async fn request_progress(&mut self) -> Result<(), DirectionError> {
         if self.progress_pending {
@@ -622,7 +654,9 @@ impl Applier {
         relation: &Arc<Relation>,
     ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
         if let Some(t) = self.tables.get(&relation.oid) {
-            return Ok(Ok(t.clone()));
+            if Arc::ptr_eq(&t.relation, relation) || t.relation == *relation {
+                return Ok(Ok(t.clone()));
+            }
         }
         let info = if self.in_ddl_txn {
             self.table_info_in_txn(&relation.schema, &relation.table)
@@ -697,6 +731,7 @@ impl Applier {
             max_row_bytes: self.config.replication.conflict_max_row_bytes,
         });
         let state = Arc::new(TableState {
+            relation: relation.clone(),
             label: relation.qualified_name(),
             overwritable: self.writers.overwritable(policy, &self.source),
             by_time: policy != ConflictPolicy::NodePriority,
@@ -752,7 +787,15 @@ impl Applier {
                 return Ok(outcome);
             }
             Event::Relation(rel) => {
-                // The table changed (or the stream re-describes it): map it again.
+                // The table changed (or the stream re-describes it): map it again, after the
+                // inserts buffered under its old description are encoded with it.
+                if self
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| g.batch_table == Some(rel.oid))
+                {
+                    self.flush_batch().await?;
+                }
                 self.tables.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
                 self.park.hint();
@@ -847,6 +890,7 @@ impl Applier {
                 counts: HashMap::new(),
                 truncates: HashMap::new(),
                 started: open.started,
+                recorded: None,
             };
             let begin = open.begin.clone();
             self.careful_begin(begin, sent).await?;
@@ -1190,8 +1234,9 @@ impl Applier {
                 self.source
             )));
         };
+        let recorded = self.next_position.take();
         if self.streaming_careful.is_some() {
-            self.careful_stream_commit(commit).await?;
+            self.careful_stream_commit(commit, recorded).await?;
             return Ok(Outcome::Continue);
         }
         if open.changes == 0 || open.careful {
@@ -1209,6 +1254,7 @@ impl Applier {
             counts: open.counts,
             truncates: open.truncates,
             started: open.started,
+            recorded,
         };
         self.open_group()?.members.push(sent);
         self.maybe_close(more_pending).await
@@ -1290,6 +1336,8 @@ impl Applier {
             return Ok(Outcome::Continue);
         }
         self.flush_batch().await?;
+        // A position that is not an LSN: its rows first (see `position`).
+        let recorded = self.encode_recorded()?;
         let Some(group) = self.group.take() else {
             return Ok(Outcome::Continue);
         };
@@ -1297,14 +1345,13 @@ impl Applier {
             return Ok(Outcome::Continue);
         };
         let name = self.statement(sql::APPLY_FINISH)?;
-        let expected = self.expected.to_string();
-        let end = last.end_lsn.to_string();
+        let (expected, end) = position::finish_lsns(recorded, self.expected, last.end_lsn);
         let ts = last.commit_time.to_string();
         self.enc
             .execute(
                 &name,
                 [
-                    Some(expected.as_bytes()),
+                    expected.as_deref().map(str::as_bytes),
                     Some(end.as_bytes()),
                     Some(ts.as_bytes()),
                 ],
@@ -1634,6 +1681,7 @@ impl Applier {
     /// Sends a buffered transaction again, optimistically, in a group of its own.
     async fn resend(&mut self, sent: Sent) -> Result<(), DirectionError> {
         let items = sent.items.clone().unwrap_or_default();
+        self.next_position = sent.recorded.clone();
         self.open = Some(OpenTxn {
             begin: sent.begin.clone(),
             items: Some(Vec::new()),

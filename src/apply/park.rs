@@ -637,7 +637,7 @@ impl Applier {
             end_lsn: self.committed,
             commit_time: head.commit_time,
         };
-        self.careful_commit(&commit).await?;
+        self.careful_commit(&commit, None).await?;
         let (s, t) = (self.source.as_str(), self.target.as_str());
         let label = head.change.relation.qualified_name();
         for row in txn {

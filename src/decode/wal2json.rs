@@ -710,7 +710,8 @@ fn fill(reg: &Registered, fields: &[Field<'_>]) -> Result<Vec<Value>, Wal2JsonEr
             reason,
         };
         let raw = field.value.ok_or_else(|| bad("it has no \"value\""))?;
-        let value = column_value(raw.get(), column.type_oid).map_err(bad)?;
+        let value =
+            json_column_value(raw.get(), column.type_oid, JsonRendering::Wal2json).map_err(bad)?;
         match values.get_mut(pos) {
             Some(slot @ Value::UnchangedToast) => *slot = value,
             _ => return Err(bad("the column appears twice")),
@@ -721,26 +722,68 @@ fn fill(reg: &Registered, fields: &[Field<'_>]) -> Result<Vec<Value>, Wal2JsonEr
 
 /// `pg_type` OID of bytea, whose hex output wal2json prints without the leading `\x`.
 const BYTEA_OID: u32 = 17;
+/// `pg_type` OIDs of `json` and `jsonb`, whose values `to_json` embeds as JSON.
+const JSON_OIDS: [u32; 2] = [114, 3802];
+/// `pg_type` OIDs of `json[]` and `jsonb[]`, whose elements `to_json` embeds as JSON.
+const JSON_ARRAY_OIDS: [u32; 2] = [199, 3807];
+/// PostgreSQL's `MAXDIM`: an array literal nested deeper is no array of PostgreSQL's.
+const MAX_ARRAY_DEPTH: usize = 6;
 
-/// The text a column's output function printed, from wal2json's JSON rendering of it.
-fn column_value(raw: &str, type_oid: u32) -> Result<Value, &'static str> {
-    let text: Cow<'_, str> = match raw.as_bytes().first() {
+/// Which JSON rendering of a column value a document carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JsonRendering {
+    /// wal2json's: scalars only, bytea as hex without its `\x`.
+    Wal2json,
+    /// PostgreSQL's `to_json` / `row_to_json` (trigger mode's change rows, and the old
+    /// script's JSON): bytea keeps its `\x`, an array column is a JSON array, a `json` /
+    /// `jsonb` column is its JSON itself, a composite is a JSON object.
+    ToJson {
+        /// The column is an array type: a JSON array becomes an array literal (`{1,2}`).
+        array: bool,
+    },
+}
+
+/// The text a column's output function printed, from a JSON rendering of it: one converter
+/// for wal2json's documents and trigger mode's change rows.
+///
+/// With [`JsonRendering::ToJson`], a `json`/`jsonb` value is its JSON text (strings keep
+/// their quotes; JSON `null` reads as SQL NULL, as `json_populate_record` reads it), a JSON
+/// array of an array column is an array literal with every element quoted, and any other
+/// JSON array or object (a composite, an array of a non-array column) is kept as JSON text,
+/// which the column's input function accepts or refuses on the target.
+pub fn json_column_value(
+    raw: &str,
+    type_oid: u32,
+    rendering: JsonRendering,
+) -> Result<Value, &'static str> {
+    let first = raw.as_bytes().first();
+    if let JsonRendering::ToJson { array } = rendering {
+        if raw == "null" {
+            return Ok(Value::Null);
+        }
+        if JSON_OIDS.contains(&type_oid) {
+            return Ok(Value::Text(Bytes::copy_from_slice(raw.as_bytes())));
+        }
+        match first {
+            Some(b'[') if array => {
+                let mut out = String::with_capacity(raw.len());
+                array_literal(raw, &mut out, 0, JSON_ARRAY_OIDS.contains(&type_oid))?;
+                return Ok(Value::Text(Bytes::from(out)));
+            }
+            Some(b'[' | b'{') => return Ok(Value::Text(Bytes::copy_from_slice(raw.as_bytes()))),
+            _ => {}
+        }
+    }
+    let text: Cow<'_, str> = match first {
         Some(b'n') if raw == "null" => return Ok(Value::Null),
         Some(b't') if raw == "true" => Cow::Borrowed("t"),
         Some(b'f') if raw == "false" => Cow::Borrowed("f"),
-        // Numbers keep wal2json's text, which is the output function's, digit for digit.
+        // Numbers keep the document's text, which is the output function's, digit for digit.
         Some(b'-' | b'0'..=b'9') => Cow::Borrowed(raw),
-        Some(b'"') => match raw.get(1..raw.len() - 1) {
-            Some(inner) if !inner.contains('\\') => Cow::Borrowed(inner),
-            _ => {
-                serde_json::from_str::<Str<'_>>(raw)
-                    .map_err(|_| "the string does not parse")?
-                    .0
-            }
-        },
+        Some(b'"') => json_string(raw)?,
         _ => return Err("it is a JSON object or array, which wal2json never prints"),
     };
-    if type_oid == BYTEA_OID {
+    if type_oid == BYTEA_OID && rendering == JsonRendering::Wal2json {
         let mut bytes = Vec::with_capacity(text.len() + 2);
         bytes.extend_from_slice(b"\\x");
         bytes.extend_from_slice(text.as_bytes());
@@ -750,6 +793,68 @@ fn column_value(raw: &str, type_oid: u32) -> Result<Value, &'static str> {
         Cow::Borrowed(s) => Bytes::copy_from_slice(s.as_bytes()),
         Cow::Owned(s) => Bytes::from(s),
     }))
+}
+
+/// The content of a JSON string, unescaped only when it has escapes.
+fn json_string(raw: &str) -> Result<Cow<'_, str>, &'static str> {
+    match raw.get(1..raw.len().saturating_sub(1)) {
+        Some(inner) if raw.len() >= 2 && raw.ends_with('"') && !inner.contains('\\') => {
+            Ok(Cow::Borrowed(inner))
+        }
+        _ => Ok(serde_json::from_str::<Str<'_>>(raw)
+            .map_err(|_| "the string does not parse")?
+            .0),
+    }
+}
+
+/// Appends the array literal of a JSON array: `[1, "a b", null, [2]]` → `{"1","a b",NULL,{"2"}}`.
+/// Every element is quoted, so the element type's input function reads it whatever it is.
+/// The elements of a `json[]`/`jsonb[]` (`json_elements`) are JSON themselves, arrays too,
+/// so such a column is read as one dimension.
+fn array_literal(
+    raw: &str,
+    out: &mut String,
+    depth: usize,
+    json_elements: bool,
+) -> Result<(), &'static str> {
+    if depth >= MAX_ARRAY_DEPTH {
+        return Err("the array has more dimensions than PostgreSQL allows (6)");
+    }
+    let items: Vec<&RawValue> =
+        serde_json::from_str(raw).map_err(|_| "the array does not parse")?;
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let item = item.get();
+        let text: Cow<'_, str> = match item.as_bytes().first() {
+            Some(b'n') if item == "null" => {
+                out.push_str("NULL");
+                continue;
+            }
+            _ if json_elements => Cow::Borrowed(item),
+            Some(b'[') => {
+                array_literal(item, out, depth + 1, false)?;
+                continue;
+            }
+            Some(b't') if item == "true" => Cow::Borrowed("t"),
+            Some(b'f') if item == "false" => Cow::Borrowed("f"),
+            Some(b'"') => json_string(item)?,
+            // Numbers and objects (elements of json[] or of a composite array) as written.
+            _ => Cow::Borrowed(item),
+        };
+        out.push('"');
+        for c in text.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    Ok(())
 }
 
 /// Built-in fixed-length types: their values are never TOASTed, so an update that leaves
@@ -868,6 +973,44 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn to_json_values_read_as_the_columns_text() {
+        let v = |raw: &str, oid: u32, array: bool| {
+            json_column_value(raw, oid, JsonRendering::ToJson { array })
+        };
+        let t = |s: &str| Ok(Value::text(s));
+        // Scalars as wal2json's, except that bytea keeps its \x.
+        assert_eq!(v("12.50", 1700, false), t("12.50"));
+        assert_eq!(v("true", 16, false), t("t"));
+        assert_eq!(v("null", 23, false), Ok(Value::Null));
+        assert_eq!(v(r#""\\x0102""#, 17, false), t("\\x0102"));
+        assert_eq!(
+            json_column_value("\"0102\"", 17, JsonRendering::Wal2json),
+            t("\\x0102")
+        );
+        // json and jsonb are their JSON, strings with their quotes.
+        assert_eq!(v(r#""s""#, 3802, false), t(r#""s""#));
+        assert_eq!(v(r#"{"a": [1]}"#, 114, false), t(r#"{"a": [1]}"#));
+        // Arrays become literals, every element quoted; json[] elements stay JSON.
+        assert_eq!(
+            v("[[1, 2], [3, null]]", 1007, true),
+            t(r#"{{"1","2"},{"3",NULL}}"#)
+        );
+        assert_eq!(
+            v(r#"["a\"b", "c\\d", "", true]"#, 1009, true),
+            t(r#"{"a\"b","c\\d","","t"}"#)
+        );
+        assert_eq!(v("[]", 1007, true), t("{}"));
+        assert_eq!(
+            v(r#"[[1], {"k": "v"}]"#, 3807, true),
+            t(r#"{"[1]","{\"k\": \"v\"}"}"#)
+        );
+        // A composite is left to its input function on the target.
+        assert_eq!(v(r#"{"x": 1}"#, 16_400, false), t(r#"{"x": 1}"#));
+        assert!(v(&format!("{}{}", "[".repeat(7), "]".repeat(7)), 1007, true).is_err());
+        assert!(v("[1,", 1007, true).is_err());
+    }
     use crate::event::Column;
     use rand::{Rng, SeedableRng};
 

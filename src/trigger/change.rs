@@ -129,6 +129,16 @@ pub enum RowError {
     /// An insert or update with nothing to write.
     #[error("descripcion has no column to write")]
     Empty,
+    /// A value its column's type cannot take in the event model (see [`super::events`]).
+    #[error("column {column:?} of table {table}: {reason}")]
+    Value {
+        /// `schema.table`.
+        table: String,
+        /// The column.
+        column: String,
+        /// What is wrong with its value.
+        reason: &'static str,
+    },
 }
 
 /// A change ready to apply: the table, and the values as one JSON object per purpose.

@@ -116,13 +116,16 @@
 //! cut-over resumes when `setup` runs again.
 
 mod change;
+mod cursor;
 mod ddl;
+pub mod events;
 pub mod legacy;
 pub mod mode;
 pub mod sql;
 mod worker;
 
-pub use change::{Op, RowError};
+pub use change::{Op, RawRow, RowError};
+pub use cursor::{recorded_progress, State};
 pub use mode::{choose, node_mode, node_modes, CaptureMode, NodeMode};
 pub use sql::{channel, CAPTURE_TRIGGER, NOTIFY_TRIGGER, TRUNCATE_TRIGGER};
-pub use worker::{drain_direction, run_direction, State, FAILPOINT_AFTER_COMMIT};
+pub use worker::{drain_direction, run_direction, FAILPOINT_AFTER_COMMIT};

@@ -35,83 +35,17 @@ use crate::pgconn;
 use crate::pgconn::pg_message;
 
 use super::change::{self, Change, Op, RawRow, RowError};
+use super::cursor::{self, load_state, record_progress, State};
 use super::sql;
 
 /// Late rows read per poll at most; above it the hold horizon stays where it was so none is
 /// skipped (see [`State`]).
 const MAX_LATE_ROWS: i64 = 10_000;
 
-/// The advisory lock class that serialises deletions from one change table (the table's OID
-/// is the second key), so the last peer to apply a row sees the others' progress.
-const DELETE_LOCK_CLASS: i32 = 0x5742_4447; // "WBDG"
-
 /// The failpoint that aborts the process right after a batch commits on the target and
 /// before the source rows are deleted (`WALBRIDGE_FAILPOINT=trigger_after_commit`), for the
 /// crash tests.
 pub const FAILPOINT_AFTER_COMMIT: &str = "trigger_after_commit";
-
-/// Progress of this direction, mirrored in T's `walbridge.trigger_progress` and
-/// `walbridge.trigger_applied`.
-///
-/// Invariant: every row of S's change table with `id <= last_id` that was visible at the last
-/// read has been applied (or dead-lettered); a row with `id <= last_id` that was not visible
-/// then belongs to a transaction `>= hold` (one still running at that read), and such rows
-/// already applied are in `late`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct State {
-    /// Highest id applied.
-    pub last_id: i64,
-    /// `pg_snapshot_xmin` of the read that set `last_id`.
-    pub hold: u64,
-    /// Ids applied whose transaction is `>= hold`, with that transaction.
-    pub late: BTreeMap<i64, u64>,
-}
-
-impl State {
-    /// After applying `handled` (id, txid) read with snapshot xmin `snapshot_hold`: the new
-    /// state, and the ids that left `late` (now covered by `last_id`/`hold`).
-    pub fn advance(
-        &self,
-        handled: &[(i64, Option<u64>)],
-        snapshot_hold: u64,
-        keep_hold: bool,
-    ) -> (State, Vec<i64>) {
-        // Rows not visible in the snapshot belong to transactions >= its xmin, so the new
-        // xmin is the new horizon; a cut batch left visible rows unread and keeps the old one.
-        let hold = if keep_hold { self.hold } else { snapshot_hold };
-        let last_id = handled
-            .iter()
-            .map(|(id, _)| *id)
-            .fold(self.last_id, i64::max);
-        let mut late = BTreeMap::new();
-        let mut left = Vec::new();
-        for (id, txid) in self
-            .late
-            .iter()
-            .map(|(i, t)| (*i, Some(*t)))
-            .chain(handled.iter().copied())
-        {
-            match txid {
-                Some(t) if t >= hold => {
-                    late.insert(id, t);
-                }
-                _ => {
-                    if self.late.contains_key(&id) {
-                        left.push(id);
-                    }
-                }
-            }
-        }
-        (
-            State {
-                last_id,
-                hold,
-                late,
-            },
-            left,
-        )
-    }
-}
 
 /// A change row on its way: applied, dropped as an echo, or dead.
 struct Item {
@@ -1050,78 +984,20 @@ impl<'a> Worker<'a> {
         candidates: &[i64],
         startup: bool,
     ) -> Result<(), DirectionError> {
-        if candidates.is_empty() && !startup {
-            return Ok(());
-        }
         let (src, tgt) = (self.ctx.source.clone(), self.ctx.target.clone());
-        let table = self.config.trigger.table.quoted();
-        let late: Vec<i64> = self.state.late.keys().copied().collect();
-        let hold = self.state.hold.to_string();
-        let candidates: Vec<i64> = if startup {
-            Vec::new()
-        } else {
-            candidates.to_vec()
-        };
-        let err = |what: &'static str| pg_err(&src, what);
         let others: Vec<String> = self.peers.iter().filter(|p| **p != tgt).cloned().collect();
-        // Applied here: up to last_id and visible then, or one of the late ones.
-        let mine = "((c.id <= $2::int8 AND (c.txid < $3::text::xid8 OR c.txid IS NULL)) \
-             OR c.id = ANY($4::int8[]))";
-        let scope = if startup {
-            "c.id <= $2::int8 AND cardinality($1::int8[]) = 0"
-        } else {
-            "c.id = ANY($1::int8[])"
-        };
-        if others.is_empty() {
-            let sql = format!("DELETE FROM {table} AS c WHERE {scope} AND {mine}");
-            self.s
-                .client
-                .execute(&sql, &[&candidates, &self.state.last_id, &hold, &late])
-                .await
-                .map_err(err("deleting applied rows from the change table"))?;
-            return Ok(());
-        }
-        // Several peers: a row goes once every peer has applied it. Deletions from one change
-        // table are serialised, so the last peer to apply a row sees the others' progress.
-        let sql = format!(
-            "DELETE FROM {table} AS c WHERE {scope} AND {mine} \
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS o(name) WHERE NOT EXISTS ( \
-                   SELECT 1 FROM walbridge.trigger_peer_progress p \
-                    WHERE p.target = o.name AND c.id <= p.last_id \
-                      AND (c.txid < p.hold_xid OR c.txid IS NULL)))"
-        );
-        let txn = self
-            .s
-            .client
-            .transaction()
-            .await
-            .map_err(err("starting a transaction"))?;
-        let oid = self.s.table_oid as i32;
-        txn.execute(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1, $2)",
-            &[&DELETE_LOCK_CLASS, &oid],
+        cursor::delete_applied(
+            &mut self.s.client,
+            &self.config.trigger.table,
+            self.s.table_oid,
+            &self.state,
+            candidates,
+            startup,
+            &tgt,
+            &others,
         )
         .await
-        .map_err(err("locking the change table's deletions"))?;
-        txn.execute(
-            "INSERT INTO walbridge.trigger_peer_progress (target, last_id, hold_xid, updated_at)
-             VALUES ($1, $2, $3::text::xid8, now())
-             ON CONFLICT (target) DO UPDATE
-                SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = pg_catalog.now()",
-            &[&tgt, &self.state.last_id, &hold],
-        )
-        .await
-        .map_err(err(
-            "publishing progress in walbridge.trigger_peer_progress",
-        ))?;
-        txn.execute(
-            &sql,
-            &[&candidates, &self.state.last_id, &hold, &late, &others],
-        )
-        .await
-        .map_err(err("deleting applied rows from the change table"))?;
-        txn.commit().await.map_err(err("committing"))?;
-        Ok(())
+        .map_err(|(what, e)| pg_fail(&src, what, &e))
     }
 
     /// `walbridge_trigger_queue_depth{node=S}`: rows in S's change table, counted at most
@@ -1740,107 +1616,9 @@ fn raw_row(r: &tokio_postgres::Row) -> Result<RawRow, tokio_postgres::Error> {
     })
 }
 
-/// This direction's progress as recorded on the target.
-async fn load_state(client: &Client, source: &str) -> Result<State, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT last_id, hold_xid::text FROM walbridge.trigger_progress WHERE source = $1",
-            &[&source],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Ok(State::default());
-    };
-    let hold: String = row.get(1);
-    let late = client
-        .query(
-            "SELECT id, txid::text FROM walbridge.trigger_applied WHERE source = $1",
-            &[&source],
-        )
-        .await?
-        .iter()
-        .filter_map(|r| {
-            let t: String = r.get(1);
-            Some((r.get::<_, i64>(0), t.parse().ok()?))
-        })
-        .collect();
-    Ok(State {
-        last_id: row.get(0),
-        hold: hold.parse().unwrap_or(0),
-        late,
-    })
-}
-
-/// Writes `state` for `source` inside the apply transaction.
-async fn record_progress(
-    txn: &tokio_postgres::Transaction<'_>,
-    source: &str,
-    state: &State,
-) -> Result<(), tokio_postgres::Error> {
-    let hold = state.hold.to_string();
-    let ids: Vec<i64> = state.late.keys().copied().collect();
-    let txids: Vec<String> = state.late.values().map(u64::to_string).collect();
-    let upsert_params: [&(dyn ToSql + Sync); 3] = [&source, &state.last_id, &hold];
-    let prune_params: [&(dyn ToSql + Sync); 2] = [&source, &hold];
-    let insert_params: [&(dyn ToSql + Sync); 3] = [&source, &ids, &txids];
-    let upsert = txn.execute(
-        "INSERT INTO walbridge.trigger_progress (source, last_id, hold_xid, updated_at)
-         VALUES ($1, $2, $3::text::xid8, now())
-         ON CONFLICT (source) DO UPDATE
-            SET last_id = EXCLUDED.last_id, hold_xid = EXCLUDED.hold_xid, updated_at = pg_catalog.now()",
-        &upsert_params,
-    );
-    let prune = txn.execute(
-        "DELETE FROM walbridge.trigger_applied WHERE source = $1 AND txid < $2::text::xid8",
-        &prune_params,
-    );
-    let insert = txn.execute(
-        "INSERT INTO walbridge.trigger_applied (source, id, txid)
-         SELECT $1, u.id, u.txid::xid8 FROM unnest($2::int8[], $3::text[]) AS u(id, txid)
-         ON CONFLICT (source, id) DO NOTHING",
-        &insert_params,
-    );
-    let (a, b, c) = futures::join!(upsert, prune, insert);
-    a?;
-    b?;
-    c?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn state_advances_past_visible_rows_and_keeps_late_ones() {
-        let s = State::default();
-        // Rows 1..3 from transactions 100, 105, 101; snapshot xmin 103 (103 still running).
-        let (s, left) = s.advance(
-            &[(1, Some(100)), (2, Some(105)), (3, Some(101))],
-            103,
-            false,
-        );
-        assert_eq!(s.last_id, 3);
-        assert_eq!(s.hold, 103);
-        assert_eq!(s.late, BTreeMap::from([(2, 105)]));
-        assert!(left.is_empty());
-        // Next read: 103 has finished, xmin is 110; row 2's transaction is now below it.
-        let (s2, left) = s.advance(&[(5, Some(108))], 110, false);
-        assert_eq!(s2.last_id, 5);
-        assert!(s2.late.is_empty());
-        assert_eq!(left, vec![2]);
-        // A cut batch keeps the old horizon.
-        let (s3, _) = s.advance(&[(4, Some(104))], 110, true);
-        assert_eq!(s3.hold, 103);
-        assert_eq!(s3.late, BTreeMap::from([(2, 105), (4, 104)]));
-    }
-
-    #[test]
-    fn legacy_rows_without_txid_are_never_late() {
-        let (s, _) = State::default().advance(&[(1, None), (2, None)], 50, false);
-        assert_eq!(s.last_id, 2);
-        assert!(s.late.is_empty());
-    }
 
     #[test]
     fn row_errors_are_told_from_target_errors() {
