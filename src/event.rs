@@ -301,6 +301,9 @@ pub struct Change {
     /// Old key or old row: always for delete; for update when the key changed or the
     /// identity is FULL; `None` otherwise (then the key is in `new`).
     pub old: Option<OldTuple>,
+    /// The change row it came from in trigger mode (`walbridge.cambios.id` or a legacy
+    /// table's id), journaled with a conflict on it; `None` for a decoded WAL change.
+    pub source_change_id: Option<i64>,
 }
 
 impl Change {

@@ -946,6 +946,7 @@ mod tests {
                     relation: rel,
                     new: Some(Tuple(vec![text("1"), Value::Null, text("x")])),
                     old: None,
+                    source_change_id: None,
                 }),
             ],
         );
@@ -990,6 +991,7 @@ mod tests {
                         kind: OldKind::Key,
                         tuple: Tuple(vec![text("1"), Value::Null, Value::Null]),
                     }),
+                    source_change_id: None,
                 }),
             ],
         );
@@ -1027,6 +1029,7 @@ mod tests {
                         kind: OldKind::Full,
                         tuple: Tuple(vec![text("1"), Value::Null, text("x")]),
                     }),
+                    source_change_id: None,
                 }),
             ],
         );
@@ -1048,6 +1051,7 @@ mod tests {
                     Value::Binary(Bytes::from_static(b"\x00\x01")),
                 ])),
                 old: None,
+                source_change_id: None,
             })],
         );
         assert_eq!(out[0]["key"], serde_json::Value::Null);
@@ -1128,6 +1132,7 @@ mod tests {
                 relation: rel.clone(),
                 new: Some(Tuple(vec![text("1"); rel.columns.len()])),
                 old: None,
+                source_change_id: None,
             })
         };
         let v1 = relation(ReplicaIdentity::Default, &["id"]);

@@ -479,6 +479,7 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
             relation,
             new: Some(Tuple(vec![text("1"), text("new")])),
             old: None,
+            source_change_id: None,
         }),
         Event::Commit(Commit {
             commit_lsn: end,

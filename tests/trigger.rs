@@ -866,6 +866,9 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
     // Older than west's own version of row 7: a conflict, decided as in stream mode.
     let mut too_old = row(6, 1003, "UPDATE", "{'id': 7, 'name': 'too old'}");
     too_old.commit_time = Some(PgTimestamp(0));
+    // Again, now that the table is contended: the resolving statement journals it.
+    let mut older_still = row(7, 1004, "UPDATE", "{'id': 7, 'name': 'older still'}");
+    older_still.commit_time = Some(PgTimestamp(0));
     let batches = vec![
         vec![
             row(
@@ -883,6 +886,7 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
             row(3, 1001, "UPDATE", "{'id': 1, 'name': 'ana maria'}"),
         ],
         vec![row(4, 1001, "DELETE", r#"{"id": 5}"#), changed_key, too_old],
+        vec![older_still],
     ];
     let mut state = State::default();
     let mut builder = TxnBuilder::new("walbridge", PgTimestamp::now());
@@ -921,18 +925,20 @@ async fn change_rows_apply_through_the_stream_applier_with_their_cursor() {
         );
         assert_eq!(
             d.sql("west", "SELECT last_id || ' ' || hold_xid FROM walbridge.trigger_progress WHERE source = 'east'"),
-            "6 1000"
+            "7 1000"
         );
         assert_eq!(
             d.sql(
                 "west",
-                "SELECT string_agg(kind || ' ' || resolution, ',') FROM walbridge.conflicts"
+                "SELECT string_agg(concat_ws(' ', kind, resolution, source_change_id), ',' \
+                 ORDER BY source_change_id) FROM walbridge.conflicts"
             ),
-            "update_older skipped"
+            // Journaled with the change row it came from, as the trigger worker does.
+            "update_older skipped 6,update_older skipped 7"
         );
         assert_eq!(
             d.sql("west", "SELECT string_agg(id::text, ',' ORDER BY id) FROM walbridge.trigger_applied WHERE source = 'east'"),
-            "1,2,3,4,5,6"
+            "1,2,3,4,5,6,7"
         );
         assert_eq!(
             d.sql(

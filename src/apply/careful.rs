@@ -506,6 +506,7 @@ impl Applier {
             let table_label = table.label.clone();
             let (source, target) = (self.source.clone(), self.target.clone());
             let journal = Journal::new(&self.config, begin, &unsent);
+            let source_change_id = change.source_change_id.map(|id| id.to_string());
             let remote_version =
                 conflict::journal_remote_row(&remote_json, local_json.as_deref(), &unsent);
             let journaled = self
@@ -532,6 +533,7 @@ impl Applier {
                         Some(journal.priority.as_bytes()),
                         Some(journal.unsent.as_bytes()),
                         Some(journal.max_row_bytes.as_bytes()),
+                        source_change_id.as_deref().map(str::as_bytes),
                     ],
                 )
                 .await;

@@ -985,8 +985,9 @@ impl Applier {
     }
 
     /// The journal parameters of a resolving statement: the open transaction's commit LSN
-    /// (NULL when the plugin does not say) and the measured clock skews by node rank.
-    fn journal_params(&self) -> [Option<String>; 2] {
+    /// (NULL when the plugin does not say), the measured clock skews by node rank and the
+    /// change's trigger-mode change row id (NULL for a WAL change).
+    fn journal_params(&self, change: &Change) -> [Option<String>; 3] {
         let lsn = self
             .open
             .as_ref()
@@ -1005,7 +1006,11 @@ impl Applier {
                     .to_string()
             })
             .collect();
-        [lsn, Some(format!("{{{}}}", skews.join(",")))]
+        [
+            lsn,
+            Some(format!("{{{}}}", skews.join(","))),
+            change.source_change_id.map(|id| id.to_string()),
+        ]
     }
 
     fn encode_update(&mut self, table: &TableState, change: &Change) -> Result<(), DirectionError> {
@@ -1039,7 +1044,7 @@ impl Applier {
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
-        let journal = resolving.map(|_| self.journal_params());
+        let journal = resolving.map(|_| self.journal_params(change));
         let params = table
             .map
             .settable(&present)
@@ -1067,7 +1072,7 @@ impl Applier {
         };
         let name = self.statement(&sql)?;
         let ts = self.commit_time().to_string();
-        let journal = resolving.map(|_| self.journal_params());
+        let journal = resolving.map(|_| self.journal_params(change));
         let params = table
             .map
             .key
@@ -1802,7 +1807,7 @@ fn resolved_in_sql(
 }
 
 /// [`Applier::journal_params`] as statement parameters (none without a resolving statement).
-fn journal_params(journal: &Option<[Option<String>; 2]>) -> impl Iterator<Item = Option<&[u8]>> {
+fn journal_params(journal: &Option<[Option<String>; 3]>) -> impl Iterator<Item = Option<&[u8]>> {
     journal
         .iter()
         .flat_map(|j| j.iter().map(|p| p.as_deref().map(str::as_bytes)))

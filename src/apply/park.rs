@@ -301,6 +301,7 @@ fn parse_row(schema: &str, table: &str, r: &tokio_postgres::Row) -> Option<Parke
             }),
             new,
             old,
+            source_change_id: None,
         },
         xid: r.get::<_, Option<i64>>(10).unwrap_or(0),
         commit_lsn: r.get(11),

@@ -713,7 +713,8 @@ impl TableMap {
 
     /// The skipped change's journal row, with every fact replay needs (see
     /// `walbridge.conflicts` in sql/schema.sql). `t`: the incoming commit time; `t + 1`: its
-    /// commit LSN; `t + 2`: the measured clock skews (`float8[]`, by rank) for `ambiguous`.
+    /// commit LSN; `t + 2`: the measured clock skews (`float8[]`, by rank) for `ambiguous`;
+    /// `t + 3`: the trigger-mode change row's id (`int8`, NULL for a WAL change).
     /// `complete`: the incoming row carries every written column; `unsent`: the columns it
     /// lacks (their journaled value is the locked row's, the value the skipped update keeps).
     #[allow(clippy::too_many_arguments)]
@@ -758,7 +759,8 @@ impl TableMap {
             "skip AS (INSERT INTO walbridge.conflicts (source, target, table_name, key, kind, \
              resolution, local_commit_ts, remote_commit_ts, policy, local_writer, \
              local_tombstone, row_equals_old, complete_row, ambiguous, source_lsn, priority, \
-             remote_unsent, local_row, remote_row, local_row_truncated, remote_row_truncated) \
+             remote_unsent, local_row, remote_row, local_row_truncated, remote_row_truncated, \
+             source_change_id) \
              SELECT {src}, {tgt}, {label}, {key}, '{kind}', 'skipped', dec.wb_ts, ${t}::timestamptz, \
              'last_write_wins', {writer}, false, {equals_old}, {complete}, \
              COALESCE(pg_catalog.abs(pg_catalog.date_part('epoch', dec.wb_ts - ${t}::timestamptz)) \
@@ -766,7 +768,7 @@ impl TableMap {
              ${l}::pg_lsn, {priority}, {unsent}, \
              walbridge.journal_row(dec.wb_row::jsonb, {m}), walbridge.journal_row({remote}, {m}), \
              COALESCE(pg_catalog.octet_length(dec.wb_row::jsonb::text) > {m}, false), \
-             COALESCE(pg_catalog.octet_length(({remote})::text) > {m}, false) \
+             COALESCE(pg_catalog.octet_length(({remote})::text) > {m}, false), ${c}::int8 \
              FROM dec WHERE NOT dec.wb_apply RETURNING key::text, ambiguous)",
             src = lit(&r.source),
             tgt = lit(&r.target),
@@ -777,6 +779,7 @@ impl TableMap {
             equals_old = if self.full_identity { "true" } else { "NULL::boolean" },
             l = t + 1,
             s = t + 2,
+            c = t + 3,
             src_rank = r.source_rank,
             priority = array(&r.priority),
             unsent = array(&names(unsent)),
@@ -786,8 +789,8 @@ impl TableMap {
     /// A last-write-wins UPDATE that resolves `update_older` itself: applies when the incoming
     /// change wins, else records the conflict and skips; fails (WB001) only when the row is
     /// missing (or its identity values to `check` differ). Parameters as
-    /// [`TableMap::update_optimistic`] with `by_time`, then the source's commit LSN and the
-    /// clock skews by rank (see [`TableMap::conflict_insert`]). Returns one row:
+    /// [`TableMap::update_optimistic`] with `by_time`, then the source's commit LSN, the
+    /// clock skews by rank and the change row id (see [`TableMap::conflict_insert`]). Returns one row:
     /// `(_, skipped key or NULL, table, kind, ambiguous)`.
     pub fn update_resolving(&self, present: &[usize], check: &[usize], r: &Resolving) -> String {
         let (set, next) = self.set_list(present, "c");
@@ -848,19 +851,20 @@ impl TableMap {
 /// tombstone, whether the row equalled the change's old row, whether the incoming row was
 /// complete, whether the decision was ambiguous (closer than the measured clock skew), the
 /// source's commit LSN, the priority order (json array), the columns the source did not send
-/// (json array), the row size bound (`replication.conflict_max_row_bytes`).
+/// (json array), the row size bound (`replication.conflict_max_row_bytes`), the trigger-mode
+/// change row's id (NULL for a WAL change).
 pub const INSERT_CONFLICT: &str = "INSERT INTO walbridge.conflicts \
     (source, target, table_name, key, kind, resolution, \
      local_commit_ts, remote_commit_ts, policy, local_writer, local_tombstone, row_equals_old, \
      complete_row, ambiguous, source_lsn, priority, remote_unsent, \
-     local_row, remote_row, local_row_truncated, remote_row_truncated) \
+     local_row, remote_row, local_row_truncated, remote_row_truncated, source_change_id) \
     SELECT $1, $2, $3, $4::jsonb, $5, $6, $9::timestamptz, $10::timestamptz, \
      $11, $12, $13::bool, $14::bool, $15::bool, $16::bool, $17::pg_lsn, \
      ARRAY(SELECT pg_catalog.jsonb_array_elements_text($18::jsonb)), \
      ARRAY(SELECT pg_catalog.jsonb_array_elements_text($19::jsonb)), \
      walbridge.journal_row($7::jsonb, $20::int4), walbridge.journal_row($8::jsonb, $20::int4), \
      COALESCE(pg_catalog.octet_length($7::jsonb::text) > $20::int4, false), \
-     COALESCE(pg_catalog.octet_length($8::jsonb::text) > $20::int4, false)";
+     COALESCE(pg_catalog.octet_length($8::jsonb::text) > $20::int4, false), $21::int8";
 
 /// `TRUNCATE` of exactly the given quoted table names, with the source's `RESTART IDENTITY`.
 ///
@@ -1164,18 +1168,19 @@ mod tests {
             &map.update_optimistic(&written, &[0], false),
             settable + 1 + k + 1,
         );
-        // Resolving statements also take the journal's source LSN and the measured skews.
-        uses(&map.update_resolving(&written, &[], &r), settable + k + 4);
+        // Resolving statements also take the journal's source LSN, the measured skews and the
+        // change row id.
+        uses(&map.update_resolving(&written, &[], &r), settable + k + 5);
         uses(
             &map.update_resolving(&written, &[0], &r),
-            settable + 1 + k + 4,
+            settable + 1 + k + 5,
         );
         uses(&map.update_plain(&written), settable + k);
         // An update of unchanged TOAST only still has its key and guard parameters.
         uses(&map.update_optimistic(&[], &[], true), k + 2);
         uses(&map.delete_optimistic(true), k + 2);
         uses(&map.delete_optimistic(false), k + 1);
-        uses(&map.delete_resolving(&r), k + 4);
+        uses(&map.delete_resolving(&r), k + 5);
         uses(&map.delete_plain(), k);
         uses(&map.lookup_row(&[]), k);
         uses(&map.lookup_row(&written), k + w);
@@ -1193,7 +1198,7 @@ mod tests {
         }
         uses(APPLY_FINISH, 3);
         uses(TOMBSTONE_GUARD, 1);
-        uses(INSERT_CONFLICT, 20);
+        uses(INSERT_CONFLICT, 21);
     }
 
     #[test]

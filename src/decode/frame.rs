@@ -232,6 +232,7 @@ mod tests {
             relation: rel.clone(),
             new: Some(Tuple(vec![Value::text("1")])),
             old: None,
+            source_change_id: None,
         })
     }
 

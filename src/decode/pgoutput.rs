@@ -441,6 +441,7 @@ impl PgOutputDecoder {
                     relation,
                     new: Some(new),
                     old: None,
+                    source_change_id: None,
                 })
             }
             b'U' => {
@@ -460,6 +461,7 @@ impl PgOutputDecoder {
                     relation,
                     new: Some(new),
                     old,
+                    source_change_id: None,
                 })
             }
             b'D' => {
@@ -471,6 +473,7 @@ impl PgOutputDecoder {
                     relation,
                     new: None,
                     old: Some(old_tuple(kind, tuple)),
+                    source_change_id: None,
                 })
             }
             b'T' => {
@@ -1077,6 +1080,7 @@ mod tests {
             relation: Arc::clone(r),
             new: Some(Tuple(new)),
             old: None,
+            source_change_id: None,
         })
     }
 
@@ -1089,6 +1093,7 @@ mod tests {
                 kind,
                 tuple: Tuple(v),
             }),
+            source_change_id: None,
         })
     }
 
@@ -1101,6 +1106,7 @@ mod tests {
                 kind,
                 tuple: Tuple(old),
             }),
+            source_change_id: None,
         })
     }
 

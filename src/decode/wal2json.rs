@@ -574,6 +574,7 @@ impl Wal2JsonDecoder {
             relation: rel.clone(),
             new,
             old,
+            source_change_id: None,
         })
     }
 }

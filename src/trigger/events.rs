@@ -170,6 +170,7 @@ impl TxnBuilder {
                     relation: self.relation(rel),
                     new: Some(new),
                     old: None,
+                    source_change_id: Some(row.id),
                 })
             }
             Op::Update => {
@@ -183,6 +184,7 @@ impl TxnBuilder {
                     relation: self.relation(full),
                     new: Some(new),
                     old,
+                    source_change_id: Some(row.id),
                 })
             }
             Op::Delete => {
@@ -199,6 +201,7 @@ impl TxnBuilder {
                     relation: self.relation(full),
                     new: None,
                     old: Some(old),
+                    source_change_id: Some(row.id),
                 })
             }
         };
