@@ -78,6 +78,16 @@ fn wait_applied_live(d: &Deployment) {
     );
 }
 
+/// Opens a transaction on east inserting rows 1..=`rows` and waits until west applies it live
+/// (streamed, not yet committed); the caller commits or rolls back.
+fn streaming_on_east(d: &Deployment, rows: u32) -> Session {
+    let mut s = Session::open(d, "east");
+    s.run("BEGIN;");
+    s.run(&insert(1, rows));
+    wait_applied_live(d);
+    s
+}
+
 #[test]
 fn streamed_transaction_is_applied_while_in_progress() {
     let d = deployment("");
@@ -121,10 +131,7 @@ fn streamed_transaction_is_applied_while_in_progress() {
 fn streamed_transaction_rolled_back_leaves_nothing() {
     let d = deployment("");
     let _run = d.spawn_run("run.log");
-    let mut s = Session::open(&d, "east");
-    s.run("BEGIN;");
-    s.run(&insert(1, 100_000));
-    wait_applied_live(&d);
+    let mut s = streaming_on_east(&d, 100_000);
     s.run("ROLLBACK;");
     s.close();
     d.sql("east", "INSERT INTO small VALUES (1, 'after')");
@@ -167,10 +174,7 @@ fn streamed_subtransaction_rolled_back_is_left_out() {
 fn ordinary_transaction_interleaved_with_a_streamed_one_arrives_first() {
     let d = deployment("");
     let mut run = d.spawn_run("run.log");
-    let mut s = Session::open(&d, "east");
-    s.run("BEGIN;");
-    s.run(&insert(1, 100_000));
-    wait_applied_live(&d);
+    let mut s = streaming_on_east(&d, 100_000);
     // A small transaction commits while the large one is still open on east.
     d.sql("east", "INSERT INTO small VALUES (1, 'first')");
     d.wait_for("west", "SELECT v FROM small WHERE id = 1", "first");
@@ -192,10 +196,7 @@ fn ordinary_transaction_interleaved_with_a_streamed_one_arrives_first() {
 fn spilled_transaction_leaves_out_its_rolled_back_subtransaction() {
     let d = deployment("");
     let run = d.spawn_run("run.log");
-    let mut s = Session::open(&d, "east");
-    s.run("BEGIN;");
-    s.run(&insert(1, 50_000));
-    wait_applied_live(&d);
+    let mut s = streaming_on_east(&d, 50_000);
     // Interleaved: from here on the large transaction is kept on disk until it commits.
     d.sql("east", "INSERT INTO small VALUES (1, 'first')");
     d.wait_for("west", "SELECT count(*) FROM small", "1");
@@ -254,10 +255,7 @@ fn streamed_transaction_conflict_is_resolved_by_last_write_wins() {
 fn kill_during_streamed_transaction_applies_it_once() {
     let d = deployment("");
     let mut run = d.spawn_run("run.log");
-    let mut s = Session::open(&d, "east");
-    s.run("BEGIN;");
-    s.run(&insert(1, 100_000));
-    wait_applied_live(&d);
+    let mut s = streaming_on_east(&d, 100_000);
     // Half applied on west, in its open transaction: walbridge dies.
     run.signal(libc::SIGKILL);
     run.wait_exit(WAIT);
@@ -319,10 +317,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 fn heavy_million_row_streamed_transaction_keeps_memory_bounded() {
     let d = deployment("");
     let run = d.spawn_run("run.log");
-    let mut s = Session::open(&d, "east");
-    s.run("BEGIN;");
-    s.run(&insert(1, 1_000_000));
-    wait_applied_live(&d);
+    let mut s = streaming_on_east(&d, 1_000_000);
     s.run("COMMIT;");
     s.close();
     d.wait_for("west", "SELECT count(*) FROM big", "1000000");
