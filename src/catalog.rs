@@ -54,6 +54,23 @@ pub struct ColumnInfo {
 pub const FIRST_NORMAL_OID: u32 = 16384;
 
 impl ColumnInfo {
+    /// A plain nullable column with equality, for unit tests that build table descriptions.
+    #[cfg(test)]
+    pub fn for_test(name: &str, type_oid: u32, type_sql: &str) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            attnum: 1,
+            type_oid,
+            type_sql: type_sql.into(),
+            type_modifier: -1,
+            not_null: false,
+            generated: false,
+            identity_always: false,
+            identity_by_default: false,
+            has_equality: true,
+        }
+    }
+
     /// Whether the column's type was created after initdb (an enum, a domain, a composite, an
     /// extension's type, an array of one): `to_jsonb` and `jsonb_build_array` call a cast to
     /// json that the type's owner may have written for it, so walbridge never lets them see

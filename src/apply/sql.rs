@@ -932,18 +932,7 @@ mod tests {
     use crate::event::{Column, OldKind, ReplicaIdentity};
 
     fn col(name: &str, type_oid: u32, type_sql: &str) -> ColumnInfo {
-        ColumnInfo {
-            name: name.into(),
-            attnum: 1,
-            type_oid,
-            type_sql: type_sql.into(),
-            type_modifier: -1,
-            not_null: false,
-            generated: false,
-            identity_always: false,
-            identity_by_default: false,
-            has_equality: true,
-        }
+        ColumnInfo::for_test(name, type_oid, type_sql)
     }
 
     /// `"Mixed Case"."we;ird ""t"""`: id (GENERATED ALWAYS identity, the key), `a"b` text,

@@ -384,18 +384,7 @@ mod tests {
     use crate::catalog::{ColumnInfo, TableKind};
 
     fn col(name: &str, type_oid: u32, type_sql: &str) -> ColumnInfo {
-        ColumnInfo {
-            name: name.into(),
-            attnum: 1,
-            type_oid,
-            type_sql: type_sql.into(),
-            type_modifier: -1,
-            not_null: false,
-            generated: false,
-            identity_always: false,
-            identity_by_default: false,
-            has_equality: true,
-        }
+        ColumnInfo::for_test(name, type_oid, type_sql)
     }
 
     /// `users(id int PK, name text, tags text[], doc jsonb, pic bytea, upper_name GENERATED)`.
