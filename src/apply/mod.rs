@@ -640,6 +640,18 @@ impl Applier {
         Ok(name)
     }
 
+    /// Adds `sql` (prepared once) with text parameters to the buffer of the open group.
+    fn execute_text(&mut self, sql: &str, params: &[Option<String>]) -> Result<(), DirectionError> {
+        let name = self.statement(sql)?;
+        self.enc
+            .execute(
+                &name,
+                params.iter().map(|p| p.as_deref().map(str::as_bytes)),
+            )
+            .map_err(proto)?;
+        Ok(())
+    }
+
     async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
         self.table_fitting(relation)
             .await?

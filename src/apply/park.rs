@@ -33,7 +33,7 @@ use bytes::Bytes;
 use tokio_postgres::Client;
 
 use super::careful::Failed;
-use super::{proto, Applier, Item};
+use super::{Applier, Item};
 use crate::config::{Config, SchemaMismatch};
 use crate::direction::DirectionError;
 use crate::event::{
@@ -378,13 +378,7 @@ impl Applier {
         }
         self.open_group()?;
         self.flush_batch().await?;
-        let name = self.statement(PARK_INSERT)?;
-        self.enc
-            .execute(
-                &name,
-                params.iter().map(|p| p.as_deref().map(str::as_bytes)),
-            )
-            .map_err(proto)?;
+        self.execute_text(PARK_INSERT, &params)?;
         Ok(true)
     }
 

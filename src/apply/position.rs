@@ -24,7 +24,7 @@
 //! progress-only commit).
 
 use super::careful::Failed;
-use super::{proto, Applier};
+use super::Applier;
 use crate::direction::DirectionError;
 use crate::lsn::Lsn;
 
@@ -61,13 +61,7 @@ impl Applier {
             return Ok(false);
         };
         for (sql, params) in &recorded.statements {
-            let name = self.statement(sql)?;
-            self.enc
-                .execute(
-                    &name,
-                    params.iter().map(|p| p.as_deref().map(str::as_bytes)),
-                )
-                .map_err(proto)?;
+            self.execute_text(sql, params)?;
         }
         Ok(true)
     }
