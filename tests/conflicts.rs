@@ -491,7 +491,7 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
     let applied = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         // The restream's state: a progress query in flight, the next transaction careful.
         applier.request_progress().await.expect("progress query");
-        applier.set_careful_next();
+        applier.apply_next_transaction_carefully();
         for event in events {
             assert_eq!(
                 applier.on_event(event, false).await.expect("apply"),

@@ -49,12 +49,17 @@ impl Applier {
         params: &[Option<&[u8]>],
     ) -> Result<Result<Rows, ServerError>, DirectionError> {
         self.settle_in_flight().await?;
-        self.enc.parse("", sql).map_err(proto)?;
-        self.enc
+        self.session.enc.parse("", sql).map_err(proto)?;
+        self.session
+            .enc
             .execute("", params.iter().copied())
             .map_err(proto)?;
-        self.enc.sync();
-        self.pipe.send(self.enc.take()).await.map_err(proto)?;
+        self.session.enc.sync();
+        self.session
+            .pipe
+            .send(self.session.enc.take())
+            .await
+            .map_err(proto)?;
         let (rows, error) = self.read_group().await?;
         Ok(match error {
             Some(e) => Err(e),
@@ -86,7 +91,7 @@ impl Applier {
             {
                 Ok(conflicts) => {
                     self.ddl_txn_ended();
-                    self.expected = sent.end_lsn;
+                    self.ledger.expected = sent.end_lsn;
                     self.acknowledge(&sent, &conflicts);
                     return Ok(());
                 }
@@ -155,7 +160,7 @@ impl Applier {
             self.exec_recorded(recorded).await?;
         }
         let (expected, end) =
-            super::position::finish_lsns(recorded.is_some(), self.committed, commit.end_lsn);
+            super::position::finish_lsns(recorded.is_some(), self.ledger.committed, commit.end_lsn);
         let ts = commit.commit_time.to_string();
         self.exec(
             sql::APPLY_FINISH,
@@ -190,7 +195,7 @@ impl Applier {
             }
             Err(Failed::Stop(e)) => return Err(e),
         }
-        self.streaming_careful = Some(CarefulTxn {
+        self.careful_on_target = Some(CarefulTxn {
             begin,
             conflicts: Vec::new(),
             sent,
@@ -200,7 +205,7 @@ impl Applier {
 
     /// One item of a streamed careful transaction.
     pub(super) async fn careful_stream_item(&mut self, item: Item) -> Result<(), DirectionError> {
-        let Some(mut txn) = self.streaming_careful.take() else {
+        let Some(mut txn) = self.careful_on_target.take() else {
             return Ok(());
         };
         let begin = txn.begin.clone();
@@ -214,7 +219,7 @@ impl Applier {
                         *txn.sent.truncates.entry(rel.qualified_name()).or_default() += 1;
                     }
                 }
-                self.streaming_careful = Some(txn);
+                self.careful_on_target = Some(txn);
                 Ok(())
             }
             Err(f) => Err(self
@@ -232,7 +237,7 @@ impl Applier {
         commit: Commit,
         recorded: Option<Box<Recorded>>,
     ) -> Result<(), DirectionError> {
-        let Some(mut txn) = self.streaming_careful.take() else {
+        let Some(mut txn) = self.careful_on_target.take() else {
             return Ok(());
         };
         match self.careful_commit(&commit, recorded.as_deref()).await {
@@ -240,7 +245,7 @@ impl Applier {
                 self.ddl_txn_ended();
                 txn.sent.end_lsn = commit.end_lsn;
                 txn.sent.commit_time = commit.commit_time;
-                self.expected = commit.end_lsn;
+                self.ledger.expected = commit.end_lsn;
                 txn.sent.recorded = recorded;
                 self.acknowledge(&txn.sent, &txn.conflicts);
                 Ok(())

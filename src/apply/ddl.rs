@@ -56,7 +56,11 @@ impl Applier {
                     self.source
                 )))
             }
-            Some(open) => (open.careful, open.changes == 0, open.begin.xid),
+            Some(open) => (
+                open.careful_as_it_arrives,
+                open.changes == 0,
+                open.begin.xid,
+            ),
         };
         let ddl = SchemaChange::parse(&message.content).map_err(|e| {
             DirectionError::definite(format!(
@@ -69,7 +73,7 @@ impl Applier {
             self.careful_mode_item(Item::Ddl(ddl)).await?;
             return Ok(Outcome::Continue);
         }
-        if nothing_encoded && self.pending_failure.is_none() && self.redo.is_empty() {
+        if nothing_encoded && self.ledger.pending_failure.is_none() && self.ledger.redo.is_empty() {
             // Send what gathered before this transaction, then apply it carefully.
             let open = self.open.take();
             let outcome = self.close_group().await;
@@ -78,9 +82,9 @@ impl Applier {
                 self.careful_xid = Some(xid);
                 return Ok(Outcome::Restream);
             }
-            if self.redo.is_empty() {
+            if self.ledger.redo.is_empty() {
                 if let Some(open) = self.open.as_mut() {
-                    open.careful = true;
+                    open.careful_as_it_arrives = true;
                 }
                 self.careful_mode_item(Item::Ddl(ddl)).await?;
                 return Ok(Outcome::Continue);
@@ -93,7 +97,7 @@ impl Applier {
     /// sent before, and asks for the stream again from the target's progress, with transaction
     /// `xid` applied carefully from its first change.
     async fn restream_for_ddl(&mut self, xid: u32) -> Result<Outcome, DirectionError> {
-        if self.pending_failure.is_some() {
+        if self.ledger.pending_failure.is_some() {
             // A group failed and its redo is not done: start over from the target's progress.
             return Err(DirectionError::transient(format!(
                 "{} -> {}: a schema change arrived while a failed group waited to be redone; \
@@ -112,9 +116,9 @@ impl Applier {
         }
         self.settle_in_flight().await?;
         self.forget_statements(parsed).await?;
-        self.redo.clear();
-        self.cautious = 0;
-        self.expected = self.committed;
+        self.ledger.redo.clear();
+        self.single_txn_groups_left = 0;
+        self.ledger.expected = self.ledger.committed;
         self.careful_xid = Some(xid);
         tracing::debug!(
             source = %self.source, target = %self.target, xid,
@@ -126,7 +130,7 @@ impl Applier {
     /// Runs a replicated statement inside the open careful transaction.
     pub(super) async fn careful_ddl(&mut self, ddl: &SchemaChange) -> Result<(), Failed> {
         self.in_ddl_txn = true;
-        self.tables.clear();
+        self.tables.states.clear();
         let params = [
             Some(ddl.search_path.as_bytes()),
             Some(ddl.statement.as_bytes()),
@@ -164,7 +168,7 @@ impl Applier {
     /// table descriptions are read from the catalog connection again, afresh.
     pub(super) fn ddl_txn_ended(&mut self) {
         if std::mem::take(&mut self.in_ddl_txn) {
-            self.tables.clear();
+            self.tables.states.clear();
             self.park.hint();
         }
     }

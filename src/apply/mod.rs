@@ -36,10 +36,14 @@
 
 mod careful;
 mod ddl;
+mod group;
+mod ledger;
 mod park;
 pub mod position;
+mod session;
 pub mod sql;
 mod stream;
+mod tables;
 mod writers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -59,8 +63,12 @@ use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
 use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
 use crate::protocol::ServerError;
+use group::{Item, OpenGroup, OpenTxn, Sent};
+use ledger::{Group, Ledger};
 pub use park::{CHECK_EVERY as PARK_CHECK_EVERY, PARK_SQL};
+use session::Session;
 use sql::TableMap;
+use tables::{TableState, Tables};
 pub use writers::Writers;
 
 /// Tunables of the apply pipeline.
@@ -99,103 +107,6 @@ impl Default for ApplyLimits {
     }
 }
 
-/// How a replicated table is applied.
-struct TableState {
-    /// The description it was mapped from: a change described otherwise (one buffered
-    /// before a new `Relation`, sent again after a failure) needs its own mapping.
-    relation: Arc<Relation>,
-    map: TableMap,
-    label: String,
-    policy: ConflictPolicy,
-    /// Origin ids (`oid[]` literal) the optimistic path may overwrite.
-    overwritable: String,
-    /// Whether an older target version may be overwritten without a check.
-    by_time: bool,
-    /// last_write_wins only: how statements resolve `update_older`/`delete_older` in SQL.
-    resolving: Option<sql::Resolving>,
-    /// The table has had such conflicts: use the resolving statements from now on (they cost
-    /// a little more than the plain ones, so only contended tables get them).
-    hot: AtomicBool,
-    /// The table has (or had, this session) delete tombstones: inserts check each key
-    /// against them; without any, plain multi-row INSERTs behind one guard per group.
-    tombstoned: AtomicBool,
-}
-
-impl TableState {
-    /// The resolving statements' settings, once the table is contended.
-    fn resolving_now(&self) -> Option<&sql::Resolving> {
-        self.resolving
-            .as_ref()
-            .filter(|_| self.hot.load(Ordering::Relaxed))
-    }
-}
-
-/// One item of a transaction, kept for a careful redo.
-#[derive(Clone, Debug)]
-enum Item {
-    Change(Change),
-    Truncate(Truncate),
-    /// A replicated schema change (`walbridge.ddl()`), see [`ddl`].
-    Ddl(crate::event::SchemaChange),
-}
-
-/// A transaction being received from the source.
-struct OpenTxn {
-    begin: Begin,
-    items: Option<Vec<Item>>,
-    changes: usize,
-    /// Changes per (relation OID, op), labelled when counted.
-    counts: HashMap<(u32, ChangeOp), u64>,
-    /// Truncated tables (`schema.table`) and how often.
-    truncates: HashMap<String, u64>,
-    started: Instant,
-    /// Careful mode from the first change on (after a conflict in a huge transaction).
-    careful: bool,
-}
-
-/// A received transaction, waiting for its group to commit.
-struct Sent {
-    end_lsn: Lsn,
-    commit_time: PgTimestamp,
-    begin: Begin,
-    commit: Commit,
-    items: Option<Vec<Item>>,
-    /// Changes per (relation OID, op), labelled when counted.
-    counts: HashMap<(u32, ChangeOp), u64>,
-    /// Truncated tables (`schema.table`) and how often.
-    truncates: HashMap<String, u64>,
-    started: Instant,
-    /// A position that is not an LSN (see [`position`]); `None` in stream mode.
-    recorded: Option<Box<position::Recorded>>,
-}
-
-/// The group being encoded (statements sent or buffered, no `Sync` yet).
-struct OpenGroup {
-    members: Vec<Sent>,
-    first_commit_time: PgTimestamp,
-    /// Statements first parsed inside this group: if the group fails, whether the server kept
-    /// them is unknown, so they are closed and parsed again.
-    parsed: Vec<String>,
-    batch: Vec<Tuple>,
-    batch_table: Option<u32>,
-    /// Tables whose "no tombstones" guard is already in this group.
-    guarded: Vec<u32>,
-    /// When the group opened.
-    opened: Instant,
-    /// An explicit transaction (`BEGIN` first): it holds a streamed transaction, whose
-    /// subtransactions need savepoints. Closed with `COMMIT`.
-    explicit: bool,
-}
-
-enum Group {
-    Txns(Vec<Sent>, Vec<String>),
-    Progress,
-    /// An open group abandoned on shutdown: made to fail so it never commits.
-    Abort,
-    /// Closing statements of failed groups.
-    Close,
-}
-
 /// What the applier asks of its caller.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -208,9 +119,10 @@ pub enum Outcome {
 
 /// Applies one direction's transactions to its target.
 pub struct Applier {
-    pipe: Pipeline,
-    enc: Encoder,
-    catalog: Client,
+    /// The target session and its prepared statements.
+    session: Session,
+    /// The table cache.
+    tables: Tables,
     config: Arc<Config>,
     source: String,
     target: String,
@@ -221,46 +133,23 @@ pub struct Applier {
     node_count: usize,
     /// Whether each transaction first takes `conflict::SERIALIZE_APPLIERS_SQL`.
     take_turns: bool,
-    tables: HashMap<u32, Arc<TableState>>,
-    relations: HashMap<u32, Arc<Relation>>,
-    prepared: HashMap<String, String>,
-    statement_seq: u64,
     open: Option<OpenTxn>,
     group: Option<OpenGroup>,
-    in_flight: VecDeque<Group>,
-    progress_pending: bool,
-    /// Origin progress the next group expects (end LSN of the last transaction sent).
-    expected: Lsn,
-    /// End LSN of the last acknowledged transaction.
-    committed: Lsn,
-    /// Durable progress (last flushed-progress answer).
-    flushed: Lsn,
-    /// A keepalive position that may be confirmed once everything sent before it is durable.
-    idle_point: Option<(Lsn, Lsn)>,
-    /// Groups to apply one transaction at a time, one at a time, after a conflict.
-    cautious: usize,
-    /// Apply the next transaction carefully (after a restream).
-    careful_next: bool,
+    /// What is in flight and what is acknowledged and durable.
+    ledger: Ledger,
+    /// After a conflict: how many more groups go with one transaction each and alone in
+    /// flight, so a further conflict is found without failing a whole window.
+    single_txn_groups_left: usize,
+    /// The next transaction to begin is applied carefully, change by change as it arrives
+    /// (set after a restream for a conflict in a transaction too large to keep).
+    careful_from_next_begin: bool,
     last_commit_time: Option<PgTimestamp>,
-    /// A group failed while another was being encoded: resolved when that one closes, because
-    /// a `Sync` must never fall inside an open group.
-    pending_failure: Option<(Vec<Sent>, Vec<String>, ServerError)>,
-    /// A progress query was asked for while a group was open.
-    progress_wanted: bool,
-    /// Buffered transactions to send again, one per group.
-    redo: VecDeque<Sent>,
-    /// Replies of the oldest group in flight, collected until its `ReadyForQuery`.
-    acc_rows: Vec<Vec<Option<Bytes>>>,
-    acc_error: Option<ServerError>,
-    /// A careful transaction streamed change by change (too large to buffer) is open.
-    streaming_careful: Option<careful::CarefulTxn>,
+    /// The careful transaction open on the target (`BEGIN` sent, not yet committed), applied
+    /// change by change as the source streams it.
+    careful_on_target: Option<careful::CarefulTxn>,
     /// Groups and transactions sent, for the summary logged at the end.
     groups_sent: u64,
     transactions_sent: u64,
-    /// `schema.table` of every relation OID seen (metric labels).
-    labels: HashMap<u32, String>,
-    /// Metric handles, looked up once instead of hashing labels per transaction.
-    change_counters: HashMap<(u32, ChangeOp), prometheus::IntCounter>,
     txn_counter: prometheus::IntCounter,
     apply_histogram: prometheus::Histogram,
     /// Prefix of `walbridge.ddl()`'s logical messages (`<slot_prefix>_ddl`).
@@ -425,9 +314,14 @@ impl Applier {
         let apply_histogram = metrics.apply_duration.with_label_values(&[source, target]);
         Ok((
             Applier {
-                pipe,
-                enc: Encoder::default(),
-                catalog,
+                session: Session {
+                    pipe,
+                    enc: Encoder::default(),
+                    catalog,
+                    prepared,
+                    statement_seq: 0,
+                },
+                tables: Tables::default(),
                 config,
                 source: source.to_string(),
                 target: target.to_string(),
@@ -436,31 +330,27 @@ impl Applier {
                 limits,
                 node_count,
                 take_turns,
-                tables: HashMap::new(),
-                relations: HashMap::new(),
-                prepared,
-                statement_seq: 0,
                 open: None,
                 group: None,
-                in_flight: VecDeque::new(),
-                progress_pending: false,
-                expected: progress,
-                committed: progress,
-                flushed: progress,
-                idle_point: None,
-                cautious: 0,
-                careful_next: false,
+                ledger: Ledger {
+                    in_flight: VecDeque::new(),
+                    progress_pending: false,
+                    expected: progress,
+                    committed: progress,
+                    flushed: progress,
+                    idle_point: None,
+                    pending_failure: None,
+                    progress_wanted: false,
+                    redo: VecDeque::new(),
+                    acc_rows: Vec::new(),
+                    acc_error: None,
+                },
+                single_txn_groups_left: 0,
+                careful_from_next_begin: false,
                 last_commit_time: None,
-                pending_failure: None,
-                progress_wanted: false,
-                redo: VecDeque::new(),
-                acc_rows: Vec::new(),
-                acc_error: None,
-                streaming_careful: None,
+                careful_on_target: None,
                 groups_sent: 0,
                 transactions_sent: 0,
-                labels: HashMap::new(),
-                change_counters: HashMap::new(),
                 txn_counter,
                 apply_histogram,
                 ddl_prefix,
@@ -478,22 +368,23 @@ impl Applier {
 
     /// Whether the applier can take more source events now (bounded in-flight window).
     pub fn ready_for_more(&self) -> bool {
-        if self.pending_failure.is_some() {
+        if self.ledger.pending_failure.is_some() {
             // Only to finish the transaction being received, so its group can close.
             return self.open.is_some();
         }
-        self.redo.is_empty() && self.groups_in_flight() < self.window()
+        self.ledger.redo.is_empty() && self.groups_in_flight() < self.window()
     }
 
     fn groups_in_flight(&self) -> usize {
-        self.in_flight
+        self.ledger
+            .in_flight
             .iter()
             .filter(|g| matches!(g, Group::Txns(..)))
             .count()
     }
 
     fn window(&self) -> usize {
-        if self.cautious > 0 {
+        if self.single_txn_groups_left > 0 {
             1
         } else {
             self.limits.max_in_flight
@@ -502,17 +393,17 @@ impl Applier {
 
     /// Whether replies are awaited (and may be read now).
     pub fn has_in_flight(&self) -> bool {
-        !self.in_flight.is_empty() && self.pending_failure.is_none()
+        !self.ledger.in_flight.is_empty() && self.ledger.pending_failure.is_none()
     }
 
     /// Whether buffered transactions wait to be sent again.
     pub fn has_redo(&self) -> bool {
-        !self.redo.is_empty() && self.groups_in_flight() < self.window()
+        !self.ledger.redo.is_empty() && self.groups_in_flight() < self.window()
     }
 
     /// Sends the next buffered transaction again, in a group of its own.
     pub async fn redo_one(&mut self) -> Result<(), DirectionError> {
-        if let Some(sent) = self.redo.pop_front() {
+        if let Some(sent) = self.ledger.redo.pop_front() {
             self.resend(sent).await?;
         }
         Ok(())
@@ -520,18 +411,18 @@ impl Applier {
 
     /// Durable progress: what may be confirmed to the source.
     pub fn confirmable(&self) -> Lsn {
-        match self.idle_point {
-            Some((wal_end, sent_before)) if self.idle() && self.flushed >= sent_before => {
-                wal_end.max(self.flushed)
+        match self.ledger.idle_point {
+            Some((wal_end, sent_before)) if self.idle() && self.ledger.flushed >= sent_before => {
+                wal_end.max(self.ledger.flushed)
             }
-            _ => self.flushed,
+            _ => self.ledger.flushed,
         }
     }
 
     /// End LSN of the last transaction the target committed (where a restarted stream
     /// resumes).
     pub fn committed_lsn(&self) -> Lsn {
-        self.committed
+        self.ledger.committed
     }
 
     /// The source's commit time of the last applied transaction.
@@ -544,13 +435,13 @@ impl Applier {
         self.open.is_none()
             && self.group.is_none()
             && self.groups_in_flight() == 0
-            && self.redo.is_empty()
+            && self.ledger.redo.is_empty()
     }
 
     /// Apply the next transaction carefully (the source was restarted after a conflict in a
     /// transaction too large to keep).
-    pub fn set_careful_next(&mut self) {
-        self.careful_next = true;
+    pub fn apply_next_transaction_carefully(&mut self) {
+        self.careful_from_next_begin = true;
     }
 
     /// The source is being restarted from [`Applier::committed_lsn`] after
@@ -560,7 +451,7 @@ impl Applier {
     pub fn on_restream(&mut self) {
         self.live = None;
         if !std::mem::take(&mut self.restream_for_spill) {
-            self.careful_next = true;
+            self.careful_from_next_begin = true;
         }
     }
 
@@ -568,7 +459,7 @@ impl Applier {
     pub async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<Outcome, DirectionError> {
         let outcome = self.close_group().await?;
         if self.open.is_none() && self.group.is_none() {
-            self.idle_point = Some((wal_end, self.expected));
+            self.ledger.idle_point = Some((wal_end, self.ledger.expected));
         }
         Ok(outcome)
     }
@@ -588,7 +479,7 @@ impl Applier {
 
     fn skipped_until(&mut self, end_lsn: Lsn) {
         if self.open.is_none() && self.group.is_none() {
-            self.idle_point = Some((end_lsn, self.expected));
+            self.ledger.idle_point = Some((end_lsn, self.ledger.expected));
         }
     }
 
@@ -601,49 +492,49 @@ impl Applier {
 
     /// Queues a durable-progress query (at most one at a time, never inside a group).
     pub async fn request_progress(&mut self) -> Result<(), DirectionError> {
-        if self.progress_pending {
+        if self.ledger.progress_pending {
             return Ok(());
         }
-        if self.group.is_some() || self.streaming_careful.is_some() {
+        if self.group.is_some() || self.careful_on_target.is_some() {
             // A Sync now would commit the open group's statements so far.
-            self.progress_wanted = true;
+            self.ledger.progress_wanted = true;
             return Ok(());
         }
-        self.progress_wanted = false;
+        self.ledger.progress_wanted = false;
         let name = self.statement(sql::FLUSHED_PROGRESS)?;
-        self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
-        self.enc.sync();
-        self.in_flight.push_back(Group::Progress);
-        self.progress_pending = true;
+        self.session
+            .enc
+            .execute(&name, std::iter::empty())
+            .map_err(proto)?;
+        self.session.enc.sync();
+        self.ledger.in_flight.push_back(Group::Progress);
+        self.ledger.progress_pending = true;
         self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), DirectionError> {
-        if !self.enc.is_empty() {
-            self.pipe.send(self.enc.take()).await.map_err(proto)?;
+        if !self.session.enc.is_empty() {
+            self.session
+                .pipe
+                .send(self.session.enc.take())
+                .await
+                .map_err(proto)?;
         }
         self.take_live_replies()
     }
 
-    /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time.
+    /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time
+    /// (recorded in the open group's `parsed`).
     fn statement(&mut self, sql: &str) -> Result<String, DirectionError> {
-        if let Some(name) = self.prepared.get(sql) {
-            return Ok(name.clone());
-        }
-        self.statement_seq += 1;
-        let name = format!("wb{}", self.statement_seq);
-        self.enc.parse(&name, sql).map_err(proto)?;
-        self.prepared.insert(sql.to_string(), name.clone());
-        if let Some(group) = &mut self.group {
-            group.parsed.push(name.clone());
-        }
-        Ok(name)
+        let parsed = self.group.as_mut().map(|g| &mut g.parsed);
+        self.session.statement(sql, parsed).map_err(proto)
     }
 
     /// Adds `sql` (prepared once) with text parameters to the buffer of the open group.
     fn execute_text(&mut self, sql: &str, params: &[Option<String>]) -> Result<(), DirectionError> {
         let name = self.statement(sql)?;
-        self.enc
+        self.session
+            .enc
             .execute(
                 &name,
                 params.iter().map(|p| p.as_deref().map(str::as_bytes)),
@@ -665,7 +556,7 @@ impl Applier {
         &mut self,
         relation: &Arc<Relation>,
     ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
-        if let Some(t) = self.tables.get(&relation.oid) {
+        if let Some(t) = self.tables.states.get(&relation.oid) {
             if Arc::ptr_eq(&t.relation, relation) || t.relation == *relation {
                 return Ok(Ok(t.clone()));
             }
@@ -674,7 +565,7 @@ impl Applier {
             self.table_info_in_txn(&relation.schema, &relation.table)
                 .await?
         } else {
-            catalog::table_info(&self.catalog, &relation.schema, &relation.table)
+            catalog::table_info(&self.session.catalog, &relation.schema, &relation.table)
                 .await
                 .map_err(|e| {
                     let msg = format!(
@@ -713,6 +604,7 @@ impl Applier {
         };
         let tombstoned = map.unique_key.is_some()
             && self
+                .session
                 .catalog
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM walbridge.tombstones WHERE relid = $1)",
@@ -753,8 +645,8 @@ impl Applier {
             hot: AtomicBool::new(false),
             tombstoned: AtomicBool::new(tombstoned),
         });
-        self.tables.insert(relation.oid, state.clone());
-        self.labels.insert(relation.oid, state.label.clone());
+        self.tables.states.insert(relation.oid, state.clone());
+        self.tables.labels.insert(relation.oid, state.label.clone());
         Ok(Ok(state))
     }
 
@@ -785,7 +677,7 @@ impl Applier {
                 if must_close {
                     outcome = self.close_group().await?;
                 }
-                let careful = std::mem::take(&mut self.careful_next)
+                let careful_as_it_arrives = std::mem::take(&mut self.careful_from_next_begin)
                     || self.careful_xid.take_if(|x| *x == begin.xid).is_some();
                 self.open = Some(OpenTxn {
                     begin,
@@ -794,7 +686,7 @@ impl Applier {
                     counts: HashMap::new(),
                     truncates: HashMap::new(),
                     started: Instant::now(),
-                    careful,
+                    careful_as_it_arrives,
                 });
                 return Ok(outcome);
             }
@@ -808,8 +700,8 @@ impl Applier {
                 {
                     self.flush_batch().await?;
                 }
-                self.tables.remove(&rel.oid);
-                self.relations.insert(rel.oid, rel);
+                self.tables.states.remove(&rel.oid);
+                self.tables.relations.insert(rel.oid, rel);
                 self.park.hint();
             }
             // A framed stream has no Origin (it is in the Begin) and no echo: the source
@@ -844,18 +736,25 @@ impl Applier {
             .map_or(PgTimestamp(0), |o| o.begin.commit_time);
         if self.group.is_none() && self.live.is_some() {
             // A streamed transaction: an explicit one, for its savepoints.
-            self.enc.parse("", "BEGIN").map_err(proto)?;
-            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+            self.session.enc.parse("", "BEGIN").map_err(proto)?;
+            self.session
+                .enc
+                .execute("", std::iter::empty())
+                .map_err(proto)?;
         }
         if self.group.is_none() && self.take_turns {
             // First statement of the group's transaction: take turns with the other sources'
             // appliers (see `conflict::SERIALIZE_APPLIERS_SQL`).
             if let Some(name) = self
+                .session
                 .prepared
                 .get(crate::conflict::SERIALIZE_APPLIERS_SQL)
                 .cloned()
             {
-                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+                self.session
+                    .enc
+                    .execute(&name, std::iter::empty())
+                    .map_err(proto)?;
             }
         }
         Ok(self.group.get_or_insert_with(|| OpenGroup {
@@ -885,10 +784,10 @@ impl Applier {
         let Some(open) = &self.open else {
             return Ok(false);
         };
-        if !open.careful {
+        if !open.careful_as_it_arrives {
             return Ok(false);
         }
-        if self.streaming_careful.is_none() {
+        if self.careful_on_target.is_none() {
             let sent = Sent {
                 end_lsn: Lsn::ZERO,
                 commit_time: open.begin.commit_time,
@@ -924,7 +823,7 @@ impl Applier {
             return Ok(());
         }
         let limit = self.limits.max_buffered_changes;
-        if self.open.as_ref().is_some_and(|o| o.careful) {
+        if self.open.as_ref().is_some_and(|o| o.careful_as_it_arrives) {
             self.careful_mode_item(Item::Change(change)).await?;
             return Ok(());
         }
@@ -984,7 +883,7 @@ impl Applier {
         if let Some(items) = self.open.as_mut().and_then(|o| o.items.as_mut()) {
             items.push(Item::Change(change));
         }
-        if self.enc.len() >= self.limits.flush_bytes {
+        if self.session.enc.len() >= self.limits.flush_bytes {
             self.flush().await?;
         }
         Ok(())
@@ -1045,7 +944,10 @@ impl Applier {
                 // group so the transaction is redone carefully, where it is written (see
                 // `sql::IdentityChange`).
                 let name = self.statement(sql::NEEDS_CAREFUL)?;
-                self.enc.execute(&name, std::iter::empty()).map_err(proto)?;
+                self.session
+                    .enc
+                    .execute(&name, std::iter::empty())
+                    .map_err(proto)?;
                 return Ok(());
             }
         };
@@ -1066,7 +968,7 @@ impl Applier {
             .chain(table.map.key.iter().map(|&p| value_param(key_tuple, p)))
             .chain(guard_params(table, &ts))
             .chain(journal_params(&journal));
-        self.enc.execute(&name, params).map_err(proto)?;
+        self.session.enc.execute(&name, params).map_err(proto)?;
         Ok(())
     }
 
@@ -1092,7 +994,7 @@ impl Applier {
             .map(|&p| value_param(key_tuple, p))
             .chain(guard_params(table, &ts))
             .chain(journal_params(&journal));
-        self.enc.execute(&name, params).map_err(proto)?;
+        self.session.enc.execute(&name, params).map_err(proto)?;
         Ok(())
     }
 
@@ -1111,6 +1013,7 @@ impl Applier {
         }
         let table = self
             .tables
+            .states
             .get(&oid)
             .cloned()
             .ok_or_else(|| DirectionError::definite("insert batch for an unknown table"))?;
@@ -1126,7 +1029,8 @@ impl Applier {
             if needs_guard {
                 let name = self.statement(sql::TOMBSTONE_GUARD)?;
                 let oid = target_oid.to_string();
-                self.enc
+                self.session
+                    .enc
                     .execute(&name, [Some(oid.as_bytes())])
                     .map_err(proto)?;
                 if let Some(g) = self.group.as_mut() {
@@ -1136,8 +1040,14 @@ impl Applier {
         }
         if plain && rows.len() >= self.limits.copy_min_rows {
             // Large batches of a table without tombstones: COPY, inside the same group.
-            self.enc.parse("", &table.map.copy_in()).map_err(proto)?;
-            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+            self.session
+                .enc
+                .parse("", &table.map.copy_in())
+                .map_err(proto)?;
+            self.session
+                .enc
+                .execute("", std::iter::empty())
+                .map_err(proto)?;
             let mut line = Vec::with_capacity(256);
             let mut chunk = Vec::with_capacity(64 * 1024);
             for t in &rows {
@@ -1151,15 +1061,15 @@ impl Applier {
                 line.push(b'\n');
                 chunk.extend_from_slice(&line);
                 if chunk.len() >= 64 * 1024 {
-                    self.enc.copy_data(&chunk).map_err(proto)?;
+                    self.session.enc.copy_data(&chunk).map_err(proto)?;
                     chunk.clear();
                 }
             }
             if !chunk.is_empty() {
-                self.enc.copy_data(&chunk).map_err(proto)?;
+                self.session.enc.copy_data(&chunk).map_err(proto)?;
             }
-            self.enc.copy_done();
-            if self.enc.len() >= self.limits.flush_bytes {
+            self.session.enc.copy_done();
+            if self.session.enc.len() >= self.limits.flush_bytes {
                 self.flush().await?;
             }
             return Ok(());
@@ -1182,10 +1092,10 @@ impl Applier {
             let params = now
                 .iter()
                 .flat_map(|t| written.iter().map(move |&p| value_param(t, p)));
-            self.enc.execute(&name, params).map_err(proto)?;
+            self.session.enc.execute(&name, params).map_err(proto)?;
             rest = later;
         }
-        if self.enc.len() >= self.limits.flush_bytes {
+        if self.session.enc.len() >= self.limits.flush_bytes {
             self.flush().await?;
         }
         Ok(())
@@ -1212,8 +1122,11 @@ impl Applier {
         self.open_group()?;
         self.flush_batch().await?;
         let sql = self.truncate_sql(&t).await?;
-        self.enc.parse("", &sql).map_err(proto)?;
-        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.session.enc.parse("", &sql).map_err(proto)?;
+        self.session
+            .enc
+            .execute("", std::iter::empty())
+            .map_err(proto)?;
         Ok(())
     }
 
@@ -1252,12 +1165,12 @@ impl Applier {
             )));
         };
         let recorded = self.next_position.take();
-        if self.streaming_careful.is_some() {
+        if self.careful_on_target.is_some() {
             self.careful_stream_commit(commit, recorded).await?;
             return Ok(Outcome::Continue);
         }
-        if open.changes == 0 || open.careful {
-            if !open.careful {
+        if open.changes == 0 || open.careful_as_it_arrives {
+            if !open.careful_as_it_arrives {
                 self.skipped_until(commit.end_lsn);
             }
             return self.maybe_close(more_pending).await;
@@ -1290,8 +1203,8 @@ impl Applier {
             .is_some_and(|g| g.members.len() >= self.limits.max_group_transactions);
         let target_idle = self.groups_in_flight() == 0;
         if full
-            || self.cautious > 0
-            || self.pending_failure.is_some()
+            || self.single_txn_groups_left > 0
+            || self.ledger.pending_failure.is_some()
             || (!more_pending && target_idle)
         {
             return self.close_group().await;
@@ -1347,7 +1260,7 @@ impl Applier {
             self.group = None;
         }
         if self.group.is_none() {
-            if let Some((failed, parsed, error)) = self.pending_failure.take() {
+            if let Some((failed, parsed, error)) = self.ledger.pending_failure.take() {
                 return self.recover(failed, parsed, error).await;
             }
             return Ok(Outcome::Continue);
@@ -1362,9 +1275,10 @@ impl Applier {
             return Ok(Outcome::Continue);
         };
         let name = self.statement(sql::APPLY_FINISH)?;
-        let (expected, end) = position::finish_lsns(recorded, self.expected, last.end_lsn);
+        let (expected, end) = position::finish_lsns(recorded, self.ledger.expected, last.end_lsn);
         let ts = last.commit_time.to_string();
-        self.enc
+        self.session
+            .enc
             .execute(
                 &name,
                 [
@@ -1375,14 +1289,18 @@ impl Applier {
             )
             .map_err(proto)?;
         if group.explicit {
-            self.enc.parse("", "COMMIT").map_err(proto)?;
-            self.enc.execute("", std::iter::empty()).map_err(proto)?;
+            self.session.enc.parse("", "COMMIT").map_err(proto)?;
+            self.session
+                .enc
+                .execute("", std::iter::empty())
+                .map_err(proto)?;
         }
-        self.enc.sync();
-        self.expected = last.end_lsn;
+        self.session.enc.sync();
+        self.ledger.expected = last.end_lsn;
         self.groups_sent += 1;
         self.transactions_sent += group.members.len() as u64;
-        self.in_flight
+        self.ledger
+            .in_flight
             .push_back(Group::Txns(group.members, group.parsed));
         if group.explicit {
             // Had a statement failed, the server skipped the COMMIT and the transaction is
@@ -1390,10 +1308,10 @@ impl Applier {
             self.end_explicit()?;
         }
         self.flush().await?;
-        if let Some((failed, parsed, error)) = self.pending_failure.take() {
+        if let Some((failed, parsed, error)) = self.ledger.pending_failure.take() {
             return self.recover(failed, parsed, error).await;
         }
-        if self.progress_wanted {
+        if self.ledger.progress_wanted {
             self.request_progress().await?;
         }
         Ok(Outcome::Continue)
@@ -1402,18 +1320,18 @@ impl Applier {
     /// The next reply from the target; cancel-safe, so it can be a `select!` arm. Hand it to
     /// [`Applier::on_response`].
     pub async fn recv_response(&mut self) -> Result<Response, DirectionError> {
-        self.pipe.recv().await.map_err(proto)
+        self.session.pipe.recv().await.map_err(proto)
     }
 
     /// Takes one reply; when it completes the oldest group in flight, handles that group.
     pub async fn on_response(&mut self, response: Response) -> Result<Outcome, DirectionError> {
         match response {
-            Response::Row(r) => self.acc_rows.push(r),
-            Response::Error(e) => self.acc_error = Some(e),
+            Response::Row(r) => self.ledger.acc_rows.push(r),
+            Response::Error(e) => self.ledger.acc_error = Some(e),
             Response::Ready(_) => {
-                let rows = std::mem::take(&mut self.acc_rows);
-                let error = self.acc_error.take();
-                if let Some(group) = self.in_flight.pop_front() {
+                let rows = std::mem::take(&mut self.ledger.acc_rows);
+                let error = self.ledger.acc_error.take();
+                if let Some(group) = self.ledger.in_flight.pop_front() {
                     return self.complete_group(group, rows, error).await;
                 }
             }
@@ -1424,8 +1342,8 @@ impl Applier {
 
     /// Reads replies until the oldest group in flight completes, and handles it.
     pub async fn on_reply(&mut self) -> Result<Outcome, DirectionError> {
-        let depth = self.in_flight.len();
-        while self.in_flight.len() == depth && depth > 0 {
+        let depth = self.ledger.in_flight.len();
+        while self.ledger.in_flight.len() == depth && depth > 0 {
             let r = self.recv_response().await?;
             let outcome = self.on_response(r).await?;
             if outcome != Outcome::Continue {
@@ -1442,7 +1360,7 @@ impl Applier {
             .and_then(text)
             .and_then(|t| t.parse::<Lsn>().ok())
         {
-            self.flushed = self.flushed.max(lsn);
+            self.ledger.flushed = self.ledger.flushed.max(lsn);
         }
     }
 
@@ -1454,7 +1372,7 @@ impl Applier {
     ) -> Result<Outcome, DirectionError> {
         match group {
             Group::Progress => {
-                self.progress_pending = false;
+                self.ledger.progress_pending = false;
                 if let Some(e) = error {
                     return Err(server(&self.target, "reading the origin's progress", e));
                 }
@@ -1469,7 +1387,7 @@ impl Applier {
                     for (i, sent) in members.iter().enumerate() {
                         self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
                     }
-                    self.cautious = self.cautious.saturating_sub(1);
+                    self.single_txn_groups_left = self.single_txn_groups_left.saturating_sub(1);
                     if self.groups_in_flight() == 0 && self.open.is_none() && self.group.is_some() {
                         // The target is idle: send the group that gathered meanwhile.
                         return self.close_group().await;
@@ -1479,7 +1397,7 @@ impl Applier {
                 Some(e) if self.group.is_some() || self.open.is_some() => {
                     // A Sync must not fall inside the group being encoded: close it first
                     // (at once between transactions, else when the open one commits).
-                    self.pending_failure = Some((members, parsed, e));
+                    self.ledger.pending_failure = Some((members, parsed, e));
                     self.close_group().await
                 }
                 Some(e) => self.recover(members, parsed, e).await,
@@ -1488,17 +1406,21 @@ impl Applier {
     }
 
     fn acknowledge(&mut self, sent: &Sent, conflicts: &[(ConflictKind, Resolution, String)]) {
-        self.committed = sent.end_lsn;
+        self.ledger.committed = sent.end_lsn;
         self.last_commit_time = Some(sent.commit_time);
         let (s, t) = (self.source.as_str(), self.target.as_str());
         self.txn_counter.inc();
         for (&(oid, op), n) in &sent.counts {
-            let counter = self.change_counters.entry((oid, op)).or_insert_with(|| {
-                let table = self.labels.get(&oid).map_or("", String::as_str);
-                self.metrics
-                    .changes_applied
-                    .with_label_values(&[s, t, table, op.as_str()])
-            });
+            let counter = self
+                .tables
+                .change_counters
+                .entry((oid, op))
+                .or_insert_with(|| {
+                    let table = self.tables.labels.get(&oid).map_or("", String::as_str);
+                    self.metrics
+                        .changes_applied
+                        .with_label_values(&[s, t, table, op.as_str()])
+                });
             counter.inc_by(*n);
         }
         for (table, n) in &sent.truncates {
@@ -1534,7 +1456,7 @@ impl Applier {
                 (Some(s), Some(t)) if !t.is_empty() => Some((s, t)),
                 _ => None,
             };
-            for t in self.tables.values() {
+            for t in self.tables.states.values() {
                 let target = &t.map.target;
                 if named.is_none_or(|(s, n)| s == target.schema && n == target.name) {
                     t.tombstoned.store(true, Ordering::Relaxed);
@@ -1580,7 +1502,7 @@ impl Applier {
         // Everything after the failed group fails in apply_finish (progress mismatch).
         let mut followers = Vec::new();
         let mut uncertain = parsed;
-        while let Some(group) = self.in_flight.pop_front() {
+        while let Some(group) = self.ledger.in_flight.pop_front() {
             let (rows, _) = self.read_group().await?;
             match group {
                 Group::Txns(members, parsed) => {
@@ -1589,36 +1511,36 @@ impl Applier {
                 }
                 Group::Abort | Group::Close => {}
                 Group::Progress => {
-                    self.progress_pending = false;
+                    self.ledger.progress_pending = false;
                     self.note_progress(&rows);
                 }
             }
         }
-        self.expected = self.committed;
+        self.ledger.expected = self.ledger.committed;
         self.forget_statements(uncertain).await?;
         if failed.iter().chain(&followers).any(|f| f.items.is_none()) {
             tracing::info!(
                 source = %self.source, target = %self.target,
                 "a large transaction needs conflict resolution; re-reading it from the source"
             );
-            self.careful_next = true;
+            self.careful_from_next_begin = true;
             return Ok(Outcome::Restream);
         }
-        self.cautious = 64;
+        self.single_txn_groups_left = 64;
         let mut failed = failed;
         if failed.len() == 1 {
             if let Some(one) = failed.pop() {
                 self.apply_carefully(one).await?;
             }
         }
-        self.redo.extend(failed);
-        self.redo.extend(followers);
+        self.ledger.redo.extend(failed);
+        self.ledger.redo.extend(followers);
         Ok(Outcome::Continue)
     }
 
     /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.
     async fn read_group(&mut self) -> Result<(Rows, Option<ServerError>), DirectionError> {
-        self.pipe.finish_group().await.map_err(proto)
+        self.session.pipe.finish_group().await.map_err(proto)
     }
 
     /// Reads and handles the replies of everything still in flight, oldest first, so the
@@ -1636,15 +1558,15 @@ impl Applier {
     ///   read:   └ here, handled as progress; then each careful step reads its own answer
     /// ```
     pub(super) async fn settle_in_flight(&mut self) -> Result<(), DirectionError> {
-        while let Some(group) = self.in_flight.pop_front() {
+        while let Some(group) = self.ledger.in_flight.pop_front() {
             // Replies of the oldest group may already have been taken one by one.
             let (more, error) = self.read_group().await?;
-            let mut rows = std::mem::take(&mut self.acc_rows);
+            let mut rows = std::mem::take(&mut self.ledger.acc_rows);
             rows.extend(more);
-            let error = self.acc_error.take().or(error);
+            let error = self.ledger.acc_error.take().or(error);
             match group {
                 Group::Progress => {
-                    self.progress_pending = false;
+                    self.ledger.progress_pending = false;
                     if let Some(e) = error {
                         return Err(server(&self.target, "reading the origin's progress", e));
                     }
@@ -1665,7 +1587,7 @@ impl Applier {
                     for (i, sent) in members.iter().enumerate() {
                         self.acknowledge(sent, if i == 0 { &resolved } else { &[] });
                     }
-                    self.cautious = self.cautious.saturating_sub(1);
+                    self.single_txn_groups_left = self.single_txn_groups_left.saturating_sub(1);
                 }
             }
         }
@@ -1678,17 +1600,17 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
-        self.prepared.retain(|_, n| !names.contains(n));
+        self.session.prepared.retain(|_, n| !names.contains(n));
         for n in &names {
-            self.enc.close_statement(n);
+            self.session.enc.close_statement(n);
         }
-        self.enc.sync();
-        self.in_flight.push_back(Group::Close);
+        self.session.enc.sync();
+        self.ledger.in_flight.push_back(Group::Close);
         self.flush().await?;
-        while let Some(group) = self.in_flight.pop_front() {
+        while let Some(group) = self.ledger.in_flight.pop_front() {
             let (rows, _) = self.read_group().await?;
             if let Group::Progress = group {
-                self.progress_pending = false;
+                self.ledger.progress_pending = false;
                 self.note_progress(&rows);
             }
         }
@@ -1706,7 +1628,7 @@ impl Applier {
             counts: HashMap::new(),
             truncates: HashMap::new(),
             started: sent.started,
-            careful: false,
+            careful_as_it_arrives: false,
         });
         for item in items {
             match item {
@@ -1731,18 +1653,18 @@ impl Applier {
     /// waits for what was sent, and makes progress durable. Returns what may be confirmed.
     pub async fn finish(&mut self) -> Result<Lsn, DirectionError> {
         let had_open = self.open.take().is_some();
-        if had_open || self.group.is_some() || self.streaming_careful.is_some() {
+        if had_open || self.group.is_some() || self.careful_on_target.is_some() {
             self.abort_open().await?;
         }
-        self.pending_failure = None;
-        self.redo.clear();
-        while !self.in_flight.is_empty() {
+        self.ledger.pending_failure = None;
+        self.ledger.redo.clear();
+        while !self.ledger.in_flight.is_empty() {
             if self.on_reply().await? == Outcome::Restream {
                 break;
             }
         }
         self.request_progress().await?;
-        while !self.in_flight.is_empty() {
+        while !self.ledger.in_flight.is_empty() {
             self.on_reply().await?;
         }
         tracing::debug!(
@@ -1755,16 +1677,20 @@ impl Applier {
 
     /// Makes the open group's statements (sent without `Sync`) fail, so they roll back.
     async fn abort_open(&mut self) -> Result<(), DirectionError> {
-        if let Some(txn) = self.streaming_careful.take() {
+        if let Some(txn) = self.careful_on_target.take() {
             return self.careful_abort(txn).await;
         }
         let explicit = self.group.take().is_some_and(|g| g.explicit);
-        self.enc
+        self.session
+            .enc
             .parse("", "SELECT walbridge.expect_rows(0, 1)")
             .map_err(proto)?;
-        self.enc.execute("", std::iter::empty()).map_err(proto)?;
-        self.enc.sync();
-        self.in_flight.push_back(Group::Abort);
+        self.session
+            .enc
+            .execute("", std::iter::empty())
+            .map_err(proto)?;
+        self.session.enc.sync();
+        self.ledger.in_flight.push_back(Group::Abort);
         if explicit {
             self.end_explicit()?;
         }
@@ -1774,10 +1700,13 @@ impl Applier {
     /// Ends an explicit transaction left open by a failed group: `ROLLBACK` in a group of
     /// its own (a warning only when there is none).
     fn end_explicit(&mut self) -> Result<(), DirectionError> {
-        self.enc.parse("", "ROLLBACK").map_err(proto)?;
-        self.enc.execute("", std::iter::empty()).map_err(proto)?;
-        self.enc.sync();
-        self.in_flight.push_back(Group::Close);
+        self.session.enc.parse("", "ROLLBACK").map_err(proto)?;
+        self.session
+            .enc
+            .execute("", std::iter::empty())
+            .map_err(proto)?;
+        self.session.enc.sync();
+        self.ledger.in_flight.push_back(Group::Close);
         Ok(())
     }
 }

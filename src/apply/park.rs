@@ -414,9 +414,9 @@ impl Applier {
         }
         let between = self.open.is_none()
             && self.group.is_none()
-            && self.streaming_careful.is_none()
-            && self.redo.is_empty()
-            && self.pending_failure.is_none()
+            && self.careful_on_target.is_none()
+            && self.ledger.redo.is_empty()
+            && self.ledger.pending_failure.is_none()
             && !self.in_ddl_txn;
         if !between {
             return Ok(());
@@ -438,6 +438,7 @@ impl Applier {
         table: &str,
     ) -> Result<Vec<ParkedRow>, DirectionError> {
         let rows = self
+            .session
             .catalog
             .query(
                 "SELECT seq, op, replica_identity, columns, type_oids, key_columns, new_values, \
@@ -472,6 +473,7 @@ impl Applier {
             label.as_str(),
         ]);
         let total: i64 = self
+            .session
             .catalog
             .query_one(
                 "SELECT count(*) FROM walbridge.parked WHERE source = $1 AND target = $2 \
@@ -506,7 +508,7 @@ impl Applier {
         let mut described: Option<&Relation> = None;
         for r in &rows {
             if described.is_none_or(|d| d.columns != r.change.relation.columns) {
-                self.tables.remove(&REPLAY_OID);
+                self.tables.states.remove(&REPLAY_OID);
                 if let Err(mismatch) = self.table_fitting(&r.change.relation).await? {
                     tracing::debug!(table = %label, reason = %mismatch, "parked table does not fit yet");
                     break;
@@ -515,7 +517,7 @@ impl Applier {
             }
             fitting += 1;
         }
-        self.tables.remove(&REPLAY_OID);
+        self.tables.states.remove(&REPLAY_OID);
         // Never half of a source transaction.
         if let Some(cut) = rows.get(fitting).map(|r| (r.xid, r.commit_lsn.clone())) {
             fitting = rows
@@ -543,13 +545,13 @@ impl Applier {
             match self.replay_txn(txn, &mut described).await {
                 Ok(()) => {}
                 Err(Failed::Stop(e)) => {
-                    self.tables.remove(&REPLAY_OID);
+                    self.tables.states.remove(&REPLAY_OID);
                     self.park.tables.insert(key);
                     return Err(e);
                 }
                 Err(Failed::Server(e)) => {
                     let _ = self.round_trip("ROLLBACK", &[]).await?;
-                    self.tables.remove(&REPLAY_OID);
+                    self.tables.states.remove(&REPLAY_OID);
                     self.park.tables.insert(key);
                     tracing::warn!(
                         source = %self.source, target = %self.target, table = %label,
@@ -564,7 +566,7 @@ impl Applier {
             gauge.set(left as i64);
             rest = later;
         }
-        self.tables.remove(&REPLAY_OID);
+        self.tables.states.remove(&REPLAY_OID);
         if !replays_all {
             // The rest waits for the next check (more rows, or a description that does not
             // fit yet); the table's new changes keep parking behind it.
@@ -612,7 +614,7 @@ impl Applier {
         for row in txn {
             if described.as_ref() != Some(&row.change.relation.columns) {
                 // Another description of the table: mapped anew.
-                self.tables.remove(&REPLAY_OID);
+                self.tables.states.remove(&REPLAY_OID);
                 *described = Some(row.change.relation.columns.clone());
             }
             self.careful_change(&begin, &row.change, &mut conflicts)
@@ -629,7 +631,7 @@ impl Applier {
         // Progress stays where it is: these changes were counted when they were parked.
         let commit = Commit {
             commit_lsn: begin.final_lsn,
-            end_lsn: self.committed,
+            end_lsn: self.ledger.committed,
             commit_time: head.commit_time,
         };
         self.careful_commit(&commit, None).await?;

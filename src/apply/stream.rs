@@ -96,14 +96,14 @@ impl Applier {
         if self.close_group().await? == Outcome::Restream {
             return Ok(Outcome::Restream);
         }
-        while !self.redo.is_empty() {
+        while !self.ledger.redo.is_empty() {
             if self.has_redo() {
                 self.redo_one().await?;
             } else if self.on_reply().await? == Outcome::Restream {
                 return Ok(Outcome::Restream);
             }
         }
-        let careful = std::mem::take(&mut self.careful_next)
+        let careful_as_it_arrives = std::mem::take(&mut self.careful_from_next_begin)
             || self.careful_xid.take_if(|x| *x == start.xid).is_some();
         self.open = Some(OpenTxn {
             begin: Begin {
@@ -118,7 +118,7 @@ impl Applier {
             counts: HashMap::new(),
             truncates: HashMap::new(),
             started: Instant::now(),
-            careful,
+            careful_as_it_arrives,
         });
         self.live = Some(Live {
             xid: start.xid,
@@ -126,7 +126,7 @@ impl Applier {
             savepoints: Vec::new(),
         });
         tracing::debug!(source = %self.source, target = %self.target, xid = start.xid,
-            careful, "applying a streamed transaction as it arrives");
+            careful = careful_as_it_arrives, "applying a streamed transaction as it arrives");
         Ok(Outcome::Continue)
     }
 
@@ -135,13 +135,13 @@ impl Applier {
     /// million-row transaction would otherwise leave millions of replies queued.
     pub(super) fn take_live_replies(&mut self) -> Result<(), DirectionError> {
         // With nothing else in flight, every reply is the live group's and none ends it.
-        if self.live.is_none() || !self.in_flight.is_empty() {
+        if self.live.is_none() || !self.ledger.in_flight.is_empty() {
             return Ok(());
         }
-        while let Some(reply) = self.pipe.try_recv() {
+        while let Some(reply) = self.session.pipe.try_recv() {
             match reply.map_err(proto)? {
-                Response::Row(r) => self.acc_rows.push(r),
-                Response::Error(e) => self.acc_error = Some(e),
+                Response::Row(r) => self.ledger.acc_rows.push(r),
+                Response::Error(e) => self.ledger.acc_error = Some(e),
                 _ => {}
             }
         }
@@ -178,7 +178,7 @@ impl Applier {
     async fn streamed_statement(&mut self, sql: &str) -> Result<(), DirectionError> {
         if self.careful_open().await? {
             if let Err(f) = self.exec(sql, &[]).await {
-                self.streaming_careful = None;
+                self.careful_on_target = None;
                 return Err(self.roll_back(f, "a savepoint failed").await?);
             }
             return Ok(());
@@ -189,8 +189,11 @@ impl Applier {
             open.changes += 1;
         }
         self.flush_batch().await?;
-        self.enc.parse("", sql).map_err(proto)?;
-        self.enc.execute("", std::iter::empty()).map_err(proto)?;
+        self.session.enc.parse("", sql).map_err(proto)?;
+        self.session
+            .enc
+            .execute("", std::iter::empty())
+            .map_err(proto)?;
         Ok(())
     }
 
@@ -247,14 +250,14 @@ impl Applier {
     /// Rolls back the live transaction's target transaction (it never commits) and settles
     /// everything sent before it.
     async fn discard_live(&mut self) -> Result<(), DirectionError> {
-        if self.pending_failure.is_some() {
+        if self.ledger.pending_failure.is_some() {
             return Err(DirectionError::transient(format!(
                 "{} -> {}: a streamed transaction ended while a failed group waited to be \
                  redone; restarting from the target's progress",
                 self.source, self.target
             )));
         }
-        if let Some(txn) = self.streaming_careful.take() {
+        if let Some(txn) = self.careful_on_target.take() {
             return self.careful_abort(txn).await;
         }
         let parsed = self
@@ -275,7 +278,7 @@ impl Applier {
         let Some(live) = self.live.take() else {
             return Ok(Outcome::Continue);
         };
-        if self.open.take().is_some_and(|o| o.careful) {
+        if self.open.take().is_some_and(|o| o.careful_as_it_arrives) {
             // It conflicted before: applied whole at its commit, still carefully.
             self.careful_xid = Some(live.xid);
         }
@@ -289,9 +292,9 @@ impl Applier {
 
     async fn restream_for_spill(&mut self) -> Result<Outcome, DirectionError> {
         self.settle_in_flight().await?;
-        self.redo.clear();
-        self.cautious = 0;
-        self.expected = self.committed;
+        self.ledger.redo.clear();
+        self.single_txn_groups_left = 0;
+        self.ledger.expected = self.ledger.committed;
         self.restream_for_spill = true;
         Ok(Outcome::Restream)
     }
