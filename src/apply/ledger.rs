@@ -11,9 +11,11 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
+use crate::protocol::pipeline::Response;
 use crate::protocol::ServerError;
 
 use super::group::Sent;
+use super::text;
 
 /// What a group in flight was sent for (its replies are handled accordingly).
 pub(super) enum Group {
@@ -47,4 +49,59 @@ pub(super) struct Ledger {
     /// Replies of the oldest group in flight, collected until its `ReadyForQuery`.
     pub(super) acc_rows: Vec<Vec<Option<Bytes>>>,
     pub(super) acc_error: Option<ServerError>,
+}
+
+impl Ledger {
+    /// Groups of transactions in flight (progress queries and closing groups do not count
+    /// against the window).
+    pub(super) fn groups_in_flight(&self) -> usize {
+        self.in_flight
+            .iter()
+            .filter(|g| matches!(g, Group::Txns(..)))
+            .count()
+    }
+
+    /// Durable progress: what may be confirmed to the source. A keepalive's (or skipped
+    /// transaction's) position counts only once the applier is `idle` and everything sent
+    /// before it is durable.
+    pub(super) fn confirmable(&self, idle: bool) -> Lsn {
+        match self.idle_point {
+            Some((wal_end, sent_before)) if idle && self.flushed >= sent_before => {
+                wal_end.max(self.flushed)
+            }
+            _ => self.flushed,
+        }
+    }
+
+    /// An answer to a flushed-progress query: durable progress only moves forward.
+    pub(super) fn note_progress(&mut self, rows: &[Vec<Option<Bytes>>]) {
+        if let Some(lsn) = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(text)
+            .and_then(|t| t.parse::<Lsn>().ok())
+        {
+            self.flushed = self.flushed.max(lsn);
+        }
+    }
+
+    /// Collects one reply of the oldest group in flight; at its `ReadyForQuery`, that group
+    /// with its rows and error (none when nothing was in flight).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn take_reply(
+        &mut self,
+        response: Response,
+    ) -> Option<(Group, Vec<Vec<Option<Bytes>>>, Option<ServerError>)> {
+        match response {
+            Response::Row(r) => self.acc_rows.push(r),
+            Response::Error(e) => self.acc_error = Some(e),
+            Response::Ready(_) => {
+                let rows = std::mem::take(&mut self.acc_rows);
+                let error = self.acc_error.take();
+                return self.in_flight.pop_front().map(|group| (group, rows, error));
+            }
+            _ => {}
+        }
+        None
+    }
 }

@@ -376,11 +376,7 @@ impl Applier {
     }
 
     fn groups_in_flight(&self) -> usize {
-        self.ledger
-            .in_flight
-            .iter()
-            .filter(|g| matches!(g, Group::Txns(..)))
-            .count()
+        self.ledger.groups_in_flight()
     }
 
     fn window(&self) -> usize {
@@ -411,12 +407,7 @@ impl Applier {
 
     /// Durable progress: what may be confirmed to the source.
     pub fn confirmable(&self) -> Lsn {
-        match self.ledger.idle_point {
-            Some((wal_end, sent_before)) if self.idle() && self.ledger.flushed >= sent_before => {
-                wal_end.max(self.ledger.flushed)
-            }
-            _ => self.ledger.flushed,
-        }
+        self.ledger.confirmable(self.idle())
     }
 
     /// End LSN of the last transaction the target committed (where a restarted stream
@@ -556,10 +547,8 @@ impl Applier {
         &mut self,
         relation: &Arc<Relation>,
     ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
-        if let Some(t) = self.tables.states.get(&relation.oid) {
-            if Arc::ptr_eq(&t.relation, relation) || t.relation == *relation {
-                return Ok(Ok(t.clone()));
-            }
+        if let Some(t) = self.tables.mapped(relation) {
+            return Ok(Ok(t));
         }
         let info = if self.in_ddl_txn {
             self.table_info_in_txn(&relation.schema, &relation.table)
@@ -645,8 +634,7 @@ impl Applier {
             hot: AtomicBool::new(false),
             tombstoned: AtomicBool::new(tombstoned),
         });
-        self.tables.states.insert(relation.oid, state.clone());
-        self.tables.labels.insert(relation.oid, state.label.clone());
+        self.tables.insert(relation.oid, state.clone());
         Ok(Ok(state))
     }
 
@@ -700,8 +688,7 @@ impl Applier {
                 {
                     self.flush_batch().await?;
                 }
-                self.tables.states.remove(&rel.oid);
-                self.tables.relations.insert(rel.oid, rel);
+                self.tables.describe(rel);
                 self.park.hint();
             }
             // A framed stream has no Origin (it is in the Begin) and no echo: the source
@@ -1325,19 +1312,10 @@ impl Applier {
 
     /// Takes one reply; when it completes the oldest group in flight, handles that group.
     pub async fn on_response(&mut self, response: Response) -> Result<Outcome, DirectionError> {
-        match response {
-            Response::Row(r) => self.ledger.acc_rows.push(r),
-            Response::Error(e) => self.ledger.acc_error = Some(e),
-            Response::Ready(_) => {
-                let rows = std::mem::take(&mut self.ledger.acc_rows);
-                let error = self.ledger.acc_error.take();
-                if let Some(group) = self.ledger.in_flight.pop_front() {
-                    return self.complete_group(group, rows, error).await;
-                }
-            }
-            _ => {}
+        match self.ledger.take_reply(response) {
+            Some((group, rows, error)) => self.complete_group(group, rows, error).await,
+            None => Ok(Outcome::Continue),
         }
-        Ok(Outcome::Continue)
     }
 
     /// Reads replies until the oldest group in flight completes, and handles it.
@@ -1353,17 +1331,6 @@ impl Applier {
         Ok(Outcome::Continue)
     }
 
-    fn note_progress(&mut self, rows: &[Vec<Option<Bytes>>]) {
-        if let Some(lsn) = rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(text)
-            .and_then(|t| t.parse::<Lsn>().ok())
-        {
-            self.ledger.flushed = self.ledger.flushed.max(lsn);
-        }
-    }
-
     async fn complete_group(
         &mut self,
         group: Group,
@@ -1376,7 +1343,7 @@ impl Applier {
                 if let Some(e) = error {
                     return Err(server(&self.target, "reading the origin's progress", e));
                 }
-                self.note_progress(&rows);
+                self.ledger.note_progress(&rows);
                 Ok(Outcome::Continue)
             }
             Group::Abort | Group::Close => Ok(Outcome::Continue),
@@ -1456,12 +1423,7 @@ impl Applier {
                 (Some(s), Some(t)) if !t.is_empty() => Some((s, t)),
                 _ => None,
             };
-            for t in self.tables.states.values() {
-                let target = &t.map.target;
-                if named.is_none_or(|(s, n)| s == target.schema && n == target.name) {
-                    t.tombstoned.store(true, Ordering::Relaxed);
-                }
-            }
+            self.tables.tombstones_appeared(named);
         }
         let conflict_like = error.code == sql::ROWS_NOT_AS_EXPECTED
             || error.code == sql::TOMBSTONES_APPEARED
@@ -1512,7 +1474,7 @@ impl Applier {
                 Group::Abort | Group::Close => {}
                 Group::Progress => {
                     self.ledger.progress_pending = false;
-                    self.note_progress(&rows);
+                    self.ledger.note_progress(&rows);
                 }
             }
         }
@@ -1570,7 +1532,7 @@ impl Applier {
                     if let Some(e) = error {
                         return Err(server(&self.target, "reading the origin's progress", e));
                     }
-                    self.note_progress(&rows);
+                    self.ledger.note_progress(&rows);
                 }
                 Group::Abort | Group::Close => {}
                 Group::Txns(members, _) => {
@@ -1611,7 +1573,7 @@ impl Applier {
             let (rows, _) = self.read_group().await?;
             if let Group::Progress = group {
                 self.ledger.progress_pending = false;
-                self.note_progress(&rows);
+                self.ledger.note_progress(&rows);
             }
         }
         Ok(())

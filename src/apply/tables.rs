@@ -28,6 +28,40 @@ pub(super) struct Tables {
     pub(super) change_counters: HashMap<(u32, ChangeOp), prometheus::IntCounter>,
 }
 
+impl Tables {
+    /// The mapping of `relation`, if it was mapped from this very description.
+    pub(super) fn mapped(&self, relation: &Arc<Relation>) -> Option<Arc<TableState>> {
+        self.states
+            .get(&relation.oid)
+            .filter(|t| Arc::ptr_eq(&t.relation, relation) || t.relation == *relation)
+            .cloned()
+    }
+
+    /// Caches a table's mapping and keeps its name for metric labels.
+    pub(super) fn insert(&mut self, oid: u32, state: Arc<TableState>) {
+        self.labels.insert(oid, state.label.clone());
+        self.states.insert(oid, state);
+    }
+
+    /// A new description of a relation: its mapping is dropped (the next change maps it
+    /// again).
+    pub(super) fn describe(&mut self, rel: Arc<Relation>) {
+        self.states.remove(&rel.oid);
+        self.relations.insert(rel.oid, rel);
+    }
+
+    /// Target table `named` (`schema`, `table`; every table when `None`) got delete
+    /// tombstones: its inserts check each key against them from now on.
+    pub(super) fn tombstones_appeared(&self, named: Option<(&str, &str)>) {
+        for t in self.states.values() {
+            let target = &t.map.target;
+            if named.is_none_or(|(s, n)| s == target.schema && n == target.name) {
+                t.tombstoned.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// How a replicated table is applied.
 pub(super) struct TableState {
     /// The description it was mapped from: a change described otherwise (one buffered
