@@ -1328,4 +1328,337 @@ mod tests {
         assert_eq!(sql, "TRUNCATE \"a\".\"b\", \"c\".\"d\" RESTART IDENTITY");
         assert!(!truncate(&["x".into()], false).contains("CASCADE"));
     }
+
+    /// `"app"."t" (id bigint PRIMARY KEY, v text, n integer)`, replicated whole: the plain
+    /// case, whose statements are checked word for word below.
+    fn plain() -> TableMap {
+        let t = TableInfo {
+            oid: 777,
+            schema: "app".into(),
+            name: "t".into(),
+            kind: TableKind::Ordinary,
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                col("id", 20, "bigint"),
+                col("v", 25, "text"),
+                col("n", 23, "integer"),
+            ],
+            primary_key: vec!["id".into()],
+            identity_index: vec![],
+        };
+        let rel = relation(&t, &["id"]);
+        TableMap::new(&rel, t, &[]).expect("maps")
+    }
+
+    /// `source` east (rank 0, origin id 1), `target` west.
+    fn east_wins_ties() -> Resolving {
+        Resolving {
+            rank_case: "(CASE {ro} WHEN 1 THEN 0 ELSE 1 END)".into(),
+            source_rank: 0,
+            source: "east".into(),
+            target: "west".into(),
+            writer_case: "(CASE {ro} WHEN 1 THEN 'east' ELSE 'west' END)".into(),
+            priority: vec!["east".into(), "west".into()],
+            max_row_bytes: 100,
+        }
+    }
+
+    /// The optimistic guard over origin ids `$o` and, `by_time`, commit time `$t`.
+    fn guard(o: usize, t: Option<usize>) -> String {
+        let time = t.map_or(String::new(), |t| {
+            format!(" OR o.timestamp < ${t}::timestamptz")
+        });
+        format!(
+            "(SELECT o.roident = ANY(${o}::oid[]){time} \
+             FROM pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin) o) IS NOT FALSE"
+        )
+    }
+
+    #[test]
+    fn optimistic_insert_batch_expects_every_row_and_skips_none_silently() {
+        // Every row is inserted unless a tombstone has its key; the count must be the batch
+        // size, so a tombstoned key fails the statement (WB001) instead of losing the row.
+        assert_eq!(
+            plain().insert_optimistic(2),
+            "WITH ins AS (INSERT INTO \"app\".\"t\" (\"id\", \"v\", \"n\") \
+             SELECT * FROM (VALUES ($1::bigint, $2::text, $3::integer), \
+             ($4::bigint, $5::text, $6::integer)) AS v (\"id\", \"v\", \"n\") \
+             WHERE NOT EXISTS (SELECT 1 FROM walbridge.tombstones tb WHERE tb.relid = 777 \
+             AND tb.key = pg_catalog.jsonb_build_array(v.\"id\")) RETURNING 1) \
+             SELECT walbridge.expect_rows(count(*), 2) FROM ins"
+        );
+        // Without a unique key there are no tombstones to check.
+        let keyless = full().insert_optimistic(1);
+        assert!(!keyless.contains("tombstones"), "{keyless}");
+        assert!(
+            keyless.ends_with("RETURNING 1) SELECT walbridge.expect_rows(count(*), 1) FROM ins"),
+            "{keyless}"
+        );
+    }
+
+    #[test]
+    fn plain_insert_batch_and_copy_write_the_columns_in_source_order() {
+        let map = plain();
+        assert_eq!(
+            map.insert_plain_rows(2),
+            "INSERT INTO \"app\".\"t\" (\"id\", \"v\", \"n\") \
+             VALUES ($1::bigint, $2::text, $3::integer), ($4::bigint, $5::text, $6::integer)"
+        );
+        assert_eq!(
+            map.insert_plain(),
+            "INSERT INTO \"app\".\"t\" (\"id\", \"v\", \"n\") \
+             VALUES ($1::bigint, $2::text, $3::integer)"
+        );
+        // COPY lines carry the written columns in the same order (see `copy_text`).
+        assert_eq!(
+            map.copy_in(),
+            "COPY \"app\".\"t\" (\"id\", \"v\", \"n\") FROM STDIN"
+        );
+        // Identity values replicate as they are: the multi-row insert overrides them.
+        let identity = keyed();
+        assert!(identity
+            .insert_plain_rows(1)
+            .contains(") OVERRIDING SYSTEM VALUE VALUES ("));
+        assert!(identity
+            .insert_optimistic(1)
+            .contains(") OVERRIDING SYSTEM VALUE SELECT * FROM (VALUES"));
+    }
+
+    #[test]
+    fn optimistic_update_finds_the_row_by_its_old_key_and_may_set_a_new_one() {
+        // A key change: the new key is SET ($1), the row is found by the old one ($4), which
+        // the caller sends after the new values.
+        assert_eq!(
+            plain().update_optimistic(&[0, 1, 2], &[], true),
+            format!(
+                "WITH upd AS (UPDATE \"app\".\"t\" AS cur SET \"id\" = $1::bigint, \
+                 \"v\" = $2::text, \"n\" = $3::integer WHERE cur.\"id\" = $4::bigint AND {} \
+                 RETURNING 1) SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+                guard(5, Some(6))
+            )
+        );
+    }
+
+    #[test]
+    fn optimistic_update_sets_only_sent_columns_and_compares_times_only_when_told() {
+        let map = plain();
+        // `v` is unchanged TOAST (not sent): left as it is; node_priority: no time compared.
+        assert_eq!(
+            map.update_optimistic(&[0, 2], &[], false),
+            format!(
+                "WITH upd AS (UPDATE \"app\".\"t\" AS cur SET \"id\" = $1::bigint, \
+                 \"n\" = $2::integer WHERE cur.\"id\" = $3::bigint AND {} RETURNING 1) \
+                 SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+                guard(4, None)
+            )
+        );
+        // Nothing sent but the key: the row still gets a new version (its commit time and
+        // origin are what later conflicts compare).
+        assert_eq!(
+            map.update_optimistic(&[], &[], true),
+            format!(
+                "WITH upd AS (UPDATE \"app\".\"t\" AS cur SET \"id\" = cur.\"id\" \
+                 WHERE cur.\"id\" = $1::bigint AND {} RETURNING 1) \
+                 SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+                guard(2, Some(3))
+            )
+        );
+    }
+
+    #[test]
+    fn optimistic_update_of_an_always_identity_checks_its_value_instead_of_setting_it() {
+        let map = keyed();
+        let sql = map.update_optimistic(&[0, 1, 3], &[0], true);
+        assert_eq!(
+            sql,
+            format!(
+                "WITH upd AS (UPDATE \"Mixed Case\".\"we;ird \"\"t\"\"\" AS cur \
+                 SET \"a\"\"b\" = $1::text, \"mood\" = $2::public.mood \
+                 WHERE cur.\"id\" = $4::bigint AND cur.\"id\" = $3::bigint AND {} \
+                 RETURNING 1) SELECT walbridge.expect_rows(count(*), 1) FROM upd",
+                guard(5, Some(6))
+            )
+        );
+    }
+
+    #[test]
+    fn optimistic_delete_finds_the_row_by_key_behind_the_guard() {
+        let map = plain();
+        for (by_time, guard) in [(true, guard(2, Some(3))), (false, guard(2, None))] {
+            assert_eq!(
+                map.delete_optimistic(by_time),
+                format!(
+                    "WITH del AS (DELETE FROM \"app\".\"t\" AS cur WHERE cur.\"id\" = $1::bigint \
+                     AND {guard} RETURNING 1) SELECT walbridge.expect_rows(count(*), 1) FROM del"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn careful_statements_write_and_read_exactly_the_decided_row() {
+        let map = plain();
+        assert_eq!(
+            map.update_plain(&[1, 2]),
+            "UPDATE \"app\".\"t\" AS cur SET \"v\" = $1::text, \"n\" = $2::integer \
+             WHERE cur.\"id\" = $3::bigint"
+        );
+        assert_eq!(
+            map.delete_plain(),
+            "DELETE FROM \"app\".\"t\" AS cur WHERE cur.\"id\" = $1::bigint"
+        );
+        // The locked row, its version, whether it equals the old row's `v`, and whether this
+        // transaction wrote it.
+        assert_eq!(
+            map.lookup_row(&[1]),
+            "SELECT (pg_catalog.to_jsonb(cur))::text, \
+             (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).timestamp, \
+             (pg_catalog.pg_xact_commit_timestamp_origin(cur.xmin)).roident::int8, \
+             ((cur.\"v\")::text IS NOT DISTINCT FROM $2::text), \
+             coalesce(cur.xmin OPERATOR(pg_catalog.=) \
+             pg_catalog.pg_current_xact_id_if_assigned()::xid, false) \
+             FROM \"app\".\"t\" AS cur WHERE cur.\"id\" = $1::bigint LIMIT 1 FOR UPDATE OF cur"
+        );
+        let key = "pg_catalog.jsonb_build_array($1::bigint)";
+        assert_eq!(
+            map.lookup_tombstone().expect("a key"),
+            format!(
+                "SELECT o.timestamp, o.roident::int8, coalesce(tb.xmin OPERATOR(pg_catalog.=) \
+                 pg_catalog.pg_current_xact_id_if_assigned()::xid, false) \
+                 FROM walbridge.tombstones tb \
+                 LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(tb.xmin) o ON true \
+                 WHERE tb.relid = 777 AND tb.key = {key}"
+            )
+        );
+        assert_eq!(
+            map.record_tombstone().expect("a key"),
+            format!(
+                "INSERT INTO walbridge.tombstones (relid, key) VALUES (777, {key}) \
+                 ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key"
+            )
+        );
+        assert_eq!(
+            map.delete_tombstone().expect("a key"),
+            format!("DELETE FROM walbridge.tombstones WHERE relid = 777 AND key = {key}")
+        );
+        assert_eq!(
+            map.identity_differs(&[0]),
+            "SELECT cur.\"id\" IS DISTINCT FROM $1::bigint FROM \"app\".\"t\" AS cur \
+             WHERE cur.\"id\" = $2::bigint LIMIT 1"
+        );
+        assert_eq!(
+            map.identity_rewrite(&[0]),
+            [
+                "ALTER TABLE \"app\".\"t\" ALTER COLUMN \"id\" SET GENERATED BY DEFAULT",
+                "UPDATE \"app\".\"t\" AS cur SET \"id\" = $1::bigint WHERE cur.\"id\" = $2::bigint",
+                "ALTER TABLE \"app\".\"t\" ALTER COLUMN \"id\" SET GENERATED ALWAYS",
+            ]
+            .map(String::from)
+        );
+    }
+
+    /// The clauses of a resolving statement that decide what it does, for a statement whose
+    /// key is `$k`, origins `$o` and commit time `$t`.
+    fn decides(sql: &str, k: usize, o: usize, t: usize) {
+        for clause in [
+            // The current row, found by the (old) key and locked.
+            format!(
+                "(pg_catalog.to_jsonb(c))::text AS wb_row FROM \"app\".\"t\" AS c \
+                 WHERE c.\"id\" = ${k}::bigint FOR UPDATE OF c)"
+            ),
+            // The incoming change wins: an overwritable writer, no known time, older, or a
+            // tie the source wins by rank.
+            format!(
+                "(wb_ro = ANY(${o}::oid[]) OR wb_ts IS NULL OR wb_ts < ${t}::timestamptz \
+                 OR (wb_ts = ${t}::timestamptz AND (CASE wb_ro WHEN 1 THEN 0 ELSE 1 END) > 0)) \
+                 AS wb_apply FROM cur)"
+            ),
+            // Else it is journalled as skipped, with the commit LSN, skews and change id.
+            format!("'skipped', dec.wb_ts, ${t}::timestamptz, 'last_write_wins'"),
+            format!("${}::pg_lsn, ARRAY['east', 'west']::text[]", t + 1),
+            format!("(${}::float8[])[0 + 1]", t + 2),
+            format!(
+                "${}::int8 FROM dec WHERE NOT dec.wb_apply RETURNING key::text, ambiguous)",
+                t + 3
+            ),
+            format!("pg_catalog.jsonb_build_array((${k}::bigint)::text)"),
+        ] {
+            assert!(sql.contains(&clause), "{clause}\n  not in  {sql}");
+        }
+        uses(sql, t + 3);
+    }
+
+    #[test]
+    fn resolving_update_applies_a_winning_change_and_journals_a_losing_one() {
+        let sql = plain().update_resolving(&[0, 1], &[], &east_wins_ties());
+        decides(&sql, 3, 4, 5);
+        // Applied only where it wins, to the locked row; `n` was not sent: kept, and the
+        // journal's remote row takes the locked row's value for it.
+        assert!(sql.contains(
+            "upd AS (UPDATE \"app\".\"t\" AS c SET \"id\" = $1::bigint, \"v\" = $2::text \
+             FROM dec WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1)"
+        ));
+        assert!(sql.contains("ARRAY['n']::text[]"), "{sql}");
+        assert!(sql.contains(
+            "pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object('n', \
+             dec.wb_row::jsonb -> 'n')) || pg_catalog.jsonb_build_object('id', \
+             ($1::bigint)::text, 'v', ($2::text)::text)"
+        ));
+        // Exactly one of the two happened, else WB001 (the row is gone: a careful redo).
+        assert!(sql.ends_with(
+            "SELECT walbridge.expect_rows((SELECT count(*) FROM upd) + (SELECT count(*) FROM skip), 1), \
+             (SELECT key FROM skip), 'app.t', 'update_older', (SELECT ambiguous FROM skip)"
+        ));
+    }
+
+    #[test]
+    fn resolving_delete_deletes_a_winning_change_and_journals_a_losing_one() {
+        let sql = plain().delete_resolving(&east_wins_ties());
+        decides(&sql, 1, 2, 3);
+        assert!(sql.contains(
+            "del AS (DELETE FROM \"app\".\"t\" AS c USING dec \
+             WHERE c.ctid = dec.wb_ctid AND dec.wb_apply RETURNING 1)"
+        ));
+        assert!(
+            sql.contains("walbridge.journal_row(NULL::jsonb, 100)"),
+            "{sql}"
+        );
+        assert!(sql.ends_with(
+            "SELECT walbridge.expect_rows((SELECT count(*) FROM del) + (SELECT count(*) FROM skip), 1), \
+             (SELECT key FROM skip), 'app.t', 'delete_older', (SELECT ambiguous FROM skip)"
+        ));
+    }
+
+    #[test]
+    fn odd_identifiers_stay_inside_their_quotes() {
+        // Names that look like a parameter, a comment, a literal or a statement end.
+        let t = TableInfo {
+            oid: 1,
+            schema: "s\"; DROP TABLE x; --".into(),
+            name: "it's $1".into(),
+            kind: TableKind::Ordinary,
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![col("K\"ey", 20, "bigint"), col("v/*", 25, "text")],
+            primary_key: vec!["K\"ey".into()],
+            identity_index: vec![],
+        };
+        let rel = relation(&t, &["K\"ey"]);
+        let map = TableMap::new(&rel, t, &[]).expect("maps");
+        assert_eq!(
+            map.update_plain(&[1]),
+            "UPDATE \"s\"\"; DROP TABLE x; --\".\"it's $1\" AS cur SET \"v/*\" = $1::text \
+             WHERE cur.\"K\"\"ey\" = $2::bigint"
+        );
+        assert_eq!(
+            map.insert_plain(),
+            "INSERT INTO \"s\"\"; DROP TABLE x; --\".\"it's $1\" (\"K\"\"ey\", \"v/*\") \
+             VALUES ($1::bigint, $2::text)"
+        );
+        // As a literal (the journal's table name), the quote is doubled.
+        let r = map.delete_resolving(&east_wins_ties());
+        assert!(
+            r.contains("'s\"; DROP TABLE x; --.it''s $1', 'delete_older'"),
+            "{r}"
+        );
+    }
 }
