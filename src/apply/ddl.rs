@@ -191,11 +191,7 @@ impl Applier {
                     "node {}: reading the description of {schema}.{name}: {e}",
                     self.target
                 );
-                if crate::protocol::sqlstate_is_transient(&e.code) {
-                    DirectionError::transient(msg)
-                } else {
-                    DirectionError::definite(msg)
-                }
+                DirectionError::caused_by(msg, &e)
             })?;
         let Some(json) = rows.first().and_then(|r| r.first()).and_then(text) else {
             return Ok(None);

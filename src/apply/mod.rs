@@ -231,20 +231,21 @@ impl Applier {
             .await
             .map_err(proto)?
             .map_err(|e| {
-                // 55006 object_in_use: "replication origin … is already active for PID …";
-                // 42704 undefined_object: "replication origin … does not exist".
-                if e.code == "55006" {
-                    DirectionError::transient(format!(
+                // The class is the SQLSTATE's (55006 is transient, 42704 definite); the code
+                // only picks the words. 55006 object_in_use: "replication origin … is already
+                // active for PID …"; 42704 undefined_object: "replication origin … does not
+                // exist".
+                let msg = match e.code.as_str() {
+                    "55006" => format!(
                         "node {target}: origin {origin} is still held by another session \
                          (a previous walbridge process?); retrying: {e}"
-                    ))
-                } else if e.code == "42704" {
-                    DirectionError::definite(format!(
+                    ),
+                    "42704" => format!(
                         "node {target}: replication origin {origin} does not exist; run walbridge setup"
-                    ))
-                } else {
-                    server(target, "preparing the apply session", e)
-                }
+                    ),
+                    _ => return server(target, "preparing the apply session", e),
+                };
+                DirectionError::caused_by(msg, &e)
             })?;
         let rows = pipe
             .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")

@@ -38,14 +38,7 @@ pub async fn run(ctx: &DirectionContext) -> Result<(), DirectionError> {
     let instance = ctx.config.run.instance.as_str();
     let client = pgconn::connect(&node.dsn, &claim::apply_application_name(s, t, instance))
         .await
-        .map_err(|e| {
-            let text = format!("node {t}: {e}");
-            if e.is_transient() {
-                DirectionError::transient(text)
-            } else {
-                DirectionError::definite(text)
-            }
-        })?;
+        .map_err(|e| DirectionError::caused_by(format!("node {t}: {e}"), &e))?;
     let lost = |e: tokio_postgres::Error| {
         DirectionError::transient(format!(
             "node {t}: the claim session of direction {s} -> {t}: {}",
