@@ -300,7 +300,7 @@ impl Applier {
     async fn careful_truncate(&mut self, t: &Truncate) -> Result<(), Failed> {
         let sql = self.truncate_sql(t).await.map_err(Failed::Stop)?;
         match self.exec(&sql, &[]).await {
-            Err(Failed::Server(e)) if sql::truncate_refused(&e) => Err(Failed::Stop(
+            Err(Failed::Server(e)) if sql::truncate_refused(&e, true) => Err(Failed::Stop(
                 self.truncate_refused("applying a transaction carefully", &e),
             )),
             other => other.map(drop),

@@ -1432,10 +1432,12 @@ impl Applier {
         let transient = error.class() == ErrorClass::Transient;
         // A definite failure of a group of several transactions is narrowed down first (they
         // are sent again one by one, below), so the stop names the one that fails.
-        let narrow = !transient && failed.len() > 1 && !sql::truncate_refused(&error);
+        let truncated = failed.iter().any(|s| !s.truncates.is_empty());
+        let refused = sql::truncate_refused(&error, truncated);
+        let narrow = !transient && failed.len() > 1 && !refused;
         if !conflict_like && !narrow && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
-            if sql::truncate_refused(&error) {
+            if refused {
                 return Err(self.truncate_refused(
                     &format!(
                         "applying the transaction of {} (xid {}, end {})",

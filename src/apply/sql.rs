@@ -887,11 +887,18 @@ pub fn truncate(tables: &[String], restart_identity: bool) -> String {
     )
 }
 
-/// Whether `error` is the target refusing a replicated TRUNCATE because a table outside it
-/// references one of the truncated tables (PostgreSQL's "cannot truncate a table referenced
-/// in a foreign key constraint"): the operator must decide, nothing is cascaded.
-pub fn truncate_refused(error: &crate::protocol::ServerError) -> bool {
-    error.code == "0A000" && error.message.contains("foreign key")
+/// Whether `error`, the failure of a statement or group that ran a TRUNCATE (`truncated`), is
+/// the target refusing it because a table outside it references one of the truncated tables
+/// (PostgreSQL's "cannot truncate a table referenced in a foreign key constraint"): the
+/// operator must decide, nothing is cascaded.
+///
+/// Told by the SQLSTATE, never by the message (a server with another `lc_messages` words it
+/// in its own language): a TRUNCATE of the tables walbridge replicates raises
+/// `feature_not_supported` (0A000) for that, and otherwise only for another session's
+/// temporary table (which no publication holds) or a foreign table whose wrapper cannot
+/// truncate (the server's own words, quoted in the stop, then say so).
+pub fn truncate_refused(error: &crate::protocol::ServerError, truncated: bool) -> bool {
+    truncated && error.code == "0A000"
 }
 
 /// SQLSTATE raised by `walbridge.expect_rows` (sql/schema.sql): a statement changed other
