@@ -52,6 +52,23 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
+    /// Nothing in flight; the target's origin is at `progress`, all of it durable.
+    pub(super) fn new(progress: Lsn) -> Self {
+        Ledger {
+            in_flight: VecDeque::new(),
+            progress_pending: false,
+            expected: progress,
+            committed: progress,
+            flushed: progress,
+            idle_point: None,
+            pending_failure: None,
+            progress_wanted: false,
+            redo: VecDeque::new(),
+            acc_rows: Vec::new(),
+            acc_error: None,
+        }
+    }
+
     /// Groups of transactions in flight (progress queries and closing groups do not count
     /// against the window).
     pub(super) fn groups_in_flight(&self) -> usize {

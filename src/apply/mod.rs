@@ -46,7 +46,7 @@ mod stream;
 mod tables;
 mod writers;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +61,7 @@ use crate::direction::{Classify, DirectionError, ErrorClass};
 use crate::event::{Begin, Change, ChangeOp, Commit, Event, Relation, Truncate, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::metrics::Metrics;
-use crate::protocol::pipeline::{Encoder, Pipeline, Response, Rows};
+use crate::protocol::pipeline::{Pipeline, Response, Rows};
 use crate::protocol::ServerError;
 use group::{Item, OpenGroup, OpenTxn, Sent};
 use ledger::{Group, Ledger};
@@ -188,7 +188,7 @@ impl Applier {
     /// Prepares the target session: settings, the origin, and where the stream must start.
     /// Returns the applier and the origin's progress (the LSN to stream from).
     pub async fn start(
-        mut pipe: Pipeline,
+        pipe: Pipeline,
         catalog: Client,
         config: Arc<Config>,
         source: &str,
@@ -196,132 +196,28 @@ impl Applier {
         metrics: Metrics,
         limits: ApplyLimits,
     ) -> Result<(Applier, Lsn), DirectionError> {
-        let origin = config.origin_name(source);
-        let superuser = pipe
-            .simple("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
-            .await
-            .map_err(proto)?
-            .map_err(|e| server(target, "reading the role", e))?;
-        let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
-        let mut settings = String::from(if limits.durable_commits {
-            // Every value but `off` flushes the commit locally: keep the server's.
-            "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) \
-              WHERE pg_catalog.current_setting('synchronous_commit') = 'off'; \
-             SET walbridge.skip = 'on'; SET lock_timeout = 0; SET statement_timeout = 0; "
-        } else {
-            "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
-             SET lock_timeout = 0; SET statement_timeout = 0; "
-        });
-        if superuser {
-            // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
-            // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
-            settings.push_str("SET session_replication_role = replica; ");
-        }
-        // The source, for change-logging triggers that fire anyway (trigger mode's change
-        // table defaults `origin_node` to it): what they log is an echo, never sent back.
-        settings.push_str(&format!(
-            "SELECT pg_catalog.set_config('walbridge.origin', {}, false); ",
-            catalog::quote_literal(source)
-        ));
-        settings.push_str(&format!(
-            "SELECT pg_catalog.pg_replication_origin_session_setup({});",
-            catalog::quote_literal(&origin)
-        ));
-        pipe.simple(&settings)
-            .await
-            .map_err(proto)?
-            .map_err(|e| {
-                // The class is the SQLSTATE's (55006 is transient, 42704 definite); the code
-                // only picks the words. 55006 object_in_use: "replication origin … is already
-                // active for PID …"; 42704 undefined_object: "replication origin … does not
-                // exist".
-                let msg = match e.code.as_str() {
-                    "55006" => format!(
-                        "node {target}: origin {origin} is still held by another session \
-                         (a previous walbridge process?); retrying: {e}"
-                    ),
-                    "42704" => format!(
-                        "node {target}: replication origin {origin} does not exist; run walbridge setup"
-                    ),
-                    _ => return server(target, "preparing the apply session", e),
-                };
-                DirectionError::caused_by(msg, &e)
-            })?;
-        let rows = pipe
-            .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")
-            .await
-            .map_err(proto)?
-            .map_err(|e| server(target, "reading the origin's progress", e))?;
-        let progress = rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(text)
-            .and_then(|t| t.parse::<Lsn>().ok())
-            .unwrap_or(Lsn::ZERO);
-        let origins = pipe
-            .simple("SELECT roident::int8, roname FROM pg_catalog.pg_replication_origin")
-            .await
-            .map_err(proto)?
-            .map_err(|e| server(target, "listing origins", e))?
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    text(r.first()?)?.parse::<i64>().ok()?,
-                    text(r.get(1)?)?.to_string(),
-                ))
-            })
-            .collect::<Vec<_>>();
+        let (session, progress, origins) = Session::open(
+            pipe,
+            catalog,
+            &config.origin_name(source),
+            source,
+            target,
+            limits.durable_commits,
+        )
+        .await?;
         let writers = Writers::new(&config, target, &origins);
-        // The statements every transaction uses are prepared up front, in a group of their
-        // own: a Parse inside a transaction's group is skipped when an earlier statement of
-        // that group fails.
-        let mut enc = Encoder::default();
-        let mut prepared = HashMap::new();
-        for (i, sql) in [
-            sql::APPLY_FINISH,
-            sql::FLUSHED_PROGRESS,
-            crate::conflict::SERIALIZE_APPLIERS_SQL,
-        ]
-        .iter()
-        .enumerate()
-        {
-            let name = format!("wb_fixed{i}");
-            enc.parse(&name, sql).map_err(proto)?;
-            prepared.insert(sql.to_string(), name);
-        }
-        enc.sync();
-        pipe.send(enc.take()).await.map_err(proto)?;
-        loop {
-            match pipe.recv().await.map_err(proto)? {
-                Response::Error(e) => {
-                    return Err(server(
-                        target,
-                        "preparing walbridge.apply_finish (run walbridge setup to install it)",
-                        e,
-                    ))
-                }
-                Response::Ready(_) => break,
-                _ => {}
-            }
-        }
         let node_count = config.nodes.len();
         let take_turns =
             crate::conflict::appliers_take_turns(node_count, config.uses_node_priority());
         let ddl_prefix = ddl::message_prefix(&config.replication.slot_prefix);
-        let park = park::Parked::load(&catalog, &config, source, target).await?;
+        let park = park::Parked::load(&session.catalog, &config, source, target).await?;
         let txn_counter = metrics
             .transactions_applied
             .with_label_values(&[source, target]);
         let apply_histogram = metrics.apply_duration.with_label_values(&[source, target]);
         Ok((
             Applier {
-                session: Session {
-                    pipe,
-                    enc: Encoder::default(),
-                    catalog,
-                    prepared,
-                    statement_seq: 0,
-                },
+                session,
                 tables: Tables::default(),
                 config,
                 source: source.to_string(),
@@ -333,19 +229,7 @@ impl Applier {
                 take_turns,
                 open: None,
                 group: None,
-                ledger: Ledger {
-                    in_flight: VecDeque::new(),
-                    progress_pending: false,
-                    expected: progress,
-                    committed: progress,
-                    flushed: progress,
-                    idle_point: None,
-                    pending_failure: None,
-                    progress_wanted: false,
-                    redo: VecDeque::new(),
-                    acc_rows: Vec::new(),
-                    acc_error: None,
-                },
+                ledger: Ledger::new(progress),
                 single_txn_groups_left: 0,
                 careful_from_next_begin: false,
                 last_commit_time: None,

@@ -1,16 +1,22 @@
 //! The target session an applier writes through.
 //!
 //! Kept apart from the rest of the applier because it is the only state that must match the
-//! server's: `prepared` names exactly the statements this session has parsed (or has been
-//! asked to parse in what `enc` holds), so a name is never used before its `Parse` and never
-//! reused for other SQL. Statements first parsed inside a group that fails are forgotten
-//! (closed and removed) together, see `Applier::forget_statements`.
+//! server's. [`Session::open`] sets it up once for its whole life (the source's replication
+//! origin, `walbridge.skip`, commit durability, the fixed statements); after that,
+//! `prepared` names exactly the statements this session has parsed (or has been asked to
+//! parse in what `enc` holds), so a name is never used before its `Parse` and never reused
+//! for other SQL. Statements first parsed inside a group that fails are forgotten (closed and
+//! removed) together, see `Applier::forget_statements`.
 
 use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::protocol::pipeline::{Encoder, Pipeline};
+use super::{proto, server, sql, text};
+use crate::catalog;
+use crate::direction::DirectionError;
+use crate::lsn::Lsn;
+use crate::protocol::pipeline::{Encoder, Pipeline, Response};
 
 /// The pipelined apply session on the target, its prepared statements, and the catalog client
 /// (a second, ordinary connection for lookups outside the apply transaction).
@@ -28,6 +34,133 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// Prepares the target session: settings, the replication `origin` of the source, and the
+    /// statements every transaction uses. Returns the session, the origin's progress (the
+    /// LSN to stream from) and every origin on the target (`roident`, `roname`).
+    pub(super) async fn open(
+        mut pipe: Pipeline,
+        catalog: Client,
+        origin: &str,
+        source: &str,
+        target: &str,
+        durable_commits: bool,
+    ) -> Result<(Session, Lsn, Vec<(i64, String)>), DirectionError> {
+        let superuser = pipe
+            .simple("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "reading the role", e))?;
+        let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
+        let mut settings = String::from(if durable_commits {
+            // Every value but `off` flushes the commit locally: keep the server's.
+            "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) \
+              WHERE pg_catalog.current_setting('synchronous_commit') = 'off'; \
+             SET walbridge.skip = 'on'; SET lock_timeout = 0; SET statement_timeout = 0; "
+        } else {
+            "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
+             SET lock_timeout = 0; SET statement_timeout = 0; "
+        });
+        if superuser {
+            // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
+            // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
+            settings.push_str("SET session_replication_role = replica; ");
+        }
+        // The source, for change-logging triggers that fire anyway (trigger mode's change
+        // table defaults `origin_node` to it): what they log is an echo, never sent back.
+        settings.push_str(&format!(
+            "SELECT pg_catalog.set_config('walbridge.origin', {}, false); ",
+            catalog::quote_literal(source)
+        ));
+        settings.push_str(&format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({});",
+            catalog::quote_literal(origin)
+        ));
+        pipe.simple(&settings)
+            .await
+            .map_err(proto)?
+            .map_err(|e| {
+                // The class is the SQLSTATE's (55006 is transient, 42704 definite); the code
+                // only picks the words. 55006 object_in_use: "replication origin … is already
+                // active for PID …"; 42704 undefined_object: "replication origin … does not
+                // exist".
+                let msg = match e.code.as_str() {
+                    "55006" => format!(
+                        "node {target}: origin {origin} is still held by another session \
+                         (a previous walbridge process?); retrying: {e}"
+                    ),
+                    "42704" => format!(
+                        "node {target}: replication origin {origin} does not exist; run walbridge setup"
+                    ),
+                    _ => return server(target, "preparing the apply session", e),
+                };
+                DirectionError::caused_by(msg, &e)
+            })?;
+        let rows = pipe
+            .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "reading the origin's progress", e))?;
+        let progress = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(text)
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .unwrap_or(Lsn::ZERO);
+        let origins = pipe
+            .simple("SELECT roident::int8, roname FROM pg_catalog.pg_replication_origin")
+            .await
+            .map_err(proto)?
+            .map_err(|e| server(target, "listing origins", e))?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    text(r.first()?)?.parse::<i64>().ok()?,
+                    text(r.get(1)?)?.to_string(),
+                ))
+            })
+            .collect::<Vec<_>>();
+        // The statements every transaction uses are prepared up front, in a group of their
+        // own: a Parse inside a transaction's group is skipped when an earlier statement of
+        // that group fails.
+        let mut enc = Encoder::default();
+        let mut prepared = HashMap::new();
+        for (i, sql) in [
+            sql::APPLY_FINISH,
+            sql::FLUSHED_PROGRESS,
+            crate::conflict::SERIALIZE_APPLIERS_SQL,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let name = format!("wb_fixed{i}");
+            enc.parse(&name, sql).map_err(proto)?;
+            prepared.insert(sql.to_string(), name);
+        }
+        enc.sync();
+        pipe.send(enc.take()).await.map_err(proto)?;
+        loop {
+            match pipe.recv().await.map_err(proto)? {
+                Response::Error(e) => {
+                    return Err(server(
+                        target,
+                        "preparing walbridge.apply_finish (run walbridge setup to install it)",
+                        e,
+                    ))
+                }
+                Response::Ready(_) => break,
+                _ => {}
+            }
+        }
+        let session = Session {
+            pipe,
+            enc: Encoder::default(),
+            catalog,
+            prepared,
+            statement_seq: 0,
+        };
+        Ok((session, progress, origins))
+    }
+
     /// Prepared statement name for `sql`, adding its `Parse` to the buffer the first time;
     /// a new name is recorded in `parsed` (the open group's, when there is one).
     pub(super) fn statement(
