@@ -90,10 +90,15 @@ fn code_of(line: &str) -> &str {
     }
 }
 
-/// Every `crate::<name>` in `text` with the module it names.
+/// Every `crate::<name>` in `text` with the module it names, including each item of a
+/// grouped import (`use crate::{a::X, b};`, over several lines too).
 fn imports_in(file: &str, from: &str, text: &str) -> Vec<Import> {
     let mut found = Vec::new();
     let mut in_block_comment = false;
+    // Inside `crate::{ ... }`: the brace depth (0 outside), and whether the next word starts
+    // an item of the group.
+    let mut group = 0usize;
+    let mut item_next = false;
     for (n, raw) in text.lines().enumerate() {
         let mut line = raw;
         if in_block_comment {
@@ -112,9 +117,46 @@ fn imports_in(file: &str, from: &str, text: &str) -> Vec<Import> {
             }
             code.truncate(i);
         }
+        let mut push = |to: String| {
+            if !to.is_empty() && to != from {
+                found.push(Import {
+                    file: file.to_string(),
+                    line: n + 1,
+                    from: from.to_string(),
+                    to,
+                    text: raw.trim().to_string(),
+                });
+            }
+        };
+        let word = |at: &str| -> String {
+            at.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        };
         let bytes = code.as_bytes();
         let mut start = 0;
-        while let Some(pos) = code[start..].find("crate::") {
+        while start < code.len() {
+            if group > 0 {
+                let c = bytes[start];
+                match c {
+                    b'{' => group += 1,
+                    b'}' => group -= 1,
+                    b',' if group == 1 => item_next = true,
+                    c if item_next && group == 1 && (c == b'_' || c.is_ascii_alphabetic()) => {
+                        let w = word(&code[start..]);
+                        start += w.len();
+                        item_next = false;
+                        push(w);
+                        continue;
+                    }
+                    _ => {}
+                }
+                start += 1;
+                continue;
+            }
+            let Some(pos) = code[start..].find("crate::") else {
+                break;
+            };
             let at = start + pos;
             start = at + "crate::".len();
             // `$crate::` (macros) and identifiers ending in `crate` are not the crate root.
@@ -124,20 +166,13 @@ fn imports_in(file: &str, from: &str, text: &str) -> Vec<Import> {
                     continue;
                 }
             }
-            let to: String = code[start..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            if to.is_empty() || to == from {
+            if code[start..].starts_with('{') {
+                group = 1;
+                item_next = true;
+                start += 1;
                 continue;
             }
-            found.push(Import {
-                file: file.to_string(),
-                line: n + 1,
-                from: from.to_string(),
-                to,
-                text: raw.trim().to_string(),
-            });
+            push(word(&code[start..]));
         }
     }
     found
@@ -330,4 +365,21 @@ fn macro_and_identifier_uses_of_crate_are_not_imports() {
     );
     let to: Vec<&str> = found.iter().map(|i| i.to.as_str()).collect();
     assert_eq!(to, ["event"]);
+}
+
+#[test]
+fn grouped_imports_are_read_item_by_item() {
+    let found = imports_in(
+        "src/apply/x.rs",
+        "apply",
+        "use crate::{lsn::Lsn, event::{Begin, Commit}};\n\
+         use crate::{\n    apply::sql,\n    // crate::runtime in a comment\n    \
+         runtime::{DirectionError, Outcome},\n};\n\
+         use crate::catalog;\n",
+    );
+    let to: Vec<(&str, usize)> = found.iter().map(|i| (i.to.as_str(), i.line)).collect();
+    assert_eq!(
+        to,
+        [("lsn", 1), ("event", 1), ("runtime", 5), ("catalog", 7)]
+    );
 }
