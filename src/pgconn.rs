@@ -971,7 +971,8 @@ fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
 }
 
 /// Connecting to, or a statement on, one named node failed: the per-node error of the
-/// one-shot commands (`verify`, `skip`), which wrap it as their own variant.
+/// one-shot commands (`setup`, `copy`, `verify`, `skip`, `tail`), which wrap it as their own
+/// variant. Its class (retry or stop) is decided in [`crate::direction::Classify`].
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The node could not be reached.

@@ -50,15 +50,9 @@ use table::TablePlan;
 /// The copy failed or was interrupted.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    /// A node could not be reached.
-    #[error("node {node}: {source}")]
-    Connect {
-        /// The node.
-        node: String,
-        /// Why.
-        #[source]
-        source: pgconn::ConnectError,
-    },
+    /// A node could not be reached, or a statement on it failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// A replication-protocol command failed.
     #[error("node {node}: {what}: {source}")]
     Replication {
@@ -69,17 +63,6 @@ pub enum CopyError {
         /// The cause.
         #[source]
         source: crate::protocol::ProtocolError,
-    },
-    /// A statement failed.
-    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
     },
     /// The catalog could not be read.
     #[error("node {node}: {source}")]
@@ -114,9 +97,8 @@ pub enum CopyError {
 }
 
 fn sql_err(node: &str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
-    let node = node.to_string();
-    let what = what.into();
-    move |source| CopyError::Sql { node, what, source }
+    let sql = pgconn::NodeError::sql(node, &what.into());
+    move |source| CopyError::Node(sql(source))
 }
 
 /// A node `setup` is connected to.
@@ -405,10 +387,7 @@ async fn connect(config: &Config, node: &str, app: &str) -> Result<Client, CopyE
         .dsn;
     let client = pgconn::connect(dsn, app)
         .await
-        .map_err(|source| CopyError::Connect {
-            node: node.to_string(),
-            source,
-        })?;
+        .map_err(pgconn::NodeError::connect(node))?;
     client
         .batch_execute(SESSION_SETTINGS)
         .await

@@ -95,11 +95,7 @@ pub async fn create(
     let taken_at: String = sql
         .query_one("SELECT pg_catalog.clock_timestamp()::text", &[])
         .await
-        .map_err(|source| CopyError::Sql {
-            node: node.to_string(),
-            what: "reading the clock".into(),
-            source,
-        })?
+        .map_err(super::sql_err(node, "reading the clock"))?
         .get(0);
     Ok(ExportedSlot {
         name: created.slot_name,
