@@ -328,13 +328,21 @@ REVOKE ALL ON FUNCTION walbridge.origin_writer(oid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION walbridge.origin_writer(oid) TO PUBLIC;
 
 -- tombstone_writer: of the tombstone of row `r`'s key (columns `keys`), built as
--- record_tombstones builds it (no code a user wrote runs).
+-- record_tombstones builds it (no code a user wrote runs). `r` must be a row of `rel`: the
+-- key's JSON form is chosen by `rel`'s column types, so a caller's row of another type (an
+-- enum of hers where `rel` has an integer) would run her cast to json with this function's
+-- rights.
 CREATE OR REPLACE FUNCTION walbridge.tombstone_writer(rel oid, r anyelement, keys text[])
 RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_expr text;
     k        jsonb;
 BEGIN
+    IF (SELECT c.reltype FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel)
+       IS DISTINCT FROM pg_catalog.pg_typeof(r)::oid THEN
+        RAISE EXCEPTION 'walbridge.tombstone_writer(): % is not a row of %',
+            pg_catalog.pg_typeof(r), rel::regclass;
+    END IF;
     SELECT pg_catalog.string_agg(
                walbridge.json_value_sql(rel, a::name, pg_catalog.format('($1).%I', a)), ', ')
       INTO key_expr FROM pg_catalog.unnest(keys) AS a;

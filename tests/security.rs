@@ -464,3 +464,47 @@ fn trigger_mode_set_up_by_a_non_superuser_works_for_ordinary_writers() {
          VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// SECURITY DEFINER functions open to PUBLIC: a caller's arguments never run a cast of hers
+// ---------------------------------------------------------------------------------------
+
+/// walbridge.tombstone_writer is SECURITY DEFINER and callable by anyone (node_priority's
+/// guard calls it in the writer's session). alice calls it herself with a row of her own
+/// composite type, whose `id` is her enum, and a relation whose `id` is an integer: were the
+/// key built from her row's types instead of the relation's, her cast to json would run with
+/// the function owner's rights (and could forge tombstones).
+#[test]
+fn a_callers_row_type_never_runs_her_cast_in_tombstone_writer() {
+    let d = owner_deployment(&stream_toml());
+    d.walbridge_ok(&["setup"]);
+    for node in ["east", "west"] {
+        ok_as(&d, node, "alice", CAST_ATTACK);
+    }
+    ok_as(
+        &d,
+        "east",
+        "alice",
+        "CREATE TYPE public.disguise AS (id public.mood)",
+    );
+    let attempt = psql_as(
+        d.node("east"),
+        "alice",
+        "SELECT walbridge.tombstone_writer('public.items'::regclass, \
+         ROW('calm')::public.disguise, ARRAY['id'])",
+    );
+    assert_attack_failed(&d);
+    let err = attempt.expect_err("a row that is not of the relation's type is refused");
+    assert!(err.contains("is not a row of"), "{err}");
+    // The guard's own call (a row of the table) still answers.
+    assert_eq!(
+        ok_as(
+            &d,
+            "east",
+            "alice",
+            "SELECT coalesce(walbridge.tombstone_writer('public.items'::regclass, \
+             ROW(1, 'x')::public.items, ARRAY['id']), 'none')"
+        ),
+        "none"
+    );
+}
