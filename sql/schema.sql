@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS walbridge.settings (
     name  text PRIMARY KEY,
     value text NOT NULL
 );
+-- Tables are closed to PUBLIC even where ALTER DEFAULT PRIVILEGES opened new ones to it.
+REVOKE ALL ON walbridge.settings FROM PUBLIC;
 
 -- A user session opts out of replication for its own writes (a maintenance backfill, say):
 --   SELECT walbridge.skip_session();
@@ -110,6 +112,8 @@ ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS priority             te
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_row_truncated  boolean NOT NULL DEFAULT false;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_row_truncated boolean NOT NULL DEFAULT false;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_unsent        text[];
+REVOKE ALL ON walbridge.conflicts FROM PUBLIC;
+REVOKE ALL ON SEQUENCE walbridge.conflicts_id_seq FROM PUBLIC;
 
 -- A row version as walbridge.conflicts keeps it: whole when its JSON text is at most
 -- max_bytes; else every column stays, each value (as text) cut to an equal share of max_bytes,
@@ -159,6 +163,7 @@ CREATE TABLE IF NOT EXISTS walbridge.tombstones (
     key   jsonb NOT NULL,
     PRIMARY KEY (relid, key)
 );
+REVOKE ALL ON walbridge.tombstones FROM PUBLIC;
 
 -- A row as JSON without running code a user wrote. to_jsonb and jsonb_build_array call a
 -- user-defined cast to json for any type created after initdb (an enum, a domain over one, a

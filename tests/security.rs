@@ -508,3 +508,46 @@ fn a_callers_row_type_never_runs_her_cast_in_tombstone_writer() {
         "none"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Tables: closed to PUBLIC whatever the default privileges say
+// ---------------------------------------------------------------------------------------
+
+/// A database whose administrator opened new tables and sequences to everyone (`ALTER DEFAULT
+/// PRIVILEGES ... TO PUBLIC`) before running setup: walbridge's bookkeeping still stays
+/// closed, or alice could point walbridge.settings' skip origin at a peer's origin (her writes
+/// would pass for that peer's), forge tombstones or change rows, or rewind trigger-mode
+/// progress.
+#[test]
+fn walbridge_tables_stay_closed_under_default_privileges_for_public() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!(
+            "{ROLES}
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO PUBLIC;
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO PUBLIC;
+             CREATE TABLE public.items (id int PRIMARY KEY, name text);
+             CREATE TABLE public.pets (id int PRIMARY KEY)"
+        ),
+        &trigger_toml(),
+    );
+    d.walbridge_ok(&["setup"]);
+    for sql in [
+        "UPDATE walbridge.settings SET value = 'walbridge_from_west' WHERE name = 'skip_origin'",
+        "INSERT INTO walbridge.tombstones VALUES ('public.items'::regclass, '[1]')",
+        "DELETE FROM walbridge.conflicts",
+        "SELECT pg_catalog.nextval('walbridge.conflicts_id_seq')",
+        "DELETE FROM walbridge.trigger_progress",
+        "DELETE FROM walbridge.trigger_applied",
+        "DELETE FROM walbridge.trigger_peer_progress",
+        "DELETE FROM walbridge.stopped",
+        "SELECT pg_catalog.nextval('walbridge.skipped_id_seq')",
+        // The change table: a forged row would be applied on every peer with walbridge's
+        // rights.
+        "INSERT INTO public.database_changes (metodo, tabla, descripcion) \
+         VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
+        "DELETE FROM public.database_changes_dead",
+    ] {
+        denied_as(&d, "east", "alice", sql);
+    }
+}
