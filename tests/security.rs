@@ -551,3 +551,40 @@ fn walbridge_tables_stay_closed_under_default_privileges_for_public() {
         denied_as(&d, "east", "alice", sql);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// sql/uninstall.sql, run by hand by a superuser with its own search_path
+// ---------------------------------------------------------------------------------------
+
+/// alice's `public.format` matches the arguments uninstall.sql passes to format() better than
+/// pg_catalog's `format(text, VARIADIC "any")`: run by hand by a superuser whose search_path
+/// has `public` (psql's default), an unqualified call would run her function as superuser.
+#[test]
+fn uninstall_sql_by_hand_never_runs_a_users_function() {
+    let d = alices_deployment(
+        &stream_toml(),
+        &["CREATE TABLE public.items (id int PRIMARY KEY, name text);
+           CREATE TABLE public.pets (id int PRIMARY KEY);
+           CREATE FUNCTION public.format(text, name, regclass) RETURNS text
+           LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO public.canary VALUES ('format', current_user);
+               BEGIN
+                   EXECUTE 'ALTER ROLE alice SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN
+                   NULL;
+               END;
+               RETURN pg_catalog.format($1, $2, $3);
+           END $$;"],
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql("east", include_str!("../sql/uninstall.sql"));
+    assert_attack_failed(&d);
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%'"
+        ),
+        "0"
+    );
+}
