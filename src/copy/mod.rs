@@ -50,29 +50,10 @@ use table::TablePlan;
 /// The copy failed or was interrupted.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    /// A node could not be reached, or a statement on it failed.
+    /// A node could not be reached, or a statement, catalog read or replication command on
+    /// it failed.
     #[error(transparent)]
     Node(#[from] pgconn::NodeError),
-    /// A replication-protocol command failed.
-    #[error("node {node}: {what}: {source}")]
-    Replication {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The cause.
-        #[source]
-        source: crate::protocol::ProtocolError,
-    },
-    /// The catalog could not be read.
-    #[error("node {node}: {source}")]
-    Catalog {
-        /// The node.
-        node: String,
-        /// The cause.
-        #[source]
-        source: catalog::CatalogError,
-    },
     /// Something the message explains.
     #[error("node {node}: {message}")]
     Other {
@@ -168,8 +149,8 @@ pub async fn plan(
         });
     };
     let catalog_err = |node: &str| {
-        let node = node.to_string();
-        move |source| CopyError::Catalog { node, source }
+        let catalog = pgconn::NodeError::catalog(node);
+        move |source| CopyError::Node(catalog(source))
     };
     let mut source_tables = Vec::new();
     for t in tables {

@@ -50,9 +50,8 @@ pub async fn create(
     shutdown: &CancellationToken,
 ) -> Result<ExportedSlot, CopyError> {
     let repl_err = |what: &str| {
-        let node = node.to_string();
-        let what = what.to_string();
-        move |source| CopyError::Replication { node, what, source }
+        let replication = crate::pgconn::NodeError::replication(node, what);
+        move |source| CopyError::Node(replication(source))
     };
     let conn = protocol::connect(
         dsn,

@@ -123,6 +123,8 @@ impl Classify for crate::pgconn::NodeError {
         match self {
             crate::pgconn::NodeError::Connect { source, .. } => source.class(),
             crate::pgconn::NodeError::Sql { source, .. } => source.class(),
+            crate::pgconn::NodeError::Catalog { source, .. } => source.class(),
+            crate::pgconn::NodeError::Replication { source, .. } => source.class(),
         }
     }
 }
