@@ -260,9 +260,20 @@ pub struct Runner {
 impl Runner {
     /// Starts `walbridge run --config <config>` with `env`, logging to `log`.
     pub fn spawn(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Runner {
+        Runner::spawn_command(&["run"], config, log, env)
+    }
+
+    /// Starts `walbridge <args> --config <config>` (a long `setup --copy-from`, say) with
+    /// `env`, logging stdout and stderr to `log`.
+    pub fn spawn_command(
+        args: &[&str],
+        config: &Path,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Runner {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(walbridge_bin())
-            .arg("run")
+            .args(args)
             .arg("--config")
             .arg(config)
             .envs(env.iter().copied())
@@ -271,7 +282,7 @@ impl Runner {
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
-            .expect("spawn walbridge run");
+            .unwrap_or_else(|e| panic!("spawn walbridge {args:?}: {e}"));
         Runner { child, log }
     }
 
