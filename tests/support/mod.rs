@@ -308,6 +308,14 @@ impl Runner {
         assert_eq!(self.wait_exit(WAIT), Some(0), "log:\n{}", self.log());
     }
 
+    /// Asserts the process is still running and no direction stopped ("direction stopped"
+    /// is not in its log).
+    pub fn assert_no_direction_stopped(&mut self) {
+        self.assert_running();
+        let log = self.log();
+        assert!(!log.contains("direction stopped"), "log:\n{log}");
+    }
+
     /// Asserts the process is still running (it did not die on an error).
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
