@@ -35,16 +35,13 @@
 //! version and written to `target/bench-replication.md` (markdown) and
 //! `target/bench-replication.jsonl` (one JSON object per figure).
 
-#[path = "common/procstat.rs"]
-mod procstat;
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use procstat::ServerCpu;
+use walbridge::localpg::procstat::{self, ServerCpu};
 use walbridge::localpg::{self, ClusterOptions, LocalCluster};
 
 const TABLE: &str =
@@ -529,9 +526,9 @@ fn drain(v: &Version, r: Replicator, txns: usize) -> DrainRun {
     let secs = started.elapsed().as_secs_f64();
     let a1 = ServerCpu::read(p.a.data_dir());
     let b1 = ServerCpu::read(p.b.data_dir());
-    let own = child
-        .as_ref()
-        .map_or(0.0, |c| procstat::cpu_seconds(c.id()));
+    let own = child.as_ref().map_or(0.0, |c| {
+        procstat::process_cpu_seconds(c.id()).unwrap_or(0.0)
+    });
     let a = cpu_by_role(&a0, &a1, &roles(&p.a));
     let b = cpu_by_role(&b0, &b1, &roles(&p.b));
     let rows: f64 = sql(&p.b, "SELECT count(*) FROM bench")
@@ -600,7 +597,7 @@ fn big_transaction(v: &Version, r: Replicator, rows: usize) -> (f64, f64, f64) {
     );
     let rss = child
         .as_ref()
-        .map_or(0.0, |c| procstat::peak_rss_mb(c.id()));
+        .map_or(0.0, |c| procstat::peak_rss_kb(c.id()) as f64 / 1024.0);
     stop(child);
     let lag =
         visible.parse::<f64>().unwrap_or(f64::NAN) - committed.parse::<f64>().unwrap_or(f64::NAN);
@@ -711,9 +708,9 @@ fn bidi_load(v: &Version, r: Replicator, per_node: usize) -> LoadRun {
 
     let a0 = ServerCpu::read(p.a.data_dir());
     let b0 = ServerCpu::read(p.b.data_dir());
-    let own0 = child
-        .as_ref()
-        .map_or(0.0, |c| procstat::cpu_seconds(c.id()));
+    let own0 = child.as_ref().map_or(0.0, |c| {
+        procstat::process_cpu_seconds(c.id()).unwrap_or(0.0)
+    });
     let started = Instant::now();
     let per_client = (per_node / 2).to_string();
     let args = ["-c", "2", "-j", "2", "-t", per_client.as_str()];
@@ -730,10 +727,9 @@ fn bidi_load(v: &Version, r: Replicator, per_node: usize) -> LoadRun {
     let total_secs = started.elapsed().as_secs_f64();
     let a1 = ServerCpu::read(p.a.data_dir());
     let b1 = ServerCpu::read(p.b.data_dir());
-    let own = child
-        .as_ref()
-        .map_or(0.0, |c| procstat::cpu_seconds(c.id()))
-        - own0;
+    let own = child.as_ref().map_or(0.0, |c| {
+        procstat::process_cpu_seconds(c.id()).unwrap_or(0.0)
+    }) - own0;
     let servers: f64 = [(&a0, &a1, poll_a.backend), (&b0, &b1, poll_b.backend)]
         .into_iter()
         .map(|(before, after, poller)| {

@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS walbridge.settings (
     name  text PRIMARY KEY,
     value text NOT NULL
 );
+-- Tables are closed to PUBLIC even where ALTER DEFAULT PRIVILEGES opened new ones to it.
+REVOKE ALL ON walbridge.settings FROM PUBLIC;
 
 -- A user session opts out of replication for its own writes (a maintenance backfill, say):
 --   SELECT walbridge.skip_session();
@@ -110,6 +112,8 @@ ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS priority             te
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS local_row_truncated  boolean NOT NULL DEFAULT false;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_row_truncated boolean NOT NULL DEFAULT false;
 ALTER TABLE walbridge.conflicts ADD COLUMN IF NOT EXISTS remote_unsent        text[];
+REVOKE ALL ON walbridge.conflicts FROM PUBLIC;
+REVOKE ALL ON SEQUENCE walbridge.conflicts_id_seq FROM PUBLIC;
 
 -- A row version as walbridge.conflicts keeps it: whole when its JSON text is at most
 -- max_bytes; else every column stays, each value (as text) cut to an equal share of max_bytes,
@@ -159,6 +163,7 @@ CREATE TABLE IF NOT EXISTS walbridge.tombstones (
     key   jsonb NOT NULL,
     PRIMARY KEY (relid, key)
 );
+REVOKE ALL ON walbridge.tombstones FROM PUBLIC;
 
 -- A row as JSON without running code a user wrote. to_jsonb and jsonb_build_array call a
 -- user-defined cast to json for any type created after initdb (an enum, a domain over one, a
@@ -328,13 +333,21 @@ REVOKE ALL ON FUNCTION walbridge.origin_writer(oid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION walbridge.origin_writer(oid) TO PUBLIC;
 
 -- tombstone_writer: of the tombstone of row `r`'s key (columns `keys`), built as
--- record_tombstones builds it (no code a user wrote runs).
+-- record_tombstones builds it (no code a user wrote runs). `r` must be a row of `rel`: the
+-- key's JSON form is chosen by `rel`'s column types, so a caller's row of another type (an
+-- enum of hers where `rel` has an integer) would run her cast to json with this function's
+-- rights.
 CREATE OR REPLACE FUNCTION walbridge.tombstone_writer(rel oid, r anyelement, keys text[])
 RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_expr text;
     k        jsonb;
 BEGIN
+    IF (SELECT c.reltype FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel)
+       IS DISTINCT FROM pg_catalog.pg_typeof(r)::oid THEN
+        RAISE EXCEPTION 'walbridge.tombstone_writer(): % is not a row of %',
+            pg_catalog.pg_typeof(r), rel::regclass;
+    END IF;
     SELECT pg_catalog.string_agg(
                walbridge.json_value_sql(rel, a::name, pg_catalog.format('($1).%I', a)), ', ')
       INTO key_expr FROM pg_catalog.unnest(keys) AS a;

@@ -36,3 +36,4 @@ CREATE TABLE IF NOT EXISTS walbridge.skipped (
 );
 CREATE INDEX IF NOT EXISTS skipped_transaction ON walbridge.skipped (source, end_lsn, seq);
 REVOKE ALL ON walbridge.stopped, walbridge.skipped FROM PUBLIC;
+REVOKE ALL ON SEQUENCE walbridge.skipped_id_seq FROM PUBLIC;

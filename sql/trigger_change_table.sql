@@ -41,5 +41,10 @@ CREATE TABLE IF NOT EXISTS {{dead_table}} (
     PRIMARY KEY (id, target_node)
 );
 
+-- Closed to PUBLIC even where ALTER DEFAULT PRIVILEGES opened new tables to it: a row forged
+-- here would be applied on every peer with walbridge's rights. Application roles log their
+-- changes through the SECURITY DEFINER capture functions (sql/trigger_capture.sql).
+REVOKE ALL ON {{change_table}}, {{dead_table}} FROM PUBLIC;
+
 CREATE OR REPLACE TRIGGER walbridge_notify AFTER INSERT ON {{change_table}}
     FOR EACH STATEMENT EXECUTE FUNCTION walbridge.notify_changes({{channel}});

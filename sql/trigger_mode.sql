@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS walbridge.trigger_progress (
     source     text PRIMARY KEY,
     last_id    bigint NOT NULL,
     hold_xid   xid8 NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- On every target T: rows of S applied here whose transaction is >= S's hold_xid (late
@@ -31,8 +31,11 @@ CREATE TABLE IF NOT EXISTS walbridge.trigger_peer_progress (
     target     text PRIMARY KEY,
     last_id    bigint NOT NULL,
     hold_xid   xid8 NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
+
+REVOKE ALL ON walbridge.trigger_progress, walbridge.trigger_applied,
+              walbridge.trigger_peer_progress FROM PUBLIC;
 
 -- Statement-level AFTER INSERT trigger on the change table: one NOTIFY per statement, merged
 -- by PostgreSQL into one per transaction, wakes the workers at once (rows written by old

@@ -2,12 +2,16 @@
 -- node that walbridge can no longer reach with its configuration. User data is left alone.
 -- Run it in the replicated database as a superuser. Slots first, so no WAL stays pinned.
 
+-- Only built-in functions and operators: a function another role put on the caller's
+-- search_path (public.format(text, name, regclass), say) would otherwise run as superuser.
+SET search_path = pg_catalog, pg_temp;
+
 SELECT pg_catalog.pg_terminate_backend(active_pid)
   FROM pg_catalog.pg_replication_slots
  WHERE slot_name LIKE 'walbridge\_%\_to\_%' AND active_pid IS NOT NULL;
 SELECT pg_catalog.pg_drop_replication_slot(slot_name)
   FROM pg_catalog.pg_replication_slots
- WHERE slot_name LIKE 'walbridge\_%\_to\_%' AND database = current_database();
+ WHERE slot_name LIKE 'walbridge\_%\_to\_%' AND database = pg_catalog.current_database();
 SELECT pg_catalog.pg_replication_origin_drop(roname)
   FROM pg_catalog.pg_replication_origin
  WHERE roname LIKE 'walbridge\_from\_%' OR roname = 'walbridge_skip';
@@ -22,7 +26,7 @@ BEGIN
                                'walbridge_capture_truncate', 'walbridge_notify')
                 AND tgparentid = 0
     LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
     END LOOP;
 END
 $$;

@@ -570,12 +570,17 @@ async fn status(config: Config, args: StatusArgs) -> Result<(), Failure> {
     }
 }
 
-fn forensics_failure(e: crate::forensics::ForensicsError) -> Failure {
-    if e.is_usage() {
+/// `e` as a wrong use of the command line (exit 2) when `usage`, else as a failure (exit 1).
+fn usage_or_fatal(usage: bool, e: impl Into<anyhow::Error>) -> Failure {
+    if usage {
         Failure::Usage(e.into())
     } else {
         Failure::Fatal(e.into())
     }
+}
+
+fn forensics_failure(e: crate::forensics::ForensicsError) -> Failure {
+    usage_or_fatal(e.is_usage(), e)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
@@ -646,8 +651,7 @@ async fn verify(
     };
     let report = match crate::verify::verify(&config, &options, &shutdown).await {
         Ok(report) => report,
-        Err(e) if e.is_usage() => return Err(Failure::Usage(e.into())),
-        Err(e) => return Err(Failure::Fatal(e.into())),
+        Err(e) => return Err(usage_or_fatal(e.is_usage(), e)),
     };
     if args.json {
         println!("{}", report.to_json());
@@ -666,13 +670,7 @@ async fn verify(
 async fn drift(config: Config, args: DriftArgs) -> Result<(), Failure> {
     let report = crate::drift::drift(&config, args.table.as_ref())
         .await
-        .map_err(|e| {
-            if e.is_usage() {
-                Failure::Usage(e.into())
-            } else {
-                Failure::Fatal(e.into())
-            }
-        })?;
+        .map_err(|e| usage_or_fatal(e.is_usage(), e))?;
     if args.json {
         print_json(&report)?;
     } else {
@@ -725,13 +723,7 @@ async fn tail(config: Config, args: TailArgs, shutdown: CancellationToken) -> Re
     let mut out = std::io::stdout();
     crate::tail::tail(&config, &options, &mut out, shutdown)
         .await
-        .map_err(|e| {
-            if e.is_usage() {
-                Failure::Usage(e.into())
-            } else {
-                Failure::Fatal(e.into())
-            }
-        })
+        .map_err(|e| usage_or_fatal(e.is_usage(), e))
 }
 
 /// `walbridge demo`.

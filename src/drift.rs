@@ -36,14 +36,8 @@ use crate::pgconn;
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
     /// A node's catalog could not be read.
-    #[error("node {node}: {source}")]
-    Catalog {
-        /// The node.
-        node: String,
-        /// The cause.
-        #[source]
-        source: catalog::CatalogError,
-    },
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// `--table` names a table that is not replicated.
     #[error(
         "table {0} is not replicated (no node has it, or replication.tables / exclude leave it \
@@ -238,10 +232,7 @@ pub async fn read_node(
     config: &Config,
     only: Option<&QualifiedName>,
 ) -> Result<NodeShapes, DriftError> {
-    let err = |source| DriftError::Catalog {
-        node: node.to_string(),
-        source,
-    };
+    let err = |source| DriftError::from(pgconn::NodeError::catalog(node)(source));
     let mut tables = BTreeMap::new();
     for t in catalog::list_tables(client).await.map_err(err)? {
         if !config.replication.tables.matches(&t.schema, &t.name) {

@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod procstat;
 mod shared;
+pub use procstat::process_cpu_seconds;
 pub use shared::{SharedCluster, IDLE_SECONDS};
 
 /// A local cluster could not be created, started or stopped.
@@ -988,21 +990,4 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// CPU time (user + system) a process has used so far, in seconds, from `/proc/<pid>/stat`;
-/// `None` when the process is gone or the file cannot be read. Benchmarks divide it by the
-/// rows replicated (CPU per row of walbridge, a walsender, an applying backend).
-pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: count from the
-    // last ')'. utime and stime are fields 14 and 15 (11th and 12th after the state).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
-    Some((utime + stime) / ticks)
 }

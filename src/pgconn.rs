@@ -970,8 +970,10 @@ fn db_message(e: &tokio_postgres::Error, redact: bool) -> String {
     }
 }
 
-/// Connecting to, or a statement on, one named node failed: the per-node error of the
-/// one-shot commands (`verify`, `skip`), which wrap it as their own variant.
+/// Connecting to, a statement on, the catalog of, or a replication command on one named node
+/// failed: the per-node error of the
+/// one-shot commands (`setup`, `copy`, `verify`, `skip`, `tail`), which wrap it as their own
+/// variant. Its class (retry or stop) is decided in [`crate::direction::Classify`].
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The node could not be reached.
@@ -994,6 +996,26 @@ pub enum NodeError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The node's catalog could not be read.
+    #[error("node {node}: {source}")]
+    Catalog {
+        /// The node.
+        node: String,
+        /// The cause.
+        #[source]
+        source: crate::catalog::CatalogError,
+    },
+    /// A replication-protocol command failed on the node.
+    #[error("node {node}: {what}: {source}")]
+    Replication {
+        /// The node.
+        node: String,
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: crate::protocol::ProtocolError,
+    },
 }
 
 impl NodeError {
@@ -1007,6 +1029,21 @@ impl NodeError {
     pub fn connect(node: &str) -> impl FnOnce(ConnectError) -> Self {
         let node = node.to_string();
         move |source| NodeError::Connect { node, source }
+    }
+
+    /// Maps a failed catalog read on `node` (for `map_err`).
+    pub fn catalog(node: &str) -> impl FnOnce(crate::catalog::CatalogError) -> Self {
+        let node = node.to_string();
+        move |source| NodeError::Catalog { node, source }
+    }
+
+    /// Maps a failed replication command on `node` while doing `what` (for `map_err`).
+    pub fn replication(
+        node: &str,
+        what: &str,
+    ) -> impl FnOnce(crate::protocol::ProtocolError) -> Self {
+        let (node, what) = (node.to_string(), what.to_string());
+        move |source| NodeError::Replication { node, what, source }
     }
 }
 

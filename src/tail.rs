@@ -118,20 +118,9 @@ pub enum TailError {
         /// Why, and what to do.
         reason: String,
     },
-    /// The node could not be reached for its catalog.
-    #[error("{0}")]
-    Connect(#[from] pgconn::ConnectError),
-    /// A catalog query failed.
-    #[error("node {node}: {what}: {source}")]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being read.
-        what: &'static str,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// The node could not be reached for its catalog, or a catalog query failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// The change stream failed.
     #[error("node {node}: {source}")]
     Source {
@@ -193,9 +182,9 @@ fn temporary_slot_name(config: &Config) -> String {
     format!("{prefix}{suffix}")
 }
 
-fn sql_err(node: &str, what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> TailError {
-    let node = node.to_string();
-    move |source| TailError::Sql { node, what, source }
+fn sql_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> TailError {
+    let sql = pgconn::NodeError::sql(node, what);
+    move |source| TailError::Node(sql(source))
 }
 
 /// Streams the decoded changes of `opts.node` to `out`, one JSON object per line, until
@@ -218,7 +207,9 @@ pub async fn tail(
         check_slot_is_not_walbridges(config, name, slot, plugin)?;
     }
     let application_name = format!("walbridge-tail-{name}");
-    let catalog = pgconn::connect(&node.dsn, &application_name).await?;
+    let catalog = pgconn::connect(&node.dsn, &application_name)
+        .await
+        .map_err(pgconn::NodeError::connect(name))?;
 
     let plugin = match &opts.slot {
         Some(slot) => check_existing_slot(&catalog, node, slot, opts.plugin).await?,

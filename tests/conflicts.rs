@@ -410,7 +410,6 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
         Begin, Change, ChangeOp, Column, Commit, Event, Relation, ReplicaIdentity, Tuple, Value,
     };
     use walbridge::lsn::{Lsn, PgTimestamp};
-    use walbridge::protocol::{self, pipeline::Pipeline, ConnectOptions};
 
     let d = tokio::task::block_in_place(|| {
         let d = pair("last_write_wins", "\"a\", \"b\"");
@@ -419,28 +418,7 @@ async fn careful_apply_never_reads_a_reply_meant_for_a_progress_query() {
         d
     });
     let config = Arc::new(walbridge::config::Config::load(&d.config).expect("config"));
-    let dsn = config.node("b").expect("node b").dsn.clone();
-    let mut options = ConnectOptions::replication("walbridge-test-apply");
-    options.replication = false;
-    let raw = protocol::connect(&dsn, options)
-        .await
-        .expect("apply session");
-    let (pipe, driver) = Pipeline::from_raw(raw);
-    tokio::spawn(driver);
-    let catalog = walbridge::pgconn::connect(&dsn, "walbridge-test-catalog")
-        .await
-        .expect("catalog session");
-    let (mut applier, progress) = walbridge::apply::Applier::start(
-        pipe,
-        catalog,
-        config,
-        "a",
-        "b",
-        walbridge::metrics::Metrics::new(),
-        ApplyLimits::default(),
-    )
-    .await
-    .expect("applier");
+    let (mut applier, progress) = start_applier(config, "a", "b", ApplyLimits::default()).await;
     assert_eq!(progress, Lsn::ZERO);
 
     let relation = Arc::new(Relation {

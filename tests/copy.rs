@@ -280,19 +280,12 @@ fn interrupt_during_copy_leaves_no_slot_and_no_rows() {
         "east",
         "INSERT INTO public.big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 1500000) g",
     );
-    let log = d.dir.path().join("setup.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let child = Command::new(walbridge_bin())
-        .args(["setup", "--copy-from", "east", "--jobs", "1"])
-        .arg("--config")
-        .arg(&d.config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn setup");
-    let mut setup = Runner { child, log };
+    let mut setup = Runner::spawn_command(
+        &["setup", "--copy-from", "east", "--jobs", "1"],
+        &d.config,
+        d.dir.path().join("setup.log"),
+        &[],
+    );
     // Wait until rows are flowing into the peer, then Ctrl-C.
     let copying = wait_until(WAIT, || {
         d.sql(
@@ -363,18 +356,12 @@ fn interrupt_while_the_slot_waits_for_a_running_transaction() {
         "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND granted"
     ) != "0"));
 
-    let log = d.dir.path().join("setup.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let child = Command::new(walbridge_bin())
-        .args(["setup", "--copy-from", "east"])
-        .arg("--config")
-        .arg(&d.config)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn setup");
-    let mut setup = Runner { child, log };
+    let mut setup = Runner::spawn_command(
+        &["setup", "--copy-from", "east"],
+        &d.config,
+        d.dir.path().join("setup.log"),
+        &[],
+    );
     let waiting = wait_until(WAIT, || {
         d.sql(
             "east",

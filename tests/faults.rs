@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::support::*;
+use walbridge::localpg::procstat::peak_rss_kb;
 
 const TABLES: &str = "tables = [\"public.ledger\", \"public.hot\"]";
 
@@ -656,16 +657,6 @@ fn target_restart_during_a_first_table_lookup_is_retried() {
         "{}",
         run.log()
     );
-}
-
-/// Peak resident memory of a process, from `/proc` (kB).
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The soak run (by hand, not in CI): `WALBRIDGE_SOAK_MINUTES=20 cargo nextest run

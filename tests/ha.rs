@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -27,24 +26,11 @@ pub(crate) fn spawn_instance(
     if let Some(port) = metrics {
         text = text.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
     }
-    // The name comes through the environment, as `${HOSTNAME}` does in Kubernetes.
     text.push_str("\n[run]\ninstance = \"${WB_INSTANCE}\"\n");
     let config: PathBuf = d.dir.path().join(format!("{name}.toml"));
     std::fs::write(&config, text).expect("write config");
-    let log = d.dir.path().join(log);
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(walbridge_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("WB_INSTANCE", name)
-        .env("RUST_LOG", "info,walbridge=debug")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log file"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn walbridge run");
-    Runner { child, log }
+    // The name comes through the environment, as `${HOSTNAME}` does in Kubernetes.
+    Runner::spawn(&config, d.dir.path().join(log), &[("WB_INSTANCE", name)])
 }
 
 /// (source, target) -> owner, from `walbridge status --json` (the targets' locks).

@@ -78,12 +78,7 @@ fn add_column_while_both_nodes_write(plugin: &str) {
     );
     assert_identical(&d, "public.items", "id");
     assert_eq!(d.sql("east", "SELECT count(*) FROM items"), "602");
-    run.assert_running();
-    assert!(
-        !run.log().contains("direction stopped"),
-        "log:\n{}",
-        run.log()
-    );
+    run.assert_no_direction_stopped();
     run.stop_ok();
 }
 
@@ -242,12 +237,7 @@ fn ddl_renames_and_drop_column_replicate() {
     d.wait_for("east", "SELECT count(*) FROM goods", "5");
     d.wait_for("west", "SELECT title FROM goods WHERE id = 1", "a2");
     assert_identical(&d, "public.goods", "id");
-    run.assert_running();
-    assert!(
-        !run.log().contains("direction stopped"),
-        "log:\n{}",
-        run.log()
-    );
+    run.assert_no_direction_stopped();
     run.stop_ok();
 }
 
@@ -441,10 +431,6 @@ fn ddl_new_table_gets_each_node_its_sequence_range() {
     let q = "SELECT string_agg(format('%s:%s:%s', id, s, v), ',' ORDER BY id) FROM events";
     d.wait_for("east", q, want);
     d.wait_for("west", q, want);
-    assert!(
-        !run.log().contains("direction stopped"),
-        "log:\n{}",
-        run.log()
-    );
+    run.assert_no_direction_stopped();
     run.stop_ok();
 }

@@ -464,3 +464,127 @@ fn trigger_mode_set_up_by_a_non_superuser_works_for_ordinary_writers() {
          VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// SECURITY DEFINER functions open to PUBLIC: a caller's arguments never run a cast of hers
+// ---------------------------------------------------------------------------------------
+
+/// walbridge.tombstone_writer is SECURITY DEFINER and callable by anyone (node_priority's
+/// guard calls it in the writer's session). alice calls it herself with a row of her own
+/// composite type, whose `id` is her enum, and a relation whose `id` is an integer: were the
+/// key built from her row's types instead of the relation's, her cast to json would run with
+/// the function owner's rights (and could forge tombstones).
+#[test]
+fn a_callers_row_type_never_runs_her_cast_in_tombstone_writer() {
+    let d = owner_deployment(&stream_toml());
+    d.walbridge_ok(&["setup"]);
+    for node in ["east", "west"] {
+        ok_as(&d, node, "alice", CAST_ATTACK);
+    }
+    ok_as(
+        &d,
+        "east",
+        "alice",
+        "CREATE TYPE public.disguise AS (id public.mood)",
+    );
+    let attempt = psql_as(
+        d.node("east"),
+        "alice",
+        "SELECT walbridge.tombstone_writer('public.items'::regclass, \
+         ROW('calm')::public.disguise, ARRAY['id'])",
+    );
+    assert_attack_failed(&d);
+    let err = attempt.expect_err("a row that is not of the relation's type is refused");
+    assert!(err.contains("is not a row of"), "{err}");
+    // The guard's own call (a row of the table) still answers.
+    assert_eq!(
+        ok_as(
+            &d,
+            "east",
+            "alice",
+            "SELECT coalesce(walbridge.tombstone_writer('public.items'::regclass, \
+             ROW(1, 'x')::public.items, ARRAY['id']), 'none')"
+        ),
+        "none"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Tables: closed to PUBLIC whatever the default privileges say
+// ---------------------------------------------------------------------------------------
+
+/// A database whose administrator opened new tables and sequences to everyone (`ALTER DEFAULT
+/// PRIVILEGES ... TO PUBLIC`) before running setup: walbridge's bookkeeping still stays
+/// closed, or alice could point walbridge.settings' skip origin at a peer's origin (her writes
+/// would pass for that peer's), forge tombstones or change rows, or rewind trigger-mode
+/// progress.
+#[test]
+fn walbridge_tables_stay_closed_under_default_privileges_for_public() {
+    let d = Deployment::new(
+        &["east", "west"],
+        &format!(
+            "{ROLES}
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO PUBLIC;
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO PUBLIC;
+             CREATE TABLE public.items (id int PRIMARY KEY, name text);
+             CREATE TABLE public.pets (id int PRIMARY KEY)"
+        ),
+        &trigger_toml(),
+    );
+    d.walbridge_ok(&["setup"]);
+    for sql in [
+        "UPDATE walbridge.settings SET value = 'walbridge_from_west' WHERE name = 'skip_origin'",
+        "INSERT INTO walbridge.tombstones VALUES ('public.items'::regclass, '[1]')",
+        "DELETE FROM walbridge.conflicts",
+        "SELECT pg_catalog.nextval('walbridge.conflicts_id_seq')",
+        "DELETE FROM walbridge.trigger_progress",
+        "DELETE FROM walbridge.trigger_applied",
+        "DELETE FROM walbridge.trigger_peer_progress",
+        "DELETE FROM walbridge.stopped",
+        "SELECT pg_catalog.nextval('walbridge.skipped_id_seq')",
+        // The change table: a forged row would be applied on every peer with walbridge's
+        // rights.
+        "INSERT INTO public.database_changes (metodo, tabla, descripcion) \
+         VALUES ('DELETE', 'public.items', '{\"id\": 1}')",
+        "DELETE FROM public.database_changes_dead",
+    ] {
+        denied_as(&d, "east", "alice", sql);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sql/uninstall.sql, run by hand by a superuser with its own search_path
+// ---------------------------------------------------------------------------------------
+
+/// alice's `public.format` matches the arguments uninstall.sql passes to format() better than
+/// pg_catalog's `format(text, VARIADIC "any")`: run by hand by a superuser whose search_path
+/// has `public` (psql's default), an unqualified call would run her function as superuser.
+#[test]
+fn uninstall_sql_by_hand_never_runs_a_users_function() {
+    let d = alices_deployment(
+        &stream_toml(),
+        &["CREATE TABLE public.items (id int PRIMARY KEY, name text);
+           CREATE TABLE public.pets (id int PRIMARY KEY);
+           CREATE FUNCTION public.format(text, name, regclass) RETURNS text
+           LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO public.canary VALUES ('format', current_user);
+               BEGIN
+                   EXECUTE 'ALTER ROLE alice SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN
+                   NULL;
+               END;
+               RETURN pg_catalog.format($1, $2, $3);
+           END $$;"],
+    );
+    d.walbridge_ok(&["setup"]);
+    d.sql("east", include_str!("../sql/uninstall.sql"));
+    assert_attack_failed(&d);
+    assert_eq!(
+        d.sql(
+            "east",
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'walbridge%'"
+        ),
+        "0"
+    );
+}

@@ -18,15 +18,23 @@ fn refused(d: &Deployment, args: &[&str], reason: &str) {
     );
 }
 
-#[test]
-fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
+/// Two nodes replicating `public.*`, running, where west refuses `v >= 100` in `public.t`
+/// (a CHECK constraint east does not have): a transaction writing such a row stops
+/// east -> west.
+fn running_with_a_check_on_west() -> (Deployment, Runner) {
     let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
     d.walbridge_ok(&["setup"]);
     d.sql(
         "west",
         "ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 100)",
     );
-    let mut run = d.spawn_run("run.log");
+    let run = d.spawn_run("run.log");
+    (d, run)
+}
+
+#[test]
+fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
+    let (d, mut run) = running_with_a_check_on_west();
     d.sql("east", "INSERT INTO public.t VALUES (1, 1)");
     d.wait_for("west", "SELECT count(*) FROM public.t", "1");
 
@@ -191,13 +199,7 @@ fn skip_names_the_failing_transaction_of_a_group() {
 /// direction streams again, so `status` and `skip` no longer see it.
 #[test]
 fn a_stop_fixed_by_hand_is_cleared_when_the_direction_streams_again() {
-    let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
-    d.walbridge_ok(&["setup"]);
-    d.sql(
-        "west",
-        "ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 100)",
-    );
-    let mut run = d.spawn_run("run.log");
+    let (d, mut run) = running_with_a_check_on_west();
     d.sql("east", "INSERT INTO public.t VALUES (1, 500)");
     d.wait_for("west", "SELECT count(*) FROM walbridge.stopped", "1");
     run.signal(libc::SIGTERM);

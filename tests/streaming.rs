@@ -8,6 +8,7 @@ use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
 use crate::support::*;
+use walbridge::localpg::procstat::peak_rss_kb;
 
 const SCHEMA: &str = "
     CREATE TABLE public.big (id int PRIMARY KEY, v text);
@@ -301,16 +302,6 @@ fn streamed_transaction_waits_for_commit_with_streaming_off() {
     s.run("COMMIT;");
     s.close();
     d.wait_for("west", "SELECT count(*) FROM big", "100000");
-}
-
-/// Peak resident memory of a process (`VmHWM`), in kB.
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

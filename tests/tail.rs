@@ -82,23 +82,12 @@ impl Tail {
 
     /// Sends a signal.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill with a pid we own and a valid signal number.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+        signal_child(&self.child, signal);
     }
 
     /// The exit code, waiting up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut code = None;
-        wait_until(timeout, || match self.child.try_wait() {
-            Ok(Some(status)) => {
-                code = Some(status.code().unwrap_or(-1));
-                true
-            }
-            _ => false,
-        });
-        code
+        wait_child_exit(&mut self.child, timeout)
     }
 
     /// Interrupts it and asserts the clean exit (0).

@@ -50,46 +50,10 @@ use table::TablePlan;
 /// The copy failed or was interrupted.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    /// A node could not be reached.
-    #[error("node {node}: {source}")]
-    Connect {
-        /// The node.
-        node: String,
-        /// Why.
-        #[source]
-        source: pgconn::ConnectError,
-    },
-    /// A replication-protocol command failed.
-    #[error("node {node}: {what}: {source}")]
-    Replication {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The cause.
-        #[source]
-        source: crate::protocol::ProtocolError,
-    },
-    /// A statement failed.
-    #[error("node {node}: {what}: {}", crate::pgconn::pg_message(source))]
-    Sql {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The server's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// The catalog could not be read.
-    #[error("node {node}: {source}")]
-    Catalog {
-        /// The node.
-        node: String,
-        /// The cause.
-        #[source]
-        source: catalog::CatalogError,
-    },
+    /// A node could not be reached, or a statement, catalog read or replication command on
+    /// it failed.
+    #[error(transparent)]
+    Node(#[from] pgconn::NodeError),
     /// Something the message explains.
     #[error("node {node}: {message}")]
     Other {
@@ -114,9 +78,8 @@ pub enum CopyError {
 }
 
 fn sql_err(node: &str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
-    let node = node.to_string();
-    let what = what.into();
-    move |source| CopyError::Sql { node, what, source }
+    let sql = pgconn::NodeError::sql(node, &what.into());
+    move |source| CopyError::Node(sql(source))
 }
 
 /// A node `setup` is connected to.
@@ -186,8 +149,8 @@ pub async fn plan(
         });
     };
     let catalog_err = |node: &str| {
-        let node = node.to_string();
-        move |source| CopyError::Catalog { node, source }
+        let catalog = pgconn::NodeError::catalog(node);
+        move |source| CopyError::Node(catalog(source))
     };
     let mut source_tables = Vec::new();
     for t in tables {
@@ -405,10 +368,7 @@ async fn connect(config: &Config, node: &str, app: &str) -> Result<Client, CopyE
         .dsn;
     let client = pgconn::connect(dsn, app)
         .await
-        .map_err(|source| CopyError::Connect {
-            node: node.to_string(),
-            source,
-        })?;
+        .map_err(pgconn::NodeError::connect(node))?;
     client
         .batch_execute(SESSION_SETTINGS)
         .await

@@ -50,9 +50,8 @@ pub async fn create(
     shutdown: &CancellationToken,
 ) -> Result<ExportedSlot, CopyError> {
     let repl_err = |what: &str| {
-        let node = node.to_string();
-        let what = what.to_string();
-        move |source| CopyError::Replication { node, what, source }
+        let replication = crate::pgconn::NodeError::replication(node, what);
+        move |source| CopyError::Node(replication(source))
     };
     let conn = protocol::connect(
         dsn,
@@ -95,11 +94,7 @@ pub async fn create(
     let taken_at: String = sql
         .query_one("SELECT pg_catalog.clock_timestamp()::text", &[])
         .await
-        .map_err(|source| CopyError::Sql {
-            node: node.to_string(),
-            what: "reading the clock".into(),
-            source,
-        })?
+        .map_err(super::sql_err(node, "reading the clock"))?
         .get(0);
     Ok(ExportedSlot {
         name: created.slot_name,

@@ -21,7 +21,7 @@ use futures::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use super::progress::TableProgress;
-use super::CopyError;
+use super::{sql_err, CopyError};
 use crate::catalog::{quote_ident, quote_literal, TableInfo, TableKind};
 
 /// OIDs below this are built into every PostgreSQL (`FirstNormalObjectId`).
@@ -166,10 +166,6 @@ pub async fn pump(
     target: (&str, &Client),
     progress: &mut TableProgress,
 ) -> Result<(u64, u64), CopyError> {
-    let sql_err = |node: &str, what: String| {
-        let node = node.to_string();
-        move |source| CopyError::Sql { node, what, source }
-    };
     let out = source
         .1
         .copy_out(plan.copy_out_sql().as_str())

@@ -118,6 +118,17 @@ impl Classify for crate::pgconn::ConnectError {
     }
 }
 
+impl Classify for crate::pgconn::NodeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            crate::pgconn::NodeError::Connect { source, .. } => source.class(),
+            crate::pgconn::NodeError::Sql { source, .. } => source.class(),
+            crate::pgconn::NodeError::Catalog { source, .. } => source.class(),
+            crate::pgconn::NodeError::Replication { source, .. } => source.class(),
+        }
+    }
+}
+
 impl Classify for crate::catalog::CatalogError {
     fn class(&self) -> ErrorClass {
         self.0.class()

@@ -65,22 +65,20 @@ pub async fn slot_has_failover(
 pub async fn enable_failover(node: &str, dsn: &Dsn, slot: &str) -> Result<(), SetupError> {
     let mut session = protocol::connect_replication(dsn, "walbridge-setup")
         .await
-        .map_err(|source| SetupError::Replication {
-            node: node.to_string(),
-            what: "opening a replication session".into(),
-            source,
-        })?;
+        .map_err(pgconn::NodeError::replication(
+            node,
+            "opening a replication session",
+        ))?;
     session
         .simple_query(&format!(
             "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
             quote_ident(slot)
         ))
         .await
-        .map_err(|source| SetupError::Replication {
-            node: node.to_string(),
-            what: format!("enabling failover on slot {slot}"),
-            source,
-        })?;
+        .map_err(pgconn::NodeError::replication(
+            node,
+            &format!("enabling failover on slot {slot}"),
+        ))?;
     let _ = session.into_inner().close().await;
     Ok(())
 }

@@ -63,32 +63,13 @@ pub struct SetupOptions {
 /// Setup or teardown failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// A node could not be reached, or a statement on it failed.
+    /// A node could not be reached, or a statement, catalog read or replication command on
+    /// it failed.
     #[error(transparent)]
     Node(#[from] pgconn::NodeError),
     /// Nodes lack prerequisites; nothing was changed.
     #[error("{} prerequisite(s) missing, nothing was changed:\n  {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
     Prerequisites(Vec<Problem>),
-    /// A replication command failed on a node.
-    #[error("node {node}: {what}: {source}")]
-    Replication {
-        /// The node.
-        node: String,
-        /// What was being done.
-        what: String,
-        /// The cause.
-        #[source]
-        source: crate::protocol::ProtocolError,
-    },
-    /// The catalog could not be read.
-    #[error("node {node}: {source}")]
-    Catalog {
-        /// The node.
-        node: String,
-        /// The cause.
-        #[source]
-        source: catalog::CatalogError,
-    },
     /// The nodes' schemas could not be compared.
     #[error(transparent)]
     Drift(#[from] crate::drift::DriftError),
@@ -157,10 +138,7 @@ pub async fn resolve_tables(
     for n in nodes {
         let tables = prereq::selected_tables(&n.client, config)
             .await
-            .map_err(|source| SetupError::Catalog {
-                node: n.name.clone(),
-                source,
-            })?;
+            .map_err(pgconn::NodeError::catalog(&n.name))?;
         per_node.insert(
             &n.name,
             tables
@@ -349,10 +327,7 @@ pub async fn setup(
         for t in &tables {
             let info = catalog::table_info(&n.client, &t.schema, &t.name)
                 .await
-                .map_err(|source| SetupError::Catalog {
-                    node: n.name.clone(),
-                    source,
-                })?
+                .map_err(pgconn::NodeError::catalog(&n.name))?
                 .ok_or_else(|| {
                     SetupError::Other(format!(
                         "node {}: table {} disappeared during setup",
@@ -577,10 +552,7 @@ async fn lossy_wal2json(
     for n in nodes.iter().filter(|n| lossy.contains(&n.name)) {
         let found = prereq::lossy_wal2json_problem(&n.client, &n.name, config, &names)
             .await
-            .map_err(|source| SetupError::Catalog {
-                node: n.name.clone(),
-                source,
-            })?;
+            .map_err(pgconn::NodeError::catalog(&n.name))?;
         match found {
             Some(p) if config.replication.allow_lossy_wal2json => warnings.push(format!(
                 "{}: warning: {} (allowed by replication.allow_lossy_wal2json)",

@@ -78,18 +78,9 @@ impl Default for VerifyOptions {
 /// Verification could not run to the end.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    /// A node could not be reached, or a query on it failed.
+    /// A node could not be reached, or a query or catalog read on it failed.
     #[error(transparent)]
     Node(#[from] pgconn::NodeError),
-    /// The catalog could not be read.
-    #[error("node {node}: {source}")]
-    Catalog {
-        /// The node.
-        node: String,
-        /// The cause.
-        #[source]
-        source: catalog::CatalogError,
-    },
     /// `--table` names a table that is not replicated.
     #[error(
         "table {0} is not replicated (no node has it, or replication.tables / exclude leave it \
@@ -393,10 +384,7 @@ async fn replicated_tables(
     config: &Config,
     node: &Node,
 ) -> Result<BTreeMap<QualifiedName, TableInfo>, VerifyError> {
-    let catalog_err = |source| VerifyError::Catalog {
-        node: node.name.clone(),
-        source,
-    };
+    let catalog_err = |source| VerifyError::from(pgconn::NodeError::catalog(&node.name)(source));
     let mut out = BTreeMap::new();
     for t in catalog::list_tables(&node.client)
         .await

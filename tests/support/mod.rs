@@ -13,6 +13,9 @@ pub use proxy::FaultProxy;
 pub mod db;
 pub use db::{sharing_enabled, TestDb};
 
+pub mod apply;
+pub use apply::start_applier;
+
 /// How long a test waits for replication or a server to reach a state before failing.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -219,20 +222,7 @@ impl Deployment {
 
     /// As [`Deployment::spawn_run`] with extra environment variables (a failpoint, say).
     pub fn spawn_run_env(&self, log_name: &str, env: &[(&str, &str)]) -> Runner {
-        let log = self.dir.path().join(log_name);
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(walbridge_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info,walbridge=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn walbridge run");
-        Runner { child, log }
+        Runner::spawn(&self.config, self.dir.path().join(log_name), env)
     }
 
     /// `walbridge setup` (must succeed), then `walbridge run` in the background logging to
@@ -268,6 +258,34 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Starts `walbridge run --config <config>` with `env`, logging to `log`.
+    pub fn spawn(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Runner {
+        Runner::spawn_command(&["run"], config, log, env)
+    }
+
+    /// Starts `walbridge <args> --config <config>` (a long `setup --copy-from`, say) with
+    /// `env`, logging stdout and stderr to `log`.
+    pub fn spawn_command(
+        args: &[&str],
+        config: &Path,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Runner {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(walbridge_bin())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,walbridge=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn walbridge {args:?}: {e}"));
+        Runner { child, log }
+    }
+
     /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -275,23 +293,12 @@ impl Runner {
 
     /// Sends a signal (`libc::SIGTERM`, `libc::SIGKILL`, ...).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill with a pid we own and a valid signal number.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+        signal_child(&self.child, signal);
     }
 
     /// Waits for exit up to `timeout`; the exit code, `None` if it did not exit.
     pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<i32> {
-        let mut code = None;
-        wait_until(timeout, || match self.child.try_wait() {
-            Ok(Some(status)) => {
-                code = Some(status.code().unwrap_or(-1));
-                true
-            }
-            _ => false,
-        });
-        code
+        wait_child_exit(&mut self.child, timeout)
     }
 
     /// Stops it with SIGTERM and asserts a clean exit (0) within [`WAIT`], showing the log
@@ -299,6 +306,14 @@ impl Runner {
     pub fn stop_ok(&mut self) {
         self.signal(libc::SIGTERM);
         assert_eq!(self.wait_exit(WAIT), Some(0), "log:\n{}", self.log());
+    }
+
+    /// Asserts the process is still running and no direction stopped ("direction stopped"
+    /// is not in its log).
+    pub fn assert_no_direction_stopped(&mut self) {
+        self.assert_running();
+        let log = self.log();
+        assert!(!log.contains("direction stopped"), "log:\n{log}");
     }
 
     /// Asserts the process is still running (it did not die on an error).
@@ -310,6 +325,28 @@ impl Runner {
             );
         }
     }
+}
+
+/// Sends `signal` (`libc::SIGTERM`, `libc::SIGINT`, ...) to a child process of the test.
+pub fn signal_child(child: &Child, signal: i32) {
+    // SAFETY: kill with a pid we own and a valid signal number.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+/// Waits up to `timeout` for a child process to exit; its exit code (-1 when killed by a
+/// signal), `None` if it is still running.
+pub fn wait_child_exit(child: &mut Child, timeout: std::time::Duration) -> Option<i32> {
+    let mut code = None;
+    wait_until(timeout, || match child.try_wait() {
+        Ok(Some(status)) => {
+            code = Some(status.code().unwrap_or(-1));
+            true
+        }
+        _ => false,
+    });
+    code
 }
 
 impl Drop for Runner {

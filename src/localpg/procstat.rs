@@ -1,13 +1,15 @@
-//! CPU time and memory of processes from `/proc` (Linux), for the end-to-end benches.
+//! CPU time and memory of processes, read from `/proc` (Linux): what the benchmarks divide by
+//! the rows replicated (CPU per row of walbridge, a walsender, an applying backend) and what
+//! the memory tests bound (peak RSS). The one `/proc` reader of the crate's tools.
 //!
-//! Shared by the bench targets through `#[path = "common/procstat.rs"] mod procstat;`; a target
-//! that uses only part of it must not warn about the rest.
-#![allow(dead_code)]
+//! A PostgreSQL server's CPU is the sum of its backends': [`ServerCpu`] reads each live child
+//! of the postmaster, plus the postmaster's own time and what its exited children used (the
+//! postmaster waits for every backend it forked, so their time lands in its `cutime`).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The fields of `/proc/<pid>/stat` a bench needs.
+/// The fields of `/proc/<pid>/stat` the tools need.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stat {
     /// The parent's pid.
@@ -28,25 +30,32 @@ fn ticks_per_second() -> f64 {
     }
 }
 
-/// `/proc/<pid>/stat`, or `None` when the process is gone.
+/// `/proc/<pid>/stat`, or `None` when the process is gone or the file cannot be read.
 pub fn stat(pid: u32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from the last ')'.
+    parse_stat(
+        &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+        ticks_per_second(),
+    )
+}
+
+fn parse_stat(text: &str, ticks: f64) -> Option<Stat> {
+    // The command name (field 2) is in parentheses and may hold spaces and ')': count from the
+    // last ')'.
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     // fields[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
     let num = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    let tick = ticks_per_second();
     Some(Stat {
         ppid: fields.get(1)?.parse().ok()?,
-        cpu: (num(11)? + num(12)?) / tick,
-        children_cpu: (num(13)? + num(14)?) / tick,
+        cpu: (num(11)? + num(12)?) / ticks,
+        children_cpu: (num(13)? + num(14)?) / ticks,
     })
 }
 
-/// CPU seconds (user + system, all threads) a process has used so far; 0 when it is gone.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    stat(pid).map_or(0.0, |s| s.cpu)
+/// CPU time (user + system, all threads) a process has used so far, in seconds; `None` when
+/// the process is gone or the file cannot be read.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    stat(pid).map(|s| s.cpu)
 }
 
 /// Every live process whose parent is `parent`, with its stat.
@@ -73,7 +82,7 @@ pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
 }
 
 /// CPU of a server at one instant: each live backend's own, and the postmaster's own plus what
-/// its exited children used (PostgreSQL's postmaster waits for every backend it forked).
+/// its exited children used.
 #[derive(Clone, Debug, Default)]
 pub struct ServerCpu {
     /// Live children of the postmaster: pid → CPU seconds.
@@ -117,14 +126,38 @@ impl ServerCpu {
     }
 }
 
-/// Peak resident memory of a process (`VmHWM`), in MB; 0 when it is gone.
-pub fn peak_rss_mb(pid: u32) -> f64 {
+/// Peak resident memory of a process (`VmHWM` of `/proc/<pid>/status`), in kB; 0 when it is
+/// gone.
+pub fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_counts_fields_from_the_last_parenthesis() {
+        // A command name with a space and a ')' in it; 100 ticks per second.
+        let line = "4242 (post gres: a) b) S 17 4242 4242 0 -1 4194560 100 0 0 0 \
+                    150 50 30 20 20 0 1 0 1234 0 0";
+        let s = parse_stat(line, 100.0).expect("parses");
+        assert_eq!(s.ppid, 17);
+        assert!((s.cpu - 2.0).abs() < 1e-9, "{}", s.cpu);
+        assert!((s.children_cpu - 0.5).abs() < 1e-9, "{}", s.children_cpu);
+        assert!(parse_stat("4242 (truncated) S 17", 100.0).is_none());
+    }
+
+    #[test]
+    fn own_process_is_read() {
+        let me = std::process::id();
+        assert!(process_cpu_seconds(me).is_some());
+        assert!(peak_rss_kb(me) > 0);
+        assert!(children(me).values().all(|s| s.ppid == me));
+    }
 }
