@@ -84,9 +84,17 @@ impl Applier {
     pub(super) async fn apply_carefully(&mut self, sent: Sent) -> Result<(), DirectionError> {
         let items = sent.items.clone().unwrap_or_default();
         let mut last = None;
+        let mut refused_change = None;
         for _attempt in 0..3 {
+            let mut at = None;
             match self
-                .careful_attempt(&sent.begin, &items, &sent.commit, sent.recorded.as_deref())
+                .careful_attempt(
+                    &sent.begin,
+                    &items,
+                    &sent.commit,
+                    sent.recorded.as_deref(),
+                    &mut at,
+                )
                 .await
             {
                 Ok(conflicts) => {
@@ -101,6 +109,7 @@ impl Applier {
                     self.ddl_txn_ended();
                     tracing::debug!(error = %e, "careful apply attempt failed; retrying");
                     last = Some(e);
+                    refused_change = at;
                 }
             }
         }
@@ -116,7 +125,18 @@ impl Applier {
         );
         // Three refusals in a row: the last one's SQLSTATE says whether to retry later.
         let err = match &last {
-            Some(e) => DirectionError::caused_by(msg, e),
+            Some(e) => {
+                let err = DirectionError::caused_by(msg, e);
+                // A source whose changes have ids of their own learns which one was refused.
+                match refused_change {
+                    Some(id) => err.with_failed_change(crate::direction::FailedChange {
+                        source_change_id: id,
+                        sqlstate: e.code.clone(),
+                        stored_text: e.text_with_values(),
+                    }),
+                    None => err,
+                }
+            }
             None => DirectionError::definite(msg),
         };
         Err(err.at_transaction(sent.end_lsn))
@@ -128,12 +148,18 @@ impl Applier {
         items: &[Item],
         commit: &Commit,
         recorded: Option<&Recorded>,
+        refused_change: &mut Option<i64>,
     ) -> Result<Vec<Resolved>, Failed> {
         self.exec("BEGIN", &[]).await?;
         self.take_turn().await?;
         let mut conflicts = Vec::new();
         for item in items {
-            self.careful_item(begin, item, &mut conflicts).await?;
+            if let Err(f) = self.careful_item(begin, item, &mut conflicts).await {
+                if let (Failed::Server(_), Item::Change(c)) = (&f, item) {
+                    *refused_change = c.source_change_id;
+                }
+                return Err(f);
+            }
         }
         self.careful_commit(commit, recorded).await?;
         Ok(conflicts)
@@ -159,18 +185,23 @@ impl Applier {
             // A position that is not an LSN: its rows first (see `super::position`).
             self.exec_recorded(recorded).await?;
         }
-        let (expected, end) =
-            super::position::finish_lsns(recorded.is_some(), self.ledger.committed, commit.end_lsn);
-        let ts = commit.commit_time.to_string();
-        self.exec(
-            sql::APPLY_FINISH,
-            &[
-                expected.as_deref().map(str::as_bytes),
-                Some(end.as_bytes()),
-                Some(ts.as_bytes()),
-            ],
-        )
-        .await?;
+        if self.session.origin {
+            let (expected, end) = super::position::finish_lsns(
+                recorded.is_some(),
+                self.ledger.committed,
+                commit.end_lsn,
+            );
+            let ts = commit.commit_time.to_string();
+            self.exec(
+                sql::APPLY_FINISH,
+                &[
+                    expected.as_deref().map(str::as_bytes),
+                    Some(end.as_bytes()),
+                    Some(ts.as_bytes()),
+                ],
+            )
+            .await?;
+        }
         self.exec("COMMIT", &[]).await?;
         Ok(())
     }

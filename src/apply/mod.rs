@@ -91,6 +91,10 @@ pub struct ApplyLimits {
     /// what the target applied, as trigger mode deletes its change rows, needs it); else the
     /// session runs with `synchronous_commit = off` and confirms only flushed progress.
     pub durable_commits: bool,
+    /// A source whose positions are recorded with the data (trigger mode) may apply without
+    /// the source's replication origin when the role may not use origins: rows then keep the
+    /// target's commit time, conflicts compare it, and nothing stamps or moves an origin.
+    pub allow_no_origin: bool,
 }
 
 impl Default for ApplyLimits {
@@ -103,6 +107,7 @@ impl Default for ApplyLimits {
             copy_min_rows: 64,
             flush_bytes: 256 * 1024,
             durable_commits: false,
+            allow_no_origin: false,
         }
     }
 }
@@ -180,6 +185,16 @@ fn proto(e: crate::protocol::ProtocolError) -> DirectionError {
     DirectionError::caused_by(e.to_string(), &e)
 }
 
+/// Whether a buffered transaction's changes carry ids of their own (and it holds no schema
+/// change, whose failure stops the direction whatever the source).
+fn has_change_ids(sent: &Sent) -> bool {
+    let items = sent.items.as_deref().unwrap_or_default();
+    items
+        .iter()
+        .any(|i| matches!(i, Item::Change(c) if c.source_change_id.is_some()))
+        && !items.iter().any(|i| matches!(i, Item::Ddl(_)))
+}
+
 fn text(b: &Option<Bytes>) -> Option<&str> {
     b.as_deref().and_then(|b| std::str::from_utf8(b).ok())
 }
@@ -203,6 +218,7 @@ impl Applier {
             source,
             target,
             limits.durable_commits,
+            limits.allow_no_origin,
         )
         .await?;
         let writers = Writers::new(&config, target, &origins);
@@ -1146,20 +1162,23 @@ impl Applier {
         let Some(last) = group.members.last() else {
             return Ok(Outcome::Continue);
         };
-        let name = self.statement(sql::APPLY_FINISH)?;
-        let (expected, end) = position::finish_lsns(recorded, self.ledger.expected, last.end_lsn);
-        let ts = last.commit_time.to_string();
-        self.session
-            .enc
-            .execute(
-                &name,
-                [
-                    expected.as_deref().map(str::as_bytes),
-                    Some(end.as_bytes()),
-                    Some(ts.as_bytes()),
-                ],
-            )
-            .map_err(proto)?;
+        if self.session.origin {
+            let name = self.statement(sql::APPLY_FINISH)?;
+            let (expected, end) =
+                position::finish_lsns(recorded, self.ledger.expected, last.end_lsn);
+            let ts = last.commit_time.to_string();
+            self.session
+                .enc
+                .execute(
+                    &name,
+                    [
+                        expected.as_deref().map(str::as_bytes),
+                        Some(end.as_bytes()),
+                        Some(ts.as_bytes()),
+                    ],
+                )
+                .map_err(proto)?;
+        }
         if group.explicit {
             self.session.enc.parse("", "COMMIT").map_err(proto)?;
             self.session
@@ -1319,7 +1338,12 @@ impl Applier {
         let truncated = failed.iter().any(|s| !s.truncates.is_empty());
         let refused = sql::truncate_refused(&error, truncated);
         let narrow = !transient && failed.len() > 1 && !refused;
-        if !conflict_like && !narrow && error.code != "40001" && error.code != "40P01" {
+        // A lone transaction of changes with ids of their own (trigger mode's change rows) is
+        // applied change by change, so the stop names the change the target refuses and its
+        // source can set that one aside (see `DirectionError::failed_change`).
+        let locate =
+            !transient && !refused && matches!(failed.as_slice(), [one] if has_change_ids(one));
+        if !conflict_like && !narrow && !locate && error.code != "40001" && error.code != "40P01" {
             let first = failed.first();
             if refused {
                 return Err(self.truncate_refused(

@@ -31,6 +31,10 @@ pub(super) struct Session {
     pub(super) prepared: HashMap<String, String>,
     /// The last number used in a statement name (`wb<n>`).
     pub(super) statement_seq: u64,
+    /// Whether the session applies under the source's replication origin (always, but for a
+    /// source with recorded positions whose role may not use origins, see
+    /// `ApplyLimits::allow_no_origin`): without it no commit calls `apply_finish`.
+    pub(super) origin: bool,
 }
 
 impl Session {
@@ -44,13 +48,20 @@ impl Session {
         source: &str,
         target: &str,
         durable_commits: bool,
+        allow_no_origin: bool,
     ) -> Result<(Session, Lsn, Vec<(i64, String)>), DirectionError> {
-        let superuser = pipe
-            .simple("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+        // A superuser may set session_replication_role, and so may a role granted it
+        // (`GRANT SET ON PARAMETER session_replication_role TO ...`, PostgreSQL 15+).
+        let may_replica_role = pipe
+            .simple("SELECT pg_catalog.has_parameter_privilege('session_replication_role', 'SET')")
             .await
             .map_err(proto)?
-            .map_err(|e| server(target, "reading the role", e))?;
-        let superuser = superuser.first().and_then(|r| r.first()).and_then(text) == Some("t");
+            .map_err(|e| server(target, "reading the role's privileges", e))?;
+        let may_replica_role = may_replica_role
+            .first()
+            .and_then(|r| r.first())
+            .and_then(text)
+            == Some("t");
         let mut settings = String::from(if durable_commits {
             // Every value but `off` flushes the commit locally: keep the server's.
             "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) \
@@ -60,9 +71,10 @@ impl Session {
             "SET synchronous_commit = off; SET walbridge.skip = 'on'; \
              SET lock_timeout = 0; SET statement_timeout = 0; "
         });
-        if superuser {
+        if may_replica_role {
             // Like PostgreSQL's own apply workers: user triggers and FK checks do not fire
-            // for replicated rows (walbridge's own triggers are ENABLE ALWAYS).
+            // for replicated rows (walbridge's own triggers are ENABLE ALWAYS). Without it
+            // they fire; a change-logging trigger then logs an echo (see `walbridge.origin`).
             settings.push_str("SET session_replication_role = replica; ");
         }
         // The source, for change-logging triggers that fire anyway (trigger mode's change
@@ -71,14 +83,27 @@ impl Session {
             "SELECT pg_catalog.set_config('walbridge.origin', {}, false); ",
             catalog::quote_literal(source)
         ));
-        settings.push_str(&format!(
-            "SELECT pg_catalog.pg_replication_origin_session_setup({});",
-            catalog::quote_literal(origin)
-        ));
         pipe.simple(&settings)
             .await
             .map_err(proto)?
-            .map_err(|e| {
+            .map_err(|e| server(target, "preparing the apply session", e))?;
+        let setup = format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({})",
+            catalog::quote_literal(origin)
+        );
+        let origin_set = match pipe.simple(&setup).await.map_err(proto)? {
+            Ok(_) => true,
+            Err(e) if e.code == "42501" && allow_no_origin => {
+                tracing::warn!(
+                    node = target,
+                    origin,
+                    "no permission to use replication origins; applied changes keep the \
+                     target's commit time and conflicts compare it (grant EXECUTE on the \
+                     pg_replication_origin_* functions to walbridge's role to keep the source's)"
+                );
+                false
+            }
+            Err(e) => {
                 // The class is the SQLSTATE's (55006 is transient, 42704 definite); the code
                 // only picks the words. 55006 object_in_use: "replication origin … is already
                 // active for PID …"; 42704 undefined_object: "replication origin … does not
@@ -91,26 +116,37 @@ impl Session {
                     "42704" => format!(
                         "node {target}: replication origin {origin} does not exist; run walbridge setup"
                     ),
-                    _ => return server(target, "preparing the apply session", e),
+                    _ => return Err(server(target, "preparing the apply session", e)),
                 };
-                DirectionError::caused_by(msg, &e)
-            })?;
-        let rows = pipe
-            .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")
-            .await
-            .map_err(proto)?
-            .map_err(|e| server(target, "reading the origin's progress", e))?;
-        let progress = rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(text)
-            .and_then(|t| t.parse::<Lsn>().ok())
-            .unwrap_or(Lsn::ZERO);
-        let origins = pipe
+                return Err(DirectionError::caused_by(msg, &e));
+            }
+        };
+        let progress = if origin_set {
+            let rows = pipe
+                .simple("SELECT pg_catalog.pg_replication_origin_session_progress(false)")
+                .await
+                .map_err(proto)?
+                .map_err(|e| server(target, "reading the origin's progress", e))?;
+            rows.first()
+                .and_then(|r| r.first())
+                .and_then(text)
+                .and_then(|t| t.parse::<Lsn>().ok())
+                .unwrap_or(Lsn::ZERO)
+        } else {
+            Lsn::ZERO
+        };
+        // pg_replication_origin is closed to roles without the origin rights: then no row
+        // version on the target names its writer.
+        let origins = match pipe
             .simple("SELECT roident::int8, roname FROM pg_catalog.pg_replication_origin")
             .await
             .map_err(proto)?
-            .map_err(|e| server(target, "listing origins", e))?
+        {
+            Ok(rows) => rows,
+            Err(e) if e.code == "42501" && !origin_set => Vec::new(),
+            Err(e) => return Err(server(target, "listing origins", e)),
+        };
+        let origins = origins
             .iter()
             .filter_map(|r| {
                 Some((
@@ -157,6 +193,7 @@ impl Session {
             catalog,
             prepared,
             statement_seq: 0,
+            origin: origin_set,
         };
         Ok((session, progress, origins))
     }

@@ -146,6 +146,23 @@ pub struct DirectionError {
     /// End LSN of the one source transaction that failed, when the failure is tied to one
     /// (recorded with the stop, so `walbridge skip` can move past exactly that transaction).
     pub transaction_end: Option<crate::lsn::Lsn>,
+    /// The one change the server refused, when the applier could tell which (a source whose
+    /// changes have ids of their own, trigger mode's change rows): that source may set the
+    /// change aside and go on with the rest.
+    pub failed_change: Option<FailedChange>,
+}
+
+/// A change the target refused, located by applying its transaction change by change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedChange {
+    /// [`crate::event::Change::source_change_id`] of the refused change.
+    pub source_change_id: i64,
+    /// The server's SQLSTATE: whether the data (a bad value, a constraint) or the target as
+    /// a whole (permissions, disk) is at fault is the source's to decide from it.
+    pub sqlstate: String,
+    /// The server's words with row values kept, for storing next to the row it is about
+    /// (trigger mode's dead-letter table), never for logs.
+    pub stored_text: String,
 }
 
 impl DirectionError {
@@ -155,6 +172,7 @@ impl DirectionError {
             class: ErrorClass::Transient,
             message: message.into(),
             transaction_end: None,
+            failed_change: None,
         }
     }
 
@@ -164,6 +182,7 @@ impl DirectionError {
             class: ErrorClass::Definite,
             message: message.into(),
             transaction_end: None,
+            failed_change: None,
         }
     }
 
@@ -173,12 +192,19 @@ impl DirectionError {
             class: cause.class(),
             message: message.into(),
             transaction_end: None,
+            failed_change: None,
         }
     }
 
     /// The same error, tied to the source transaction ending at `end` (kept if already tied).
     pub fn at_transaction(mut self, end: crate::lsn::Lsn) -> Self {
         self.transaction_end.get_or_insert(end);
+        self
+    }
+
+    /// The same error, naming the change the target refused.
+    pub fn with_failed_change(mut self, failed: FailedChange) -> Self {
+        self.failed_change = Some(failed);
         self
     }
 

@@ -92,6 +92,15 @@ impl ServerError {
         }
         Ok(e)
     }
+
+    /// The message and detail with row values kept, for text stored next to the row it is
+    /// about (trigger mode's dead-letter table), never for logs or errors (use `Display`).
+    pub fn text_with_values(&self) -> String {
+        match &self.detail {
+            Some(d) => format!("{} (SQLSTATE {}); {d}", self.message, self.code),
+            None => format!("{} (SQLSTATE {})", self.message, self.code),
+        }
+    }
 }
 
 impl fmt::Display for ServerError {

@@ -141,6 +141,29 @@ pub enum RowError {
     },
 }
 
+impl RowError {
+    /// The error as logs show it: the parser's words about `descripcion` or `old_key` quote
+    /// the row, so they are withheld unless `[log] row_contents` (the dead-letter table keeps
+    /// them in full, next to the row).
+    pub fn shown(&self) -> String {
+        match self {
+            RowError::Descripcion(e) | RowError::OldKey(e) if !crate::telemetry::row_contents() => {
+                let what = if matches!(self, RowError::Descripcion(_)) {
+                    "descripcion is neither a JSON object nor a Python dict literal"
+                } else {
+                    "old_key is not a JSON object"
+                };
+                format!(
+                    "{what} (at byte {}; {})",
+                    e.offset,
+                    crate::telemetry::ROW_WITHHELD
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// A change ready to apply: the table, and the values as one JSON object per purpose.
 #[derive(Clone, Debug)]
 pub struct Change {

@@ -1,7 +1,8 @@
 //! Schema changes in trigger mode: `walbridge.ddl()` on a trigger-mode node writes a change
 //! row with `metodo = 'DDL'` (`sql/ddl.sql`) whose `descripcion` holds the statement and the
 //! caller's `search_path` ([`SchemaChange`]). The worker applies such a row alone, at its
-//! place in id order, in a transaction of its own on the peer, then reads the target's tables
+//! place in id order, in a transaction of its own on the peer (the applier runs it as stream
+//! mode runs the same statement from a logical message), then reads the target's tables
 //! again, so the rows after it meet the changed schema:
 //!
 //! ```text
@@ -13,7 +14,6 @@
 //! dead-letter: the rows after it may need it) with the statement and the server's error.
 
 use super::change::RawRow;
-use crate::direction::DirectionError;
 use crate::event::SchemaChange;
 
 /// Whether the row is a schema change.
@@ -50,22 +50,6 @@ pub(super) fn parse(row: &RawRow) -> Result<SchemaChange, String> {
              ({{\"search_path\": ..., \"statement\": ...}}): {e}"
         )
     })
-}
-
-/// The error that stops the direction when the statement fails on the target.
-pub(super) fn failed(
-    source: &str,
-    target: &str,
-    ddl: &SchemaChange,
-    error: &str,
-) -> DirectionError {
-    DirectionError::definite(format!(
-        "{source} -> {target}: the schema change replicated from {source} failed on {target}: \
-         {error}; statement (search_path {}): {}. Make the statement succeed on {target} (or \
-         make {target} match what the statement expects), then restart walbridge; the change \
-         row is applied again",
-        ddl.search_path, ddl.statement
-    ))
 }
 
 #[cfg(test)]

@@ -1,41 +1,48 @@
-//! The worker of one direction S → T: reads S's change table, applies to T, deletes at S.
+//! The worker of one direction S → T: reads S's change table, applies it to T through the
+//! same applier as stream mode ([`crate::apply::Applier`]), deletes at S.
 //!
 //! ```text
 //!          LISTEN <prefix>_changes / poll_interval
 //!   S ──────────────────────────────▶ worker
-//!   │ read (REPEATABLE READ):                │ apply (one transaction on T):
-//!   │  new rows   id > last_id  LIMIT n      │  SET replica role, walbridge.skip, origin,
-//!   │                                        │      synchronous_commit on (never off)
-//!   │  late rows  txid >= hold_xid, id <=    │  lookups (pipelined, FOR UPDATE)
-//!   │             last_id, not yet applied   │  conflict::decide per change
-//!   │                                        │  writes (pipelined)
-//!   │ ◀── dead rows (before T commits) ──────│  progress: last_id, hold_xid, late ids
-//!   │ ◀── delete applied rows (after) ───────│  COMMIT
+//!   │ read (REPEATABLE READ):                │ rows → source transactions (super::events)
+//!   │  new rows   id > last_id  LIMIT n      │   echo dropped, bad rows set aside (dead)
+//!   │  late rows  txid >= hold_xid, id <=    │ Applier on T: conflicts, tombstones, journal,
+//!   │             last_id, not yet applied   │   each transaction's cursor (last_id,
+//!   │                                        │   hold_xid, late ids) committed with its data
+//!   │ ◀── dead rows (before T commits) ──────│
+//!   │ ◀── delete applied rows (after) ───────│
 //! ```
 //!
 //! See the module docs of [`crate::trigger`] for why progress is `(last_id, hold_xid)` plus
-//! a small set of ids rather than a single id.
+//! a small set of ids rather than a single id, and [`crate::apply::position`] for how the
+//! applier records it.
+//!
+//! A row the target refuses (a bad value, a constraint) is located by the applier
+//! ([`crate::direction::FailedChange`]): the worker starts a fresh applier, reads the batch
+//! again from T's progress and sends that row to the dead-letter table instead, so a bad row
+//! costs one extra round and the others are never lost.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
-use tokio_postgres::types::ToSql;
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, IsolationLevel, Statement};
 
+use crate::apply::{Applier, ApplyLimits, Outcome};
 use crate::catalog::{self, TableInfo};
-use crate::config::{Config, ConflictPolicy};
-use crate::conflict::{self, Action, Incoming, LocalState, Version};
-use crate::direction::{DirectionContext, DirectionError, DirectionState, ErrorClass};
-use crate::event::ChangeOp;
+use crate::config::Config;
+use crate::direction::{DirectionContext, DirectionError, DirectionState};
 use crate::lsn::PgTimestamp;
 use crate::pgconn;
 use crate::pgconn::pg_message;
+use crate::protocol::{self, pipeline::Pipeline, ConnectOptions};
 
-use super::change::{self, Change, Op, RawRow, RowError};
-use super::cursor::{self, load_state, record_progress, State};
+use super::change::{self, Change, RawRow, RowError};
+use super::cursor::{self, load_state, record_progress, recorded_progress, State};
+use super::events::TxnBuilder;
 use super::sql;
 
 /// Late rows read per poll at most; above it the hold horizon stays where it was so none is
@@ -63,28 +70,16 @@ enum Kind {
     /// To apply.
     Change(Box<Change>),
     /// A schema change, alone in its batch (see [`super::ddl`]).
-    Ddl(Box<crate::event::SchemaChange>),
+    Ddl,
 }
 
-/// What went wrong inside one apply attempt.
-enum Attempt {
-    /// The item at this index failed on its own; the others may go on.
-    Row(usize, String, String, Option<String>),
-    /// The whole direction must stop or retry.
-    Fatal(DirectionError),
-}
-
-/// The worker's view of the target.
+/// The worker's view of the target, for what is not applying: its catalog (to check rows
+/// before they are applied), the recorded progress, and progress-only commits.
 struct Target {
     client: Client,
-    commit_ts: bool,
-    origin_ok: bool,
-    /// roident → node name, for the writer of a row version.
-    origins: HashMap<u32, String>,
     search_path: Vec<String>,
     tables: BTreeMap<(String, String), Arc<TableInfo>>,
     tables_loaded: Instant,
-    statements: HashMap<String, Statement>,
 }
 
 /// The worker's view of the source.
@@ -96,12 +91,38 @@ struct Source {
     table_oid: u32,
 }
 
+/// The applier and the task that drives its session; the task ends with the applier.
+struct Apply {
+    applier: Applier,
+    driver: JoinHandle<Result<(), protocol::ProtocolError>>,
+}
+
+impl Drop for Apply {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// How applying a batch ended.
+enum Applied {
+    /// Every source transaction committed on T; true when the last one's recorded progress
+    /// covers the whole batch (else echo or dead rows follow it, recorded on their own).
+    Done(bool),
+    /// The applier gave up its state (a row refused, or a transaction too large to redo
+    /// from memory): the batch is read again from T's progress with a fresh applier.
+    Again,
+}
+
 /// One direction's worker.
 struct Worker<'a> {
     ctx: &'a DirectionContext,
     config: &'a Config,
     s: Source,
     t: Target,
+    apply: Option<Apply>,
+    /// Started carefully (after a transaction too large to redo conflicted).
+    careful_start: bool,
+    builder: TxnBuilder,
     state: State,
     peers: Vec<String>,
     failpoint: bool,
@@ -110,24 +131,19 @@ struct Worker<'a> {
     max_id: i64,
     /// Change rows handled since start.
     handled: u64,
+    /// Rows the target refused (id → the server's words, values kept): dead-lettered when
+    /// they are read again.
+    refused: HashMap<i64, String>,
 }
 
 /// A direction error from a server error: transient or definite by its SQLSTATE.
 fn pg_fail(node: &str, what: &str, e: &tokio_postgres::Error) -> DirectionError {
-    let text = format!("node {node}: {what}: {}", pg_message(e));
-    match classify(e) {
-        ErrorClass::Transient => DirectionError::transient(text),
-        ErrorClass::Definite => DirectionError::definite(text),
-    }
+    DirectionError::caused_by(format!("node {node}: {what}: {}", pg_message(e)), e)
 }
 
 fn pg_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> DirectionError {
     let (node, what) = (node.to_string(), what.to_string());
     move |e| pg_fail(&node, &what, &e)
-}
-
-fn classify(e: &tokio_postgres::Error) -> ErrorClass {
-    crate::direction::Classify::class(e)
 }
 
 /// Whether a server error is about the one statement's data (so the change row is dead and
@@ -147,21 +163,6 @@ fn is_row_error(code: &str) -> bool {
                 | "54000" // program limit exceeded (row too big)
                 | "0A000" // feature not supported for this value
         )
-}
-
-/// The outcome of a failed statement inside an apply attempt for item `i`: `None` for the
-/// "transaction is aborted" echo of an earlier failure.
-fn row_failure(i: usize, e: &tokio_postgres::Error, node: &str, what: &str) -> Option<Attempt> {
-    match e.as_db_error() {
-        Some(db) if db.code().code() == "25P02" => None,
-        Some(db) if is_row_error(db.code().code()) => Some(Attempt::Row(
-            i,
-            crate::pgconn::pg_message_with_values(e),
-            pg_message(e),
-            Some(db.code().code().to_string()),
-        )),
-        _ => Some(Attempt::Fatal(pg_fail(node, what, e))),
-    }
 }
 
 /// Runs direction S → T in trigger mode until `ctx.shutdown` is cancelled (then `Ok`) or an
@@ -195,8 +196,8 @@ pub async fn run_direction(ctx: &DirectionContext) -> Result<(), DirectionError>
     let poll = ctx.config.trigger.poll_interval;
     loop {
         // Drain while there is more to read. A step cancelled by shutdown is safe at any
-        // point: T's transaction either committed with its progress or not at all, and S's
-        // rows are deleted only after.
+        // point: T's transactions committed with their progress or not at all, and S's rows
+        // are deleted only after.
         loop {
             let more = tokio::select! {
                 biased;
@@ -250,12 +251,7 @@ impl<'a> Worker<'a> {
         let connect_err = |name: &str| {
             let name = name.to_string();
             move |e: pgconn::ConnectError| {
-                let text = format!("node {name}: {e}");
-                if e.is_transient() {
-                    DirectionError::transient(text)
-                } else {
-                    DirectionError::definite(text)
-                }
+                DirectionError::caused_by(format!("node {name}: {e}"), &e)
             }
         };
         let (tx, rx) = mpsc::channel(16);
@@ -268,7 +264,7 @@ impl<'a> Worker<'a> {
         .map_err(connect_err(src))?;
         let t_client = pgconn::connect(
             &node(tgt)?.dsn,
-            &format!("walbridge-trigger-apply-{src}-to-{tgt}"),
+            &format!("walbridge-trigger-catalog-{src}-to-{tgt}"),
         )
         .await
         .map_err(connect_err(tgt))?;
@@ -278,7 +274,7 @@ impl<'a> Worker<'a> {
             ctx.report(|s| s.mode_reason = Some(m.reason));
         }
         let s = Source::open(s_client, rx, config, src).await?;
-        let t = Target::open(t_client, config, src, tgt).await?;
+        let t = Target::open(t_client, config, tgt).await?;
         let peers = config
             .nodes
             .iter()
@@ -290,6 +286,9 @@ impl<'a> Worker<'a> {
             config,
             s,
             t,
+            apply: None,
+            careful_start: false,
+            builder: TxnBuilder::new(&config.replication.slot_prefix, PgTimestamp::now()),
             state: State::default(),
             peers,
             failpoint: std::env::var("WALBRIDGE_FAILPOINT").as_deref()
@@ -297,7 +296,73 @@ impl<'a> Worker<'a> {
             depth_checked: None,
             max_id: i64::MAX,
             handled: 0,
+            refused: HashMap::new(),
         })
+    }
+
+    /// The applier, started on first use (and again after it gave up its state): a
+    /// pipelined session on T under S's replication origin, one group in flight (the cursor
+    /// carries no order T could check) and every commit durable before S deletes its rows.
+    async fn applier(&mut self) -> Result<&mut Applier, DirectionError> {
+        if self.apply.is_none() {
+            let (src, tgt) = (self.ctx.source.as_str(), self.ctx.target.as_str());
+            let node = self.config.node(tgt).ok_or_else(|| {
+                DirectionError::definite(format!("node {tgt} is not in the configuration"))
+            })?;
+            let raw = protocol::connect(
+                &node.dsn,
+                ConnectOptions {
+                    application_name: format!("walbridge-trigger-apply-{src}-to-{tgt}"),
+                    replication: false,
+                    params: Vec::new(),
+                },
+            )
+            .await
+            .map_err(|e| DirectionError::caused_by(format!("node {tgt}: {e}"), &e))?;
+            let (pipe, driver) = Pipeline::from_raw(raw);
+            let driver = tokio::spawn(driver);
+            let catalog =
+                match pgconn::connect(&node.dsn, &format!("walbridge-catalog-{tgt}")).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        driver.abort();
+                        return Err(DirectionError::caused_by(format!("node {tgt}: {e}"), &e));
+                    }
+                };
+            let limits = ApplyLimits {
+                max_in_flight: 1,
+                durable_commits: true,
+                allow_no_origin: true,
+                ..ApplyLimits::default()
+            };
+            let started = Applier::start(
+                pipe,
+                catalog,
+                self.ctx.config.clone(),
+                src,
+                tgt,
+                self.ctx.metrics.clone(),
+                limits,
+            )
+            .await;
+            let mut applier = match started {
+                Ok((applier, _)) => applier,
+                Err(e) => {
+                    driver.abort();
+                    return Err(e);
+                }
+            };
+            if std::mem::take(&mut self.careful_start) {
+                applier.apply_next_transaction_carefully();
+            }
+            // A new applier knows no table: describe each again before its next change.
+            self.builder.forget_relations();
+            self.apply = Some(Apply { applier, driver });
+        }
+        match self.apply.as_mut() {
+            Some(a) => Ok(&mut a.applier),
+            None => Err(DirectionError::transient("the applier is not running")),
+        }
     }
 
     /// Reads the progress recorded on T and deletes at S what T applied but S still holds
@@ -336,14 +401,16 @@ impl<'a> Worker<'a> {
 
     /// One read-apply-delete round. True when more rows may be waiting.
     async fn step(&mut self) -> Result<bool, DirectionError> {
-        let started = Instant::now();
         let batch_size = self.config.trigger.batch_size;
         let (mut rows, snapshot_hold, late_capped) = self.read().await?;
         let ddl_cut = super::ddl::cut_at_ddl(&mut rows);
         if rows.is_empty() {
             // Nothing to apply; still let the hold horizon move on, so `late` shrinks.
             if snapshot_hold > self.state.hold && !self.state.late.is_empty() {
-                self.commit_progress_only(snapshot_hold).await?;
+                let (next, left) = self.state.advance(&[], snapshot_hold, false);
+                self.commit_progress_only(&next).await?;
+                self.state = next;
+                self.delete_applied(&left, false).await?;
             }
             self.ctx
                 .metrics
@@ -351,6 +418,10 @@ impl<'a> Worker<'a> {
                 .with_label_values(&[&self.ctx.source, &self.ctx.target])
                 .set(0.0);
             self.ctx.report(|s| s.lag_seconds = Some(0.0));
+            if let Some(a) = self.apply.as_mut() {
+                // Parked tables whose target schema fits again (see apply::park).
+                a.applier.check_parked().await?;
+            }
             self.update_depth(false).await;
             return Ok(false);
         }
@@ -358,21 +429,150 @@ impl<'a> Worker<'a> {
         let mut items = self.prepare(rows).await?;
         // Rows left out by the cut stay visible in this snapshot: keep the hold horizon, as
         // for capped late rows, so they are read again.
-        let cut = cut_at_stamp(&mut items, self.config.nodes.len()) | ddl_cut;
-        let outcome = self
-            .apply(&mut items, snapshot_hold, late_capped || cut)
-            .await?;
-        let truncated = outcome.truncated;
-        self.after_commit(&items, outcome, started).await?;
-        if items.iter().any(|i| matches!(i.kind, Kind::Ddl(_))) {
-            // The schema changed: the rows after it meet the target's tables as they are now.
-            self.t
-                .load_tables(self.config)
-                .await
-                .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
+        let keep_hold = late_capped || ddl_cut;
+        let txns = self.to_transactions(&mut items);
+        // Dead rows go to S before T commits their progress; writing them twice is harmless.
+        self.write_dead(&items).await?;
+        let handled: Vec<(i64, Option<u64>)> =
+            items.iter().map(|i| (i.row.id, i.row.txid)).collect();
+        let (next, left) = self.state.advance(&handled, snapshot_hold, keep_hold);
+        let covered_all = match self.apply_all(txns, &handled, &next, snapshot_hold).await? {
+            Applied::Done(covered_all) => covered_all,
+            Applied::Again => {
+                // Whatever committed before is in T's progress: read from there.
+                self.apply = None;
+                self.state = load_state(&self.t.client, &self.ctx.source)
+                    .await
+                    .map_err(pg_err(
+                        &self.ctx.target,
+                        "reading walbridge.trigger_progress",
+                    ))?;
+                return Ok(true);
+            }
+        };
+        if !covered_all {
+            self.commit_progress_only(&next).await?;
         }
-        self.update_depth(full || truncated || cut).await;
-        Ok(full || truncated || late_capped || cut)
+        self.after_commit(&items);
+        self.state = next;
+        let mut candidates: Vec<i64> = handled.iter().map(|(id, _)| *id).collect();
+        candidates.extend(left);
+        self.delete_applied(&candidates, false).await?;
+        if items.iter().any(|i| matches!(i.kind, Kind::Ddl)) {
+            // The schema changed: the rows after it meet the target's tables as they are now.
+            self.t.load_tables(self.config).await.map_err(|e| {
+                DirectionError::caused_by(format!("node {}: {e}", self.ctx.target), &e)
+            })?;
+        }
+        self.update_depth(full || ddl_cut).await;
+        Ok(full || late_capped || ddl_cut)
+    }
+
+    /// The batch's source transactions (see [`super::events`]); a change whose values the
+    /// event model cannot carry becomes a dead row.
+    fn to_transactions(&mut self, items: &mut [Item]) -> Vec<super::events::SourceTxn> {
+        self.builder.set_read_at(PgTimestamp::now());
+        for item in items.iter_mut() {
+            match &item.kind {
+                Kind::Ddl => self.builder.push_ddl(&item.row),
+                Kind::Change(c) => {
+                    let skip = self.config.skip_columns_for(&c.table.schema, &c.table.name);
+                    if let Err(e) = self.builder.push_change(&item.row, c, skip) {
+                        item.kind = Kind::Dead(e.to_string(), e.shown());
+                    }
+                }
+                Kind::Echo | Kind::Dead(..) => {}
+            }
+        }
+        self.builder.take()
+    }
+
+    /// Feeds the source transactions to the applier, each with the cursor that covers it and
+    /// every row read before it (echo and dead rows included), and waits until T committed
+    /// them all. `next` is the batch's cursor after its last row.
+    async fn apply_all(
+        &mut self,
+        txns: Vec<super::events::SourceTxn>,
+        handled: &[(i64, Option<u64>)],
+        next: &State,
+        snapshot_hold: u64,
+    ) -> Result<Applied, DirectionError> {
+        if txns.is_empty() {
+            return Ok(Applied::Done(false));
+        }
+        let position: HashMap<i64, usize> = handled
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        let source = self.ctx.source.clone();
+        let start = self.state.clone();
+        let mut covered_all = false;
+        let mut outcome = Ok(Outcome::Continue);
+        {
+            let applier = self.applier().await?;
+            for txn in txns {
+                let last = txn
+                    .rows
+                    .iter()
+                    .filter_map(|(id, _)| position.get(id))
+                    .max()
+                    .copied()
+                    .unwrap_or(0);
+                covered_all = last + 1 == handled.len();
+                // Before the batch's end the hold horizon stays: rows of the batch not
+                // handled yet must still be read again after a crash.
+                let cursor = if covered_all {
+                    next.clone()
+                } else {
+                    start.advance(&handled[..=last], snapshot_hold, true).0
+                };
+                applier.set_next_position(recorded_progress(&source, &cursor));
+                for event in txn.events {
+                    outcome = applier.on_event(event, true).await;
+                    if !matches!(outcome, Ok(Outcome::Continue)) {
+                        break;
+                    }
+                }
+                if !matches!(outcome, Ok(Outcome::Continue)) {
+                    break;
+                }
+            }
+            if matches!(outcome, Ok(Outcome::Continue)) {
+                outcome = applier.close_group().await;
+            }
+            // Until T has committed every transaction: replies, and redos after a failure.
+            while matches!(outcome, Ok(Outcome::Continue))
+                && (!applier.idle() || applier.has_in_flight())
+            {
+                outcome = if applier.has_redo() {
+                    applier.redo_one().await.map(|()| Outcome::Continue)
+                } else {
+                    applier.on_reply().await
+                };
+            }
+        }
+        match outcome {
+            Ok(Outcome::Continue) => Ok(Applied::Done(covered_all)),
+            Ok(Outcome::Restream) => {
+                // A conflict in a transaction too large to redo from memory: read it again
+                // and apply it change by change.
+                self.careful_start = true;
+                Ok(Applied::Again)
+            }
+            Err(e) => match e.failed_change {
+                Some(f) if is_row_error(&f.sqlstate) => {
+                    tracing::info!(
+                        id = f.source_change_id,
+                        sqlstate = %f.sqlstate,
+                        "the target refused a change row; reading the batch again without it"
+                    );
+                    self.refused.insert(f.source_change_id, f.stored_text);
+                    Ok(Applied::Again)
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// Reads late rows and new rows in one snapshot, and that snapshot's xmin.
@@ -447,13 +647,22 @@ impl<'a> Worker<'a> {
         for row in rows {
             let kind = match row.origin_node.as_deref() {
                 Some(o) if o != src => Kind::Echo,
+                _ if self.refused.contains_key(&row.id) => {
+                    let stored = self.refused.remove(&row.id).unwrap_or_default();
+                    Kind::Dead(
+                        stored,
+                        "the target refused the change; the dead-letter table has the \
+                         server's error"
+                            .into(),
+                    )
+                }
                 _ if super::ddl::is_ddl(&row) => match super::ddl::parse(&row) {
-                    Ok(d) => Kind::Ddl(Box::new(d)),
+                    Ok(_) => Kind::Ddl,
                     Err(e) => Kind::Dead(e.clone(), e),
                 },
                 _ => match self.build(&row).await? {
                     Ok(c) => Kind::Change(Box::new(c)),
-                    Err(e) => Kind::Dead(e.to_string(), e.to_string()),
+                    Err(e) => Kind::Dead(e.to_string(), e.shown()),
                 },
             };
             items.push(Item { row, kind });
@@ -470,22 +679,23 @@ impl<'a> Worker<'a> {
         let Some(tabla) = row.tabla.as_deref() else {
             return Ok(Err(RowError::Null("tabla")));
         };
+        let target = self.ctx.target.clone();
+        let catalog_err =
+            |e: catalog::CatalogError| DirectionError::caused_by(format!("node {target}: {e}"), &e);
         let mut resolved = self.t.resolve(tabla);
         if resolved.is_none() && self.t.tables_loaded.elapsed() > Duration::from_secs(10) {
             // A table created since: look again, at most every ten seconds.
-            self.t
-                .load_tables(self.config)
-                .await
-                .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
+            self.t.load_tables(self.config).await.map_err(catalog_err)?;
             resolved = self.t.resolve(tabla);
         }
         if resolved.is_none() {
             // A replicated table created on the target since (by walbridge.ddl(), whose own
             // change row this direction never sees): read just that one.
-            resolved =
-                self.t.learn_table(self.config, tabla).await.map_err(|e| {
-                    DirectionError::transient(format!("node {}: {e}", self.ctx.target))
-                })?;
+            resolved = self
+                .t
+                .learn_table(self.config, tabla)
+                .await
+                .map_err(catalog_err)?;
         }
         let Some(table) = resolved else {
             return Ok(Err(RowError::UnknownTable {
@@ -499,397 +709,51 @@ impl<'a> Worker<'a> {
             // A column added since the catalog was read: read this table again, once.
             let fresh = catalog::table_info(&self.t.client, &table.schema, &table.name)
                 .await
-                .map_err(|e| DirectionError::transient(format!("node {}: {e}", self.ctx.target)))?;
+                .map_err(catalog_err)?;
             if let Some(info) = fresh.filter(|f| f.columns != table.columns) {
                 let info = Arc::new(info);
                 self.t
                     .tables
                     .insert((info.schema.clone(), info.name.clone()), info.clone());
-                self.t.statements.clear();
                 return Ok(change::build(row, op, info, skip));
             }
         }
         Ok(built)
     }
 
-    /// Applies the items in one transaction on T. A row that fails alone is marked dead and
-    /// the batch is cut after it (the rows after it come in the next step, so every attempt
-    /// makes progress and no row runs more than twice).
-    async fn apply(
-        &mut self,
-        items: &mut Vec<Item>,
-        snapshot_hold: u64,
-        late_capped: bool,
-    ) -> Result<Outcome, DirectionError> {
-        let mut truncated = false;
-        let mut retried: HashSet<i64> = HashSet::new();
-        loop {
-            // With a cut batch or capped late rows, some rows visible in this snapshot were
-            // not handled: the hold horizon must stay where it was so they are read again.
-            let keep_hold = truncated || late_capped;
-            match self.try_apply(items, snapshot_hold, keep_hold).await {
-                Ok((next, left, applied)) => {
-                    return Ok(Outcome {
-                        next,
-                        left,
-                        applied,
-                        truncated,
-                    })
-                }
-                Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Row(i, message, shown, code)) => {
-                    let Some(item) = items.get_mut(i) else {
-                        return Err(DirectionError::transient(shown));
-                    };
-                    // A unique violation may be a local insert racing ours: read again once.
-                    if code.as_deref() == Some("23505") && retried.insert(item.row.id) {
-                        continue;
-                    }
-                    item.kind = Kind::Dead(message, shown);
-                    items.truncate(i + 1);
-                    truncated = true;
-                }
+    /// Copies the batch's dead rows to S's dead-letter table.
+    async fn write_dead(&mut self, items: &[Item]) -> Result<(), DirectionError> {
+        for item in items {
+            if let Kind::Dead(error, _) = &item.kind {
+                self.s
+                    .dead(self.config, &item.row, &self.ctx.target, error)
+                    .await
+                    .map_err(pg_err(&self.ctx.source, "writing the dead-letter table"))?;
             }
         }
+        Ok(())
     }
 
-    async fn try_apply(
-        &mut self,
-        items: &[Item],
-        snapshot_hold: u64,
-        keep_hold: bool,
-    ) -> Result<(State, Vec<i64>, usize), Attempt> {
+    /// Records `next` on T in a transaction of its own: the batch ended with rows that
+    /// needed no applying (echo, dead), or none was read and only the hold horizon moved.
+    /// The applier is idle then, so nothing of the batch is still to commit.
+    async fn commit_progress_only(&mut self, next: &State) -> Result<(), DirectionError> {
         let (src, tgt) = (self.ctx.source.clone(), self.ctx.target.clone());
-        let fatal = |what: &'static str| {
-            let tgt = tgt.clone();
-            move |e: tokio_postgres::Error| Attempt::Fatal(pg_fail(&tgt, what, &e))
-        };
-        // Statements first (each prepared once per connection).
-        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            plans.push(match &item.kind {
-                // A statement that cannot be prepared (the table was dropped, a key type has
-                // no equality) is that row's failure.
-                Kind::Change(c) => match self.t.plan(c).await {
-                    Ok(plan) => Some(plan),
-                    Err(e) => {
-                        return Err(row_failure(i, &e, &tgt, "preparing a statement")
-                            .unwrap_or_else(|| fatal("preparing a statement")(e)))
-                    }
-                },
-                _ => None,
-            });
-        }
-        let conflict_stmt =
-            self.t
-                .statement(sql::CONFLICT_SQL)
-                .await
-                .map_err(|e| match e.as_db_error() {
-                    Some(db) if conflict::journal_outdated(db.code().code()) => {
-                        Attempt::Fatal(DirectionError::definite(format!(
-                        "node {tgt}: preparing the conflict journal's statement failed ({}): {}",
-                        db.message(),
-                        conflict::JOURNAL_OUTDATED_FIX
-                    )))
-                    }
-                    _ => fatal("preparing a statement")(e),
-                })?;
-
         let txn = self
             .t
             .client
             .transaction()
             .await
-            .map_err(fatal("starting a transaction"))?;
-        // With three or more nodes, take turns with the other appliers to T first (see
-        // `conflict::SERIALIZE_APPLIERS_SQL`).
-        if conflict::appliers_take_turns(self.config.nodes.len(), self.config.uses_node_priority())
-        {
-            txn.execute(conflict::SERIALIZE_APPLIERS_SQL, &[])
-                .await
-                .map_err(fatal("waiting for the other appliers to this node"))?;
-        }
-        // Stamp the transaction with the source's commit time (the latest of the batch; with
-        // three or more nodes the only one, see `cut_at_stamp`), so last-write-wins on T
-        // compares real times and T's decoding sees the origin.
-        let newest = items
-            .iter()
-            .filter(|i| matches!(i.kind, Kind::Change(_)))
-            .filter_map(|i| i.row.time())
-            .max()
-            .and_then(|t| t.to_datetime());
-        if let (true, Some(ts)) = (self.t.origin_ok, newest) {
-            txn.execute(
-                "SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', $1)",
-                &[&ts],
-            )
+            .map_err(pg_err(&tgt, "starting a transaction"))?;
+        record_progress(&txn, &src, next)
             .await
-            .map_err(fatal(
-                "stamping the transaction with the source commit time",
-            ))?;
-        }
-
-        // A schema change is alone in its batch (see `super::ddl`).
-        for item in items {
-            if let Kind::Ddl(d) = &item.kind {
-                txn.execute(
-                    crate::event::SchemaChange::APPLY_SQL,
-                    &[&d.search_path, &d.statement],
-                )
-                .await
-                .map_err(|e| Attempt::Fatal(super::ddl::failed(&src, &tgt, d, &pg_message(&e))))?;
-                tracing::info!(
-                    source = %src, target = %tgt, statement = %d.statement,
-                    "schema change applied"
-                );
-            }
-        }
-
-        // 1. Lookups, pipelined: the target's row (locked) and tombstone of every key.
-        let mut lookups: Vec<(usize, (u32, String), &Statement)> = Vec::new();
-        let mut seen_keys: HashSet<(u32, String)> = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
-            let (Kind::Change(c), Some(Some(plan))) = (&item.kind, plans.get(i)) else {
-                continue;
-            };
-            if let Some(stmt) = &plan.lookup {
-                let key = (c.table.oid, c.key_json.clone());
-                if seen_keys.insert(key.clone()) {
-                    lookups.push((i, key, stmt));
-                }
-            }
-        }
-        let results = futures::future::join_all(lookups.iter().map(|(_, (_, key), stmt)| {
-            let txn = &txn;
-            async move { txn.query_opt(*stmt, &[key as &(dyn ToSql + Sync)]).await }
-        }))
-        .await;
-        let mut known: HashMap<(u32, String), Local> = HashMap::new();
-        for ((i, key, _), result) in lookups.iter().zip(results) {
-            match result {
-                Ok(row) => {
-                    known.insert(key.clone(), local_state(&self.t.origins, row.as_ref()));
-                }
-                Err(e) => {
-                    if let Some(f) = row_failure(*i, &e, &tgt, "reading the target row") {
-                        return Err(f);
-                    }
-                }
-            }
-        }
-
-        // 2. Decisions, in id order, each seeing the effect of the ones before.
-        let src_rank = self.config.node_rank(&src);
-        let mut ops: Vec<(usize, Statement, Vec<Param>)> = Vec::new();
-        let mut applied = 0usize;
-        for (i, item) in items.iter().enumerate() {
-            let (Kind::Change(c), Some(Some(plan))) = (&item.kind, plans.get(i)) else {
-                continue;
-            };
-            if c.op == Op::Truncate {
-                known.retain(|(oid, _), _| *oid != c.table.oid);
-                if let Some(s) = &plan.truncate {
-                    ops.push((i, s.clone(), Vec::new()));
-                    applied += 1;
-                }
-                continue;
-            }
-            let key = (c.table.oid, c.key_json.clone());
-            let local = if plan.lookup.is_some() {
-                known.get(&key).cloned().unwrap_or_default()
-            } else {
-                Local::default()
-            };
-            let op = match c.op {
-                Op::Insert => ChangeOp::Insert,
-                Op::Update => ChangeOp::Update,
-                Op::Delete | Op::Truncate => ChangeOp::Delete,
-            };
-            let time = item.row.time();
-            // Without a lookup (a table without a unique key) there is no version to compare:
-            // the change is applied as it comes.
-            let decision = if plan.lookup.is_none() {
-                conflict::Decision {
-                    conflict: None,
-                    action: match c.op {
-                        Op::Insert => Action::Insert,
-                        Op::Update => Action::Update,
-                        Op::Delete | Op::Truncate => Action::Delete,
-                    },
-                }
-            } else {
-                conflict::decide(
-                    self.config
-                        .conflict_policy_for(&c.table.schema, &c.table.name),
-                    Incoming {
-                        op,
-                        version: Version {
-                            commit_time: time,
-                            writer_rank: src_rank,
-                        },
-                        complete_row: c.op != Op::Update || c.complete,
-                    },
-                    LocalState {
-                        row: local.row.as_ref().map(|r| r.version(self.config, &tgt)),
-                        row_equals_old: None,
-                        tombstone: local
-                            .tombstone
-                            .as_ref()
-                            .map(|r| r.version(self.config, &tgt)),
-                    },
-                )
-            };
-            if let Some((kind, resolution)) = decision.conflict {
-                self.ctx
-                    .metrics
-                    .conflicts
-                    .with_label_values(&[&src, &tgt, kind.as_str(), resolution.as_str()])
-                    .inc();
-                let local_ts = local
-                    .row
-                    .as_ref()
-                    .or(local.tombstone.as_ref())
-                    .and_then(|r| r.time);
-                let facts = journal_facts(self.config, self.ctx, c, &local, time);
-                ops.push((
-                    i,
-                    conflict_stmt.clone(),
-                    vec![
-                        Param::Text(Some(src.clone())),
-                        Param::Text(Some(tgt.clone())),
-                        Param::Text(Some(c.table.qualified_name())),
-                        Param::Text(Some(c.key_array.clone())),
-                        Param::Text(Some(kind.as_str().to_string())),
-                        Param::Text(Some(resolution.as_str().to_string())),
-                        Param::Text(local.row.as_ref().and_then(|r| r.json.clone())),
-                        Param::Text(Some(facts.remote_row)),
-                        Param::Time(local_ts),
-                        Param::Time(time.and_then(|t| t.to_datetime())),
-                        Param::Text(Some(facts.policy.as_str().to_string())),
-                        Param::Text(facts.local_writer),
-                        Param::Text(Some(facts.local_tombstone.to_string())),
-                        Param::Text(Some((c.op != Op::Update || c.complete).to_string())),
-                        Param::Text(Some(facts.ambiguous.to_string())),
-                        Param::Text(Some(c.id.to_string())),
-                        Param::Text(Some(facts.priority)),
-                        Param::Text(Some(facts.unsent)),
-                        Param::Text(Some(
-                            self.config.replication.conflict_max_row_bytes.to_string(),
-                        )),
-                    ],
-                ));
-            }
-            let row = || Param::Text(Some(c.row_json.clone()));
-            let key_param = || Param::Text(Some(c.key_json.clone()));
-            let write = match decision.action {
-                Action::Insert | Action::InsertFromUpdate => {
-                    plan.insert.as_ref().map(|s| (s, vec![row()]))
-                }
-                Action::Update => plan.update.as_ref().map(|s| (s, vec![row(), key_param()])),
-                Action::Delete => plan.delete.as_ref().map(|s| (s, vec![key_param()])),
-                Action::RecordTombstone => plan.tombstone.as_ref().map(|s| (s, vec![key_param()])),
-                Action::Skip => None,
-                Action::Stop => {
-                    let kind = decision.conflict.map_or("conflict", |(k, _)| k.as_str());
-                    return Err(Attempt::Fatal(DirectionError::definite(format!(
-                        "conflict {kind} on node {tgt}, table {} key {} (change row {} of node \
-                         {src}): replication.conflict is \"error\", so this direction stops; \
-                         resolve the row by hand, then restart walbridge",
-                        c.table.qualified_name(),
-                        crate::telemetry::shown_row(&c.key_array),
-                        c.id
-                    ))));
-                }
-            };
-            if let Some((stmt, params)) = write {
-                ops.push((i, stmt.clone(), params));
-                applied += 1;
-            }
-            // What T holds for the key after this change.
-            let mine = Some(Seen {
-                json: Some(c.row_json.clone()),
-                time: time.and_then(|t| t.to_datetime()),
-                writer: Some(src.clone()),
-            });
-            match decision.action {
-                Action::Insert | Action::Update | Action::InsertFromUpdate => {
-                    if let Some(new_key) = &c.new_key_json {
-                        known.insert(key, Local::default());
-                        known.insert(
-                            (c.table.oid, new_key.clone()),
-                            Local {
-                                row: mine,
-                                tombstone: None,
-                            },
-                        );
-                    } else {
-                        known.insert(
-                            key,
-                            Local {
-                                row: mine,
-                                tombstone: None,
-                            },
-                        );
-                    }
-                }
-                Action::Delete | Action::RecordTombstone => {
-                    known.insert(
-                        key,
-                        Local {
-                            row: None,
-                            tombstone: mine,
-                        },
-                    );
-                }
-                Action::Skip | Action::Stop => {}
-            }
-        }
-
-        // 3. Writes and conflict records, pipelined.
-        let results = futures::future::join_all(ops.iter().map(|(_, stmt, params)| {
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::as_sql).collect();
-            let txn = &txn;
-            async move { txn.execute(stmt, &refs).await }
-        }))
-        .await;
-        for ((i, _, _), r) in ops.iter().zip(results) {
-            if let Err(e) = r {
-                if let Some(f) = row_failure(*i, &e, &tgt, "applying a change") {
-                    return Err(f);
-                }
-            }
-        }
-
-        // 4. Dead rows go to S before T commits; writing them twice is harmless.
-        for item in items {
-            if let Kind::Dead(error, _) = &item.kind {
-                self.s
-                    .dead(self.config, &item.row, &tgt, error)
-                    .await
-                    .map_err(|e| {
-                        Attempt::Fatal(pg_fail(&src, "writing the dead-letter table", &e))
-                    })?;
-            }
-        }
-
-        // 5. Progress, in the same transaction as the data.
-        let handled: Vec<(i64, Option<u64>)> =
-            items.iter().map(|i| (i.row.id, i.row.txid)).collect();
-        let (next, left) = self.state.advance(&handled, snapshot_hold, keep_hold);
-        record_progress(&txn, &src, &next)
-            .await
-            .map_err(fatal("recording progress in walbridge.trigger_progress"))?;
-        txn.commit().await.map_err(fatal("committing"))?;
-        Ok((next, left, applied))
+            .map_err(pg_err(&tgt, "recording progress"))?;
+        txn.commit().await.map_err(pg_err(&tgt, "committing"))
     }
 
-    /// Bookkeeping after T committed: the failpoint, metrics, then deletion at S.
-    async fn after_commit(
-        &mut self,
-        items: &[Item],
-        outcome: Outcome,
-        started: Instant,
-    ) -> Result<(), DirectionError> {
+    /// Bookkeeping after T committed the batch: the failpoint, what the applier does not
+    /// count (dead rows, echoes, the lag), and the status board.
+    fn after_commit(&mut self, items: &[Item]) {
         if self.failpoint {
             tracing::error!(
                 "failpoint {FAILPOINT_AFTER_COMMIT}: aborting after the commit on the target"
@@ -898,17 +762,10 @@ impl<'a> Worker<'a> {
         }
         let (src, tgt) = (self.ctx.source.clone(), self.ctx.target.clone());
         let m = &self.ctx.metrics;
-        let mut txids = HashSet::new();
         let mut echoes = 0u64;
         for item in items {
             match &item.kind {
-                Kind::Change(c) => {
-                    m.changes_applied
-                        .with_label_values(&[&src, &tgt, &c.table.qualified_name(), c.op.as_str()])
-                        .inc();
-                    txids.insert(item.row.txid.unwrap_or(item.row.id as u64));
-                }
-                Kind::Dead(_, error) => {
+                Kind::Dead(_, shown) => {
                     m.trigger_dead_rows.with_label_values(&[&src]).inc();
                     m.errors
                         .with_label_values(&[&src, &tgt, "trigger_row"])
@@ -916,65 +773,36 @@ impl<'a> Worker<'a> {
                     tracing::warn!(
                         id = item.row.id,
                         tabla = ?item.row.tabla,
-                        error = %error,
+                        error = %shown,
                         "moved a change row to the dead-letter table"
                     );
                 }
                 Kind::Echo => echoes += 1,
-                Kind::Ddl(_) => {
-                    txids.insert(item.row.txid.unwrap_or(item.row.id as u64));
-                }
+                Kind::Change(_) | Kind::Ddl => {}
             }
         }
         // Counted once per source, by its first direction.
         if echoes > 0 && self.peers.first() == Some(&tgt) {
             m.echo_suppressed.with_label_values(&[&src]).inc_by(echoes);
         }
-        let n = txids.len() as u64;
-        m.transactions_applied
-            .with_label_values(&[&src, &tgt])
-            .inc_by(n);
-        m.apply_duration
-            .with_label_values(&[&src, &tgt])
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(t) = items.iter().filter_map(|i| i.row.time()).max() {
+        let times = items
+            .iter()
+            .filter(|i| matches!(i.kind, Kind::Change(_) | Kind::Ddl));
+        if let Some(t) = times.filter_map(|i| i.row.time()).max() {
             let lag = t.seconds_until(PgTimestamp::now()).max(0.0);
             m.lag_seconds.with_label_values(&[&src, &tgt]).set(lag);
             self.ctx.report(|s| s.lag_seconds = Some(lag));
         }
+        let applied = m
+            .transactions_applied
+            .with_label_values(&[&src, &tgt])
+            .get();
         self.ctx.report(|s| {
-            s.transactions_applied += n;
+            s.transactions_applied = applied;
             s.state = DirectionState::Streaming;
         });
-        tracing::debug!(
-            rows = items.len(),
-            applied = outcome.applied,
-            "batch applied"
-        );
-
+        tracing::debug!(rows = items.len(), "batch applied");
         self.handled += items.len() as u64;
-        let mut candidates: Vec<i64> = items.iter().map(|i| i.row.id).collect();
-        candidates.extend(outcome.left);
-        self.state = outcome.next;
-        self.delete_applied(&candidates, false).await
-    }
-
-    /// Records a hold advance when no row was read, so `late` shrinks.
-    async fn commit_progress_only(&mut self, snapshot_hold: u64) -> Result<(), DirectionError> {
-        let (src, tgt) = (self.ctx.source.clone(), self.ctx.target.clone());
-        let (next, left) = self.state.advance(&[], snapshot_hold, false);
-        let txn = self
-            .t
-            .client
-            .transaction()
-            .await
-            .map_err(pg_err(&tgt, "starting a transaction"))?;
-        record_progress(&txn, &src, &next)
-            .await
-            .map_err(pg_err(&tgt, "recording progress"))?;
-        txn.commit().await.map_err(pg_err(&tgt, "committing"))?;
-        self.state = next;
-        self.delete_applied(&left, false).await
     }
 
     /// Deletes at S the rows that every peer has applied, among `candidates` (at start:
@@ -1024,133 +852,6 @@ impl<'a> Worker<'a> {
                 n.trigger_queue_depth = Some(depth);
                 n.mode = "trigger".into();
             });
-        }
-    }
-}
-
-/// What one successful apply left behind.
-struct Outcome {
-    next: State,
-    left: Vec<i64>,
-    applied: usize,
-    truncated: bool,
-}
-
-/// A statement parameter: text (JSON travels as text) or a time.
-enum Param {
-    Text(Option<String>),
-    Time(Option<DateTime<Utc>>),
-}
-
-impl Param {
-    fn as_sql(&self) -> &(dyn ToSql + Sync) {
-        match self {
-            Param::Text(t) => t,
-            Param::Time(t) => t,
-        }
-    }
-}
-
-/// What the conflict journal records besides the conflict itself: the policy, the local
-/// version's writer, whether it is a tombstone, whether last-write-wins decided by less
-/// than the measured clock skew (counted here), the priority order, and the incoming row
-/// with the columns it lacks (an UPDATE row of an old trigger) filled from the target's.
-fn journal_facts(
-    config: &Config,
-    ctx: &DirectionContext,
-    c: &change::Change,
-    local: &Local,
-    time: Option<PgTimestamp>,
-) -> JournalFacts {
-    let tgt = ctx.target.as_str();
-    let policy = config.conflict_policy_for(&c.table.schema, &c.table.name);
-    let version = local.row.as_ref().or(local.tombstone.as_ref());
-    let local_writer = version.map(|v| v.writer.clone().unwrap_or_else(|| tgt.to_string()));
-    let ambiguous = policy == ConflictPolicy::LastWriteWins
-        && match (version.and_then(|v| v.time), time, &local_writer) {
-            (Some(local_t), Some(t), Some(writer)) => {
-                let skew = |n: &str| ctx.metrics.clock_skew.with_label_values(&[n]).get();
-                let uncertainty = (skew(&ctx.source) - skew(writer)).abs();
-                let gap = (t.0 - PgTimestamp::from_datetime(local_t).0).abs() as f64 / 1e6;
-                gap < uncertainty
-            }
-            _ => false,
-        };
-    if ambiguous {
-        ctx.metrics
-            .conflicts_ambiguous
-            .with_label_values(&[&ctx.source, tgt])
-            .inc();
-    }
-    let unsent: Vec<String> = if c.op == Op::Update && !c.complete {
-        let skip = config.skip_columns_for(&c.table.schema, &c.table.name);
-        c.table
-            .columns
-            .iter()
-            .filter(|col| !col.generated && !skip.contains(&col.name))
-            .filter(|col| !c.row_columns.contains(&col.name))
-            .map(|col| col.name.clone())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    JournalFacts {
-        policy,
-        local_writer,
-        local_tombstone: local.row.is_none() && local.tombstone.is_some(),
-        ambiguous,
-        priority: serde_json::Value::from(config.priority_order()).to_string(),
-        remote_row: conflict::journal_remote_row(
-            &c.row_json,
-            local.row.as_ref().and_then(|r| r.json.as_deref()),
-            &unsent,
-        ),
-        unsent: serde_json::Value::from(unsent).to_string(),
-    }
-}
-
-/// [`journal_facts`].
-struct JournalFacts {
-    policy: ConflictPolicy,
-    local_writer: Option<String>,
-    local_tombstone: bool,
-    ambiguous: bool,
-    priority: String,
-    remote_row: String,
-    unsent: String,
-}
-
-/// The statements one change may need (prepared, cached per connection).
-struct Plan {
-    lookup: Option<Statement>,
-    insert: Option<Statement>,
-    update: Option<Statement>,
-    delete: Option<Statement>,
-    tombstone: Option<Statement>,
-    truncate: Option<Statement>,
-}
-
-/// What the target holds for a key: its row and its tombstone, each with its version.
-#[derive(Clone, Debug, Default)]
-struct Local {
-    row: Option<Seen>,
-    tombstone: Option<Seen>,
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    /// The row as JSON (for the conflicts table).
-    json: Option<String>,
-    time: Option<DateTime<Utc>>,
-    /// The node that wrote this version; `None` for a local write on the target.
-    writer: Option<String>,
-}
-
-impl Seen {
-    fn version(&self, config: &Config, target: &str) -> Version {
-        Version {
-            commit_time: self.time.map(PgTimestamp::from_datetime),
-            writer_rank: config.node_rank(self.writer.as_deref().unwrap_or(target)),
         }
     }
 }
@@ -1273,120 +974,31 @@ impl Source {
 }
 
 impl Target {
-    async fn open(
-        client: Client,
-        config: &Config,
-        source: &str,
-        node: &str,
-    ) -> Result<Target, DirectionError> {
+    async fn open(client: Client, config: &Config, node: &str) -> Result<Target, DirectionError> {
         let err = |what: &'static str| pg_err(node, what);
-        // Old triggers (and foreign keys, as in logical replication) do not fire for what
-        // walbridge applies; this needs a superuser. walbridge.skip is honoured by
-        // walbridge's own capture trigger in any case.
-        if let Err(e) = client
-            .batch_execute("SET session_replication_role = replica")
-            .await
-        {
-            tracing::warn!(
-                node,
-                error = %pg_message(&e),
-                "cannot set session_replication_role = replica; triggers other than walbridge's \
-                 will fire for applied changes (old change-logging triggers then log them with \
-                 origin_node set, and walbridge does not send them back)"
-            );
-        }
+        // This session only reads the catalog and the progress, and records progress when a
+        // batch ends with rows that needed no applying: that commit must be on T's disk
+        // before S deletes the rows (see `crate::apply::ApplyLimits::durable_commits`).
         client
-            .execute(
-                "SELECT pg_catalog.set_config('walbridge.skip', 'on', false),
-                        pg_catalog.set_config('walbridge.origin', $1, false)",
-                &[&source],
-            )
-            .await
-            .map_err(err("setting up the apply session"))?;
-        // The source's rows of a batch are deleted once T has committed it, so that commit
-        // must be on T's disk first: with the server's (or role's) `synchronous_commit = off`
-        // a crash of T right after the delete would lose the batch for good. Every other
-        // value (`local`, `on`, `remote_write`, `remote_apply`) flushes locally and is kept.
-        client
-            .execute(
-                "SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
+            .batch_execute(
+                "SET walbridge.skip = 'on';
+                 SELECT pg_catalog.set_config('synchronous_commit', 'on', false)
                   WHERE pg_catalog.current_setting('synchronous_commit') = 'off'",
-                &[],
             )
             .await
-            .map_err(err("setting synchronous_commit for the apply session"))?;
-        let origin = config.origin_name(source);
-        let origin_ok = match client
-            .execute(
-                "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
-                &[&origin],
-            )
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => match e.as_db_error().map(|d| d.code().code()) {
-                Some("42704") => {
-                    return Err(DirectionError::definite(format!(
-                        "node {node}: replication origin {origin} does not exist; run walbridge \
-                         setup"
-                    )))
-                }
-                Some("42501") => {
-                    tracing::warn!(
-                        node,
-                        origin = %origin,
-                        "no permission to use replication origins; applied changes keep the \
-                         target's commit time and conflicts compare it"
-                    );
-                    false
-                }
-                _ => {
-                    return Err(pg_fail(
-                        node,
-                        &format!("using replication origin {origin}"),
-                        &e,
-                    ))
-                }
-            },
-        };
-        let commit_ts = track_commit_timestamp(&client)
-            .await
-            .map_err(err("reading track_commit_timestamp"))?;
-        let prefix = format!("{}_from_", config.replication.slot_prefix);
-        let origins = match client
-            .query(
-                "SELECT roident, roname::text FROM pg_catalog.pg_replication_origin",
-                &[],
-            )
-            .await
-        {
-            Ok(rows) => rows
-                .iter()
-                .filter_map(|r| {
-                    let name: String = r.get(1);
-                    let node = name.strip_prefix(&prefix)?;
-                    config.node(node)?;
-                    Some((r.get::<_, u32>(0), node.to_string()))
-                })
-                .collect(),
-            Err(_) => HashMap::new(),
-        };
+            .map_err(err("setting up the catalog session"))?;
         let search_path = default_search_path(&client)
             .await
             .map_err(err("reading the role's default search_path"))?;
         let mut t = Target {
             client,
-            commit_ts,
-            origin_ok,
-            origins,
             search_path,
             tables: BTreeMap::new(),
             tables_loaded: Instant::now(),
-            statements: HashMap::new(),
         };
         t.load_tables(config)
             .await
-            .map_err(|e| DirectionError::transient(format!("node {node}: {e}")))?;
+            .map_err(|e| DirectionError::caused_by(format!("node {node}: {e}"), &e))?;
         Ok(t)
     }
 
@@ -1403,8 +1015,6 @@ impl Target {
         }
         self.tables = tables;
         self.tables_loaded = Instant::now();
-        // Statements name tables by OID and columns: start afresh.
-        self.statements.clear();
         Ok(())
     }
 
@@ -1436,121 +1046,6 @@ impl Target {
             &self.search_path,
         )?;
         self.tables.get(&(schema, name)).cloned()
-    }
-
-    async fn statement(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        if self.statements.len() > 2_000 {
-            self.statements.clear();
-        }
-        let s = self.client.prepare(sql).await?;
-        self.statements.insert(sql.to_string(), s.clone());
-        Ok(s)
-    }
-
-    async fn plan(&mut self, c: &Change) -> Result<Plan, tokio_postgres::Error> {
-        let t = c.table.as_ref();
-        let mut plan = Plan {
-            lookup: None,
-            insert: None,
-            update: None,
-            delete: None,
-            tombstone: None,
-            truncate: None,
-        };
-        let key = &c.key_columns;
-        // Rows of a table without a unique key have no identity to version: no lookup.
-        if c.op != Op::Truncate && !key.is_empty() && !c.full_identity {
-            let sql = sql::lookup_sql(t, key, c.full_identity, self.commit_ts);
-            plan.lookup = Some(self.statement(&sql).await?);
-        }
-        match c.op {
-            Op::Insert => {
-                plan.insert = Some(self.statement(&sql::insert_sql(t, &c.columns)).await?);
-                let set: Vec<String> = c
-                    .columns
-                    .iter()
-                    .filter(|n| !key.contains(n) && !t.column(n).is_some_and(|c| c.identity_always))
-                    .cloned()
-                    .collect();
-                if !key.is_empty() && !set.is_empty() {
-                    let sql = sql::update_sql(t, &set, key, c.full_identity);
-                    plan.update = Some(self.statement(&sql).await?);
-                }
-            }
-            Op::Update => {
-                if !c.columns.is_empty() {
-                    let sql = sql::update_sql(t, &c.columns, key, c.full_identity);
-                    plan.update = Some(self.statement(&sql).await?);
-                }
-                if c.complete {
-                    plan.insert = Some(self.statement(&sql::insert_sql(t, &c.row_columns)).await?);
-                }
-            }
-            Op::Delete => {
-                let sql = sql::delete_sql(t, key, c.full_identity);
-                plan.delete = Some(self.statement(&sql).await?);
-                if t.unique_key().is_some() && !c.full_identity {
-                    plan.tombstone = Some(self.statement(&sql::tombstone_sql(t, key)).await?);
-                }
-            }
-            Op::Truncate => {
-                plan.truncate = Some(self.statement(&sql::truncate_sql(t)).await?);
-            }
-        }
-        Ok(plan)
-    }
-}
-
-/// The target's state from a lookup row; `origins` maps roident to node.
-/// A batch is one transaction on T, stamped with one commit time. With three or more nodes,
-/// ends the batch before the first change whose source commit time differs from the first
-/// change's ([`conflict::may_share_stamp`]), so every applied row keeps its exact time. True
-/// when rows were left for the next batch.
-fn cut_at_stamp(items: &mut Vec<Item>, node_count: usize) -> bool {
-    let mut first = None;
-    for (i, item) in items.iter().enumerate() {
-        if !matches!(item.kind, Kind::Change(_)) {
-            continue;
-        }
-        let time = item.row.time();
-        match first {
-            None => first = Some(time),
-            Some(f) if !conflict::may_share_stamp(node_count, f, time) => {
-                items.truncate(i);
-                return true;
-            }
-            Some(_) => {}
-        }
-    }
-    false
-}
-
-fn local_state(origins: &HashMap<u32, String>, row: Option<&tokio_postgres::Row>) -> Local {
-    {
-        let Some(r) = row else {
-            return Local::default();
-        };
-        let writer = |ro: Option<u32>| {
-            ro.filter(|r| *r != 0)
-                .and_then(|r| origins.get(&r).cloned())
-        };
-        let json: Option<String> = r.get(0);
-        let found: Option<bool> = r.get(3);
-        Local {
-            row: json.map(|j| Seen {
-                json: Some(j),
-                time: r.get(1),
-                writer: writer(r.get(2)),
-            }),
-            tombstone: found.filter(|f| *f).map(|_| Seen {
-                json: None,
-                time: r.get(4),
-                writer: writer(r.get(5)),
-            }),
-        }
     }
 }
 
