@@ -34,12 +34,15 @@
 //! # One direction S → T
 //!
 //! [`run_direction`] LISTENs on S and wakes on a notification or every `poll_interval`. It
-//! reads up to `batch_size` rows in `id` order, applies them on T in one transaction (under
-//! the origin `<prefix>_from_S` with S's commit time, `walbridge.skip = on`), records its
-//! progress on T in the same transaction, and only then deletes the rows at S. A crash before
-//! T's commit repeats the batch from S (nothing was applied); after it, the restart finds
-//! the progress on T and only deletes at S (nothing is applied twice). The failpoint
-//! `WALBRIDGE_FAILPOINT=trigger_after_commit` aborts the process at exactly that point.
+//! reads up to `batch_size` rows in `id` order, turns them into source transactions (one per
+//! run of rows of one `txid`, [`events`]) and hands them to the same applier as stream mode
+//! ([`crate::apply::Applier`]): applied on T under the origin `<prefix>_from_S` with each
+//! transaction's commit time on S, `walbridge.skip = on`, each target transaction recording
+//! the change-table cursor it reached ([`crate::apply::position`]). Only once T has committed
+//! are the rows deleted at S. A crash before T's commit repeats the rows from S (nothing was
+//! applied); after it, the restart finds the progress on T and only deletes at S (nothing is
+//! applied twice). The failpoint `WALBRIDGE_FAILPOINT=trigger_after_commit` aborts the process
+//! at exactly that point.
 //!
 //! # Why progress is not just "the last applied id"
 //!
@@ -75,22 +78,24 @@
 //!
 //! A row that cannot be applied (unknown `metodo`; `tabla` not a replicated table of the
 //! target, checked against the configuration and the catalog; `descripcion` that is neither
-//! JSON nor a Python dict literal; unknown column; a type or constraint error) is copied to
-//! `<table>_dead` with the error and the target's name, and counts as handled; the rows
-//! after it go on. Rows checked in Rust never reach SQL; a row that fails in SQL ends the
-//! batch after it (the transaction is replayed without it, the rest comes in the next
-//! batch), so a bad row costs one extra round and a good one is never lost. Errors that are
-//! about the target rather than the row (permissions, read-only, disk) stop the direction
-//! instead of filling the dead-letter table.
+//! JSON nor a Python dict literal; unknown column; a value its column cannot take; a type or
+//! constraint error) is copied to `<table>_dead` with the error and the target's name, and
+//! counts as handled; the rows after it go on. Rows checked in Rust never reach SQL. A row the
+//! target refuses in SQL is named by the applier, which applies that one transaction change
+//! by change ([`crate::direction::FailedChange`]); the worker then reads the batch again from
+//! T's progress with that row dead, so a bad row costs one extra round and a good one is
+//! never lost. Errors that are about the target rather than the row (permissions,
+//! read-only, disk) stop the direction instead of filling the dead-letter table.
 //!
 //! # Conflicts
 //!
-//! Decided by [`crate::conflict::decide`] as in stream mode: the incoming version is S's
-//! commit time (`pg_xact_commit_timestamp(txid)`, else `created_at`) and S's rank; the
-//! target's row version comes from `pg_xact_commit_timestamp_origin(xmin)`, its writer from
-//! the origin; tombstones from `walbridge.tombstones`. Differences from stream mode: a batch
-//! commits on T with the latest commit time of the batch (one transaction, one time), and a
-//! legacy update that carries only some columns cannot recreate a missing row.
+//! Decided by the applier exactly as in stream mode: the incoming version is S's commit time
+//! (`pg_xact_commit_timestamp(txid)`, else the latest `created_at` of the transaction's rows)
+//! and S's rank; the target's row version comes from its commit time and origin; tombstones
+//! from `walbridge.tombstones`; the journal records the change row's id
+//! (`source_change_id`). One difference remains: a legacy update that carries only some
+//! columns cannot recreate a missing row. A role that may not use replication origins
+//! applies without one (rows keep T's commit time; a warning says so).
 //!
 //! # Cut-over to stream mode
 //!

@@ -100,37 +100,6 @@ fn truncate_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{ColumnInfo, TableKind};
-    use crate::event::ReplicaIdentity;
-
-    fn table() -> TableInfo {
-        let col = |name: &str, eq: bool, always: bool| ColumnInfo {
-            name: name.into(),
-            attnum: 1,
-            type_oid: 25,
-            type_sql: "text".into(),
-            type_modifier: -1,
-            not_null: false,
-            generated: false,
-            identity_always: always,
-            identity_by_default: false,
-            has_equality: eq,
-        };
-        TableInfo {
-            oid: 4242,
-            schema: "Mixed Case".into(),
-            name: "users; DROP TABLE users".into(),
-            kind: TableKind::Ordinary,
-            replica_identity: ReplicaIdentity::Default,
-            columns: vec![
-                col("id", true, true),
-                col("a\"b", true, false),
-                col("j", false, false),
-            ],
-            primary_key: vec!["id".into()],
-            identity_index: vec![],
-        }
-    }
 
     #[test]
     fn templates_are_filled() {

@@ -430,7 +430,7 @@ impl<'a> Worker<'a> {
         // Rows left out by the cut stay visible in this snapshot: keep the hold horizon, as
         // for capped late rows, so they are read again.
         let keep_hold = late_capped || ddl_cut;
-        let txns = self.to_transactions(&mut items);
+        let txns = self.source_transactions(&mut items);
         // Dead rows go to S before T commits their progress; writing them twice is harmless.
         self.write_dead(&items).await?;
         let handled: Vec<(i64, Option<u64>)> =
@@ -470,7 +470,7 @@ impl<'a> Worker<'a> {
 
     /// The batch's source transactions (see [`super::events`]); a change whose values the
     /// event model cannot carry becomes a dead row.
-    fn to_transactions(&mut self, items: &mut [Item]) -> Vec<super::events::SourceTxn> {
+    fn source_transactions(&mut self, items: &mut [Item]) -> Vec<super::events::SourceTxn> {
         self.builder.set_read_at(PgTimestamp::now());
         for item in items.iter_mut() {
             match &item.kind {
