@@ -182,11 +182,9 @@ fn park_keeps_a_mismatched_table_and_replays_it_in_order_wal2json() {
     );
 }
 
-/// Trigger mode applies through its own worker (`src/trigger/worker.rs`), which still sends a
-/// row of a missing table or column to the dead-row table; it parks once trigger mode runs
-/// through `src/apply/` (the unified applier), when this test is enabled.
+/// Trigger mode: a change row of a column the target lacks is described as the source's
+/// table has it, and the applier parks it as in stream mode.
 #[test]
-#[ignore = "trigger mode parks once it applies through src/apply (unified applier)"]
 fn park_keeps_a_mismatched_table_and_replays_it_in_order_trigger_mode() {
     park_then_replay(
         "mode = \"trigger\"\non_schema_mismatch = \"park\"\n\n[trigger]\npoll_interval = \"1s\"\n",
@@ -292,6 +290,99 @@ fn park_replays_only_as_far_as_the_target_fits() {
     });
     assert!(same, "items differ\n{}", run.log());
     wait_gauge(port, 0.0);
+    run.assert_running();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+}
+
+const WITH_NOTE: &str = "CREATE TABLE public.items (id int PRIMARY KEY, name text, note text);
+     CREATE TABLE public.other (id int PRIMARY KEY, v text);";
+
+/// Both nodes fit, `run` maps `items` at its first change, then `note` is dropped on west by
+/// hand while `run` runs and east writes it again.
+fn dropped_by_hand_while_running(replication_toml: &str) -> (Deployment, Runner) {
+    let d = Deployment::new(&["east", "west"], WITH_NOTE, replication_toml);
+    d.walbridge_ok(&["setup"]);
+    let run = d.spawn_run("run.log");
+    d.sql("east", "INSERT INTO items VALUES (1, 'a', 'n1')");
+    d.wait_for("west", "SELECT note FROM items WHERE id = 1", "n1");
+    d.sql("west", "ALTER TABLE public.items DROP COLUMN note");
+    d.sql("east", "INSERT INTO items VALUES (2, 'b', 'n2')");
+    d.sql("east", "INSERT INTO other VALUES (1, 'x')");
+    (d, run)
+}
+
+/// A column dropped on the target by hand while the direction runs: the failed statement
+/// makes the applier map the table again, and the change is parked (not a stop), in both
+/// capture modes; adding the column back replays it.
+fn dropped_by_hand_parks(replication_toml: &str) {
+    let (d, mut run) = dropped_by_hand_while_running(replication_toml);
+    d.wait_for("west", "SELECT count(*) FROM other", "1");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.parked", "1");
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM items WHERE id = 2"),
+        "0"
+    );
+    d.sql("west", "ALTER TABLE public.items ADD COLUMN note text");
+    d.wait_for("west", "SELECT count(*) FROM walbridge.parked", "0");
+    d.wait_for("west", "SELECT note FROM items WHERE id = 2", "n2");
+    run.assert_running();
+    let log = run.log();
+    assert!(!log.contains("direction stopped"), "log:\n{log}");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());
+}
+
+#[test]
+fn a_column_dropped_by_hand_on_the_running_target_is_parked() {
+    dropped_by_hand_parks("on_schema_mismatch = \"park\"");
+}
+
+#[test]
+fn a_column_dropped_by_hand_on_the_running_target_is_parked_trigger_mode() {
+    dropped_by_hand_parks(
+        "mode = \"trigger\"\non_schema_mismatch = \"park\"\n\n[trigger]\npoll_interval = \"1s\"\n",
+    );
+}
+
+/// With `stop`, the same drop stops the direction naming the table and the column (not the
+/// server's words about a statement); other directions go on.
+#[test]
+fn a_column_dropped_by_hand_on_the_running_target_stops_naming_it() {
+    let (d, run) = dropped_by_hand_while_running("");
+    let ok = wait_until(WAIT, || run.log().contains("direction stopped"));
+    let log = run.log();
+    assert!(ok, "log:\n{log}");
+    assert!(
+        log.contains("of table public.items exists on the source but not on the target"),
+        "log:\n{log}"
+    );
+    assert_eq!(
+        d.sql("west", "SELECT count(*) FROM items WHERE id = 2"),
+        "0"
+    );
+    // west -> east still runs.
+    d.sql("west", "INSERT INTO other VALUES (2, 'w')");
+    d.wait_for("east", "SELECT count(*) FROM other WHERE id = 2", "1");
+}
+
+/// Trigger mode with `stop` quarantines the row as it does any row whose column the target
+/// lacks: the dead-row table names the table and column; the rows after it go on.
+#[test]
+fn a_column_dropped_by_hand_on_the_running_target_makes_a_dead_row_trigger_mode() {
+    let (d, mut run) =
+        dropped_by_hand_while_running("mode = \"trigger\"\n\n[trigger]\npoll_interval = \"1s\"\n");
+    d.wait_for("west", "SELECT count(*) FROM other", "1");
+    d.wait_for("east", "SELECT count(*) FROM database_changes_dead", "1");
+    let error = d.sql("east", "SELECT error FROM database_changes_dead");
+    assert!(
+        error.contains(
+            "column \"note\" of table public.items exists on the source but not on the target"
+        ),
+        "dead row's error: {error}"
+    );
+    d.sql("east", "INSERT INTO other VALUES (2, 'y')");
+    d.wait_for("west", "SELECT v FROM other WHERE id = 2", "y");
     run.assert_running();
     run.signal(libc::SIGTERM);
     assert_eq!(run.wait_exit(WAIT), Some(0), "log:\n{}", run.log());

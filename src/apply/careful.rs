@@ -107,6 +107,11 @@ impl Applier {
                 Err(Failed::Server(e)) => {
                     let _ = self.round_trip("ROLLBACK", &[]).await?;
                     self.ddl_txn_ended();
+                    if super::tables::is_missing_object(&e.code) {
+                        // Dropped on the target since it was mapped: map it again, so the
+                        // next attempt parks or stops naming what is missing.
+                        self.tables.forget_mappings();
+                    }
                     tracing::debug!(error = %e, "careful apply attempt failed; retrying");
                     last = Some(e);
                     refused_change = at;
@@ -347,7 +352,10 @@ impl Applier {
         if self.park_carefully(begin, change).await? {
             return Ok(());
         }
-        let table = self.table(&change.relation).await.map_err(Failed::Stop)?;
+        let table = self
+            .table(&change.relation, change.source_change_id)
+            .await
+            .map_err(Failed::Stop)?;
         let map = &table.map;
         let Some(row_tuple) = change
             .new

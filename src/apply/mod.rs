@@ -68,7 +68,7 @@ use ledger::{Group, Ledger};
 pub use park::{CHECK_EVERY as PARK_CHECK_EVERY, PARK_SQL};
 use session::Session;
 use sql::TableMap;
-use tables::{TableState, Tables};
+use tables::{Mismatch, TableState, Tables};
 pub use writers::Writers;
 
 /// Tunables of the apply pipeline.
@@ -435,10 +435,17 @@ impl Applier {
         Ok(())
     }
 
-    async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
+    /// The table's apply state; a schema mismatch is a definite error, naming `change_id`
+    /// (the change that met it, when the source gives its changes ids) so such a source can
+    /// set that change aside.
+    async fn table(
+        &mut self,
+        relation: &Arc<Relation>,
+        change_id: Option<i64>,
+    ) -> Result<Arc<TableState>, DirectionError> {
         self.table_fitting(relation)
             .await?
-            .map_err(DirectionError::definite)
+            .map_err(|m| m.into_error(change_id))
     }
 
     /// The table's apply state, or (inner `Err`) why the target's schema does not fit the
@@ -447,7 +454,7 @@ impl Applier {
     async fn table_fitting(
         &mut self,
         relation: &Arc<Relation>,
-    ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
+    ) -> Result<Result<Arc<TableState>, Mismatch>, DirectionError> {
         if let Some(t) = self.tables.mapped(relation) {
             return Ok(Ok(t));
         }
@@ -468,13 +475,16 @@ impl Applier {
                 })?
         };
         let Some(info) = info else {
-            return Ok(Err(format!(
-                "table {} exists on {} but not on {}; create it there (plain DDL is not \
+            return Ok(Err(Mismatch {
+                missing_table: true,
+                message: format!(
+                    "table {} exists on {} but not on {}; create it there (plain DDL is not \
                      replicated: use walbridge.ddl()) or exclude it from replication.tables",
-                relation.qualified_name(),
-                self.source,
-                self.target
-            )));
+                    relation.qualified_name(),
+                    self.source,
+                    self.target
+                ),
+            }));
         };
         let skip = self
             .config
@@ -483,7 +493,10 @@ impl Applier {
         let map = match TableMap::new(relation, info, &skip) {
             Ok(map) => map,
             Err(e @ sql::MapError::MissingColumn { .. }) => {
-                return Ok(Err(format!("{} -> {}: {e}", self.source, self.target)))
+                return Ok(Err(Mismatch {
+                    missing_table: false,
+                    message: format!("{} -> {}: {e}", self.source, self.target),
+                }))
             }
             Err(e) => {
                 return Err(DirectionError::definite(format!(
@@ -729,7 +742,9 @@ impl Applier {
                 open.items = None;
             }
         }
-        let table = self.table(&change.relation).await?;
+        let table = self
+            .table(&change.relation, change.source_change_id)
+            .await?;
         if change.op != ChangeOp::Insert {
             table.map.require_identity().map_err(|e| {
                 DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
@@ -1022,7 +1037,7 @@ impl Applier {
         let mut names = Vec::new();
         for rel in &t.relations {
             self.refuse_truncate_of_parked(rel)?;
-            names.push(self.table(rel).await?.map.target.quoted_name());
+            names.push(self.table(rel, None).await?.map.target.quoted_name());
         }
         // Exactly the listed tables, never CASCADE (see `sql::truncate`).
         Ok(sql::truncate(&names, t.restart_identity))
@@ -1329,10 +1344,18 @@ impl Applier {
             };
             self.tables.tombstones_appeared(named);
         }
+        let transient = error.class() == ErrorClass::Transient;
+        // A table or column the target no longer has (dropped there by hand while this
+        // applier ran, so its mapping is stale): when a failed transaction's table does not
+        // fit once mapped again, the transactions are applied again, and the mismatch is met
+        // where `on_schema_mismatch` decides (parked, or a stop naming the table and column).
+        let schema_moved = !transient
+            && tables::is_missing_object(&error.code)
+            && self.schema_moved(&failed).await?;
         let conflict_like = error.code == sql::ROWS_NOT_AS_EXPECTED
             || error.code == sql::TOMBSTONES_APPEARED
-            || class == "23";
-        let transient = error.class() == ErrorClass::Transient;
+            || class == "23"
+            || schema_moved;
         // A definite failure of a group of several transactions is narrowed down first (they
         // are sent again one by one, below), so the stop names the one that fails.
         let truncated = failed.iter().any(|s| !s.truncates.is_empty());
@@ -1409,6 +1432,29 @@ impl Applier {
         self.ledger.redo.extend(failed);
         self.ledger.redo.extend(followers);
         Ok(Outcome::Continue)
+    }
+
+    /// Maps the tables of `failed` afresh (every mapping is dropped) and tells whether one
+    /// of them no longer fits the target's schema.
+    async fn schema_moved(&mut self, failed: &[Sent]) -> Result<bool, DirectionError> {
+        self.tables.forget_mappings();
+        let oids: std::collections::BTreeSet<u32> = failed
+            .iter()
+            .flat_map(|s| s.counts.keys().map(|(oid, _)| *oid))
+            .collect();
+        for oid in oids {
+            let Some(relation) = self.tables.relations.get(&oid).cloned() else {
+                continue;
+            };
+            if let Err(mismatch) = self.table_fitting(&relation).await? {
+                tracing::info!(
+                    source = %self.source, target = %self.target, reason = %mismatch,
+                    "the target's schema changed under the applier"
+                );
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Reads replies up to `ReadyForQuery`: the rows, and the error if the group failed.

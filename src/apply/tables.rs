@@ -11,9 +11,57 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::ConflictPolicy;
+use crate::direction::{DirectionError, FailedChange};
 use crate::event::{ChangeOp, Relation};
 
 use super::sql::{self, TableMap};
+
+/// Why the target's schema does not fit a relation the source described: the table or one
+/// of its columns is missing there (what `replication.on_schema_mismatch` decides about).
+#[derive(Debug, Clone)]
+pub(super) struct Mismatch {
+    /// The table itself is missing (else a column).
+    pub(super) missing_table: bool,
+    /// What is missing where, and what to do.
+    pub(super) message: String,
+}
+
+impl Mismatch {
+    /// The SQLSTATE the target would answer a statement with: undefined table or column.
+    pub(super) fn sqlstate(&self) -> &'static str {
+        if self.missing_table {
+            "42P01"
+        } else {
+            "42703"
+        }
+    }
+
+    /// The stop this mismatch is under `on_schema_mismatch = "stop"`; with the id of the
+    /// change that met it, the source may set that change aside (trigger mode's dead rows).
+    pub(super) fn into_error(self, change_id: Option<i64>) -> DirectionError {
+        let sqlstate = self.sqlstate().to_string();
+        let err = DirectionError::definite(self.message.clone());
+        match change_id {
+            Some(id) => err.with_failed_change(FailedChange {
+                source_change_id: id,
+                sqlstate,
+                stored_text: self.message,
+            }),
+            None => err,
+        }
+    }
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Whether a SQLSTATE says a statement met a table or column the target no longer has.
+pub(super) fn is_missing_object(code: &str) -> bool {
+    matches!(code, "42P01" | "42703")
+}
 
 /// The relations seen on the stream and their apply state, by relation OID.
 #[derive(Default)]
@@ -41,6 +89,13 @@ impl Tables {
     pub(super) fn insert(&mut self, oid: u32, state: Arc<TableState>) {
         self.labels.insert(oid, state.label.clone());
         self.states.insert(oid, state);
+    }
+
+    /// Drops every mapping, keeping the descriptions: each table is looked up on the target
+    /// again at its next change (the target's schema changed under the applier: a column or
+    /// table dropped there by hand).
+    pub(super) fn forget_mappings(&mut self) {
+        self.states.clear();
     }
 
     /// A new description of a relation: its mapping is dropped (the next change maps it

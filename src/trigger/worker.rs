@@ -33,7 +33,7 @@ use tokio_postgres::{Client, IsolationLevel, Statement};
 
 use crate::apply::{Applier, ApplyLimits, Outcome};
 use crate::catalog::{self, TableInfo};
-use crate::config::Config;
+use crate::config::{Config, SchemaMismatch};
 use crate::direction::{DirectionContext, DirectionError, DirectionState};
 use crate::lsn::PgTimestamp;
 use crate::pgconn;
@@ -134,6 +134,10 @@ struct Worker<'a> {
     /// Rows the target refused (id → the server's words, values kept): dead-lettered when
     /// they are read again.
     refused: HashMap<i64, String>,
+    /// S's replicated tables, read when a row's table or column is missing on T and
+    /// `on_schema_mismatch = "park"`: the change is described as S has it, so the applier
+    /// parks it instead of the row going dead.
+    source_tables: Option<Target>,
 }
 
 /// A direction error from a server error: transient or definite by its SQLSTATE.
@@ -297,6 +301,7 @@ impl<'a> Worker<'a> {
             max_id: i64::MAX,
             handled: 0,
             refused: HashMap::new(),
+            source_tables: None,
         })
     }
 
@@ -355,8 +360,6 @@ impl<'a> Worker<'a> {
             if std::mem::take(&mut self.careful_start) {
                 applier.apply_next_transaction_carefully();
             }
-            // A new applier knows no table: describe each again before its next change.
-            self.builder.forget_relations();
             self.apply = Some(Apply { applier, driver });
         }
         match self.apply.as_mut() {
@@ -418,8 +421,11 @@ impl<'a> Worker<'a> {
                 .with_label_values(&[&self.ctx.source, &self.ctx.target])
                 .set(0.0);
             self.ctx.report(|s| s.lag_seconds = Some(0.0));
-            if let Some(a) = self.apply.as_mut() {
-                // Parked tables whose target schema fits again (see apply::park).
+            // Parked tables whose target schema fits again (see apply::park); with parking
+            // on, also right after a start, before any row needs the applier.
+            if self.config.replication.on_schema_mismatch == SchemaMismatch::Park {
+                self.applier().await?.check_parked().await?;
+            } else if let Some(a) = self.apply.as_mut() {
                 a.applier.check_parked().await?;
             }
             self.update_depth(false).await;
@@ -439,8 +445,10 @@ impl<'a> Worker<'a> {
         let covered_all = match self.apply_all(txns, &handled, &next, snapshot_hold).await? {
             Applied::Done(covered_all) => covered_all,
             Applied::Again => {
-                // Whatever committed before is in T's progress: read from there.
+                // Whatever committed before is in T's progress: read from there, with a new
+                // applier, which knows no table: each is described again at its next change.
                 self.apply = None;
+                self.builder.forget_relations();
                 self.state = load_state(&self.t.client, &self.ctx.source)
                     .await
                     .map_err(pg_err(
@@ -567,6 +575,13 @@ impl<'a> Worker<'a> {
                         sqlstate = %f.sqlstate,
                         "the target refused a change row; reading the batch again without it"
                     );
+                    if matches!(f.sqlstate.as_str(), "42703" | "42P01") {
+                        // A table or column gone from T since its catalog was read: the
+                        // batch read again meets T as it is now.
+                        self.t.load_tables(self.config).await.map_err(|e| {
+                            DirectionError::caused_by(format!("node {}: {e}", self.ctx.target), &e)
+                        })?;
+                    }
                     self.refused.insert(f.source_change_id, f.stored_text);
                     Ok(Applied::Again)
                 }
@@ -698,13 +713,14 @@ impl<'a> Worker<'a> {
                 .map_err(catalog_err)?;
         }
         let Some(table) = resolved else {
-            return Ok(Err(RowError::UnknownTable {
+            let missing = RowError::UnknownTable {
                 tabla: tabla.to_string(),
                 target: self.ctx.target.clone(),
-            }));
+            };
+            return self.as_on_source(row, op, tabla, missing).await;
         };
         let skip = self.config.skip_columns_for(&table.schema, &table.name);
-        let built = change::build(row, op, table.clone(), skip);
+        let mut built = change::build(row, op, table.clone(), skip);
         if let Err(RowError::UnknownColumn { .. }) = built {
             // A column added since the catalog was read: read this table again, once.
             let fresh = catalog::table_info(&self.t.client, &table.schema, &table.name)
@@ -715,10 +731,71 @@ impl<'a> Worker<'a> {
                 self.t
                     .tables
                     .insert((info.schema.clone(), info.name.clone()), info.clone());
-                return Ok(change::build(row, op, info, skip));
+                built = change::build(row, op, info, skip);
             }
         }
-        Ok(built)
+        match built {
+            Err(e @ RowError::UnknownColumn { .. }) => {
+                let tabla = format!("{}.{}", table.schema, table.name);
+                self.as_on_source(row, op, &tabla, e).await
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A row whose table or column T lacks: with `on_schema_mismatch = "park"`, the change
+    /// as S's table describes it (the applier finds the mismatch and parks it, as in stream
+    /// mode); otherwise, or when S lacks it too, the row is dead with `missing`.
+    async fn as_on_source(
+        &mut self,
+        row: &RawRow,
+        op: change::Op,
+        tabla: &str,
+        missing: RowError,
+    ) -> Result<Result<Change, RowError>, DirectionError> {
+        if self.config.replication.on_schema_mismatch != SchemaMismatch::Park {
+            return Ok(Err(missing));
+        }
+        let src = self.ctx.source.clone();
+        if self.source_tables.is_none() {
+            let node = self.config.node(&src).ok_or_else(|| {
+                DirectionError::definite(format!("node {src} is not in the configuration"))
+            })?;
+            let client = pgconn::connect(
+                &node.dsn,
+                &format!(
+                    "walbridge-trigger-source-catalog-{src}-to-{}",
+                    self.ctx.target
+                ),
+            )
+            .await
+            .map_err(|e| DirectionError::caused_by(format!("node {src}: {e}"), &e))?;
+            self.source_tables = Some(Target::open(client, self.config, &src).await?);
+        }
+        let Some(s) = self.source_tables.as_mut() else {
+            return Ok(Err(missing));
+        };
+        let catalog_err =
+            |e: catalog::CatalogError| DirectionError::caused_by(format!("node {src}: {e}"), &e);
+        // S's tables change too (walbridge.ddl() ran there first): read them again when
+        // this one is not known, or not as the row has it.
+        let fits = |t: &Arc<TableInfo>| {
+            let skip = self.config.skip_columns_for(&t.schema, &t.name);
+            change::build(row, op, t.clone(), skip).is_ok()
+        };
+        if !s.resolve(tabla).is_some_and(|t| fits(&t)) {
+            s.load_tables(self.config).await.map_err(catalog_err)?;
+        }
+        match s.resolve(tabla) {
+            Some(table) => {
+                let skip = self.config.skip_columns_for(&table.schema, &table.name);
+                match change::build(row, op, table, skip) {
+                    Ok(c) => Ok(Ok(c)),
+                    Err(_) => Ok(Err(missing)),
+                }
+            }
+            None => Ok(Err(missing)),
+        }
     }
 
     /// Copies the batch's dead rows to S's dead-letter table.
