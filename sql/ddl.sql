@@ -55,8 +55,8 @@ $$;
 REVOKE ALL ON FUNCTION walbridge.is_replicated(name, name) FROM PUBLIC;
 
 -- Brings every replicated table (roots of partition trees) into replication on this node: the
--- publication '<slot_prefix>_pub' (stream mode), the capture triggers (trigger mode, when the
--- table has none) and the delete-tombstone trigger, whose
+-- publication '<slot_prefix>_pub' (stream mode), the capture triggers (trigger mode; renewed
+-- when the table or its key was renamed) and the delete-tombstone trigger, whose
 -- arguments are the table's unique key columns (primary key, else the replica identity index),
 -- renewed when they changed (a renamed key column). Tables already in are left alone.
 CREATE OR REPLACE FUNCTION walbridge.join_tables() RETURNS void
@@ -119,24 +119,40 @@ BEGIN
                                       pub, t.nspname, t.relname);
             joined := true;
         END IF;
-        -- Trigger mode: the capture triggers a table gets from setup, when it has none (the
-        -- key of a table without one is the whole row, as setup does).
-        IF mode OPERATOR(pg_catalog.=) 'trigger' AND NOT EXISTS (
-               SELECT 1 FROM pg_catalog.pg_trigger tg
-                WHERE tg.tgrelid OPERATOR(pg_catalog.=) t.oid
-                  AND tg.tgname OPERATOR(pg_catalog.=) 'walbridge_capture') THEN
-            args := pg_catalog.concat_ws(', ', pg_catalog.quote_literal(node),
-                        pg_catalog.quote_literal(t.nspname OPERATOR(pg_catalog.||) '.'
-                                                 OPERATOR(pg_catalog.||) t.relname),
-                        (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(k), ', ' ORDER BY o)
-                           FROM pg_catalog.unnest(t.key) WITH ORDINALITY AS u(k, o)));
-            EXECUTE pg_catalog.format(
-                'CREATE TRIGGER walbridge_capture AFTER INSERT OR UPDATE OR DELETE ON %I.%I '
-                'FOR EACH ROW EXECUTE FUNCTION walbridge.capture(%s); '
-                'CREATE OR REPLACE TRIGGER walbridge_capture_truncate AFTER TRUNCATE ON %I.%I '
-                'FOR EACH STATEMENT EXECUTE FUNCTION walbridge.capture_truncate(%s)',
-                t.nspname, t.relname, args, t.nspname, t.relname, args);
-            joined := true;
+        -- Trigger mode: the capture triggers a table gets from setup (the key of a table
+        -- without one is the whole row, as setup does), created when it has none and renewed
+        -- when their arguments no longer name it as it is now: a renamed table (its change
+        -- rows would name the old name) or a renamed or changed key.
+        IF mode OPERATOR(pg_catalog.=) 'trigger' THEN
+            SELECT pg_catalog.decode(pg_catalog.string_agg(
+                       pg_catalog.encode(pg_catalog.convert_to(a, 'UTF8'), 'hex')
+                       OPERATOR(pg_catalog.||) '00', '' ORDER BY o), 'hex')
+              INTO want
+              FROM pg_catalog.unnest(ARRAY[node, t.nspname::text OPERATOR(pg_catalog.||) '.'
+                                                 OPERATOR(pg_catalog.||) t.relname::text]
+                                     OPERATOR(pg_catalog.||) COALESCE(t.key, '{}'::text[]))
+                   WITH ORDINALITY AS u(a, o);
+            have := NULL;
+            SELECT tg.tgargs INTO have FROM pg_catalog.pg_trigger tg
+             WHERE tg.tgrelid OPERATOR(pg_catalog.=) t.oid
+               AND tg.tgname OPERATOR(pg_catalog.=) 'walbridge_capture'
+               AND tg.tgparentid OPERATOR(pg_catalog.=) 0;
+            IF NOT FOUND THEN
+                joined := true;
+            END IF;
+            IF have IS DISTINCT FROM want THEN
+                args := pg_catalog.concat_ws(', ', pg_catalog.quote_literal(node),
+                            pg_catalog.quote_literal(t.nspname OPERATOR(pg_catalog.||) '.'
+                                                     OPERATOR(pg_catalog.||) t.relname),
+                            (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(k), ', ' ORDER BY o)
+                               FROM pg_catalog.unnest(t.key) WITH ORDINALITY AS u(k, o)));
+                EXECUTE pg_catalog.format(
+                    'CREATE OR REPLACE TRIGGER walbridge_capture AFTER INSERT OR UPDATE OR DELETE ON %I.%I '
+                    'FOR EACH ROW EXECUTE FUNCTION walbridge.capture(%s); '
+                    'CREATE OR REPLACE TRIGGER walbridge_capture_truncate AFTER TRUNCATE ON %I.%I '
+                    'FOR EACH STATEMENT EXECUTE FUNCTION walbridge.capture_truncate(%s)',
+                    t.nspname, t.relname, args, t.nspname, t.relname, args);
+            END IF;
         END IF;
         -- replication.sequence_ranges: a joining table's sequences step by the node count
         -- from this node's residue ("<nodes>:<residue>"), as setup gives existing ones; only

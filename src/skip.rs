@@ -9,7 +9,7 @@
 //!   target T: walbridge.stopped (S, T, end X) ── skip --lsn X ──▶ checks:
 //!     stop recorded for S -> T, on X            else refused (not stopped / another LSN)
 //!     T's origin progress P < X                 else refused (already past)
-//!   source S: peek the slot up to X (pgoutput, nothing consumed)
+//!   source S: peek the slot up to X (pgoutput or wal2json, nothing consumed)
 //!     first transaction after P without an origin ends at X    else refused
 //!   target T, one transaction under the origin of S:
 //!     INSERT its changes INTO walbridge.skipped; DELETE the stop;
@@ -28,7 +28,8 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, Mode, Plugin};
 use crate::decode::pgoutput::PgOutputDecoder;
-use crate::event::{Change, ChangeOp, Event, Relation, Tuple, Value};
+use crate::decode::wal2json::{self, Wal2JsonDecoder};
+use crate::event::{Change, ChangeOp, Column, Event, OldKind, Relation, Tuple, Value};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgconn;
 use crate::trigger::CaptureMode;
@@ -185,7 +186,7 @@ pub async fn skip(
     })
 }
 
-/// Only stream-mode directions with pgoutput can be skipped.
+/// Only stream-mode directions can be skipped (trigger mode never stops on a row).
 async fn check_capture(config: &Config, source: &str, src: &Client) -> Result<(), SkipError> {
     let mode = match config.replication.mode {
         Mode::Stream => CaptureMode::Stream,
@@ -204,13 +205,6 @@ async fn check_capture(config: &Config, source: &str, src: &Client) -> Result<()
              rows after it go on"
         )));
     }
-    if config.replication.plugin != Plugin::PgOutput {
-        return Err(SkipError::Refused(
-            "skip reads the transaction from the slot with pgoutput; with wal2json, apply or \
-             remove the row by hand and advance the origin with pg_replication_origin_advance"
-                .to_string(),
-        ));
-    }
     Ok(())
 }
 
@@ -225,40 +219,115 @@ async fn peek_transaction(
     lsn: Lsn,
 ) -> Result<Found, SkipError> {
     let slot = config.slot_name(source, target);
-    let publication = config.publication_name();
-    let rows = src
-        .query(
-            "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(
-                 $1, $2::text::pg_lsn, NULL,
-                 'proto_version', '1', 'publication_names', $3)",
-            &[&slot, &lsn.to_string(), &publication],
-        )
-        .await
-        .map_err(|e| {
-            if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
-                SkipError::Refused(format!(
-                    "slot {slot} on {source} is in use: walbridge run still streams {source} -> \
-                     {target}, so the direction is not stopped"
-                ))
-            } else {
-                sql_err(source, &format!("reading slot {slot}"))(e)
-            }
-        })?;
-    let mut decoder = PgOutputDecoder::new();
+    let in_use = |e: tokio_postgres::Error| {
+        if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
+            SkipError::Refused(format!(
+                "slot {slot} on {source} is in use: walbridge run still streams {source} -> \
+                 {target}, so the direction is not stopped"
+            ))
+        } else {
+            sql_err(source, &format!("reading slot {slot}"))(e)
+        }
+    };
     let decode_err = |detail: String| SkipError::Decode {
         node: source.to_string(),
         slot: slot.clone(),
         detail,
     };
-    let mut open: Option<(u32, bool, Vec<Recorded>)> = None;
-    for row in rows {
-        let at: String = row.get(0);
-        let at = at.parse::<Lsn>().unwrap_or(Lsn::ZERO);
-        let data: Vec<u8> = row.get(1);
-        let event = decoder
-            .decode(at, &Bytes::from(data))
-            .map_err(|e| decode_err(e.to_string()))?;
-        let Some(event) = event else { continue };
+    let mut scan = Scan {
+        open: None,
+        progress,
+        lsn,
+        source,
+        target,
+    };
+    match config.replication.plugin {
+        Plugin::PgOutput => {
+            let rows = src
+                .query(
+                    "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(
+                         $1, $2::text::pg_lsn, NULL,
+                         'proto_version', '1', 'publication_names', $3)",
+                    &[&slot, &lsn.to_string(), &config.publication_name()],
+                )
+                .await
+                .map_err(in_use)?;
+            let mut decoder = PgOutputDecoder::new();
+            for row in rows {
+                let at = row.get::<_, String>(0).parse::<Lsn>().unwrap_or(Lsn::ZERO);
+                let data: Vec<u8> = row.get(1);
+                let event = decoder
+                    .decode(at, &Bytes::from(data))
+                    .map_err(|e| decode_err(e.to_string()))?;
+                if let Some(found) = event.and_then(|e| scan.push(e)) {
+                    return found;
+                }
+            }
+        }
+        Plugin::Wal2Json => {
+            // The options walbridge streams with, so the documents (and the end LSNs a
+            // stop records) are the ones the direction saw.
+            let options: Vec<String> = wal2json::START_OPTIONS
+                .iter()
+                .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+                .collect();
+            let rows = src
+                .query(
+                    "SELECT lsn::text, data FROM pg_catalog.pg_logical_slot_peek_changes(
+                         $1, $2::text::pg_lsn, NULL, VARIADIC $3::text[])",
+                    &[&slot, &lsn.to_string(), &options],
+                )
+                .await
+                .map_err(in_use)?;
+            let mut decoder = Wal2JsonDecoder::new();
+            let selection = Some(&config.replication.tables);
+            for row in rows {
+                let at = row.get::<_, String>(0).parse::<Lsn>().unwrap_or(Lsn::ZERO);
+                let data: String = row.get(1);
+                // A table or origin the decoder does not know yet is read from the catalog
+                // (a few times: a table and an origin may both be new).
+                let mut events = Vec::new();
+                for attempt in 0.. {
+                    match decoder.decode(at, data.as_bytes()) {
+                        Ok(decoded) => {
+                            events = decoded;
+                            break;
+                        }
+                        Err(e) if attempt < 3 && e.needs_catalog() => {
+                            crate::source::teach_wal2json(&mut decoder, src, &e, selection)
+                                .await
+                                .map_err(|e| decode_err(e.to_string()))?;
+                        }
+                        Err(e) => return Err(decode_err(e.to_string())),
+                    }
+                }
+                for event in events {
+                    if let Some(found) = scan.push(event) {
+                        return found;
+                    }
+                }
+            }
+        }
+    }
+    Err(SkipError::Refused(format!(
+        "slot {slot} on {source} holds no transaction ending at {lsn} after {target}'s \
+         progress {progress}"
+    )))
+}
+
+/// Walks decoded events to the first transaction after `progress` without an origin.
+struct Scan<'a> {
+    /// The transaction being read: xid, whether it has an origin (an echo), its changes.
+    open: Option<(u32, bool, Vec<Recorded>)>,
+    progress: Lsn,
+    lsn: Lsn,
+    source: &'a str,
+    target: &'a str,
+}
+
+impl Scan<'_> {
+    /// Takes one event; `Some` once the transaction is found (or found not to end at `lsn`).
+    fn push(&mut self, event: Event) -> Option<Result<Found, SkipError>> {
         match event {
             // Read with protocol version 1: no streamed transactions.
             Event::StreamStart(_)
@@ -266,19 +335,19 @@ async fn peek_transaction(
             | Event::Subtransaction(_)
             | Event::StreamCommit(_)
             | Event::StreamAbort { .. } => {}
-            Event::Begin(b) => open = Some((b.xid, false, Vec::new())),
+            Event::Begin(b) => self.open = Some((b.xid, b.origin.is_some(), Vec::new())),
             Event::Origin(_) => {
-                if let Some(o) = open.as_mut() {
+                if let Some(o) = self.open.as_mut() {
                     o.1 = true;
                 }
             }
             Event::Change(c) => {
-                if let Some(o) = open.as_mut() {
+                if let Some(o) = self.open.as_mut() {
                     o.2.push(recorded_change(&c));
                 }
             }
             Event::Truncate(t) => {
-                if let Some(o) = open.as_mut() {
+                if let Some(o) = self.open.as_mut() {
                     for r in &t.relations {
                         o.2.push(Recorded {
                             table: Some(r.qualified_name()),
@@ -290,7 +359,7 @@ async fn peek_transaction(
                 }
             }
             Event::Message(m) => {
-                if let Some(o) = open.as_mut().filter(|_| m.transactional) {
+                if let Some(o) = self.open.as_mut().filter(|_| m.transactional) {
                     let mut body = Map::new();
                     body.insert("prefix".into(), Json::String(m.prefix.clone()));
                     body.insert(
@@ -306,38 +375,36 @@ async fn peek_transaction(
                 }
             }
             Event::Commit(c) => {
-                let Some((xid, echo, changes)) = open.take() else {
-                    continue;
-                };
-                if echo || c.end_lsn <= progress {
-                    continue;
+                let (xid, echo, changes) = self.open.take()?;
+                if echo || c.end_lsn <= self.progress {
+                    return None;
                 }
-                if c.end_lsn != lsn {
-                    return Err(SkipError::Refused(format!(
-                        "the first transaction of {source} that {target} has not applied ends \
-                         at {}, not {lsn}",
-                        c.end_lsn
-                    )));
+                if c.end_lsn != self.lsn {
+                    return Some(Err(SkipError::Refused(format!(
+                        "the first transaction of {} that {} has not applied ends at {}, not {}",
+                        self.source, self.target, c.end_lsn, self.lsn
+                    ))));
                 }
-                return Ok(Found {
+                return Some(Ok(Found {
                     xid,
                     commit_time: c.commit_time,
                     changes,
-                });
+                }));
             }
             Event::Relation(_) | Event::Type(_) => {}
         }
+        None
     }
-    Err(SkipError::Refused(format!(
-        "slot {slot} on {source} holds no transaction ending at {lsn} after {target}'s \
-         progress {progress}"
-    )))
 }
 
 /// A change as stored: the new row (or the old key / row of a delete) and, for an update
 /// with an old key, that key.
 fn recorded_change(c: &Change) -> Recorded {
-    let old = c.old.as_ref().map(|o| row_json(&c.relation, &o.tuple));
+    // An old key names the key columns only (the others are not part of it).
+    let old = c.old.as_ref().map(|o| {
+        let key_only = o.kind == OldKind::Key;
+        row_json_of(&c.relation, &o.tuple, |col| !key_only || col.is_key)
+    });
     let (row, old_key) = match c.op {
         ChangeOp::Delete => (old, None),
         ChangeOp::Insert | ChangeOp::Update => {
@@ -354,8 +421,16 @@ fn recorded_change(c: &Change) -> Recorded {
 
 /// `{column: text value or null}`; unchanged TOAST values are left out.
 fn row_json(relation: &Relation, tuple: &Tuple) -> Json {
+    row_json_of(relation, tuple, |_| true)
+}
+
+/// [`row_json`] of the columns `keep` takes.
+fn row_json_of(relation: &Relation, tuple: &Tuple, keep: impl Fn(&Column) -> bool) -> Json {
     let mut out = Map::new();
     for (col, value) in relation.columns.iter().zip(&tuple.0) {
+        if !keep(col) {
+            continue;
+        }
         let v = match value {
             Value::Null => Json::Null,
             Value::UnchangedToast => continue,

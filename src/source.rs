@@ -694,6 +694,18 @@ impl Source {
     }
 }
 
+/// Teaches a wal2json decoder reading outside a stream (`walbridge skip` peeking a slot) what
+/// `e` says it lacked, with the source's catalog: a table description (or, with
+/// `selection`, that the table is not replicated) or an origin's name.
+pub async fn teach_wal2json(
+    d: &mut Wal2JsonDecoder,
+    client: &Client,
+    e: &Wal2JsonError,
+    selection: Option<&TableSelection>,
+) -> Result<(), SourceError> {
+    learn(d, client, e, selection, None).await
+}
+
 /// Teaches the wal2json decoder what it lacked: a table description (or that the table is
 /// not replicated) or an origin's name.
 async fn learn(

@@ -182,12 +182,23 @@ fn ddl_create_table_then_rows_join_without_restart_wal2json() {
     create_table_then_rows("wal2json");
 }
 
+const TRIGGER_MODE: &str = "mode = \"trigger\"\n\n[trigger]\npoll_interval = \"1s\"\n";
+
 #[test]
 fn ddl_renames_and_drop_column_replicate() {
+    renames_and_drop_column("");
+}
+
+#[test]
+fn ddl_renames_and_drop_column_replicate_trigger_mode() {
+    renames_and_drop_column(TRIGGER_MODE);
+}
+
+fn renames_and_drop_column(replication_toml: &str) {
     let d = Deployment::new(
         &["east", "west"],
         "CREATE TABLE public.items (id int PRIMARY KEY, name text, extra int);",
-        "",
+        replication_toml,
     );
     let mut run = d.setup_and_run();
     d.sql("east", "INSERT INTO items VALUES (1, 'a', 1)");
@@ -243,7 +254,16 @@ fn ddl_renames_and_drop_column_replicate() {
 
 #[test]
 fn ddl_failing_statement_stops_the_direction_naming_it() {
-    let mut d = Deployment::new(&["east", "west"], SCHEMA, "");
+    failing_statement_stops("");
+}
+
+#[test]
+fn ddl_failing_statement_stops_the_direction_naming_it_trigger_mode() {
+    failing_statement_stops(TRIGGER_MODE);
+}
+
+fn failing_statement_stops(replication_toml: &str) {
+    let mut d = Deployment::new(&["east", "west"], SCHEMA, replication_toml);
     let port = d.enable_metrics();
     d.walbridge_ok(&["setup"]);
     // A column west already has (plain DDL is not replicated): the statement fails there.

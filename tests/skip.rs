@@ -22,7 +22,15 @@ fn refused(d: &Deployment, args: &[&str], reason: &str) {
 /// (a CHECK constraint east does not have): a transaction writing such a row stops
 /// east -> west.
 fn running_with_a_check_on_west() -> (Deployment, Runner) {
-    let d = Deployment::new(&["east", "west"], SCHEMA, "tables = [\"public.*\"]");
+    running_with_a_check_on_west_and("")
+}
+
+fn running_with_a_check_on_west_and(replication_toml: &str) -> (Deployment, Runner) {
+    let d = Deployment::new(
+        &["east", "west"],
+        SCHEMA,
+        &format!("tables = [\"public.*\"]\n{replication_toml}"),
+    );
     d.walbridge_ok(&["setup"]);
     d.sql(
         "west",
@@ -209,4 +217,54 @@ fn a_stop_fixed_by_hand_is_cleared_when_the_direction_streams_again() {
     d.wait_for("west", "SELECT v FROM public.t WHERE id = 1", "500");
     d.wait_for("west", "SELECT count(*) FROM walbridge.stopped", "0");
     assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.skipped"), "0");
+}
+
+/// With wal2json the transaction is peeked from the slot with the options the direction
+/// streams with: the same end LSN, its changes recorded, the origin moved, the direction
+/// resumed.
+#[test]
+fn skip_moves_past_the_transaction_with_wal2json() {
+    if !wal2json_available() {
+        return;
+    }
+    let (d, mut run) =
+        running_with_a_check_on_west_and("plugin = \"wal2json\"\nallow_lossy_wal2json = true");
+    d.sql("east", "INSERT INTO public.t VALUES (1, 1)");
+    d.wait_for("west", "SELECT count(*) FROM public.t", "1");
+    d.sql(
+        "east",
+        "BEGIN; INSERT INTO public.t VALUES (2, 500); DELETE FROM public.t WHERE id = 1; COMMIT",
+    );
+    d.wait_for(
+        "west",
+        "SELECT count(*) FROM walbridge.stopped WHERE end_lsn IS NOT NULL",
+        "1",
+    );
+    let lsn = d.sql("west", "SELECT end_lsn FROM walbridge.stopped");
+    let out = d.walbridge_ok(&[
+        "skip", "--source", "east", "--target", "west", "--lsn", &lsn,
+    ]);
+    assert!(out.contains("2 changes"), "{out}");
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT string_agg(format('%s|%s|%s', table_name, op, \"row\"), ';' ORDER BY seq) \
+             FROM walbridge.skipped"
+        ),
+        "public.t|insert|{\"v\": \"500\", \"id\": \"2\"};public.t|delete|{\"id\": \"1\"}"
+    );
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT pg_replication_origin_progress('walbridge_from_east', true)"
+        ),
+        lsn
+    );
+    d.sql("east", "INSERT INTO public.t VALUES (3, 3)");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
+        "1:1,3:3",
+    );
+    run.assert_running();
 }
