@@ -314,7 +314,16 @@ fn failing_statement_stops(replication_toml: &str) {
 
 #[test]
 fn ddl_reaches_every_node_of_three_once() {
-    let d = Deployment::new(&["n1", "n2", "n3"], SCHEMA, "");
+    reaches_every_node_of_three_once("");
+}
+
+#[test]
+fn ddl_reaches_every_node_of_three_once_trigger_mode() {
+    reaches_every_node_of_three_once(TRIGGER_MODE);
+}
+
+fn reaches_every_node_of_three_once(replication_toml: &str) {
+    let d = Deployment::new(&["n1", "n2", "n3"], SCHEMA, replication_toml);
     let mut run = d.setup_and_run();
     d.sql(
         "n2",
@@ -349,7 +358,14 @@ fn ddl_reaches_every_node_of_three_once() {
     }
     assert_identical(&d, "public.items", "id");
     // Applied once per peer: a second CREATE TABLE would have stopped a direction.
-    d.wait_caught_up();
+    if replication_toml.contains("trigger") {
+        // Every change row applied to both peers and deleted.
+        for n in ["n1", "n2", "n3"] {
+            d.wait_for(n, "SELECT count(*) FROM public.database_changes", "0");
+        }
+    } else {
+        d.wait_caught_up();
+    }
     let log = run.log();
     assert!(!log.contains("direction stopped"), "log:\n{log}");
     assert_eq!(

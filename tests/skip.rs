@@ -268,3 +268,21 @@ fn skip_moves_past_the_transaction_with_wal2json() {
     );
     run.assert_running();
 }
+
+/// Trigger mode never stops on a row (it goes to the dead-row table): skip says so.
+#[test]
+fn skip_is_refused_in_trigger_mode_naming_the_dead_row_table() {
+    let d = Deployment::new(
+        &["east", "west"],
+        SCHEMA,
+        "tables = [\"public.*\"]\nmode = \"trigger\"",
+    );
+    d.walbridge_ok(&["setup"]);
+    refused(
+        &d,
+        &[
+            "skip", "--source", "east", "--target", "west", "--lsn", "0/1",
+        ],
+        "east is in trigger mode, where a change that cannot be applied never stops",
+    );
+}
