@@ -66,6 +66,20 @@ fn sql_err(node: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> Skip
     move |source| SkipError::Node(sql(source))
 }
 
+/// A slot or origin another session holds (`55006`, object in use: a `walbridge run` still
+/// works on the direction) is a refusal saying so; any other failure is `otherwise`'s.
+fn refused_if_in_use(
+    e: tokio_postgres::Error,
+    refusal: impl FnOnce() -> String,
+    otherwise: impl FnOnce(tokio_postgres::Error) -> SkipError,
+) -> SkipError {
+    if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
+        SkipError::Refused(refusal())
+    } else {
+        otherwise(e)
+    }
+}
+
 /// What was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
@@ -220,14 +234,16 @@ async fn peek_transaction(
 ) -> Result<Found, SkipError> {
     let slot = config.slot_name(source, target);
     let in_use = |e: tokio_postgres::Error| {
-        if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
-            SkipError::Refused(format!(
-                "slot {slot} on {source} is in use: walbridge run still streams {source} -> \
-                 {target}, so the direction is not stopped"
-            ))
-        } else {
-            sql_err(source, &format!("reading slot {slot}"))(e)
-        }
+        refused_if_in_use(
+            e,
+            || {
+                format!(
+                    "slot {slot} on {source} is in use: walbridge run still streams {source} \
+                     -> {target}, so the direction is not stopped"
+                )
+            },
+            sql_err(source, &format!("reading slot {slot}")),
+        )
     };
     let decode_err = |detail: String| SkipError::Decode {
         node: source.to_string(),
@@ -460,14 +476,16 @@ async fn record(
     )
     .await
     .map_err(|e| {
-        if e.as_db_error().is_some_and(|d| d.code().code() == "55006") {
-            SkipError::Refused(format!(
-                "origin {origin} on {target} is in use: walbridge run is applying {source} -> \
-                 {target}, so the direction is not stopped"
-            ))
-        } else {
-            sql_err(target, &format!("setting up origin {origin}"))(e)
-        }
+        refused_if_in_use(
+            e,
+            || {
+                format!(
+                    "origin {origin} on {target} is in use: walbridge run is applying {source} \
+                     -> {target}, so the direction is not stopped"
+                )
+            },
+            sql_err(target, &format!("setting up origin {origin}")),
+        )
     })?;
     let result = record_in_transaction(tgt, source, target, lsn, found).await;
     if result.is_err() {

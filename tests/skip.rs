@@ -18,6 +18,25 @@ fn refused(d: &Deployment, args: &[&str], reason: &str) {
     );
 }
 
+/// West's origin for east is at `lsn` (the skipped transaction's end), and the running
+/// `walbridge run` applies what east writes next (`public.t` then holds rows 1 and 3).
+fn assert_origin_past_and_resumed(d: &Deployment, lsn: &str, run: &mut Runner) {
+    assert_eq!(
+        d.sql(
+            "west",
+            "SELECT pg_replication_origin_progress('walbridge_from_east', true)"
+        ),
+        lsn
+    );
+    d.sql("east", "INSERT INTO public.t VALUES (3, 3)");
+    d.wait_for(
+        "west",
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
+        "1:1,3:3",
+    );
+    run.assert_running();
+}
+
 /// Two nodes replicating `public.*`, running, where west refuses `v >= 100` in `public.t`
 /// (a CHECK constraint east does not have): a transaction writing such a row stops
 /// east -> west.
@@ -125,20 +144,7 @@ fn skip_moves_a_stopped_direction_past_the_transaction_it_stopped_on() {
         "t"
     );
     assert_eq!(d.sql("west", "SELECT count(*) FROM walbridge.stopped"), "0");
-    assert_eq!(
-        d.sql(
-            "west",
-            "SELECT pg_replication_origin_progress('walbridge_from_east', true)"
-        ),
-        lsn
-    );
-    d.sql("east", "INSERT INTO public.t VALUES (3, 3)");
-    d.wait_for(
-        "west",
-        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
-        "1:1,3:3",
-    );
-    run.assert_running();
+    assert_origin_past_and_resumed(&d, &lsn, &mut run);
     // Skipping it again is refused: the direction is no longer stopped.
     refused(
         &d,
@@ -253,20 +259,7 @@ fn skip_moves_past_the_transaction_with_wal2json() {
         ),
         "public.t|insert|{\"v\": \"500\", \"id\": \"2\"};public.t|delete|{\"id\": \"1\"}"
     );
-    assert_eq!(
-        d.sql(
-            "west",
-            "SELECT pg_replication_origin_progress('walbridge_from_east', true)"
-        ),
-        lsn
-    );
-    d.sql("east", "INSERT INTO public.t VALUES (3, 3)");
-    d.wait_for(
-        "west",
-        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.t",
-        "1:1,3:3",
-    );
-    run.assert_running();
+    assert_origin_past_and_resumed(&d, &lsn, &mut run);
 }
 
 /// Trigger mode never stops on a row (it goes to the dead-row table): skip says so.
