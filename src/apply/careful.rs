@@ -352,10 +352,7 @@ impl Applier {
         if self.park_carefully(begin, change).await? {
             return Ok(());
         }
-        let table = self
-            .table(&change.relation, change.source_change_id)
-            .await
-            .map_err(Failed::Stop)?;
+        let table = self.table(&change.relation).await.map_err(Failed::Stop)?;
         let map = &table.map;
         let Some(row_tuple) = change
             .new

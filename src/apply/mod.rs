@@ -435,17 +435,11 @@ impl Applier {
         Ok(())
     }
 
-    /// The table's apply state; a schema mismatch is a definite error, naming `change_id`
-    /// (the change that met it, when the source gives its changes ids) so such a source can
-    /// set that change aside.
-    async fn table(
-        &mut self,
-        relation: &Arc<Relation>,
-        change_id: Option<i64>,
-    ) -> Result<Arc<TableState>, DirectionError> {
+    /// The table's apply state; a schema mismatch is a definite error (see [`Mismatch`]).
+    async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
         self.table_fitting(relation)
             .await?
-            .map_err(|m| m.into_error(change_id))
+            .map_err(Mismatch::into_error)
     }
 
     /// The table's apply state, or (inner `Err`) why the target's schema does not fit the
@@ -476,7 +470,6 @@ impl Applier {
         };
         let Some(info) = info else {
             return Ok(Err(Mismatch {
-                missing_table: true,
                 message: format!(
                     "table {} exists on {} but not on {}; create it there (plain DDL is not \
                      replicated: use walbridge.ddl()) or exclude it from replication.tables",
@@ -494,7 +487,6 @@ impl Applier {
             Ok(map) => map,
             Err(e @ sql::MapError::MissingColumn { .. }) => {
                 return Ok(Err(Mismatch {
-                    missing_table: false,
                     message: format!("{} -> {}: {e}", self.source, self.target),
                 }))
             }
@@ -742,9 +734,7 @@ impl Applier {
                 open.items = None;
             }
         }
-        let table = self
-            .table(&change.relation, change.source_change_id)
-            .await?;
+        let table = self.table(&change.relation).await?;
         if change.op != ChangeOp::Insert {
             table.map.require_identity().map_err(|e| {
                 DirectionError::definite(format!("{} -> {}: {e}", self.source, self.target))
@@ -1037,7 +1027,7 @@ impl Applier {
         let mut names = Vec::new();
         for rel in &t.relations {
             self.refuse_truncate_of_parked(rel)?;
-            names.push(self.table(rel, None).await?.map.target.quoted_name());
+            names.push(self.table(rel).await?.map.target.quoted_name());
         }
         // Exactly the listed tables, never CASCADE (see `sql::truncate`).
         Ok(sql::truncate(&names, t.restart_identity))

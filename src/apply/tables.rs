@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::ConflictPolicy;
-use crate::direction::{DirectionError, FailedChange};
+use crate::direction::DirectionError;
 use crate::event::{ChangeOp, Relation};
 
 use super::sql::{self, TableMap};
@@ -20,35 +20,16 @@ use super::sql::{self, TableMap};
 /// of its columns is missing there (what `replication.on_schema_mismatch` decides about).
 #[derive(Debug, Clone)]
 pub(super) struct Mismatch {
-    /// The table itself is missing (else a column).
-    pub(super) missing_table: bool,
     /// What is missing where, and what to do.
     pub(super) message: String,
 }
 
 impl Mismatch {
-    /// The SQLSTATE the target would answer a statement with: undefined table or column.
-    pub(super) fn sqlstate(&self) -> &'static str {
-        if self.missing_table {
-            "42P01"
-        } else {
-            "42703"
-        }
-    }
-
-    /// The stop this mismatch is under `on_schema_mismatch = "stop"`; with the id of the
-    /// change that met it, the source may set that change aside (trigger mode's dead rows).
-    pub(super) fn into_error(self, change_id: Option<i64>) -> DirectionError {
-        let sqlstate = self.sqlstate().to_string();
-        let err = DirectionError::definite(self.message.clone());
-        match change_id {
-            Some(id) => err.with_failed_change(FailedChange {
-                source_change_id: id,
-                sqlstate,
-                stored_text: self.message,
-            }),
-            None => err,
-        }
+    /// The stop this mismatch is under `on_schema_mismatch = "stop"`, in both capture modes
+    /// (a trigger-mode source keeps its change rows until the target fits: nothing is
+    /// dead-lettered for a schema the target lacks).
+    pub(super) fn into_error(self) -> DirectionError {
+        DirectionError::definite(self.message)
     }
 }
 

@@ -134,9 +134,9 @@ struct Worker<'a> {
     /// Rows the target refused (id → the server's words, values kept): dead-lettered when
     /// they are read again.
     refused: HashMap<i64, String>,
-    /// S's replicated tables, read when a row's table or column is missing on T and
-    /// `on_schema_mismatch = "park"`: the change is described as S has it, so the applier
-    /// parks it instead of the row going dead.
+    /// S's replicated tables, read when a row's table or column is missing on T: when S has
+    /// it, the change is described as S has it, so the applier meets the schema mismatch
+    /// (parks it or stops) instead of the row going dead.
     source_tables: Option<Target>,
 }
 
@@ -743,9 +743,11 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// A row whose table or column T lacks: with `on_schema_mismatch = "park"`, the change
-    /// as S's table describes it (the applier finds the mismatch and parks it, as in stream
-    /// mode); otherwise, or when S lacks it too, the row is dead with `missing`.
+    /// A row whose table or column T lacks. When S's table has it, this is a schema mismatch,
+    /// not a bad row: the change is described as S's table has it, and the applier meets the
+    /// mismatch as in stream mode (`on_schema_mismatch`: parked, or the direction stops
+    /// naming the table and column while the rows wait in the change table). When S lacks it
+    /// too, the row itself is wrong: dead, with `missing`.
     async fn as_on_source(
         &mut self,
         row: &RawRow,
@@ -753,9 +755,6 @@ impl<'a> Worker<'a> {
         tabla: &str,
         missing: RowError,
     ) -> Result<Result<Change, RowError>, DirectionError> {
-        if self.config.replication.on_schema_mismatch != SchemaMismatch::Park {
-            return Ok(Err(missing));
-        }
         let src = self.ctx.source.clone();
         if self.source_tables.is_none() {
             let node = self.config.node(&src).ok_or_else(|| {
@@ -777,25 +776,28 @@ impl<'a> Worker<'a> {
         };
         let catalog_err =
             |e: catalog::CatalogError| DirectionError::caused_by(format!("node {src}: {e}"), &e);
-        // S's tables change too (walbridge.ddl() ran there first): read them again when
-        // this one is not known, or not as the row has it.
-        let fits = |t: &Arc<TableInfo>| {
-            let skip = self.config.skip_columns_for(&t.schema, &t.name);
-            change::build(row, op, t.clone(), skip).is_ok()
-        };
-        if !s.resolve(tabla).is_some_and(|t| fits(&t)) {
-            s.load_tables(self.config).await.map_err(catalog_err)?;
-        }
-        match s.resolve(tabla) {
-            Some(table) => {
-                let skip = self.config.skip_columns_for(&table.schema, &table.name);
-                match change::build(row, op, table, skip) {
-                    Ok(c) => Ok(Ok(c)),
-                    Err(_) => Ok(Err(missing)),
+        // S's table as it is now (its schema changes too): that one table read again, or,
+        // for a name not known yet, all of them (at most every ten seconds).
+        let table = match s.resolve(tabla) {
+            Some(t) => s.refresh(&t.schema, &t.name).await.map_err(catalog_err)?,
+            None => match s
+                .learn_table(self.config, tabla)
+                .await
+                .map_err(catalog_err)?
+            {
+                Some(t) => Some(t),
+                None if s.tables_loaded.elapsed() > Duration::from_secs(10) => {
+                    s.load_tables(self.config).await.map_err(catalog_err)?;
+                    s.resolve(tabla)
                 }
-            }
-            None => Ok(Err(missing)),
-        }
+                None => None,
+            },
+        };
+        let Some(table) = table else {
+            return Ok(Err(missing));
+        };
+        let skip = self.config.skip_columns_for(&table.schema, &table.name);
+        Ok(change::build(row, op, table, skip).map_err(|_| missing))
     }
 
     /// Copies the batch's dead rows to S's dead-letter table.
@@ -1093,6 +1095,26 @@ impl Target {
         self.tables = tables;
         self.tables_loaded = Instant::now();
         Ok(())
+    }
+
+    /// Reads `schema.table` again (its columns may have changed); `None` when it is gone.
+    async fn refresh(
+        &mut self,
+        schema: &str,
+        name: &str,
+    ) -> Result<Option<Arc<TableInfo>>, catalog::CatalogError> {
+        let key = (schema.to_string(), name.to_string());
+        match catalog::table_info(&self.client, schema, name).await? {
+            Some(info) => {
+                let info = Arc::new(info);
+                self.tables.insert(key, info.clone());
+                Ok(Some(info))
+            }
+            None => {
+                self.tables.remove(&key);
+                Ok(None)
+            }
+        }
     }
 
     /// Looks up a `schema.table` that matches the selection but is not known yet.
