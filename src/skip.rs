@@ -200,7 +200,7 @@ pub async fn skip(
     })
 }
 
-/// Only stream-mode directions can be skipped (trigger mode never stops on a row).
+/// Only stream-mode directions can be skipped (trigger mode sets a bad row aside itself).
 async fn check_capture(config: &Config, source: &str, src: &Client) -> Result<(), SkipError> {
     let mode = match config.replication.mode {
         Mode::Stream => CaptureMode::Stream,
@@ -214,9 +214,11 @@ async fn check_capture(config: &Config, source: &str, src: &Client) -> Result<()
     };
     if mode == CaptureMode::Trigger {
         return Err(SkipError::Refused(format!(
-            "{source} is in trigger mode, where a change that cannot be applied never stops the \
-             direction: it moves to the change table's dead-row table with its error, and the \
-             rows after it go on"
+            "{source} is in trigger mode, where skip does not apply: a row the target refuses \
+             moves to the change table's dead-row table with its error and the rows after it go \
+             on; a direction stopped on a table or column the target lacks goes on once the \
+             target has it and walbridge run is restarted (or with on_schema_mismatch = \
+             \"park\"); to drop such rows instead, move them to the dead-row table by hand"
         )));
     }
     Ok(())

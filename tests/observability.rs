@@ -539,6 +539,10 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
                 && m.value("walbridge_direction_up", &dir("east", "west")) == Some(0.0)
                 && m.value("walbridge_replication_lag_seconds", &dir("east", "west"))
                     .is_some_and(|s| s > 0.0)
+                // Lag grows while the target is down (read from the source's position at
+                // its own probe, so it may trail the retained WAL by a scrape or two).
+                && m.value("walbridge_replication_lag_bytes", &dir("east", "west"))
+                    .is_some_and(|b| b >= 4_000_000.0)
         },
     );
     let peak = grown
@@ -550,14 +554,6 @@ fn readyz_and_retained_wal_follow_a_node_outage() {
     assert!(
         (ratio - peak / (3.0 * 1024.0 * 1024.0)).abs() < 1e-9,
         "ratio {ratio} for {peak} bytes"
-    );
-    // Lag grows while the target is down.
-    assert!(
-        grown
-            .value("walbridge_replication_lag_bytes", &dir("east", "west"))
-            .is_some_and(|b| b >= 4_000_000.0),
-        "{:#?}",
-        grown.samples
     );
     run.assert_running();
 

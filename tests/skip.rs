@@ -262,7 +262,8 @@ fn skip_moves_past_the_transaction_with_wal2json() {
     assert_origin_past_and_resumed(&d, &lsn, &mut run);
 }
 
-/// Trigger mode never stops on a row (it goes to the dead-row table): skip says so.
+/// Trigger mode sets a bad row aside in its dead-row table instead of stopping: skip says so
+/// and what to do instead.
 #[test]
 fn skip_is_refused_in_trigger_mode_naming_the_dead_row_table() {
     let d = Deployment::new(
@@ -276,6 +277,6 @@ fn skip_is_refused_in_trigger_mode_naming_the_dead_row_table() {
         &[
             "skip", "--source", "east", "--target", "west", "--lsn", "0/1",
         ],
-        "east is in trigger mode, where a change that cannot be applied never stops",
+        "east is in trigger mode, where skip does not apply: a row the target refuses moves",
     );
 }
