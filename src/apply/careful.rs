@@ -107,7 +107,7 @@ impl Applier {
                 Err(Failed::Server(e)) => {
                     let _ = self.round_trip("ROLLBACK", &[]).await?;
                     self.ddl_txn_ended();
-                    if super::tables::is_missing_object(&e.code) {
+                    if crate::protocol::sqlstate_is_undefined_object(&e.code) {
                         // Dropped on the target since it was mapped: map it again, so the
                         // next attempt parks or stops naming what is missing.
                         self.tables.forget_mappings();

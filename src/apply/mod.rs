@@ -68,7 +68,7 @@ use ledger::{Group, Ledger};
 pub use park::{CHECK_EVERY as PARK_CHECK_EVERY, PARK_SQL};
 use session::Session;
 use sql::TableMap;
-use tables::{Mismatch, TableState, Tables};
+use tables::{TableState, Tables};
 pub use writers::Writers;
 
 /// Tunables of the apply pipeline.
@@ -435,11 +435,10 @@ impl Applier {
         Ok(())
     }
 
-    /// The table's apply state; a schema mismatch is a definite error (see [`Mismatch`]).
     async fn table(&mut self, relation: &Arc<Relation>) -> Result<Arc<TableState>, DirectionError> {
         self.table_fitting(relation)
             .await?
-            .map_err(Mismatch::into_error)
+            .map_err(DirectionError::definite)
     }
 
     /// The table's apply state, or (inner `Err`) why the target's schema does not fit the
@@ -448,7 +447,7 @@ impl Applier {
     async fn table_fitting(
         &mut self,
         relation: &Arc<Relation>,
-    ) -> Result<Result<Arc<TableState>, Mismatch>, DirectionError> {
+    ) -> Result<Result<Arc<TableState>, String>, DirectionError> {
         if let Some(t) = self.tables.mapped(relation) {
             return Ok(Ok(t));
         }
@@ -469,15 +468,13 @@ impl Applier {
                 })?
         };
         let Some(info) = info else {
-            return Ok(Err(Mismatch {
-                message: format!(
-                    "table {} exists on {} but not on {}; create it there (plain DDL is not \
+            return Ok(Err(format!(
+                "table {} exists on {} but not on {}; create it there (plain DDL is not \
                      replicated: use walbridge.ddl()) or exclude it from replication.tables",
-                    relation.qualified_name(),
-                    self.source,
-                    self.target
-                ),
-            }));
+                relation.qualified_name(),
+                self.source,
+                self.target
+            )));
         };
         let skip = self
             .config
@@ -486,9 +483,7 @@ impl Applier {
         let map = match TableMap::new(relation, info, &skip) {
             Ok(map) => map,
             Err(e @ sql::MapError::MissingColumn { .. }) => {
-                return Ok(Err(Mismatch {
-                    message: format!("{} -> {}: {e}", self.source, self.target),
-                }))
+                return Ok(Err(format!("{} -> {}: {e}", self.source, self.target)))
             }
             Err(e) => {
                 return Err(DirectionError::definite(format!(
@@ -1340,7 +1335,7 @@ impl Applier {
         // fit once mapped again, the transactions are applied again, and the mismatch is met
         // where `on_schema_mismatch` decides (parked, or a stop naming the table and column).
         let schema_moved = !transient
-            && tables::is_missing_object(&error.code)
+            && crate::protocol::sqlstate_is_undefined_object(&error.code)
             && self.schema_moved(&failed).await?;
         let conflict_like = error.code == sql::ROWS_NOT_AS_EXPECTED
             || error.code == sql::TOMBSTONES_APPEARED

@@ -333,7 +333,7 @@ impl Applier {
                     "the target's schema does not fit; parking this table's changes"
                 );
                 self.park.tables.insert(key);
-                Ok(Some(mismatch.message))
+                Ok(Some(mismatch))
             }
         }
     }

@@ -11,38 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::ConflictPolicy;
-use crate::direction::DirectionError;
 use crate::event::{ChangeOp, Relation};
 
 use super::sql::{self, TableMap};
-
-/// Why the target's schema does not fit a relation the source described: the table or one
-/// of its columns is missing there (what `replication.on_schema_mismatch` decides about).
-#[derive(Debug, Clone)]
-pub(super) struct Mismatch {
-    /// What is missing where, and what to do.
-    pub(super) message: String,
-}
-
-impl Mismatch {
-    /// The stop this mismatch is under `on_schema_mismatch = "stop"`, in both capture modes
-    /// (a trigger-mode source keeps its change rows until the target fits: nothing is
-    /// dead-lettered for a schema the target lacks).
-    pub(super) fn into_error(self) -> DirectionError {
-        DirectionError::definite(self.message)
-    }
-}
-
-impl std::fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// Whether a SQLSTATE says a statement met a table or column the target no longer has.
-pub(super) fn is_missing_object(code: &str) -> bool {
-    matches!(code, "42P01" | "42703")
-}
 
 /// The relations seen on the stream and their apply state, by relation OID.
 #[derive(Default)]

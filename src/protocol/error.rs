@@ -36,6 +36,12 @@ pub fn sqlstate_is_transient(code: &str) -> bool {
         || code.starts_with("53")
 }
 
+/// Whether a server error code says a statement met a table (42P01) or column (42703) that
+/// does not exist: on a target, one dropped there since walbridge read its catalog.
+pub fn sqlstate_is_undefined_object(code: &str) -> bool {
+    matches!(code, "42P01" | "42703")
+}
+
 /// Whether an I/O failure is the kind that heals (peer gone, network trouble) rather than a
 /// local misconfiguration.
 pub fn io_is_transient(e: &io::Error) -> bool {

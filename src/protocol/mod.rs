@@ -26,7 +26,10 @@ mod replication;
 pub use codec::SnapshotAction;
 pub use conn::{QueryResult, RawConnection};
 pub(crate) use error::auth_failure;
-pub use error::{io_is_transient, sqlstate_is_transient, ErrorKind, ProtocolError, ServerError};
+pub use error::{
+    io_is_transient, sqlstate_is_transient, sqlstate_is_undefined_object, ErrorKind, ProtocolError,
+    ServerError,
+};
 pub use replication::{
     CreatedSlot, DriverFuture, Feedback, ReplicationClient, ReplicationStream, StreamConfig,
     StreamItem, SystemIdentity, XLogData,

@@ -421,12 +421,10 @@ impl<'a> Worker<'a> {
                 .with_label_values(&[&self.ctx.source, &self.ctx.target])
                 .set(0.0);
             self.ctx.report(|s| s.lag_seconds = Some(0.0));
-            // Parked tables whose target schema fits again (see apply::park); with parking
-            // on, also right after a start, before any row needs the applier.
+            // Parked tables whose target schema fits again (see apply::park), also right
+            // after a start, before any row needs the applier.
             if self.config.replication.on_schema_mismatch == SchemaMismatch::Park {
                 self.applier().await?.check_parked().await?;
-            } else if let Some(a) = self.apply.as_mut() {
-                a.applier.check_parked().await?;
             }
             self.update_depth(false).await;
             return Ok(false);
@@ -575,13 +573,6 @@ impl<'a> Worker<'a> {
                         sqlstate = %f.sqlstate,
                         "the target refused a change row; reading the batch again without it"
                     );
-                    if matches!(f.sqlstate.as_str(), "42703" | "42P01") {
-                        // A table or column gone from T since its catalog was read: the
-                        // batch read again meets T as it is now.
-                        self.t.load_tables(self.config).await.map_err(|e| {
-                            DirectionError::caused_by(format!("node {}: {e}", self.ctx.target), &e)
-                        })?;
-                    }
                     self.refused.insert(f.source_change_id, f.stored_text);
                     Ok(Applied::Again)
                 }
@@ -723,14 +714,12 @@ impl<'a> Worker<'a> {
         let mut built = change::build(row, op, table.clone(), skip);
         if let Err(RowError::UnknownColumn { .. }) = built {
             // A column added since the catalog was read: read this table again, once.
-            let fresh = catalog::table_info(&self.t.client, &table.schema, &table.name)
+            let fresh = self
+                .t
+                .refresh(&table.schema, &table.name)
                 .await
                 .map_err(catalog_err)?;
             if let Some(info) = fresh.filter(|f| f.columns != table.columns) {
-                let info = Arc::new(info);
-                self.t
-                    .tables
-                    .insert((info.schema.clone(), info.name.clone()), info.clone());
                 built = change::build(row, op, info, skip);
             }
         }
