@@ -272,8 +272,7 @@ async fn peek_transaction(
                 .map_err(in_use)?;
             let mut decoder = PgOutputDecoder::new();
             for row in rows {
-                let at = row.get::<_, String>(0).parse::<Lsn>().unwrap_or(Lsn::ZERO);
-                let data: Vec<u8> = row.get(1);
+                let (at, data) = peeked::<Vec<u8>>(&row).map_err(&decode_err)?;
                 let event = decoder
                     .decode(at, &Bytes::from(data))
                     .map_err(|e| decode_err(e.to_string()))?;
@@ -300,25 +299,22 @@ async fn peek_transaction(
             let mut decoder = Wal2JsonDecoder::new();
             let selection = Some(&config.replication.tables);
             for row in rows {
-                let at = row.get::<_, String>(0).parse::<Lsn>().unwrap_or(Lsn::ZERO);
-                let data: String = row.get(1);
+                let (at, data) = peeked::<String>(&row).map_err(&decode_err)?;
                 // A table or origin the decoder does not know yet is read from the catalog
                 // (a few times: a table and an origin may both be new).
-                let mut events = Vec::new();
-                for attempt in 0.. {
+                let mut taught = 0;
+                let events = loop {
                     match decoder.decode(at, data.as_bytes()) {
-                        Ok(decoded) => {
-                            events = decoded;
-                            break;
-                        }
-                        Err(e) if attempt < 3 && e.needs_catalog() => {
+                        Ok(events) => break events,
+                        Err(e) if taught < 3 && e.needs_catalog() => {
+                            taught += 1;
                             crate::source::teach_wal2json(&mut decoder, src, &e, selection)
                                 .await
                                 .map_err(|e| decode_err(e.to_string()))?;
                         }
                         Err(e) => return Err(decode_err(e.to_string())),
                     }
-                }
+                };
                 for event in events {
                     if let Some(found) = scan.push(event) {
                         return found;
@@ -331,6 +327,17 @@ async fn peek_transaction(
         "slot {slot} on {source} holds no transaction ending at {lsn} after {target}'s \
          progress {progress}"
     )))
+}
+
+/// A row of `pg_logical_slot_peek_*changes`: its LSN and its data (`T`: bytes or text).
+fn peeked<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r tokio_postgres::Row,
+) -> Result<(Lsn, T), String> {
+    let lsn: String = row.try_get(0).map_err(|e| e.to_string())?;
+    let lsn = lsn
+        .parse::<Lsn>()
+        .map_err(|e| format!("the slot gave the LSN {lsn:?}: {e}"))?;
+    Ok((lsn, row.try_get(1).map_err(|e| e.to_string())?))
 }
 
 /// Walks decoded events to the first transaction after `progress` without an origin.
